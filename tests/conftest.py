@@ -1,0 +1,112 @@
+"""Shared fixtures: a small real H&E subset from BACH and a throw-away copy of the Kedro project.
+
+Nothing derived from BACH is written inside the repository: subsets and project copies live in
+pytest's temporary folders (the data's licence forbids committing anything cut from it).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+BACH_DIR = Path(os.environ.get("BACH_DIR", PROJECT_ROOT.parent / "shared" / "data" / "bach"))
+
+# The subset: per class, PATIENTS_PER_CLASS folders of IMAGES_PER_PATIENT images, downscaled by
+# DOWNSCALE (2048x1536 -> 256x192), so that tests see real tissue at a size that runs in seconds.
+IMAGES_PER_PATIENT = 2
+PATIENTS_PER_CLASS = 3
+DOWNSCALE = 8
+
+
+def _require_bach() -> Path:
+    if not (BACH_DIR / "manifest.csv").exists():
+        message = f"BACH test data not found at '{BACH_DIR}' (set BACH_DIR to its folder)."
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return BACH_DIR
+
+
+def make_bach_subset(
+    dest: Path,
+    images_per_patient: int = IMAGES_PER_PATIENT,
+    patients_per_class: int = PATIENTS_PER_CLASS,
+    downscale: int = DOWNSCALE,
+) -> Path:
+    """Writes ``dest/<Class>/<Pnn>/<file>.png`` from the first BACH images of every class."""
+    bach = _require_bach()
+    for class_dir in sorted(p for p in (bach / "images").iterdir() if p.is_dir()):
+        files = sorted(class_dir.glob("*.jpg"))[: images_per_patient * patients_per_class]
+        for i, src in enumerate(files):
+            patient = dest / class_dir.name / f"P{i // images_per_patient:02d}"
+            patient.mkdir(parents=True, exist_ok=True)
+            with Image.open(src) as im:
+                size = (im.width // downscale, im.height // downscale)
+                im.draft("RGB", size)  # JPEG decodes straight at reduced scale: fast
+                im.convert("RGB").resize(size, Image.Resampling.LANCZOS).save(
+                    patient / f"{src.stem}.png"
+                )
+    return dest
+
+
+@pytest.fixture(scope="session")
+def bach_subset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A read-only-by-convention folder of real tissue: 4 classes x 3 patients x 2 images."""
+    return make_bach_subset(tmp_path_factory.mktemp("bach") / "images")
+
+
+@pytest.fixture
+def kedro_project(tmp_path: Path, bach_subset: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of the project (pyproject + conf) in a temp folder, with the subset as raw data.
+
+    Tests chdir into it so that every relative catalog path, and MLflow's sqlite store, land there.
+    """
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy(PROJECT_ROOT / "pyproject.toml", project / "pyproject.toml")
+    shutil.copytree(PROJECT_ROOT / "conf", project / "conf", ignore=_ignore_local_conf)
+    (project / "conf" / "local").mkdir(exist_ok=True)
+    for layer in (PROJECT_ROOT / "data").iterdir():
+        if layer.is_dir():
+            (project / "data" / layer.name).mkdir(parents=True, exist_ok=True)
+    shutil.copytree(bach_subset, project / "data" / "01_raw" / "images")
+    monkeypatch.chdir(project)
+    return project
+
+
+def _ignore_local_conf(folder: str, names: list[str]) -> list[str]:
+    return names if Path(folder).name == "local" else []
+
+
+@pytest.fixture
+def run_kedro() -> Callable[..., dict[str, Any]]:
+    """Runs pipelines in-process, as ``kedro run`` would, in the current project folder."""
+
+    def _run(
+        pipeline: str,
+        env: str = "tiny",
+        load_versions: dict[str, str] | None = None,
+        runtime_params: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        from kedro.framework.session import KedroSession
+        from kedro.framework.startup import bootstrap_project
+
+        project = Path.cwd()
+        bootstrap_project(project)
+        with KedroSession.create(
+            project_path=project, env=env, runtime_params=runtime_params
+        ) as session:
+            return session.run(pipeline_names=[pipeline], load_versions=load_versions or {})
+
+    return _run
