@@ -1,6 +1,10 @@
-"""Kedro project settings: config loader and the environments it merges."""
+"""Kedro project settings: hooks, config loader and the environments it merges."""
 
 from kedro.config import OmegaConfigLoader
+
+from neuroblastoma_cnn.hooks import MlflowRunTagsHook
+
+HOOKS = (MlflowRunTagsHook(),)
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {
@@ -8,5 +12,5 @@ CONFIG_LOADER_ARGS = {
     "default_run_env": "local",
     # Environments such as `tiny` override single keys (e.g. `ingestion.input_size`) without
     # restating the whole parameter block, so parameters and catalog are merged key by key.
-    "merge_strategy": {"parameters": "soft", "catalog": "soft"},
+    "merge_strategy": {"parameters": "soft", "catalog": "soft", "mlflow": "soft"},
 }

@@ -1,0 +1,88 @@
+"""End to end: raw BACH tissue -> trained, evaluated model logged to MLflow, for both ResNets.
+
+Runs `train_resnet34` / `train_resnet50` in the tiny environment exactly as `kedro run` would,
+then checks the catalog artifacts and, through MLflow's own client, what a user finds in the UI.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from neuroblastoma_cnn.datasets import TileStore, load_keras_model
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _latest(path: Path) -> Path:
+    """The newest version of a versioned artifact: <path>/<version>/<name>."""
+    versions = sorted(p for p in path.iterdir() if p.is_dir())
+    assert versions, f"no version of {path}"
+    return versions[-1] / path.name
+
+
+def _finished_run(project: Path, run_name: str) -> mlflow.entities.Run:
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    runs = mlflow.search_runs(
+        experiment_names=["neuroblastoma_cnn_tiny"],
+        filter_string=f"attributes.run_name = '{run_name}'",
+        output_format="list",
+    )
+    assert len(runs) == 1, f"expected one MLflow run named {run_name}, got {len(runs)}"
+    assert runs[0].info.status == "FINISHED"
+    return runs[0]
+
+
+@pytest.mark.parametrize("model_name", ["resnet34", "resnet50"])
+def test_train_pipeline_logs_an_evaluated_model(kedro_project: Path, run_kedro, model_name: str):
+    run_kedro(f"train_{model_name}")
+
+    # Catalog: the model reloads with its preprocessing record and predicts test tiles.
+    model = load_keras_model(_latest(kedro_project / f"data/06_models/{model_name}/model.keras"))
+    tiles = TileStore(_latest(kedro_project / "data/03_primary/tiles"))
+    assert model.preprocessing["classes"] == tiles.metadata["classes"]
+    assert model.preprocessing["input_size"] == 32
+    sample = tiles.get(tiles.index["tile_id"][:6]).astype("float32")
+    catalog_prob = model.predict(sample, verbose=0)
+    assert catalog_prob.shape == (6, 4)
+    np.testing.assert_allclose(catalog_prob.sum(axis=1), 1.0, atol=1e-5)
+
+    images = pd.read_csv(_latest(kedro_project / f"data/07_model_output/{model_name}/"
+                                 "image_predictions.csv"))
+    split = pd.read_csv(_latest(kedro_project / "data/05_model_input/split_table.csv"))
+    assert set(images["image_path"]) == set(split.loc[split["split"] == "test", "image_path"])
+    metrics = json.loads(_latest(kedro_project / f"data/08_reporting/{model_name}/"
+                                 "test_metrics.json").read_text())
+    ci = metrics["macro_f1_ci"]
+    assert 0.0 <= ci["low"] <= ci["high"] <= 1.0
+    assert ci["point"] == pytest.approx(metrics["f1_macro"])
+
+    # MLflow: one finished run named after the pipeline, with everything a user looks for.
+    run = _finished_run(kedro_project, f"train_{model_name}")
+    params = run.data.params
+    assert params[f"{model_name}.model.architecture"] == model_name
+    assert f"{model_name}.training.learning_rate" in params
+    assert run.data.tags["git_commit"]
+    assert len(run.data.tags["manifest_sha256"]) == 64
+    assert run.data.metrics[f"{model_name}.test_f1_macro"] == pytest.approx(metrics["f1_macro"])
+    client = mlflow.MlflowClient()
+    history = client.get_metric_history(run.info.run_id, f"{model_name}.val_macro_f1")
+    epochs = 2 if model_name == "resnet34" else 3  # resnet50: 2 head + 1 fine-tune epoch
+    assert [h.step for h in history] == list(range(1, epochs + 1))
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, model_name)}
+    for name in ("confusion_matrix.png", "confusion_matrix.csv", "classification_report.csv",
+                 "training_curves.png", "roc_curves.png", "test_metrics.json"):
+        assert f"{model_name}/{name}" in artifacts, f"{name} missing from {sorted(artifacts)}"
+
+    # The logged model (Keras flavor) gives the catalog model's predictions through pyfunc.
+    model_uri = run.data.tags[f"{model_name}.model_uri"]
+    logged = mlflow.pyfunc.load_model(model_uri)
+    np.testing.assert_allclose(np.asarray(logged.predict(sample)), catalog_prob, atol=1e-5)
+    info = mlflow.models.get_model_info(model_uri)
+    assert info.signature is not None
+    assert info.metadata["preprocessing"]["classes"] == tiles.metadata["classes"]

@@ -1,0 +1,149 @@
+"""Training nodes on synthetic tile stores, with a small stand-in network so each test is fast."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+from neuroblastoma_cnn.datasets import write_tile_store
+from neuroblastoma_cnn.pipelines.training import nodes
+
+CLASSES = ["alpha", "beta", "gamma"]
+
+
+def _store(path: Path, n_per_class: int, seed: int, size: int = 16):
+    """Tiles whose mean colour depends on the class, so a tiny model can learn them."""
+    rng = np.random.default_rng(seed)
+
+    def records():
+        for c, name in enumerate(CLASSES):
+            for i in range(n_per_class):
+                tile = rng.normal(60 + 70 * c, 20, (size, size, 3)).clip(0, 255).astype(np.uint8)
+                yield tile, {"label": name, "group": f"{name}-{i}", "image_path": f"{name}/{i}.png"}
+
+    return write_tile_store(path, records(), {"classes": CLASSES, "input_size": size}, 16)
+
+
+@pytest.fixture
+def stores(tmp_path: Path):
+    train = _store(tmp_path / "train", 10, seed=1)
+    tiles = _store(tmp_path / "tiles", 4, seed=2)
+    split = tiles.index[["tile_id", "image_path", "label", "group"]].copy()
+    split["split"] = ["validation", "validation", "test", "test"] * len(CLASSES)
+    split["fold"] = -1
+    return train, tiles, split
+
+
+def small_cnn(architecture: str, input_size: int, num_classes: int, seed: int | None = None,
+              **_: object) -> keras.Model:
+    inputs = keras.Input((input_size, input_size, 3))
+    x = keras.layers.Rescaling(1 / 255)(inputs)
+    x = keras.layers.Conv2D(4, 3, kernel_initializer=keras.initializers.GlorotUniform(seed))(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax",
+                                 kernel_initializer=keras.initializers.GlorotUniform(seed))(x)
+    return keras.Model(inputs, outputs, name=architecture)
+
+
+TRAINING = {"optimizer": "adam", "learning_rate": 0.05, "epochs": 4, "batch_size": 8, "seed": 3}
+
+
+def test_dataset_streaming_equals_in_memory(stores) -> None:
+    train, _, _ = stores
+    ids = train.index["tile_id"].tolist()[::-1]
+    labels = np.arange(len(ids)) % 3
+    in_memory = list(nodes.make_tf_dataset(train, ids, labels, 8))
+    streamed = list(nodes.make_tf_dataset(train, ids, labels, 8, in_memory_limit_mb=0))
+    assert len(in_memory) == len(streamed) == 4
+    for (xa, ya), (xb, yb) in zip(in_memory, streamed, strict=True):
+        assert xa.dtype.name == "float32"
+        np.testing.assert_array_equal(xa.numpy(), xb.numpy())
+        np.testing.assert_array_equal(ya.numpy(), yb.numpy())
+    np.testing.assert_array_equal(in_memory[0][0].numpy()[0], train.get([ids[0]])[0])
+
+
+def test_shuffle_is_seeded(stores) -> None:
+    train, _, _ = stores
+    ids = train.index["tile_id"].tolist()
+    labels = np.array(ids)
+
+    def order(seed: int) -> list[int]:
+        data = nodes.make_tf_dataset(train, ids, labels, 64, shuffle=True, seed=seed)
+        return next(iter(data))[1].numpy().tolist()
+
+    assert order(1) == order(1)
+    assert order(1) != order(2)
+    assert sorted(order(1)) == ids
+
+
+def test_optimizers_and_errors() -> None:
+    assert isinstance(nodes.make_optimizer("sgd", 0.01), keras.optimizers.SGD)
+    momentum = nodes.make_optimizer("sgd_momentum", 0.01, momentum=0.8)
+    assert float(momentum.momentum) == pytest.approx(0.8)
+    for name, cls in [("rmsprop", keras.optimizers.RMSprop), ("adagrad", keras.optimizers.Adagrad),
+                      ("adam", keras.optimizers.Adam)]:
+        assert isinstance(nodes.make_optimizer(name, 0.01), cls)
+    cosine = nodes.make_optimizer("sgd", 0.1, schedule={"type": "cosine"}, steps_per_epoch=10,
+                                  epochs=2)
+    assert isinstance(cosine._learning_rate, keras.optimizers.schedules.CosineDecay)
+    with pytest.raises(ValueError, match="Unknown optimizer 'nadam'"):
+        nodes.make_optimizer("nadam", 0.01)
+    with pytest.raises(ValueError, match="Unknown schedule"):
+        nodes.make_optimizer("sgd", 0.01, schedule={"type": "triangle"})
+
+
+def test_class_weights_and_labels() -> None:
+    weights = nodes.balanced_class_weights(np.array([0, 0, 0, 1]), 3)
+    assert weights[0] == pytest.approx(4 / 6) and weights[1] == pytest.approx(2.0)
+    assert weights[2] == 1.0
+    assert nodes.encode_labels(pd.Series(["b", "a"]), ["a", "b"]).tolist() == [1, 0]
+    with pytest.raises(ValueError, match=r"\['z'\] are not among"):
+        nodes.encode_labels(pd.Series(["z"]), ["a", "b"])
+
+
+def test_train_model_keeps_best_epoch_and_records_preprocessing(stores) -> None:
+    train, tiles, split = stores
+    model, history = nodes.train_model(train, tiles, split, {"architecture": "small"},
+                                       TRAINING, build=small_cnn)
+    assert list(history["epoch"]) == [1, 2, 3, 4]
+    assert {"loss", "accuracy", "val_loss", "val_macro_f1", "seconds"} <= set(history.columns)
+    assert model.preprocessing["classes"] == CLASSES
+    assert model.preprocessing["input_size"] == 16
+    # The returned weights are those of the best validation epoch, not the last one.
+    val_ids = nodes.split_tile_ids(split, "validation")
+    pred = model.predict(tiles.get(val_ids).astype("float32"), verbose=0).argmax(1)
+    from sklearn.metrics import f1_score
+
+    y_val = nodes.encode_labels(tiles.rows(val_ids)["label"], CLASSES)
+    achieved = f1_score(y_val, pred, average="macro", labels=range(3), zero_division=0)
+    assert achieved == pytest.approx(history["val_macro_f1"].max())
+    metrics = nodes.history_metrics(history)
+    assert [p["step"] for p in metrics["val_macro_f1"]] == [1, 2, 3, 4]
+
+
+def test_training_is_repeatable_with_a_seed(stores) -> None:
+    train, tiles, split = stores
+    first, h1 = nodes.train_model(train, tiles, split, {"architecture": "small"}, TRAINING,
+                                  build=small_cnn)
+    second, h2 = nodes.train_model(train, tiles, split, {"architecture": "small"}, TRAINING,
+                                   build=small_cnn)
+    for a, b in zip(first.get_weights(), second.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    pd.testing.assert_series_equal(h1["loss"], h2["loss"])
+
+
+def test_early_stopping_and_missing_validation(stores) -> None:
+    train, tiles, split = stores
+    params = {**TRAINING, "epochs": 30, "learning_rate": 0.0, "early_stopping_patience": 2,
+              "monitor": "val_loss"}
+    _, history = nodes.train_model(train, tiles, split, {"architecture": "small"}, params,
+                                   build=small_cnn)
+    assert len(history) == 3  # lr 0: nothing improves after epoch 1, stop after 2 more
+    no_val = split.assign(split="test")
+    with pytest.raises(ValueError, match="no validation tiles"):
+        nodes.train_model(train, tiles, no_val, {"architecture": "small"}, TRAINING,
+                          build=small_cnn)
