@@ -1,0 +1,1 @@
+"""Kedro pipelines of the project, one folder each; found by `find_pipelines`."""
