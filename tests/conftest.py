@@ -74,6 +74,7 @@ def kedro_project(tmp_path: Path, bach_subset: Path, monkeypatch: pytest.MonkeyP
     """
     project = tmp_path / "project"
     project.mkdir()
+    (project / "src").mkdir()  # bootstrap_project checks that source_dir exists; code is installed
     shutil.copy(PROJECT_ROOT / "pyproject.toml", project / "pyproject.toml")
     shutil.copytree(PROJECT_ROOT / "conf", project / "conf", ignore=_ignore_local_conf)
     (project / "conf" / "local").mkdir(exist_ok=True)

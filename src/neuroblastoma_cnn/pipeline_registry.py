@@ -1,18 +1,50 @@
-"""Project pipelines: the data pipelines found by folder, plus composed end-to-end runs."""
+"""Project pipelines: the data stages, and one namespaced model half per model.
+
+`training` and `evaluation` are templates: each model in MODELS gets its own copy under its
+namespace (`resnet34.train_model`, `resnet34.model`, `params:resnet34.training`...), so the two
+ResNets share code and differ only by parameters and catalog paths.
+
+Why the folders are imported here rather than found with `find_pipelines`: since Kedro 1.x,
+`find_pipelines` loads only the folders named on the command line (`--pipeline=NAME`), and the
+composed pipelines below (`train_resnet34`...) are not folders but need several of them.
+"""
 
 from __future__ import annotations
 
-from kedro.framework.project import find_pipelines
 from kedro.pipeline import Pipeline
+
+from neuroblastoma_cnn.pipelines import augmentation, evaluation, ingestion, splitting, training
+
+MODELS = ("resnet34", "resnet50")
+# Data-half outputs the model halves read under their plain (shared) names.
+SHARED_INPUTS = {"augmented_train_tiles", "tiles", "split_table"}
+
+
+def model_pipeline(model: str) -> Pipeline:
+    """Training + evaluation for one model, namespaced by the model's name."""
+    return Pipeline(
+        [training.create_pipeline(), evaluation.create_pipeline()],
+        namespace=model,
+        inputs=SHARED_INPUTS,
+        parameters={"params:evaluation"},
+    )
 
 
 def register_pipelines() -> dict[str, Pipeline]:
-    """Registers every pipeline folder, plus `data_processing` (the three data stages)."""
-    pipelines = find_pipelines(raise_errors=True)
-    data = [
-        pipelines[name] for name in ("ingestion", "splitting", "augmentation") if name in pipelines
-    ]
-    if data:
-        pipelines["data_processing"] = sum(data, Pipeline([]))
-    pipelines["__default__"] = sum(pipelines.values(), Pipeline([]))
+    """`ingestion`, `splitting`, `augmentation`, `data_processing`, `<model>` (model half only),
+    `train_<model>` (raw images to a logged model) for each model, and `__default__` (all)."""
+    pipelines: dict[str, Pipeline] = {
+        "ingestion": ingestion.create_pipeline(),
+        "splitting": splitting.create_pipeline(),
+        "augmentation": augmentation.create_pipeline(),
+    }
+    data = pipelines["ingestion"] + pipelines["splitting"] + pipelines["augmentation"]
+    pipelines["data_processing"] = data
+    everything = data
+    for model in MODELS:
+        half = model_pipeline(model)
+        pipelines[model] = half
+        pipelines[f"train_{model}"] = data + half
+        everything += half
+    pipelines["__default__"] = everything
     return pipelines

@@ -40,6 +40,8 @@ STORE_VERSION = 1
 INDEX_FILE = "index.csv"
 META_FILE = "store.json"
 RESERVED_COLUMNS = ("tile_id", "shard", "offset")
+# Names like "001" (patients) or "1" (classes) must not come back as numbers.
+STRING_COLUMNS = {"image_path": str, "label": str, "group": str}
 
 TileRecord = tuple[np.ndarray, Mapping[str, Any]]
 
@@ -76,7 +78,9 @@ class TileStore:
         self.metadata: dict[str, Any] = json.loads(meta_path.read_text())
         if self.metadata.get("format") != STORE_FORMAT:
             raise DatasetError(f"'{meta_path}' does not describe a {STORE_FORMAT}.")
-        self.index: pd.DataFrame = pd.read_csv(self.path / INDEX_FILE, keep_default_na=False)
+        self.index: pd.DataFrame = pd.read_csv(
+            self.path / INDEX_FILE, keep_default_na=False, dtype=STRING_COLUMNS
+        )
         self._shards: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
@@ -243,7 +247,9 @@ class TileStoreDataset(AbstractVersionedDataset[Any, TileStore]):
         else:
             records = data
             metadata = getattr(data, "metadata", {})
-        write_tile_store(path, records, metadata, self._shard_size)
+        # A producer may ask for its shard size (e.g. the `ingestion.shard_size` parameter).
+        shard_size = int(metadata.get("shard_size") or self._shard_size)
+        write_tile_store(path, records, metadata, shard_size)
 
     def _exists(self) -> bool:
         try:
