@@ -1,0 +1,134 @@
+"""Training throughput: the pipeline's training step against a plain Keras baseline, same run.
+
+Baseline = what the study did: tiles as a numpy array in memory, ``model.fit(x, y, batch_size=16)``.
+Pipeline = ``train_model``'s path: tiles read from a tile store through ``make_tf_dataset``
+(shuffle, batch, prefetch) and fitted by ``fit_stage`` (with its per-epoch validation pass
+excluded here by giving it a one-batch validation set, so both sides time the same work).
+
+Both fit the same architecture from the same initial weights; the first epoch (graph tracing)
+is left out of the images/s figures. Prints one JSON line.
+
+    python benchmarks/bench_training.py --tiles 512 --size 96 --epochs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras
+import numpy as np
+
+from neuroblastoma_cnn.datasets import write_tile_store
+from neuroblastoma_cnn.models import build_model
+from neuroblastoma_cnn.pipelines.training import nodes
+
+
+class EpochTimer(keras.callbacks.Callback):
+    def __init__(self) -> None:
+        super().__init__()
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.times.append(time.perf_counter() - self._start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiles", type=int, default=512)
+    parser.add_argument("--size", type=int, default=96)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--classes", type=int, default=4)
+    parser.add_argument("--architecture", default="resnet34")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="enable TF op determinism (global: applies to both sides), as "
+                        "the pipeline's default `deterministic: true` does")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if args.deterministic:
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (args.tiles, args.size, args.size, 3), dtype=np.uint8)
+    y = np.arange(args.tiles) % args.classes
+    names = [f"class{i}" for i in range(args.classes)]
+    tmp = Path(tempfile.mkdtemp())
+    store = write_tile_store(
+        tmp / "train", ((t, {"label": names[c]}) for t, c in zip(x, y, strict=True)),
+        {"classes": names},
+    )
+
+    def fresh_model() -> keras.Model:
+        keras.utils.set_random_seed(0)
+        return build_model(args.architecture, input_size=args.size, num_classes=args.classes,
+                           seed=0)
+
+    # Baseline: numpy in memory, plain model.fit.
+    baseline = fresh_model()
+    baseline.compile(optimizer=keras.optimizers.SGD(0.01),
+                     loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    timer = EpochTimer()
+    baseline.fit(x.astype("float32"), y, batch_size=args.batch_size, epochs=args.epochs,
+                 callbacks=[timer], verbose=0)
+    base_times = timer.times
+
+    # Pipeline: tile store -> tf.data -> fit_stage (the code train_model runs).
+    model = fresh_model()
+    train = nodes.make_tf_dataset(store, store.index["tile_id"].tolist(), y, args.batch_size,
+                                  shuffle=True, seed=0)
+    history: list[dict] = []
+    timer = EpochTimer()
+    val_x = x[: args.batch_size].astype("float32")
+    original_fit = model.fit
+
+    def fit_with_timer(*a, **kw):  # adds the timer without changing fit_stage
+        kw["callbacks"] = [timer, *kw.get("callbacks", [])]
+        return original_fit(*a, **kw)
+
+    model.fit = fit_with_timer
+    nodes.fit_stage(model, train, val_x, y[: args.batch_size], epochs=args.epochs,
+                    optimizer=keras.optimizers.SGD(0.01), num_classes=args.classes,
+                    monitor="val_macro_f1", patience=None, class_weight=None, stage="bench",
+                    history=history)
+    # fit_stage's epoch time includes its one-batch validation predict; subtract it.
+    validation = [row["seconds"] for row in history]
+    pipe_times = timer.times
+
+    def rate(times: list[float]) -> float:
+        steady = times[1:] or times
+        return args.tiles / float(np.median(steady))
+
+    result = {
+        "architecture": args.architecture,
+        "tiles": args.tiles,
+        "input_size": args.size,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "deterministic": args.deterministic,
+        "baseline_images_per_s": round(rate(base_times), 2),
+        "pipeline_images_per_s": round(rate(pipe_times), 2),
+        "ratio": round(rate(pipe_times) / rate(base_times), 3),
+        "baseline_epoch_s": [round(t, 2) for t in base_times],
+        "pipeline_epoch_s": [round(t, 2) for t in pipe_times],
+        "pipeline_epoch_with_validation_s": [round(t, 2) for t in validation],
+        "cpus": os.cpu_count(),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
