@@ -82,6 +82,10 @@ def kedro_project(tmp_path: Path, bach_subset: Path, monkeypatch: pytest.MonkeyP
         if layer.is_dir():
             (project / "data" / layer.name).mkdir(parents=True, exist_ok=True)
     shutil.copytree(bach_subset, project / "data" / "01_raw" / "images")
+    # MLflow caches one store per tracking URI string: the relative `sqlite:///mlflow.db` would
+    # keep writing to the first test project's file, so each copy gets its own absolute URI.
+    with (project / "conf" / "tiny" / "mlflow.yml").open("a") as conf:
+        conf.write(f"\nserver:\n  mlflow_tracking_uri: sqlite:///{project / 'mlflow.db'}\n")
     monkeypatch.chdir(project)
     return project
 
@@ -108,6 +112,11 @@ def run_kedro() -> Callable[..., dict[str, Any]]:
         with KedroSession.create(
             project_path=project, env=env, runtime_params=runtime_params
         ) as session:
-            return session.run(pipeline_names=[pipeline], load_versions=load_versions or {})
+            outputs = session.run(pipeline_names=[pipeline], load_versions=load_versions or {})
+        import mlflow
+
+        active = mlflow.active_run()
+        assert active is None, f"kedro run left MLflow run {active.info.run_id} open"
+        return outputs
 
     return _run

@@ -7,11 +7,8 @@ two splits, and augmentation gives the same bytes when run twice.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import mlflow
 import pandas as pd
 import pytest
 
@@ -27,27 +24,7 @@ def versions(path: Path) -> list[Path]:
     return [v / path.name for v in sorted(p for p in path.iterdir() if p.is_dir())]
 
 
-def closing_mlflow_runs(run_kedro: Callable[..., dict[str, Any]]) -> Callable[..., None]:
-    """Runs a pipeline, then closes any MLflow run it left open.
-
-    With `tracking.run.nested: true` in mlflow.yml, kedro-mlflow re-enters the run once per node
-    and closes it once, so an in-process session leaves its run active and the next session
-    logs into it (and fails when a parameter changes). A `kedro run` process exits and never
-    notices; these consecutive in-process sessions would.
-    """
-
-    def run(*args: Any, **kwargs: Any) -> None:
-        try:
-            run_kedro(*args, **kwargs)
-        finally:
-            while mlflow.active_run():
-                mlflow.end_run()
-
-    return run
-
-
 def test_ingest_split_augment_with_versions(kedro_project: Path, run_kedro) -> None:
-    run_kedro = closing_mlflow_runs(run_kedro)
     data = kedro_project / "data"
     run_kedro("ingestion")
     # A second ingestion with overlapping tiles: more tiles, a second version beside the first.
