@@ -27,26 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import keras
 import numpy as np
+from timing import EpochTimer
 
 from neuroblastoma_cnn.models.resnet50 import (
     build_resnet50,
     fit_head_on_cached_features,
 )
-
-
-class EpochTimer(keras.callbacks.Callback):
-    """Wall time of every epoch (the first one includes tracing the training step)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.times: list[float] = []
-        self._start = 0.0
-
-    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        self._start = time.perf_counter()
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        self.times.append(time.perf_counter() - self._start)
 
 
 def project(epoch_times: list[float], target: int, one_off: float = 0.0) -> float:

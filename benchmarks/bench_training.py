@@ -18,30 +18,17 @@ import json
 import logging
 import os
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras
 import numpy as np
+from timing import EpochTimer
 
 from neuroblastoma_cnn.datasets import write_tile_store
 from neuroblastoma_cnn.models import build_model
 from neuroblastoma_cnn.pipelines.training import nodes
-
-
-class EpochTimer(keras.callbacks.Callback):
-    def __init__(self) -> None:
-        super().__init__()
-        self.times: list[float] = []
-        self._start = 0.0
-
-    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        self._start = time.perf_counter()
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        self.times.append(time.perf_counter() - self._start)
 
 
 def main() -> None:
