@@ -79,6 +79,9 @@ def test_train_pipeline_logs_an_evaluated_model(kedro_project: Path, run_kedro, 
                  "training_curves.png", "roc_curves.png", "test_metrics.json"):
         assert f"{model_name}/{name}" in artifacts, f"{name} missing from {sorted(artifacts)}"
 
+    data_artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "data")}
+    assert {"data/split_summary.csv", "data/augmentation_grid.png"} <= data_artifacts
+
     # The logged model (Keras flavor) gives the catalog model's predictions through pyfunc.
     model_uri = run.data.tags[f"{model_name}.model_uri"]
     logged = mlflow.pyfunc.load_model(model_uri)
