@@ -26,7 +26,7 @@ import os
 import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import keras
 import numpy as np
@@ -295,6 +295,48 @@ def extract_features(
     return np.concatenate(features), np.concatenate(labels)
 
 
+class CachedFeatures(NamedTuple):
+    """Stage-1 inputs: the head model and the backbone features it trains and validates on."""
+
+    head: keras.Model
+    train: Any  # tf.data.Dataset of (features, labels) batches, reshuffled each epoch
+    val_features: np.ndarray | None
+    val_labels: np.ndarray | None
+
+
+def cache_features(
+    model: keras.Model,
+    x_train: Any,
+    y_train: Any,
+    x_val: Any = None,
+    y_val: Any = None,
+    *,
+    batch_size: int,
+    seed: int | None = None,
+    shuffle: bool = True,
+) -> CachedFeatures:
+    """Runs the frozen backbone once over the training (and validation) images.
+
+    The pipeline's training node and :func:`fit_head_on_cached_features` both start stage 1
+    here, so the equivalence test of the latter covers the cache the pipeline uses.
+    """
+    import tensorflow as tf
+
+    backbone, head = backbone_and_head(model)
+    if backbone.trainable_weights:
+        raise ValueError("The backbone must be frozen for cached features to be valid.")
+    f_train, l_train = extract_features(backbone, x_train, y_train, batch_size)
+    logger.info("Feature cache: %d training images -> %s features", len(f_train), f_train.shape)
+    train = tf.data.Dataset.from_tensor_slices((f_train, l_train))
+    if shuffle:
+        train = train.shuffle(len(f_train), seed=seed, reshuffle_each_iteration=True)
+    train = train.batch(batch_size)
+    f_val = l_val = None
+    if x_val is not None:
+        f_val, l_val = extract_features(backbone, x_val, y_val, batch_size)
+    return CachedFeatures(head, train, f_val, l_val)
+
+
 def fit_head_on_cached_features(
     model: keras.Model,
     x_train: Any,
@@ -324,25 +366,13 @@ def fit_head_on_cached_features(
     Callbacks see the head model (features in, probabilities out), whose weights are ``model``'s.
     The cache holds 2048 float32 per image (8 KiB). Pass a fresh optimizer.
     """
-    import tensorflow as tf
-
-    backbone, head = backbone_and_head(model)
-    if backbone.trainable_weights:
-        raise ValueError("The backbone must be frozen for cached features to be valid.")
-    f_train, l_train = extract_features(backbone, x_train, y_train, batch_size)
-    logger.info("Feature cache: %d training images -> %s features", len(f_train), f_train.shape)
-    train = tf.data.Dataset.from_tensor_slices((f_train, l_train))
-    if shuffle:
-        train = train.shuffle(len(f_train), seed=seed, reshuffle_each_iteration=True)
-    train = train.batch(batch_size)
-
-    validation = None
-    if x_val is not None:
-        validation = extract_features(backbone, x_val, y_val, batch_size)
-
+    cached = cache_features(model, x_train, y_train, x_val, y_val, batch_size=batch_size,
+                            seed=seed, shuffle=shuffle)
+    validation = None if x_val is None else (cached.val_features, cached.val_labels)
+    head = cached.head
     head.compile(optimizer=optimizer, loss=loss,
                  metrics=["accuracy"] if metrics is None else metrics)
     return head.fit(
-        train, validation_data=validation, epochs=epochs, class_weight=class_weight,
+        cached.train, validation_data=validation, epochs=epochs, class_weight=class_weight,
         callbacks=callbacks, verbose=verbose, shuffle=False,  # the dataset shuffles itself
     )

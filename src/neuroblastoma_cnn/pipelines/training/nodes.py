@@ -347,29 +347,20 @@ def train_model(
               "class_weight": class_weight, "history": history, "plateau": plateau}
 
     if model_params.get("transfer", False):
-        from neuroblastoma_cnn.models.resnet50 import (
-            backbone_and_head,
-            extract_features,
-            set_trainable_top_blocks,
-        )
+        from neuroblastoma_cnn.models.resnet50 import cache_features, set_trainable_top_blocks
 
         # Stage 1 feature cache: the frozen backbone sees every tile once, not once per epoch.
-        backbone, head = backbone_and_head(model)
         started = time.perf_counter()
-        f_train, _ = extract_features(backbone, make_tf_dataset(
-            augmented_train_tiles, train_index["tile_id"].tolist(), y_train, 64,
-            in_memory_limit_mb=limit_mb))
-        f_val, _ = extract_features(backbone, val_ds)
-        logger.info("Feature cache: %d + %d tiles through the frozen backbone in %.1fs",
-                    len(f_train), len(f_val), time.perf_counter() - started)
-        import tensorflow as tf
-
-        feature_ds = (
-            tf.data.Dataset.from_tensor_slices((f_train, y_train))
-            .shuffle(len(f_train), seed=seed, reshuffle_each_iteration=True)
-            .batch(batch_size).prefetch(tf.data.AUTOTUNE)
+        cached = cache_features(
+            model,
+            make_tf_dataset(augmented_train_tiles, train_index["tile_id"].tolist(), y_train, 64,
+                            in_memory_limit_mb=limit_mb),
+            None, val_ds, None, batch_size=batch_size, seed=seed,
         )
-        fit_stage(head, feature_ds, f_val, y_val, epochs=epochs,
+        logger.info("Feature cache: %d + %d tiles through the frozen backbone in %.1fs",
+                    len(y_train), len(y_val), time.perf_counter() - started)
+        fit_stage(cached.head, cached.train, cached.val_features, cached.val_labels,
+                  epochs=epochs,
                   optimizer=optimizer(float(training_params.get("learning_rate", 0.01)), epochs),
                   stage="head", **common)
         fine_blocks = int(training_params.get("fine_tune_blocks", 0))
