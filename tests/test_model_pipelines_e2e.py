@@ -69,6 +69,7 @@ def test_train_pipeline_logs_an_evaluated_model(kedro_project: Path, run_kedro, 
     assert f"{model_name}.training.learning_rate" in params
     assert run.data.tags["git_commit"]
     assert len(run.data.tags["manifest_sha256"]) == 64
+    assert run.data.tags["tiles_version"] == tiles.path.parent.name
     assert run.data.metrics[f"{model_name}.test_f1_macro"] == pytest.approx(metrics["f1_macro"])
     client = mlflow.MlflowClient()
     history = client.get_metric_history(run.info.run_id, f"{model_name}.val_macro_f1")

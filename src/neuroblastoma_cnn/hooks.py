@@ -35,7 +35,7 @@ def frame_sha256(frame: pd.DataFrame) -> str:
 
 
 class MlflowRunTagsHook:
-    """Tags the active MLflow run with the git commit and the image manifest's hash.
+    """Tags the active MLflow run with the git commit, the manifest hash and the tiles version.
 
     kedro-mlflow opens the run in its own `before_pipeline_run`; tagging from the node and
     dataset hooks guarantees the run exists, whatever order the hooks were registered in.
@@ -64,14 +64,17 @@ class MlflowRunTagsHook:
         if not self._tagged_commit:
             self._tagged_commit = self._set_tag("git_commit", git_commit(self._project_path))
 
-    def _tag_manifest(self, dataset_name: str, data: Any) -> None:
+    def _tag_inputs(self, dataset_name: str, data: Any) -> None:
+        """The manifest's hash, and for runs that start from stored tiles, their version."""
         if dataset_name == "image_manifest" and isinstance(data, pd.DataFrame):
             self._set_tag("manifest_sha256", frame_sha256(data))
+        elif dataset_name == "tiles" and hasattr(data, "path"):
+            self._set_tag("tiles_version", Path(data.path).parent.name)
 
     @hook_impl
     def after_dataset_loaded(self, dataset_name: str, data: Any) -> None:
-        self._tag_manifest(dataset_name, data)
+        self._tag_inputs(dataset_name, data)
 
     @hook_impl
     def after_dataset_saved(self, dataset_name: str, data: Any) -> None:
-        self._tag_manifest(dataset_name, data)
+        self._tag_inputs(dataset_name, data)
