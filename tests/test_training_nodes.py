@@ -147,3 +147,27 @@ def test_early_stopping_and_missing_validation(stores) -> None:
     with pytest.raises(ValueError, match="no validation tiles"):
         nodes.train_model(train, tiles, no_val, {"architecture": "small"}, TRAINING,
                           build=small_cnn)
+
+
+def test_a_later_stage_must_beat_the_earlier_best(stores) -> None:
+    """Fine-tuning keeps its weights only if it beats stage 1's best validation score."""
+    train, tiles, split = stores
+    model = small_cnn("small", 16, 3, seed=0)
+    before = [w.copy() for w in model.get_weights()]
+    val_ids = nodes.split_tile_ids(split, "validation")
+    val_x = tiles.get(val_ids).astype("float32")
+    val_y = nodes.encode_labels(tiles.rows(val_ids)["label"], CLASSES)
+    data = nodes.make_tf_dataset(train, train.index["tile_id"].tolist(),
+                                 nodes.encode_labels(train.index["label"], CLASSES), 8)
+    history: list[dict] = []
+    common = {"epochs": 2, "num_classes": 3, "monitor": "val_macro_f1", "patience": None,
+              "class_weight": None, "stage": "fine_tune", "history": history}
+    kept = nodes.fit_stage(model, data, val_x, val_y, optimizer=keras.optimizers.Adam(0.05),
+                           baseline=1.01, **common)  # macro-F1 can never exceed 1
+    assert kept == 1.01 and len(history) == 2
+    for a, b in zip(before, model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    kept = nodes.fit_stage(model, data, val_x, val_y, optimizer=keras.optimizers.Adam(0.05),
+                           baseline=-1.0, **common)
+    assert kept == pytest.approx(max(row["val_macro_f1"] for row in history[2:]))
+    assert any(not np.array_equal(a, b) for a, b in zip(before, model.get_weights(), strict=True))

@@ -153,6 +153,7 @@ def _make_epoch_callback(
     total_epochs: int,
     stage: str,
     history: list[dict[str, Any]],
+    baseline: float | None = None,
 ) -> Any:
     import keras
     from sklearn.metrics import f1_score
@@ -166,11 +167,16 @@ def _make_epoch_callback(
 
         def __init__(self) -> None:
             super().__init__()
-            self.best: float | None = None
+            self.best: float | None = baseline
             self.best_weights: list[np.ndarray] | None = None
             self.best_epoch = -1
             self.wait = 0
             self.started = 0.0
+
+        def on_train_begin(self, logs: dict | None = None) -> None:
+            # A later stage (fine-tuning) must beat the earlier stage's best to replace it.
+            if baseline is not None:
+                self.best_weights = self.model.get_weights()
 
         def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
             self.started = time.perf_counter()
@@ -221,9 +227,13 @@ def _make_epoch_callback(
         def on_train_end(self, logs: dict | None = None) -> None:
             if self.best_weights is not None:
                 self.model.set_weights(self.best_weights)
+            if self.best_epoch >= 0:
                 logger.info(
                     "%s: kept epoch %d (%s %.4f)", stage, self.best_epoch + 1, monitor, self.best
                 )
+            elif baseline is not None:
+                logger.info("%s: no epoch beat the previous stage's %s %.4f; kept its weights",
+                            stage, monitor, baseline)
 
     return EpochReport()
 
@@ -243,18 +253,22 @@ def fit_stage(
     stage: str,
     history: list[dict[str, Any]],
     plateau: dict | None = None,
-) -> None:
-    """Compiles and fits one stage; ``train`` is a tf.data.Dataset or an (x, y) tuple."""
+    baseline: float | None = None,
+) -> float | None:
+    """Compiles and fits one stage; returns the best monitored value it kept.
+
+    ``train`` is a tf.data.Dataset or an (x, y) tuple. With ``baseline`` (the previous stage's
+    best), the stage's weights are kept only if an epoch beats it.
+    """
     import keras
 
     if monitor not in MONITORS:
         raise ValueError(f"Unknown monitor '{monitor}': choose one of {sorted(MONITORS)}.")
     model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"])
-    callbacks = [
-        _make_epoch_callback(val_inputs, val_labels, num_classes, monitor, patience, epochs,
-                             stage, history)
-    ]
+    report = _make_epoch_callback(val_inputs, val_labels, num_classes, monitor, patience, epochs,
+                                  stage, history, baseline)
+    callbacks = [report]
     if plateau:
         callbacks.append(
             keras.callbacks.ReduceLROnPlateau(
@@ -265,6 +279,7 @@ def fit_stage(
     x, y = train if isinstance(train, tuple) else (train, None)
     model.fit(x, y, epochs=epochs, class_weight=class_weight, callbacks=callbacks, verbose=0,
               shuffle=False)
+    return report.best
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:
@@ -359,7 +374,7 @@ def train_model(
         )
         logger.info("Feature cache: %d + %d tiles through the frozen backbone in %.1fs",
                     len(y_train), len(y_val), time.perf_counter() - started)
-        fit_stage(cached.head, cached.train, cached.val_features, cached.val_labels,
+        best = fit_stage(cached.head, cached.train, cached.val_features, cached.val_labels,
                   epochs=epochs,
                   optimizer=optimizer(float(training_params.get("learning_rate", 0.01)), epochs),
                   stage="head", **common)
@@ -370,7 +385,7 @@ def train_model(
             fit_stage(model, train_ds, val_ds, y_val, epochs=fine_epochs,
                       optimizer=optimizer(float(training_params["fine_tune_learning_rate"]),
                                           fine_epochs),
-                      stage="fine_tune", **common)
+                      stage="fine_tune", baseline=best, **common)
     else:
         fit_stage(model, train_ds, val_ds, y_val, epochs=epochs,
                   optimizer=optimizer(float(training_params.get("learning_rate", 0.01)), epochs),
