@@ -13,7 +13,14 @@ from __future__ import annotations
 
 from kedro.pipeline import Pipeline
 
-from neuroblastoma_cnn.pipelines import augmentation, evaluation, ingestion, splitting, training
+from neuroblastoma_cnn.pipelines import (
+    augmentation,
+    evaluation,
+    ingestion,
+    predict,
+    splitting,
+    training,
+)
 
 MODELS = ("resnet34", "resnet50")
 # Data-half outputs the model halves read under their plain (shared) names.
@@ -32,7 +39,9 @@ def model_pipeline(model: str) -> Pipeline:
 
 def register_pipelines() -> dict[str, Pipeline]:
     """`ingestion`, `splitting`, `augmentation`, `data_processing`, `<model>` (model half only),
-    `train_<model>` (raw images to a logged model) for each model, and `__default__` (all)."""
+    `train_<model>` (raw images to a logged model) for each model, `__default__` (all of
+    those), and `predict` (new images with a trained model; not in `__default__`, since it
+    needs a trained model and images to classify)."""
     pipelines: dict[str, Pipeline] = {
         "ingestion": ingestion.create_pipeline(),
         "splitting": splitting.create_pipeline(),
@@ -47,4 +56,5 @@ def register_pipelines() -> dict[str, Pipeline]:
         pipelines[f"train_{model}"] = data + half
         everything += half
     pipelines["__default__"] = everything
+    pipelines["predict"] = predict.create_pipeline()
     return pipelines

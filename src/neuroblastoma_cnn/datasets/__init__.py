@@ -3,15 +3,21 @@
 from .image_folder import ImageFolderDataset
 from .keras_model import KerasModelDataset, load_keras_model, save_keras_model
 from .mlflow_artifact import MlflowArtifactDataset
+from .png_folder import PngFolderDataset
 from .tile_store import TileStore, TileStoreDataset, TileStream, write_tile_store
+from .trained_models import ModelSelectionError, TrainedModels, TrainedModelsDataset
 
 __all__ = [
     "ImageFolderDataset",
     "KerasModelDataset",
     "MlflowArtifactDataset",
+    "ModelSelectionError",
+    "PngFolderDataset",
     "TileStore",
     "TileStoreDataset",
     "TileStream",
+    "TrainedModels",
+    "TrainedModelsDataset",
     "load_keras_model",
     "save_keras_model",
     "write_tile_store",

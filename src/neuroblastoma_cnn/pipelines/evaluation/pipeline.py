@@ -2,6 +2,8 @@
 
 from kedro.pipeline import Node, Pipeline
 
+from neuroblastoma_cnn.gradcam import misclassified_gallery
+
 from .nodes import (
     aggregate_image_predictions,
     compute_test_metrics,
@@ -39,6 +41,12 @@ def create_pipeline(**kwargs) -> Pipeline:
                         "training_history"],
                 outputs=["confusion_matrix_plot", "training_curves_plot", "roc_curves_plot"],
                 name="plot_evaluation",
+            ),
+            Node(
+                misclassified_gallery,
+                inputs=["model", "tiles", "image_predictions", "params:evaluation"],
+                outputs="misclassified_gallery",
+                name="plot_misclassified_gallery",
             ),
         ],
         tags=["model", "evaluation"],

@@ -1,0 +1,114 @@
+"""A versioned folder of PNG pictures (e.g. one Grad-CAM overlay per predicted image).
+
+Why not ``PartitionedDataset``: it cannot be versioned, and reporting artifacts here never
+replace an earlier run's. Like ``PartitionedDataset``, saving takes ``{name: picture}`` where a
+picture may be a zero-argument callable, called only when that file is written, so a node can
+hand over thousands of pictures without holding them in memory. A callable returning None is
+skipped (it could not draw its picture).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+from kedro.io.core import (
+    AbstractVersionedDataset,
+    DatasetError,
+    Version,
+    get_filepath_str,
+    get_protocol_and_path,
+)
+
+logger = logging.getLogger(__name__)
+
+SUFFIX = ".png"
+
+
+def _safe_name(name: str) -> PurePosixPath:
+    path = PurePosixPath(str(name).replace("\\", "/"))
+    if path.is_absolute() or ".." in path.parts or not path.parts:
+        raise DatasetError(f"Picture name '{name}' must be a relative path without '..'.")
+    return path if path.suffix.lower() == SUFFIX else path.with_name(path.name + SUFFIX)
+
+
+def save_picture(picture: Any, path: Path) -> None:
+    """Writes a PIL image or a uint8 ``[H, W, 3]`` array as PNG (folders made as needed)."""
+    from PIL import Image
+
+    if isinstance(picture, np.ndarray):
+        picture = Image.fromarray(picture)
+    if not isinstance(picture, Image.Image):
+        raise DatasetError(f"Cannot save {type(picture).__name__} as '{path}': expected a PIL "
+                           "image or a uint8 array.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    picture.save(path, format="PNG")
+
+
+class PngFolderDataset(AbstractVersionedDataset[Mapping[str, Any], dict[str, Callable[[], Any]]]):
+    """``save({relative_name: picture_or_callable})`` writes ``<folder>/<name>.png`` files;
+    ``load()`` returns ``{name: callable}`` that opens each PNG as a PIL image on demand."""
+
+    def __init__(
+        self,
+        filepath: str,
+        version: Version | None = None,
+        metadata: dict[str, Any] | None = None,
+    ):
+        protocol, path = get_protocol_and_path(filepath, version)
+        if protocol != "file":
+            raise DatasetError("PngFolderDataset supports local folders only.")
+        self._protocol = protocol
+        self.metadata = metadata
+        super().__init__(
+            filepath=PurePosixPath(path), version=version, exists_function=self._is_dir
+        )
+
+    @staticmethod
+    def _is_dir(path: str) -> bool:
+        return Path(path).is_dir()
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": self._filepath, "version": self._version}
+
+    def load(self) -> dict[str, Callable[[], Any]]:
+        from PIL import Image
+
+        root = Path(get_filepath_str(self._get_load_path(), self._protocol))
+
+        def opener(path: Path) -> Callable[[], Any]:
+            def open_png() -> Any:
+                with Image.open(path) as image:
+                    image.load()
+                    return image
+
+            return open_png
+
+        return {
+            p.relative_to(root).as_posix(): opener(p) for p in sorted(root.rglob(f"*{SUFFIX}"))
+        }
+
+    def save(self, data: Mapping[str, Any]) -> None:
+        root = Path(get_filepath_str(self._get_save_path(), self._protocol))
+        names = {name: _safe_name(name) for name in data}
+        if len(set(names.values())) != len(names):
+            raise DatasetError("Two pictures map to the same file name.")
+        root.mkdir(parents=True, exist_ok=True)  # an empty version is still a version
+        saved = 0
+        for name, item in data.items():
+            picture = item() if callable(item) else item
+            if picture is None:  # the producer could not draw this one (and said why)
+                continue
+            save_picture(picture, root / names[name])
+            saved += 1
+        logger.info("Saved %d pictures to '%s'", saved, root)
+
+    def _exists(self) -> bool:
+        try:
+            load_path = get_filepath_str(self._get_load_path(), self._protocol)
+        except DatasetError:
+            return False
+        return self._is_dir(load_path)
