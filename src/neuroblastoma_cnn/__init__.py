@@ -1,3 +1,8 @@
 """neuroblastoma-cnn: Kedro pipelines for CNN grading of H&E histology images."""
 
+from neuroblastoma_cnn.quiet import install as _install_quiet_output
+
 __version__ = "0.1.0"
+
+# Before TensorFlow, Keras or MLflow are imported by anything in this process: see quiet.py.
+_install_quiet_output()

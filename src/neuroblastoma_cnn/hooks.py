@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from kedro.config import MissingConfigException
 from kedro.framework.hooks import hook_impl
 
 logger = logging.getLogger(__name__)
@@ -78,3 +79,37 @@ class MlflowRunTagsHook:
     @hook_impl
     def after_dataset_saved(self, dataset_name: str, data: Any) -> None:
         self._tag_inputs(dataset_name, data)
+
+
+def project_sqlite_uri(uri: Any, project_path: Path) -> Any:
+    """`sqlite:///mlflow.db` (relative) -> `sqlite:////<project>/mlflow.db`; others unchanged."""
+    prefix = "sqlite:///"
+    if not isinstance(uri, str) or not uri.startswith(prefix):
+        return uri
+    path = uri[len(prefix):]
+    if not path or path.startswith("/") or path == ":memory:":
+        return uri
+    return f"{prefix}{(Path(project_path) / path).resolve().as_posix()}"
+
+
+class ProjectMlflowStoreHook:
+    """Anchors a relative SQLite tracking store at the project root instead of the cwd.
+
+    SQLAlchemy reads `sqlite:///mlflow.db` relative to the current folder, so a notebook in
+    notebooks/ or a `kedro` command from a sub-folder would silently open a new, empty store.
+    Runs before kedro-mlflow reads mlflow.yml (tryfirst) and hands it the absolute URI.
+    """
+
+    @hook_impl(tryfirst=True)
+    def after_context_created(self, context: Any) -> None:
+        loader = context.config_loader
+        loader.config_patterns.setdefault("mlflow", ["mlflow*", "mlflow*/**", "**/mlflow*"])
+        try:
+            conf = loader["mlflow"]
+        except MissingConfigException:  # no mlflow.yml: kedro-mlflow uses its defaults
+            return
+        server = conf.get("server") or {}
+        uri = server.get("mlflow_tracking_uri")
+        absolute = project_sqlite_uri(uri, Path(context.project_path))
+        if absolute != uri:
+            loader["mlflow"] = {**conf, "server": {**server, "mlflow_tracking_uri": absolute}}

@@ -2,9 +2,10 @@
 
 from kedro.config import OmegaConfigLoader
 
-from neuroblastoma_cnn.hooks import MlflowRunTagsHook
+from neuroblastoma_cnn.hooks import MlflowRunTagsHook, ProjectMlflowStoreHook
+from neuroblastoma_cnn.quiet import QuietRunHook
 
-HOOKS = (MlflowRunTagsHook(),)
+HOOKS = (MlflowRunTagsHook(), ProjectMlflowStoreHook(), QuietRunHook())
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {

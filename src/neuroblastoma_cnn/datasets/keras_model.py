@@ -95,6 +95,25 @@ class _KerasFlavor:
         mlflow.keras.save_model(path=path, **kwargs)
 
 
+def pip_requirements() -> list[str]:
+    """Keras and the installed TensorFlow build, pinned: what serving the logged model needs.
+
+    Given explicitly because MLflow's own inference reloads the model in a subprocess: slow, and
+    when it times out it falls back to `keras` alone with a warning.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for names in (("keras",), ("tensorflow-cpu", "tensorflow")):
+        for name in names:
+            try:
+                found.append(f"{name}=={version(name)}")
+                break
+            except PackageNotFoundError:
+                continue
+    return found
+
+
 def log_model_to_mlflow(model: Any, artifact_path: str = MLFLOW_ARTIFACT_PATH) -> str | None:
     """Logs the model to the active MLflow run (Keras flavor); returns its URI, None if no run."""
     import mlflow
@@ -116,6 +135,7 @@ def log_model_to_mlflow(model: Any, artifact_path: str = MLFLOW_ARTIFACT_PATH) -
         signature=signature,
         input_example=example.astype("float32"),
         metadata={"preprocessing": model_record(model)},
+        pip_requirements=pip_requirements(),
     )
     # The tag lets people (and the prediction pipeline) find the run's model by name.
     record = model_record(model)

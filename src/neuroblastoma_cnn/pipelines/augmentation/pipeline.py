@@ -25,5 +25,6 @@ def create_pipeline(**kwargs: Any) -> Pipeline:
                 outputs="augmentation_grid",
                 name="plot_augmentation_grid",
             ),
-        ]
+        ],
+        tags="data",
     )

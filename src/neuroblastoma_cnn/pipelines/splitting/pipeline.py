@@ -31,5 +31,6 @@ def create_pipeline(**kwargs: Any) -> Pipeline:
                 outputs="split_summary",
                 name="summarise_split",
             ),
-        ]
+        ],
+        tags="data",
     )
