@@ -49,7 +49,8 @@ def make_bach_subset(
     for class_dir in sorted(p for p in (bach / "images").iterdir() if p.is_dir()):
         files = sorted(class_dir.glob("*.jpg"))[: images_per_patient * patients_per_class]
         for i, src in enumerate(files):
-            patient = dest / class_dir.name / f"P{i // images_per_patient:02d}"
+            # Patient ids unique across classes: one patient, one diagnosis.
+            patient = dest / class_dir.name / f"{class_dir.name}-P{i // images_per_patient:02d}"
             patient.mkdir(parents=True, exist_ok=True)
             with Image.open(src) as im:
                 size = (im.width // downscale, im.height // downscale)
