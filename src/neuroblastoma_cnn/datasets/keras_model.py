@@ -13,16 +13,12 @@ from __future__ import annotations
 import json
 import logging
 import zipfile
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
-from kedro.io.core import (
-    AbstractVersionedDataset,
-    DatasetError,
-    Version,
-    get_filepath_str,
-    get_protocol_and_path,
-)
+from kedro.io.core import DatasetError, Version
+
+from .local_versioned import LocalVersionedDataset
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +140,7 @@ def log_model_to_mlflow(model: Any, artifact_path: str = MLFLOW_ARTIFACT_PATH) -
     return info.model_uri
 
 
-class KerasModelDataset(AbstractVersionedDataset[Any, Any]):
+class KerasModelDataset(LocalVersionedDataset):
     """Kedro dataset for a ``.keras`` model with an embedded preprocessing record."""
 
     def __init__(
@@ -154,34 +150,18 @@ class KerasModelDataset(AbstractVersionedDataset[Any, Any]):
         version: Version | None = None,
         metadata: dict[str, Any] | None = None,
     ):
-        protocol, path = get_protocol_and_path(filepath, version)
-        if protocol != "file":
-            raise DatasetError("KerasModelDataset supports local files only.")
-        if not path.endswith(".keras"):
+        if not filepath.endswith(".keras"):
             raise DatasetError(f"Keras 3 models need a '.keras' file name, got '{filepath}'.")
-        self._protocol = protocol
         self._log_to_mlflow = log_to_mlflow
-        self.metadata = metadata
-        super().__init__(filepath=PurePosixPath(path), version=version)
+        super().__init__(filepath, version, metadata)
 
     def _describe(self) -> dict[str, Any]:
-        return {
-            "filepath": self._filepath,
-            "version": self._version,
-            "log_to_mlflow": self._log_to_mlflow,
-        }
+        return {**super()._describe(), "log_to_mlflow": self._log_to_mlflow}
 
     def load(self) -> Any:
-        return load_keras_model(get_filepath_str(self._get_load_path(), self._protocol))
+        return load_keras_model(self._load_path())
 
     def save(self, data: Any) -> None:
-        save_keras_model(data, get_filepath_str(self._get_save_path(), self._protocol))
+        save_keras_model(data, self._save_path())
         if self._log_to_mlflow:
             log_model_to_mlflow(data)
-
-    def _exists(self) -> bool:
-        try:
-            load_path = get_filepath_str(self._get_load_path(), self._protocol)
-        except DatasetError:
-            return False
-        return Path(load_path).exists()

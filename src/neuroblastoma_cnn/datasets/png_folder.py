@@ -15,13 +15,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
-from kedro.io.core import (
-    AbstractVersionedDataset,
-    DatasetError,
-    Version,
-    get_filepath_str,
-    get_protocol_and_path,
-)
+from kedro.io.core import DatasetError, Version
+
+from .local_versioned import LocalVersionedDataset
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +44,7 @@ def save_picture(picture: Any, path: Path) -> None:
     picture.save(path, format="PNG")
 
 
-class PngFolderDataset(AbstractVersionedDataset[Mapping[str, Any], dict[str, Callable[[], Any]]]):
+class PngFolderDataset(LocalVersionedDataset):
     """``save({relative_name: picture_or_callable})`` writes ``<folder>/<name>.png`` files;
     ``load()`` returns ``{name: callable}`` that opens each PNG as a PIL image on demand."""
 
@@ -58,26 +54,16 @@ class PngFolderDataset(AbstractVersionedDataset[Mapping[str, Any], dict[str, Cal
         version: Version | None = None,
         metadata: dict[str, Any] | None = None,
     ):
-        protocol, path = get_protocol_and_path(filepath, version)
-        if protocol != "file":
-            raise DatasetError("PngFolderDataset supports local folders only.")
-        self._protocol = protocol
-        self.metadata = metadata
-        super().__init__(
-            filepath=PurePosixPath(path), version=version, exists_function=self._is_dir
-        )
+        super().__init__(filepath, version, metadata)
 
     @staticmethod
-    def _is_dir(path: str) -> bool:
+    def _is_complete(path: str) -> bool:
         return Path(path).is_dir()
-
-    def _describe(self) -> dict[str, Any]:
-        return {"filepath": self._filepath, "version": self._version}
 
     def load(self) -> dict[str, Callable[[], Any]]:
         from PIL import Image
 
-        root = Path(get_filepath_str(self._get_load_path(), self._protocol))
+        root = self._load_path()
 
         def opener(path: Path) -> Callable[[], Any]:
             def open_png() -> Any:
@@ -92,7 +78,7 @@ class PngFolderDataset(AbstractVersionedDataset[Mapping[str, Any], dict[str, Cal
         }
 
     def save(self, data: Mapping[str, Any]) -> None:
-        root = Path(get_filepath_str(self._get_save_path(), self._protocol))
+        root = self._save_path()
         names = {name: _safe_name(name) for name in data}
         if len(set(names.values())) != len(names):
             raise DatasetError("Two pictures map to the same file name.")
@@ -105,10 +91,3 @@ class PngFolderDataset(AbstractVersionedDataset[Mapping[str, Any], dict[str, Cal
             save_picture(picture, root / names[name])
             saved += 1
         logger.info("Saved %d pictures to '%s'", saved, root)
-
-    def _exists(self) -> bool:
-        try:
-            load_path = get_filepath_str(self._get_load_path(), self._protocol)
-        except DatasetError:
-            return False
-        return self._is_dir(load_path)

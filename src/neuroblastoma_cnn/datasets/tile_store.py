@@ -20,18 +20,14 @@ import json
 import logging
 import shutil
 from collections.abc import Iterable, Iterator, Mapping
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from kedro.io.core import (
-    AbstractVersionedDataset,
-    DatasetError,
-    Version,
-    get_filepath_str,
-    get_protocol_and_path,
-)
+from kedro.io.core import DatasetError, Version
+
+from .local_versioned import LocalVersionedDataset
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +195,7 @@ def write_tile_store(
     return TileStore(path)
 
 
-class TileStoreDataset(AbstractVersionedDataset[Any, TileStore]):
+class TileStoreDataset(LocalVersionedDataset):
     """Kedro dataset for a tile store folder; versioned like any file dataset.
 
     ``save`` takes a :class:`TileStream` (or any iterable of ``(tile, metadata)``, or an existing
@@ -214,32 +210,21 @@ class TileStoreDataset(AbstractVersionedDataset[Any, TileStore]):
         version: Version | None = None,
         metadata: dict[str, Any] | None = None,
     ):
-        protocol, path = get_protocol_and_path(filepath, version)
-        if protocol != "file":
-            raise DatasetError("TileStoreDataset supports local folders only.")
-        self._protocol = protocol
         self._shard_size = shard_size
-        self.metadata = metadata
-        super().__init__(
-            filepath=PurePosixPath(path), version=version, exists_function=self._exists_path
-        )
+        super().__init__(filepath, version, metadata)
 
     @staticmethod
-    def _exists_path(path: str) -> bool:
-        return (Path(path) / META_FILE).exists()
+    def _is_complete(path: str) -> bool:
+        return (Path(path) / META_FILE).exists()  # written last: a store without it is partial
 
     def _describe(self) -> dict[str, Any]:
-        return {
-            "filepath": self._filepath,
-            "version": self._version,
-            "shard_size": self._shard_size,
-        }
+        return {**super()._describe(), "shard_size": self._shard_size}
 
     def load(self) -> TileStore:
-        return TileStore(get_filepath_str(self._get_load_path(), self._protocol))
+        return TileStore(self._load_path())
 
     def save(self, data: TileStream | TileStore | Iterable[TileRecord]) -> None:
-        path = Path(get_filepath_str(self._get_save_path(), self._protocol))
+        path = self._save_path()
         path.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(data, TileStore):
             records: Iterable[TileRecord] = _copy_records(data)
@@ -251,12 +236,6 @@ class TileStoreDataset(AbstractVersionedDataset[Any, TileStore]):
         shard_size = int(metadata.get("shard_size") or self._shard_size)
         write_tile_store(path, records, metadata, shard_size)
 
-    def _exists(self) -> bool:
-        try:
-            load_path = get_filepath_str(self._get_load_path(), self._protocol)
-        except DatasetError:
-            return False
-        return self._exists_path(load_path)
 
 
 def _copy_records(store: TileStore) -> Iterator[TileRecord]:
