@@ -30,7 +30,6 @@ from PIL import Image
 
 logger = logging.getLogger(__name__)
 
-PROB_PREFIX = "prob_"
 #: Share of the heat colour in an overlay where the heat is 1.
 DEFAULT_ALPHA = 0.5
 #: Brightness of image areas no used tile covers (the model did not look there).
@@ -167,14 +166,13 @@ def overlay(
 # --------------------------------------------------------------------- evaluation gallery
 
 
-def _classes_of(predictions: pd.DataFrame) -> list[str]:
-    return [c[len(PROB_PREFIX):] for c in predictions.columns if c.startswith(PROB_PREFIX)]
-
-
 def worst_misclassified(image_predictions: pd.DataFrame, per_class: int) -> pd.DataFrame:
     """Up to ``per_class`` misclassified images of each true class, least true-class probability
     first (the model's most confident mistakes)."""
-    classes = _classes_of(image_predictions)
+    # Imported here: the evaluation package imports this module for its gallery node.
+    from neuroblastoma_cnn.pipelines.evaluation.metrics import PROB_PREFIX, class_names_of
+
+    classes = class_names_of(image_predictions)
     frame = image_predictions.copy()
     frame["label"] = frame["label"].astype(str)
     frame["predicted"] = frame["predicted"].astype(str)
@@ -224,8 +222,11 @@ def misclassified_gallery(
     One row per class that has mistakes, up to ``misclassified_per_class`` (default 3) images a
     row. Images are rebuilt from the test tiles in the tile store, so nothing is decoded again.
     """
+    # Imported here: the evaluation package imports this module for its gallery node.
+    from neuroblastoma_cnn.pipelines.evaluation.metrics import PROB_PREFIX, class_names_of
+
     per_class = max(1, int(params.get("misclassified_per_class", 3)))
-    classes = _classes_of(image_predictions)
+    classes = class_names_of(image_predictions)
     worst = worst_misclassified(image_predictions, per_class)
     if worst.empty:
         fig = Figure(figsize=(6, 2), layout="constrained")

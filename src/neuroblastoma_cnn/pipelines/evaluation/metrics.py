@@ -38,6 +38,16 @@ PROB_PREFIX = "prob_"
 TRUE_LABEL = "true_label"
 
 
+def probability_columns(frame: pd.DataFrame) -> list[str]:
+    """The ``prob_<class>`` columns of a predictions table, in class order."""
+    return [c for c in frame.columns if str(c).startswith(PROB_PREFIX)]
+
+
+def class_names_of(frame: pd.DataFrame) -> list[str]:
+    """Class names in label order, read from a predictions table's ``prob_<class>`` columns."""
+    return [str(c)[len(PROB_PREFIX):] for c in probability_columns(frame)]
+
+
 # -------------------------------------------------------------------------------- validation
 
 
@@ -302,7 +312,7 @@ def aggregate_image_probabilities(tile_frame: pd.DataFrame) -> pd.DataFrame:
     """
     required = ["image_path", "label", "group"]
     missing = [c for c in required if c not in tile_frame.columns]
-    prob_columns = [c for c in tile_frame.columns if str(c).startswith(PROB_PREFIX)]
+    prob_columns = probability_columns(tile_frame)
     if missing or not prob_columns:
         raise ValueError(
             f"Tile frame lacks column(s) {missing + ([] if prob_columns else ['prob_<class>'])}; "

@@ -25,13 +25,6 @@ from . import metrics as m
 
 logger = logging.getLogger(__name__)
 
-PROB_PREFIX = m.PROB_PREFIX
-
-
-def probability_columns(frame: pd.DataFrame) -> list[str]:
-    """The ``prob_<class>`` columns, in class order."""
-    return [c for c in frame.columns if c.startswith(PROB_PREFIX)]
-
 
 def predict_split_tiles(
     model: Any, tiles: TileStore, split_table: pd.DataFrame, params: dict[str, Any]
@@ -54,7 +47,7 @@ def predict_split_tiles(
     out = rows[["tile_id", "image_path", "label", "group"]].copy()
     out["y_true"] = encode_labels(rows["label"], classes)
     for i, name in enumerate(classes):
-        out[f"{PROB_PREFIX}{name}"] = prob[:, i]
+        out[f"{m.PROB_PREFIX}{name}"] = prob[:, i]
     out["predicted"] = [classes[i] for i in prob.argmax(axis=1)]
     logger.info("Predicted %d %s tiles from %d images", len(out), split,
                 out["image_path"].nunique())
@@ -64,16 +57,12 @@ def predict_split_tiles(
 def aggregate_image_predictions(tile_predictions: pd.DataFrame) -> pd.DataFrame:
     """One row per source image: the mean of its tiles' probabilities and the argmax class."""
     images = m.aggregate_image_probabilities(tile_predictions)
-    classes = _class_names_of(images)
+    classes = m.class_names_of(images)
     images["y_true"] = images["label"].astype(str).map({c: i for i, c in enumerate(classes)})
     images["predicted"] = [
-        classes[i] for i in images[probability_columns(images)].to_numpy().argmax(axis=1)
+        classes[i] for i in images[m.probability_columns(images)].to_numpy().argmax(axis=1)
     ]
     return images
-
-
-def _class_names_of(predictions: pd.DataFrame) -> list[str]:
-    return [c[len(PROB_PREFIX):] for c in probability_columns(predictions)]
 
 
 def compute_test_metrics(
@@ -84,9 +73,9 @@ def compute_test_metrics(
     Returns the full metrics (JSON), the flat numeric ones for MLflow, the report and the
     confusion matrix as counts and row-normalised.
     """
-    classes = _class_names_of(image_predictions)
+    classes = m.class_names_of(image_predictions)
     y_true = image_predictions["y_true"].to_numpy(dtype=int)
-    y_prob = image_predictions[probability_columns(image_predictions)].to_numpy()
+    y_prob = image_predictions[m.probability_columns(image_predictions)].to_numpy()
     y_pred = y_prob.argmax(axis=1)
     metrics = m.classification_metrics(y_true, y_prob, classes)
     metrics["macro_f1_ci"] = m.bootstrap_macro_f1(
@@ -94,7 +83,7 @@ def compute_test_metrics(
         n_boot=int(params.get("bootstrap_samples", 1000)), seed=int(params.get("seed", 0)),
     )
     tile_true = tile_predictions["y_true"].to_numpy(dtype=int)
-    tile_prob = tile_predictions[probability_columns(tile_predictions)].to_numpy()
+    tile_prob = tile_predictions[m.probability_columns(tile_predictions)].to_numpy()
     tile_metrics = m.classification_metrics(tile_true, tile_prob, classes)
     metrics["tile"] = {k: tile_metrics[k] for k in ("accuracy", "balanced_accuracy", "f1_macro")}
     metrics["n_test_images"] = len(image_predictions)
@@ -122,9 +111,9 @@ def plot_evaluation(
     training_history: pd.DataFrame,
 ) -> tuple[Any, Any, Any]:
     """Confusion matrix, training curves and ROC figures for 08_reporting and MLflow."""
-    classes = _class_names_of(image_predictions)
+    classes = m.class_names_of(image_predictions)
     y_true = image_predictions["y_true"].to_numpy(dtype=int)
-    y_prob = image_predictions[probability_columns(image_predictions)].to_numpy()
+    y_prob = image_predictions[m.probability_columns(image_predictions)].to_numpy()
     return (
         m.plot_confusion_matrix(confusion_counts, confusion_normalized),
         m.plot_training_curves(training_history),
