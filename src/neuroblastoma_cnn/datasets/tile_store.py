@@ -36,6 +36,8 @@ STORE_VERSION = 1
 INDEX_FILE = "index.csv"
 META_FILE = "store.json"
 RESERVED_COLUMNS = ("tile_id", "shard", "offset")
+# Fields write_tile_store puts in store.json itself; everything else came from the producer.
+STORE_FIELDS = ("format", "version", "tile_shape", "count", "shards")
 # Names like "001" (patients) or "1" (classes) must not come back as numbers.
 STRING_COLUMNS = {"image_path": str, "label": str, "group": str}
 
@@ -84,6 +86,11 @@ class TileStore:
 
     def __repr__(self) -> str:
         return f"TileStore(path='{self.path}', tiles={len(self)}, shape={self.tile_shape})"
+
+    @property
+    def producer_metadata(self) -> dict[str, Any]:
+        """The metadata its producer attached (classes, preprocessing...), without bookkeeping."""
+        return {k: v for k, v in self.metadata.items() if k not in STORE_FIELDS}
 
     @property
     def tile_shape(self) -> tuple[int, ...]:
@@ -228,7 +235,7 @@ class TileStoreDataset(LocalVersionedDataset):
         path.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(data, TileStore):
             records: Iterable[TileRecord] = _copy_records(data)
-            metadata = {k: v for k, v in data.metadata.items() if k not in ("count", "shards")}
+            metadata = data.producer_metadata
         else:
             records = data
             metadata = getattr(data, "metadata", {})

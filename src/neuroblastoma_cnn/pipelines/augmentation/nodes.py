@@ -39,7 +39,6 @@ RGB_FROM_HED = np.array(
     [[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float64
 )
 HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED)
-STRUCTURAL_KEYS = ("format", "version", "tile_shape", "count", "shards")
 
 
 @dataclass(frozen=True)
@@ -261,7 +260,7 @@ def augment_training_set(
             n["augmented"],
             " (above target: kept whole)" if n["original"] > p.target_per_class else "",
         )
-    source_meta = {k: v for k, v in tiles.metadata.items() if k not in STRUCTURAL_KEYS}
+    source_meta = tiles.producer_metadata
     metadata = {
         "classes": classes,
         "augmentation": asdict(p),
