@@ -21,8 +21,6 @@ logger = logging.getLogger(__name__)
 
 OPTIMIZERS = ("sgd", "sgd_momentum", "rmsprop", "adagrad", "adam")
 MONITORS = {"val_macro_f1": "max", "val_loss": "min", "val_accuracy": "max"}
-# Store fields that describe the file, not the preprocessing: left out of the model's record.
-STORE_BOOKKEEPING = ("format", "version", "count", "shards", "tile_shape")
 
 
 # --------------------------------------------------------------------------- data
@@ -332,10 +330,14 @@ def train_model(
         model_params.get("architecture"), len(train_index), num_classes, len(val_ids),
     )
 
-    train_ds = make_tf_dataset(
-        augmented_train_tiles, train_index["tile_id"].tolist(), y_train, batch_size,
-        shuffle=True, seed=seed, in_memory_limit_mb=limit_mb,
-    )
+    train_ids = train_index["tile_id"].tolist()
+
+    def train_data(batch: int, shuffle: bool) -> Any:
+        """Made where it is used: an in-memory dataset holds its own copy of the tiles, and the
+        feature cache needs an unshuffled pass that fine-tuning must not keep alive."""
+        return make_tf_dataset(augmented_train_tiles, train_ids, y_train, batch, shuffle=shuffle,
+                               seed=seed, in_memory_limit_mb=limit_mb)
+
     val_ds = make_tf_dataset(tiles, val_ids, y_val, batch_size, in_memory_limit_mb=limit_mb)
     class_weight = (
         balanced_class_weights(y_train, num_classes)
@@ -366,33 +368,31 @@ def train_model(
 
         # Stage 1 feature cache: the frozen backbone sees every tile once, not once per epoch.
         started = time.perf_counter()
-        cached = cache_features(
-            model,
-            make_tf_dataset(augmented_train_tiles, train_index["tile_id"].tolist(), y_train, 64,
-                            in_memory_limit_mb=limit_mb),
-            None, val_ds, None, batch_size=batch_size, seed=seed,
-        )
+        cached = cache_features(model, train_data(64, shuffle=False), None, val_ds, None,
+                                batch_size=batch_size, seed=seed)
         logger.info("Feature cache: %d + %d tiles through the frozen backbone in %.1fs",
                     len(y_train), len(y_val), time.perf_counter() - started)
-        best = fit_stage(cached.head, cached.train, cached.val_features, cached.val_labels,
-                  epochs=epochs,
-                  optimizer=optimizer(float(training_params.get("learning_rate", 0.01)), epochs),
-                  stage="head", **common)
+        best = fit_stage(
+            cached.head, cached.train, cached.val_features, cached.val_labels, epochs=epochs,
+            optimizer=optimizer(float(training_params.get("learning_rate", 0.01)), epochs),
+            stage="head", **common,
+        )
         fine_blocks = int(training_params.get("fine_tune_blocks", 0))
         fine_epochs = int(training_params.get("fine_tune_epochs", 0))
         if fine_blocks > 0 and fine_epochs > 0:
             set_trainable_top_blocks(model, fine_blocks)
-            fit_stage(model, train_ds, val_ds, y_val, epochs=fine_epochs,
+            fit_stage(model, train_data(batch_size, shuffle=True), val_ds, y_val,
+                      epochs=fine_epochs,
                       optimizer=optimizer(float(training_params["fine_tune_learning_rate"]),
                                           fine_epochs),
                       stage="fine_tune", baseline=best, **common)
     else:
-        fit_stage(model, train_ds, val_ds, y_val, epochs=epochs,
+        fit_stage(model, train_data(batch_size, shuffle=True), val_ds, y_val, epochs=epochs,
                   optimizer=optimizer(float(training_params.get("learning_rate", 0.01)), epochs),
                   stage="train", **common)
 
     model.preprocessing = {
-        **{k: v for k, v in tiles.metadata.items() if k not in STORE_BOOKKEEPING},
+        **tiles.producer_metadata,
         "input_size": input_size,
         "classes": classes,
         "architecture": model_params["architecture"],
