@@ -4,6 +4,7 @@ from .image_folder import ImageFolderDataset
 from .keras_model import KerasModelDataset, load_keras_model, save_keras_model
 from .mlflow_artifact import MlflowArtifactDataset
 from .png_folder import PngFolderDataset
+from .remote_archive import RemoteArchiveDataset
 from .tile_store import TileStore, TileStoreDataset, TileStream, write_tile_store
 from .trained_models import ModelSelectionError, TrainedModels, TrainedModelsDataset
 
@@ -13,6 +14,7 @@ __all__ = [
     "MlflowArtifactDataset",
     "ModelSelectionError",
     "PngFolderDataset",
+    "RemoteArchiveDataset",
     "TileStore",
     "TileStoreDataset",
     "TileStream",
