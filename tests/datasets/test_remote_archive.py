@@ -49,7 +49,7 @@ def _loopback_without_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def dataset(raw: Path, url: str, md5: str, **kwargs) -> RemoteArchiveDataset:
     return RemoteArchiveDataset(
-        url=url, md5=md5, archive=str(raw / ARCHIVE_NAME), path=str(raw / "kather_2016"),
+        url=url, md5=md5, filepath=str(raw / ARCHIVE_NAME), path=str(raw / "kather_2016"),
         image_root=TOP, attribution=ATTRIBUTION, **kwargs,
     )
 
@@ -174,7 +174,7 @@ def test_archive_without_the_image_root_is_refused(served_zip, tmp_path: Path) -
     raw = tmp_path / "01_raw"
     raw.mkdir()
     (raw / ARCHIVE_NAME).write_bytes((www / ARCHIVE_NAME).read_bytes())
-    ds = RemoteArchiveDataset(url=refused_url(), md5=md5, archive=str(raw / ARCHIVE_NAME),
+    ds = RemoteArchiveDataset(url=refused_url(), md5=md5, filepath=str(raw / ARCHIVE_NAME),
                               path=str(raw / "kather_2016"), image_root="images")
     with pytest.raises(ArchiveError, match=rf"has no folder 'images' \(it holds \['{TOP}'\]\)"):
         ds.load()

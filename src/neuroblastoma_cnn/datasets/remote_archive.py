@@ -8,7 +8,7 @@ What it guarantees:
 
 - The archive is fetched with ``pooch`` (progress bar; the file is written under a temporary
   name and moved into place only once its MD5 matches), so a wrong checksum or an interrupted
-  download never leaves a file a later run would trust. A zip placed at ``archive`` by hand
+  download never leaves a file a later run would trust. A zip placed at ``filepath`` by hand
   is used as is when its MD5 matches: no network.
 - It is unpacked into a temporary sibling folder that is renamed to ``path`` only at the end,
   with a marker file holding the verified MD5. Later loads find the marker and use the folder
@@ -58,13 +58,14 @@ class RemoteArchiveDataset(AbstractDataset[Any, Path]):
     Args:
         url: where to download the zip from (``http(s)://``).
         md5: the zip's MD5, 32 hexadecimal digits, optionally written ``md5:<hash>``.
-        archive: local file path of the zip; a zip with the right MD5 put here by hand is used
-            without network.
+        filepath: local file path of the zip; a zip with the right MD5 put here by hand is
+            used without network. (``filepath`` and ``path``: the keys Kedro anchors at the
+            project root.)
         path: the folder the archive is unpacked into (created whole at the end, never in place).
         image_root: the folder inside the archive that holds the class folders (``None``: the
             archive's top level).
         attribution: text written to ``<path>/README.md`` (licence and citation of the data).
-        hint: added to download errors, e.g. how to point the URL at a mirror.
+        hint: appended to download errors, e.g. how to point the URL at a mirror.
     """
 
     def __init__(
@@ -72,7 +73,7 @@ class RemoteArchiveDataset(AbstractDataset[Any, Path]):
         *,
         url: str,
         md5: str,
-        archive: str,
+        filepath: str,
         path: str,
         image_root: str | None = None,
         attribution: str | None = None,
@@ -81,7 +82,7 @@ class RemoteArchiveDataset(AbstractDataset[Any, Path]):
     ):
         self._url = str(url or "")
         self._md5_raw = md5
-        self._archive = Path(archive)
+        self._archive = Path(filepath)
         self._path = Path(path)
         self._image_root = PurePosixPath(image_root) if image_root else None
         if self._image_root is not None and (
@@ -119,7 +120,7 @@ class RemoteArchiveDataset(AbstractDataset[Any, Path]):
             return False
 
     def _describe(self) -> dict[str, Any]:
-        return {"url": self._url, "md5": self._md5_raw, "archive": str(self._archive),
+        return {"url": self._url, "md5": self._md5_raw, "filepath": str(self._archive),
                 "path": str(self._path)}
 
     # ------------------------------------------------------------------ steps
@@ -130,14 +131,13 @@ class RemoteArchiveDataset(AbstractDataset[Any, Path]):
             # `--params demo.md5=<digits>` is parsed as a number: leading zeros are lost.
             raise ArchiveParameterError(
                 f"The MD5 for '{self._url}' was read as {type(value).__name__} {value!r}, "
-                "not text",
-                hint="write it as md5:<32 hexadecimal digits>",
+                "not text; write it as md5:<32 hexadecimal digits>"
             )
         digest = value.strip().lower().removeprefix("md5:")
         if not _MD5.match(digest):
             raise ArchiveParameterError(
-                f"The MD5 for '{self._url}' must be 32 hexadecimal digits, got {value!r}",
-                hint="write it as <hash> or md5:<hash>",
+                f"The MD5 for '{self._url}' must be 32 hexadecimal digits (or md5:<hash>), "
+                f"got {value!r}"
             )
         return digest
 
@@ -157,6 +157,11 @@ class RemoteArchiveDataset(AbstractDataset[Any, Path]):
         return (f"download it by other means and place it at '{self._archive.resolve()}' "
                 f"(MD5 {md5}), then run again")
 
+    def _hint_text(self) -> str:
+        # In the message, not ProjectError.hint: Kedro's catalog re-wraps load errors in a
+        # DatasetError carrying only str(error).
+        return f"; {self._hint}" if self._hint else ""
+
     def _download(self, md5: str) -> Path:
         """The archive file, downloaded only if it is missing or its MD5 differs."""
         import pooch
@@ -168,7 +173,7 @@ class RemoteArchiveDataset(AbstractDataset[Any, Path]):
                 return target
             raise ArchiveError(
                 f"No download URL for the archive (got {self._url!r}) and no file with "
-                f"MD5 {md5} at '{target}'", hint=self._hint,
+                f"MD5 {md5} at '{target}'{self._hint_text()}"
             )
         logger.info("Fetching '%s' (MD5 %s) into '%s'", self._url, md5, target)
         try:
@@ -179,8 +184,8 @@ class RemoteArchiveDataset(AbstractDataset[Any, Path]):
         except requests.exceptions.RequestException as exc:
             reason = _short_reason(exc)
             raise ArchiveError(
-                f"Cannot download '{self._url}' ({reason}); {self._place_by_hand(md5)}",
-                hint=self._hint,
+                f"Cannot download '{self._url}' ({reason}); {self._place_by_hand(md5)}"
+                f"{self._hint_text()}"
             ) from exc
         except ValueError as exc:
             if "does not match the known hash" not in str(exc):
@@ -189,8 +194,8 @@ class RemoteArchiveDataset(AbstractDataset[Any, Path]):
             raise ArchiveError(
                 f"The file downloaded from '{self._url}' has MD5 "
                 f"{got.group(1) if got else '(other)'}, not the expected {md5}; it was deleted "
-                f"and nothing was unpacked. Check the MD5, or {self._place_by_hand(md5)}",
-                hint=self._hint,
+                f"and nothing was unpacked. Check the MD5, or {self._place_by_hand(md5)}"
+                f"{self._hint_text()}"
             ) from exc
         return Path(fetched)
 
