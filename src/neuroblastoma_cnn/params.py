@@ -1,0 +1,408 @@
+"""Typed parameters: one pydantic model per parameter group, checked before any node runs.
+
+Why: a typo (``lerning_rate``), a wrong type or an out-of-range value must stop a run in
+seconds, naming the key, the value and what is allowed, instead of being ignored or failing hours
+later. Nodes declare these models as the type of their ``params:`` inputs, and Kedro (1.7's
+parameter validation) instantiates them from the merged configuration before the first node
+runs: an error there starts no node, writes no data and opens no MLflow run.
+
+Every field is required: the defaults live in ``conf/base/parameters_*.yml`` only (the command
+line and the tests read them from there with :func:`base_parameters`), so code and YAML cannot
+drift apart. Unknown keys are errors (``extra="forbid"``), types are strict (``true`` is not an
+integer, ``"5"`` is not a number).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args
+
+import yaml
+from kedro.framework.hooks import hook_impl
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    RootModel,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from neuroblastoma_cnn.errors import ParameterError
+from neuroblastoma_cnn.imaging import Fraction, ImageChecks, PositiveInt, TilingConfig
+
+NonNegativeInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0.0)]
+OpenFraction = Annotated[float, Field(ge=0.0, lt=1.0)]  # [0, 1)
+
+Optimizer = Literal["sgd", "sgd_momentum", "rmsprop", "adagrad", "adam"]
+Monitor = Literal["val_macro_f1", "val_loss", "val_accuracy"]
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+MONITORS: tuple[str, ...] = get_args(Monitor)
+
+CONF_BASE = Path(__file__).resolve().parents[2] / "conf" / "base"
+
+
+class Params(BaseModel):
+    """Base of the parameter groups: strict, frozen, no unknown key; errors in one line."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    @classmethod
+    def parse(cls, raw: Any, key: str) -> Any:
+        """Validates ``raw`` as the group ``key`` (e.g. ``resnet34.training``); raises
+        :class:`ParameterError` with one line per problem naming ``key.field``."""
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            raise ParameterError(describe(exc, key, cls)) from None
+
+
+# ----------------------------------------------------------------------------- data stages
+
+
+class IngestionParams(TilingConfig, ImageChecks, Params):
+    """``ingestion``: which files are images, how patients are found, how tiles are cut."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    group_pattern: str | None
+    shard_size: PositiveInt
+
+    @field_validator("group_pattern")
+    @classmethod
+    def _pattern_has_group(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            compiled = re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression ({exc})") from exc
+        if "group" not in compiled.groupindex:
+            raise ValueError(r"needs a named group 'group', e.g. '^(?P<group>[A-Z]+\d+)_'")
+        return value
+
+    @property
+    def tiling(self) -> TilingConfig:
+        return TilingConfig(**self.model_dump(include=set(TilingConfig.model_fields)))
+
+    @property
+    def image_checks(self) -> ImageChecks:
+        return ImageChecks(**self.model_dump(include=set(ImageChecks.model_fields)))
+
+    @property
+    def group_regex(self) -> re.Pattern[str] | None:
+        return None if self.group_pattern is None else re.compile(self.group_pattern)
+
+
+class SplittingParams(Params):
+    """``splitting``: how whole patients (or images) are allocated to train/validation/test."""
+
+    strategy: Literal["patient", "image"]
+    test_fraction: OpenFraction
+    validation_fraction: OpenFraction
+    n_folds: NonNegativeInt
+    seed: NonNegativeInt
+
+    @model_validator(mode="after")
+    def _something_left_to_train_on(self) -> SplittingParams:
+        if self.test_fraction + self.validation_fraction >= 1:
+            raise ValueError(
+                f"test_fraction + validation_fraction = {self.test_fraction} + "
+                f"{self.validation_fraction}: must be below 1 so that something is left to "
+                "train on")
+        return self
+
+    @property
+    def unit(self) -> str:
+        """The tile-index column whose values are moved whole between splits."""
+        return {"patient": "group", "image": "image_path"}[self.strategy]
+
+
+class AugmentationParams(Params):
+    """``augmentation``: how the training split is balanced with transformed copies."""
+
+    target_per_class: NonNegativeInt
+    seed: NonNegativeInt
+    rotation_degrees: Annotated[float, Field(ge=0.0, le=180.0)]
+    width_shift: OpenFraction
+    height_shift: OpenFraction
+    horizontal_flip: bool
+    fill_mode: Literal["reflect", "wrap", "constant", "nearest"]
+    vertical_flip: bool
+    rotate90: bool
+    stain_jitter: OpenFraction
+    brightness: Fraction
+    contrast: OpenFraction
+    grid_samples_per_class: PositiveInt
+    batch_size: PositiveInt
+
+
+# ----------------------------------------------------------------------------- models
+
+
+class ResNet34Model(Params):
+    """``<model>.model`` for a ResNet34 trained from scratch."""
+
+    architecture: Literal["resnet34"]
+    dropout: OpenFraction
+    l1: Annotated[float, Field(ge=0.0)]
+    l2: Annotated[float, Field(ge=0.0)]
+
+    @property
+    def transfer(self) -> bool:
+        return False
+
+
+class ResNet50Model(Params):
+    """``<model>.model`` for an ImageNet ResNet50 (``transfer``: head, then fine-tuning)."""
+
+    architecture: Literal["resnet50"]
+    transfer: bool
+    weights: str | None
+    dropout: OpenFraction
+    l1: Annotated[float, Field(ge=0.0)]
+    l2: Annotated[float, Field(ge=0.0)]
+
+
+class ModelParams(RootModel[Annotated[ResNet34Model | ResNet50Model,
+                                      Field(discriminator="architecture")]]):
+    """``<model>.model``: the architecture and its own parameters (chosen by ``architecture``).
+
+    ``root`` is the architecture's parameter model; :meth:`builder_kwargs` what its builder
+    in ``models/`` takes.
+    """
+
+    @property
+    def architecture(self) -> str:
+        return self.root.architecture
+
+    @property
+    def transfer(self) -> bool:
+        return self.root.transfer
+
+    def builder_kwargs(self) -> dict[str, Any]:
+        return self.root.model_dump(exclude={"architecture", "transfer"})
+
+    @classmethod
+    def parse(cls, raw: Any, key: str) -> ModelParams:
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            raise ParameterError(describe(exc, key, None)) from None
+
+
+class CosineSchedule(Params):
+    type: Literal["cosine"]
+
+
+class ExponentialSchedule(Params):
+    type: Literal["exponential"]
+    decay_epochs: PositiveInt
+    decay_rate: Annotated[float, Field(gt=0.0, le=1.0)]
+
+
+class PlateauSchedule(Params):
+    type: Literal["plateau"]
+    factor: Annotated[float, Field(gt=0.0, lt=1.0)]
+    patience: PositiveInt
+
+
+Schedule = Annotated[CosineSchedule | ExponentialSchedule | PlateauSchedule,
+                     Field(discriminator="type")]
+
+
+class TrainingParams(Params):
+    """``<model>.training``: optimiser, epochs, best-epoch rule; fine-tuning for transfer."""
+
+    optimizer: Optimizer
+    learning_rate: PositiveFloat
+    momentum: OpenFraction
+    schedule: Schedule | None
+    epochs: PositiveInt
+    batch_size: PositiveInt
+    class_weights: bool
+    monitor: Monitor
+    early_stopping_patience: PositiveInt | None
+    seed: NonNegativeInt
+    deterministic: bool
+    in_memory_limit_mb: PositiveFloat
+    #: Stage 2 of a transfer model; null for a model trained from scratch.
+    fine_tune_blocks: Annotated[int, Field(ge=0, le=16)] | None
+    fine_tune_epochs: NonNegativeInt | None
+    fine_tune_learning_rate: PositiveFloat | None
+
+    @model_validator(mode="after")
+    def _fine_tune_all_or_nothing(self) -> TrainingParams:
+        given = [self.fine_tune_blocks, self.fine_tune_epochs, self.fine_tune_learning_rate]
+        if any(v is None for v in given) and any(v is not None for v in given):
+            raise ValueError("fine_tune_blocks, fine_tune_epochs and fine_tune_learning_rate: "
+                             "set all three (transfer models) or none (null)")
+        return self
+
+    @property
+    def fine_tunes(self) -> bool:
+        return bool(self.fine_tune_blocks) and bool(self.fine_tune_epochs)
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+class EvaluationParams(Params):
+    """``evaluation``: which split is measured and how the interval is resampled."""
+
+    split: Literal["train", "validation", "test"]
+    batch_size: PositiveInt
+    bootstrap_samples: PositiveInt
+    seed: NonNegativeInt
+    in_memory_limit_mb: PositiveFloat
+    misclassified_per_class: PositiveInt
+
+
+class PredictParams(Params):
+    """``predict``: which model, and what to do with it (not how images are tiled)."""
+
+    model: Annotated[str, Field(min_length=1)]
+    version: str | None
+    batch_size: PositiveInt
+    workers: PositiveInt
+    min_confidence: Fraction
+    background_fallback_tiles: PositiveInt
+    gradcam: bool
+    gradcam_max_side: PositiveInt | None
+    gradcam_alpha: Fraction
+
+
+#: Top-level groups and their models; every ``<model>`` group has ``model`` and ``training``.
+GROUPS: dict[str, type[Params]] = {
+    "ingestion": IngestionParams,
+    "splitting": SplittingParams,
+    "augmentation": AugmentationParams,
+    "evaluation": EvaluationParams,
+    "predict": PredictParams,
+}
+MODEL_GROUPS: dict[str, Any] = {"model": ModelParams, "training": TrainingParams}
+
+
+def validate_parameters(parameters: Mapping[str, Any]) -> dict[str, Any]:
+    """Validates every known group in ``parameters`` (all of Kedro's, merged): returns
+    ``{key: typed model}`` or raises one :class:`ParameterError` listing every problem.
+
+    Kedro validates the groups the pipelines being run use; this checks them all at once, for a
+    pre-flight check or a test of the configuration.
+    """
+    typed: dict[str, Any] = {}
+    problems: list[str] = []
+    for key, raw in parameters.items():
+        if key in GROUPS:
+            checks = [(key, GROUPS[key], raw)]
+        elif isinstance(raw, Mapping) and {"model", "training"} & set(raw):
+            checks = [(f"{key}.{part}", MODEL_GROUPS[part], raw.get(part))
+                      for part in MODEL_GROUPS]
+        else:
+            continue
+        for name, model, value in checks:
+            try:
+                typed[name] = model.parse(value, name)
+            except ParameterError as exc:
+                problems.append(str(exc))
+    if problems:
+        raise ParameterError("; ".join(problems))
+    return typed
+
+
+# ----------------------------------------------------------------------------- messages
+
+
+_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<",
+           "less_than_equal": "<="}
+_BOUND_CTX = {"greater_than": "gt", "greater_than_equal": "ge", "less_than": "lt",
+              "less_than_equal": "le"}
+
+
+def describe(exc: ValidationError, key: str, model: type[BaseModel] | None) -> str:
+    """One line per problem, joined by '; ': ``key.field = value: what is allowed``."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        loc = [str(p) for p in error["loc"] if not _is_union_tag(p, error)]
+        where = ".".join([key, *loc])
+        kind = error["type"]
+        if kind == "missing":
+            lines.append(f"{where}: missing (every key is required, the defaults are in "
+                         "conf/base/parameters_*.yml)")
+            continue
+        value = f" = {error['input']!r}"
+        if kind == "extra_forbidden":
+            known = _known_keys(model, loc[:-1])
+            close = difflib.get_close_matches(loc[-1], known, n=1) if known else []
+            hint = f", did you mean '{close[0]}'?" if close else ""
+            allowed = f" (known keys: {', '.join(known)})" if known else ""
+            lines.append(f"{where}{value}: unknown key{hint}{allowed}")
+        elif kind in _BOUNDS:
+            bound = error.get("ctx", {}).get(_BOUND_CTX[kind])
+            lines.append(f"{where}{value}: must be {_BOUNDS[kind]} {bound}")
+        elif kind == "value_error" and not loc:
+            lines.append(f"{key}: {error['msg'].removeprefix('Value error, ')}")
+        else:
+            message = error["msg"].removeprefix("Value error, ")
+            message = message.replace("Input should be", "must be").replace(
+                "Input tag", "type").replace("Input", "value")
+            lines.append(f"{where}{value}: {message}")
+    return "; ".join(lines)
+
+
+def _is_union_tag(part: Any, error: Mapping[str, Any]) -> bool:
+    """Discriminated unions add the tag (e.g. 'exponential', 'resnet50') to an error's loc."""
+    return isinstance(part, str) and part in {"cosine", "exponential", "plateau", "resnet34",
+                                              "resnet50"} and part != error["loc"][-1]
+
+
+def _known_keys(model: type[BaseModel] | None, path: list[str]) -> list[str]:
+    if model is None or path:
+        return []
+    return list(model.model_fields)
+
+
+# ----------------------------------------------------------------------------- YAML defaults
+
+
+def base_parameters(conf_dir: str | Path | None = None) -> dict[str, Any]:
+    """Every parameter of ``conf/base/parameters*.yml``: the defaults, for the command line,
+    notebooks and tests (a Kedro run reads them through its config loader instead)."""
+    folder = Path(conf_dir) if conf_dir is not None else CONF_BASE
+    merged: dict[str, Any] = {}
+    for path in sorted(folder.glob("parameters*.yml")):
+        merged.update(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+    return merged
+
+
+def base_group(key: str, conf_dir: str | Path | None = None, **overrides: Any) -> dict[str, Any]:
+    """One group of the base parameters (``"ingestion"``, ``"resnet34.training"``), as a dict
+    with ``overrides`` applied."""
+    value: Any = base_parameters(conf_dir)
+    for part in key.split("."):
+        value = value[part]
+    return {**value, **overrides}
+
+
+# ----------------------------------------------------------------------------- MLflow
+
+
+class TypedParamsMlflowHook:
+    """Lets kedro-mlflow log a typed parameter group as its flattened values.
+
+    kedro-mlflow logs the ``params:`` inputs of each node in its ``before_node_run``, flattening
+    dicts only, so a pydantic model would be logged as one ``repr`` string. This hook runs first
+    and swaps each model for its plain dict *in the copy of the inputs that hooks see* (Kedro
+    passes hooks a shallow copy): the node itself still receives the typed model.
+    """
+
+    @hook_impl(tryfirst=True)
+    def before_node_run(self, inputs: dict[str, Any]) -> None:
+        for name, value in list(inputs.items()):
+            if name.startswith("params:") and isinstance(value, BaseModel):
+                inputs[name] = value.model_dump(mode="json")
