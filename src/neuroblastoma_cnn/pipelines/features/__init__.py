@@ -1,0 +1,1 @@
+"""CNN features with scikit-learn heads (the study's third technique)."""

@@ -1,0 +1,382 @@
+"""CNN features with scikit-learn heads: the study's third technique.
+
+The trained CNN (or an untrained / ImageNet ResNet50) turns every tile into its pooled
+penultimate features; scikit-learn classifiers ("heads") are fitted on the training tiles'
+features, and judged exactly like the CNN: tile probabilities averaged per image, the same
+metrics, bootstrap interval over patients, report and confusion matrix, on the same test split.
+
+The feature table (one row per tile) carries where it came from in ``DataFrame.attrs[ATTRS]``
+(kept in the parquet file): the extractor's identity (architecture, source, a hash of its
+weights, a hash of its preprocessing record, classes, feature dimension) and the tiles version.
+Every head is saved with that identity, so prediction refuses a head whose extractor is not the
+model it is given. See :mod:`.heads` for the estimators, grouped folds and calibration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from neuroblastoma_cnn import predictions as pt
+from neuroblastoma_cnn.errors import DataError, ModelError
+
+# The evaluation's metrics, so heads and CNN are scored by the same code.
+from neuroblastoma_cnn.pipelines.evaluation import metrics as m
+from neuroblastoma_cnn.predictions import aggregate_image_probabilities
+
+from .heads import HeadsParams, as_heads_params, fit_head, group_folds, predict_proba
+
+logger = logging.getLogger(__name__)
+
+ATTRS = "neuroblastoma_cnn.features"
+ID_COLUMNS = ["tile_id", "image_path", "label", "group", "split", "fold"]
+FEATURE_PREFIX = "f"
+CNN_PREFIX = "cnn_"  # cnn_prob_<class>: the extractor's own softmax, from the same forward pass
+CNN_PREDICTOR = "cnn_softmax"
+HEAD_FORMAT = "neuroblastoma_cnn.head/1"
+_FEATURE_COLUMN = re.compile(rf"^{FEATURE_PREFIX}(\d+)$")
+
+
+# ------------------------------------------------------------------------------ the identity
+
+
+def sha256_json(value: Any) -> str:
+    """Hash of a JSON-able value, independent of key order."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def weights_sha256(weights: Sequence[np.ndarray]) -> str:
+    """Hash of a network's weights: the same file loaded twice gives the same hash, a retrained
+    model another one, whatever its path."""
+    digest = hashlib.sha256()
+    for weight in weights:
+        array = np.ascontiguousarray(weight)
+        digest.update(str((array.dtype.str, array.shape)).encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def extractor_identity(table: pd.DataFrame) -> dict[str, Any]:
+    """The extractor identity stored with a feature table; a clear error when there is none."""
+    info = table.attrs.get(ATTRS)
+    if not isinstance(info, Mapping) or "extractor" not in info:
+        raise DataError(
+            "The feature table does not say which model extracted it.",
+            hint="re-extract it with `kedro run --pipeline=<model>_features`")
+    return dict(info["extractor"])
+
+
+def feature_columns(table: pd.DataFrame) -> list[str]:
+    """``f0 .. f{D-1}`` in order; an error when they are missing or not contiguous."""
+    found = sorted((int(mt.group(1)), c) for c in table.columns
+                   if (mt := _FEATURE_COLUMN.match(str(c))))
+    if not found or [i for i, _ in found] != list(range(len(found))):
+        raise DataError("The feature table has no contiguous f0..fN feature columns.",
+                        hint="re-extract it with `kedro run --pipeline=<model>_features`")
+    return [c for _, c in found]
+
+
+def _check_against_split(table: pd.DataFrame, split_table: pd.DataFrame) -> None:
+    """The feature rows must describe the split table's tiles (same tiles version)."""
+    identity = extractor_identity(table)
+    rerun = f"`kedro run --pipeline={identity.get('architecture', '<model>')}_features`"
+    missing = [c for c in ID_COLUMNS if c not in table.columns]
+    if missing:
+        raise DataError(f"The feature table lacks column(s) {missing}.", hint=f"rerun {rerun}")
+    cols = ["tile_id", "image_path", "label", "group", "split"]
+    left = table[cols].astype(str).set_index("tile_id")
+    right = split_table[cols].astype(str).set_index("tile_id")
+    unknown = left.index.difference(right.index)
+    common = left.index.intersection(right.index)
+    differ = (left.loc[common] != right.loc[common]).any(axis=1)
+    if len(unknown) or differ.any():
+        example = list(unknown[:3]) or list(differ[differ].index[:3])
+        raise DataError(
+            f"The feature table (tiles version {identity.get('tiles_version', '?')}) does not "
+            f"match the current split table: tile(s) {example} are unknown or differ in image, "
+            "label, group or split. It was extracted from another tiles version or split.",
+            hint=f"rerun {rerun} on the current tiles and split")
+
+
+# ---------------------------------------------------------------------------------- fitting
+
+
+def fit_heads(
+    feature_table: pd.DataFrame, split_table: pd.DataFrame, params: HeadsParams
+) -> tuple[dict[str, dict[str, Any]], pd.DataFrame]:
+    """Fits every configured head on the fitting splits' tiles; returns the head bundles (see
+    :func:`head_bundle`) by name and the cross-validation results of every grid point."""
+    p = as_heads_params(params)
+    _check_against_split(feature_table, split_table)
+    identity = extractor_identity(feature_table)
+    classes = [str(c) for c in identity["classes"]]
+    columns = feature_columns(feature_table)
+    rows = feature_table[feature_table["split"].astype(str).isin(p.fit_splits)]
+    if rows.empty:
+        raise DataError(f"The feature table has no tiles in split(s) {p.fit_splits}.",
+                        hint="check features.heads.fit_splits")
+    present = set(rows["label"].astype(str))
+    absent = [c for c in classes if c not in present]
+    if absent:
+        arch = identity.get("architecture", "<model>")
+        raise DataError(
+            f"Class(es) {absent} have no tiles in the split(s) {p.fit_splits} that fit the heads, "
+            "so no head can learn them.",
+            hint=f"give them patients in the training split (check their images and the "
+                 f"splitting fractions), then run `kedro run --pipeline=splitting` and "
+                 f"`kedro run --pipeline={arch}_features`")
+    x = rows[columns].to_numpy(dtype=np.float32)
+    y = _encode(rows["label"], classes)
+    folds = group_folds(y, rows["group"].to_numpy(), rows["fold"].to_numpy(), p.cv)
+    logger.info("Fitting %d head(s) on %d tiles (%d groups, %d features), %d grouped CV folds",
+                len(p.classifiers), len(rows), rows["group"].nunique(), len(columns), len(folds))
+    bundles: dict[str, dict[str, Any]] = {}
+    results = []
+    for name, head in p.classifiers.items():
+        fitted = fit_head(name, head, x, y, folds, p.scoring, p.n_jobs)
+        results.append(fitted.cv_results)
+        bundles[name] = {
+            "format": HEAD_FORMAT,
+            "name": name,
+            "estimator": head.estimator,
+            "model": fitted.model,
+            "classes": classes,
+            "feature_dim": len(columns),
+            "extractor": identity,
+            "best_params": fitted.best_params,
+            "calibration": fitted.calibration,
+            "cv": {"scoring": p.scoring, "mean": fitted.cv_score_mean,
+                   "std": fitted.cv_score_std, "n_folds": len(folds),
+                   "strategy": p.cv.strategy},
+            "fit_splits": list(p.fit_splits),
+            "n_fit_tiles": len(rows),
+            "n_fit_groups": int(rows["group"].nunique()),
+            "fit_seconds": fitted.fit_seconds,
+        }
+    cv_results = pd.concat(results, ignore_index=True)
+    cv_results["params"] = [json.dumps(v, sort_keys=True) for v in cv_results["params"]]
+    return bundles, cv_results
+
+
+def _encode(labels: pd.Series, classes: list[str]) -> np.ndarray:
+    lookup = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(labels.astype(str)) - set(lookup))
+    if unknown:
+        raise DataError(f"Labels {unknown} are not among the extractor's classes {classes}.",
+                        hint="the feature table and its model disagree; re-extract the features")
+    return labels.astype(str).map(lookup).to_numpy(dtype=np.int64)
+
+
+# ------------------------------------------------------------------------------ using heads
+
+
+def check_head_extractor(bundle: Mapping[str, Any], extractor: Mapping[str, Any]) -> None:
+    """Refuses a head fitted on another extractor's features (weights, record, classes, size)."""
+    fitted = dict(bundle.get("extractor") or {})
+    name = bundle.get("name", "?")
+    problems = []
+    for key, what in (("weights_sha256", "weights"), ("record_sha256", "preprocessing record"),
+                      ("classes", "classes"), ("feature_dim", "feature dimension"),
+                      ("architecture", "architecture")):
+        if fitted.get(key) != extractor.get(key):
+            short = (lambda v: v[:12] if isinstance(v, str) and len(v) == 64 else v)  # noqa: E731
+            problems.append(f"{what} {short(fitted.get(key))!r} vs {short(extractor.get(key))!r}")
+    if problems:
+        arch = extractor.get("architecture") or fitted.get("architecture") or "<model>"
+        raise ModelError(
+            f"Head '{name}' was fitted on features of {fitted.get('architecture')} model "
+            f"'{fitted.get('source')}', not of '{extractor.get('source')}': "
+            + "; ".join(problems) + ".",
+            hint=f"fit heads on this model with `kedro run --pipeline={arch}_features`, or "
+                 "predict with the model version the head was fitted on")
+
+
+def predict_tile_probabilities(
+    feature_table: pd.DataFrame, heads: Mapping[str, Mapping[str, Any]], split: str
+) -> pd.DataFrame:
+    """Tile probabilities of one split for the CNN's softmax and every head, one long table.
+
+    Columns: ``predictor, tile_id, image_path, label, group, y_true, prob_<class>...,
+    predicted`` (the evaluation's tile table plus ``predictor``).
+    """
+    identity = extractor_identity(feature_table)
+    classes = [str(c) for c in identity["classes"]]
+    rows = feature_table[feature_table["split"].astype(str) == split]
+    if rows.empty:
+        raise DataError(f"The feature table has no '{split}' tiles to evaluate.",
+                        hint="check features.heads.evaluate_split and the split table")
+    base = rows[["tile_id", "image_path", "label", "group"]].reset_index(drop=True)
+    base["y_true"] = _encode(rows["label"], classes)
+    x = rows[feature_columns(feature_table)].to_numpy(dtype=np.float32)
+    probabilities: dict[str, np.ndarray] = {}
+    cnn_cols = [f"{CNN_PREFIX}{pt.PROB_PREFIX}{c}" for c in classes]
+    if all(c in rows.columns for c in cnn_cols):
+        probabilities[CNN_PREDICTOR] = rows[cnn_cols].to_numpy(dtype=np.float64)
+    for name, bundle in heads.items():
+        check_head_extractor(bundle, identity)
+        probabilities[name] = predict_proba(bundle["model"], x, len(classes))
+    frames = []
+    for name, prob in probabilities.items():
+        frame = base.copy()
+        for i, c in enumerate(classes):
+            frame[f"{pt.PROB_PREFIX}{c}"] = prob[:, i]
+        frame["predicted"] = [classes[i] for i in prob.argmax(axis=1)]
+        frame.insert(0, "predictor", name)
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+# ------------------------------------------------------------------------------- evaluation
+
+
+def image_predictions(tile_predictions: pd.DataFrame) -> pd.DataFrame:
+    """Mean tile probabilities per image (the evaluation's aggregation), argmax class."""
+    images = aggregate_image_probabilities(tile_predictions)
+    classes = pt.class_names_of(images)
+    images["y_true"] = images["label"].astype(str).map({c: i for i, c in enumerate(classes)})
+    prob = images[pt.probability_columns(images)].to_numpy()
+    images["predicted"] = [classes[i] for i in prob.argmax(axis=1)]
+    return images
+
+
+def evaluate_one(
+    images: pd.DataFrame, tiles: pd.DataFrame, bootstrap_samples: int, seed: int
+) -> tuple[dict[str, Any], pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """The evaluation's metrics for one predictor: the metrics dict (with the patient-bootstrap
+    macro-F1 interval and tile-level scores), the report and both confusion matrices."""
+    classes = pt.class_names_of(images)
+    y_true = images["y_true"].to_numpy(dtype=int)
+    y_prob = images[pt.probability_columns(images)].to_numpy()
+    y_pred = y_prob.argmax(axis=1)
+    metrics = m.classification_metrics(y_true, y_prob, classes)
+    metrics["macro_f1_ci"] = m.bootstrap_macro_f1(
+        y_true, y_pred, images["group"].astype(str).to_numpy(), n_boot=bootstrap_samples,
+        seed=seed)
+    tile_true = tiles["y_true"].to_numpy(dtype=int)
+    tile_prob = tiles[pt.probability_columns(tiles)].to_numpy()
+    tile_metrics = m.classification_metrics(tile_true, tile_prob, classes)
+    metrics["tile"] = {k: tile_metrics[k] for k in ("accuracy", "balanced_accuracy", "f1_macro")}
+    metrics["n_test_images"] = len(images)
+    metrics["n_test_tiles"] = len(tiles)
+    metrics["n_test_groups"] = int(images["group"].nunique())
+    report = m.classification_report_frame(y_true, y_pred, classes)
+    counts = m.confusion_matrix_frame(y_true, y_pred, classes, normalize=False)
+    normalized = m.confusion_matrix_frame(y_true, y_pred, classes, normalize=True)
+    return metrics, report, counts, normalized
+
+
+def evaluate_predictors(
+    tile_predictions: pd.DataFrame, evaluation_params: Mapping[str, Any]
+) -> tuple[pd.DataFrame, dict[str, Any], dict[str, Any], pd.DataFrame, pd.DataFrame]:
+    """Image predictions, metrics (JSON and flat for MLflow), reports and confusion matrices of
+    every predictor, each table long with a ``predictor`` column."""
+    n_boot = int(evaluation_params["bootstrap_samples"])
+    seed = int(evaluation_params["seed"])
+    images_all, metrics, reports, confusion = [], {}, [], []
+    for name, group in tile_predictions.groupby("predictor", sort=False):
+        tiles = group.drop(columns="predictor").reset_index(drop=True)
+        images = image_predictions(tiles)
+        result, report, counts, normalized = evaluate_one(images, tiles, n_boot, seed)
+        metrics[name] = result
+        images_all.append(images.assign(predictor=name))
+        reports.append(report.assign(predictor=name))
+        confusion.append(counts.assign(predictor=name, normalized=False))
+        confusion.append(normalized.assign(predictor=name, normalized=True))
+        ci = result["macro_f1_ci"]
+        logger.info("%s: macro-F1 %.3f [95%% CI %.3f-%.3f], accuracy %.3f (%d images, %d "
+                    "groups)", name, result["f1_macro"], ci["low"], ci["high"],
+                    result["accuracy"], result["n_test_images"], result["n_test_groups"])
+    mlflow_metrics = {
+        f"{name}.{key}": {"value": value, "step": 0}
+        for name, result in metrics.items()
+        for key, value in m.flatten_metrics(result, prefix="test_").items()
+    }
+    return (_first(pd.concat(images_all, ignore_index=True), "predictor"), metrics,
+            mlflow_metrics, _first(pd.concat(reports, ignore_index=True), "predictor"),
+            _first(pd.concat(confusion, ignore_index=True), "predictor"))
+
+
+def _first(frame: pd.DataFrame, column: str) -> pd.DataFrame:
+    return frame[[column, *[c for c in frame.columns if c != column]]]
+
+
+def comparison_table(
+    metrics: Mapping[str, Mapping[str, Any]], heads: Mapping[str, Mapping[str, Any]]
+) -> pd.DataFrame:
+    """CNN softmax vs each head on the same test images: one row per predictor."""
+    rows = []
+    for name, result in metrics.items():
+        bundle = heads.get(name, {})
+        ci = result["macro_f1_ci"]
+        rows.append({
+            "predictor": name,
+            "estimator": bundle.get("estimator", "softmax" if name == CNN_PREDICTOR else ""),
+            "f1_macro": result["f1_macro"], "f1_macro_low": ci["low"],
+            "f1_macro_high": ci["high"], "accuracy": result["accuracy"],
+            "balanced_accuracy": result["balanced_accuracy"],
+            "cohen_kappa": result["cohen_kappa"], "roc_auc_macro": result["roc_auc_macro"],
+            "tile_f1_macro": result["tile"]["f1_macro"],
+            "n_images": result["n_test_images"], "n_groups": result["n_test_groups"],
+            "cv_score": bundle.get("cv", {}).get("mean"),
+            "best_params": json.dumps(bundle["best_params"], sort_keys=True) if bundle else "",
+            "fit_seconds": bundle.get("fit_seconds"),
+        })
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------------- figures
+
+
+def plot_predictors(
+    image_predictions_long: pd.DataFrame, confusion_long: pd.DataFrame
+) -> tuple[Figure, Figure]:
+    """Row-normalised confusion matrix and one-vs-rest ROC curves, one panel per predictor."""
+    names = list(dict.fromkeys(image_predictions_long["predictor"]))
+    classes = pt.class_names_of(image_predictions_long)
+    k, n = len(classes), len(names)
+    side = max(3.2, 0.5 * k + 2.0)
+    confusion_fig = Figure(figsize=(side * n, side + 0.4), layout="constrained")
+    roc_fig = Figure(figsize=(4.2 * n, 4.4), layout="constrained")
+    conf_axes = np.atleast_1d(confusion_fig.subplots(1, n))
+    roc_axes = np.atleast_1d(roc_fig.subplots(1, n))
+    for ax_c, ax_r, name in zip(conf_axes, roc_axes, names, strict=True):
+        rates = confusion_long[(confusion_long["predictor"] == name)
+                               & confusion_long["normalized"].astype(bool)]
+        values = rates[classes].to_numpy(dtype=float)
+        ax_c.imshow(values, cmap="Blues", vmin=0, vmax=1)
+        for i in range(k):
+            for j in range(k):
+                ax_c.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                          color="white" if values[i, j] > 0.5 else "black")
+        ax_c.set_xticks(range(k), classes, rotation=45, ha="right")
+        ax_c.set_yticks(range(k), classes)
+        ax_c.set_xlabel("Predicted")
+        ax_c.set_ylabel("True")
+        ax_c.set_title(name)
+        images = image_predictions_long[image_predictions_long["predictor"] == name]
+        y_true = images["y_true"].to_numpy(dtype=int)
+        y_prob = images[pt.probability_columns(images)].to_numpy()
+        for index, cls in enumerate(classes):
+            positives = y_true == index
+            if positives.all() or not positives.any():
+                continue
+            fpr, tpr, _ = roc_curve(positives, y_prob[:, index])
+            ax_r.plot(fpr, tpr, label=f"{cls} ({roc_auc_score(positives, y_prob[:, index]):.2f})")
+        ax_r.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+        ax_r.set_title(name)
+        ax_r.set_xlabel("False positive rate")
+        ax_r.set_ylabel("True positive rate")
+        ax_r.legend(loc="lower right", fontsize=7)
+    confusion_fig.suptitle("Test images, row-normalised confusion (recall)")
+    roc_fig.suptitle("Test images, ROC one vs rest (AUC)")
+    return confusion_fig, roc_fig
