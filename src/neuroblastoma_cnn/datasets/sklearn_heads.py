@@ -12,8 +12,11 @@ Pickles run code when loaded: load only heads this project wrote.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import pickle
+from collections.abc import Mapping, Sequence
 from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any
@@ -21,11 +24,74 @@ from typing import Any
 import numpy as np
 from kedro.io.core import DatasetError, Version
 
+from neuroblastoma_cnn.errors import ModelError
+
 from .local_versioned import LocalVersionedDataset
 
 logger = logging.getLogger(__name__)
 
 MLFLOW_ARTIFACT_PATH = "model"
+HEADS_FILE = "heads.pkl"
+
+
+# ------------------------------------------------------------------------ extractor identity
+
+
+def sha256_json(value: Any) -> str:
+    """Hash of a JSON-able value, independent of key order."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def weights_sha256(weights: Sequence[np.ndarray]) -> str:
+    """Hash of a network's weights (dtype, shape and bytes of each array, in order): the same
+    file loaded twice gives the same hash, a retrained model another, whatever its path."""
+    digest = hashlib.sha256()
+    for weight in weights:
+        array = np.ascontiguousarray(weight)
+        digest.update(str((array.dtype.str, array.shape)).encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+#: Identity keys a head and its extractor must agree on, with how an error names them.
+MATCHED_KEYS = (("weights_sha256", "weights"), ("record_sha256", "preprocessing record"),
+                ("classes", "classes"), ("feature_dim", "feature dimension"),
+                ("architecture", "architecture"))
+
+
+def _short(value: Any) -> Any:
+    return value[:12] if isinstance(value, str) and len(value) == 64 else value
+
+
+def check_head_extractor(bundle: Mapping[str, Any], extractor: Mapping[str, Any]) -> None:
+    """Refuses a head fitted on another extractor's features, naming what differs."""
+    fitted = dict(bundle.get("extractor") or {})
+    problems = [f"{what} {_short(fitted.get(key))!r} vs {_short(extractor.get(key))!r}"
+                for key, what in MATCHED_KEYS if fitted.get(key) != extractor.get(key)]
+    if problems:
+        arch = extractor.get("architecture") or fitted.get("architecture") or "<model>"
+        raise ModelError(
+            f"Head '{bundle.get('name', '?')}' was fitted on features of "
+            f"{fitted.get('architecture')} model '{fitted.get('source')}', not of "
+            f"'{extractor.get('source')}': "
+            + "; ".join(problems) + ".",
+            hint=f"fit heads on this model with `kedro run --pipeline={arch}_features`, or "
+                 "predict with the model version the head was fitted on")
+
+
+def head_probabilities(estimator: Any, features: np.ndarray, n_classes: int) -> np.ndarray:
+    """Probabilities with one column per class index 0..k-1 (a class the head never saw: 0)."""
+    prob = np.asarray(estimator.predict_proba(features), dtype=np.float64)
+    seen = np.asarray(estimator.classes_, dtype=int)
+    if len(seen) == n_classes and (seen == np.arange(n_classes)).all():
+        return prob
+    out = np.zeros((len(features), n_classes))
+    out[:, seen] = prob
+    return out
+
+
+# ---------------------------------------------------------------------------------- storage
 
 
 class SklearnHeadsDataset(LocalVersionedDataset):

@@ -28,11 +28,10 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
-from pydantic import ConfigDict, Field
 from sklearn.base import clone
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.ensemble import HistGradientBoostingClassifier
@@ -44,7 +43,8 @@ from sklearn.svm import SVC
 from sklearn.tree import DecisionTreeClassifier
 
 from neuroblastoma_cnn.errors import DataError, ParameterError
-from neuroblastoma_cnn.params import Params
+
+from .params import CvParams, HeadParams, HeadsParams
 
 logger = logging.getLogger(__name__)
 
@@ -58,41 +58,6 @@ CLF_STEP = "clf"
 
 
 # --------------------------------------------------------------------------------- parameters
-
-
-class _Strict(Params):
-    """The project's parameter base: every key required (defaults in YAML), none unknown."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-
-class HeadParams(_Strict):
-    """One head: which estimator, its fixed parameters, the grid searched, the calibration."""
-
-    estimator: Literal["svc", "decision_tree", "logistic_regression", "hist_gradient_boosting"]
-    params: dict[str, Any]
-    grid: dict[str, list[Any]]
-    calibration: Literal["sigmoid", "isotonic"] | None
-
-
-class CvParams(_Strict):
-    """Grouped folds: the split table's own ``fold`` column, or StratifiedGroupKFold."""
-
-    strategy: Literal["split_folds", "stratified_group_kfold"]
-    n_splits: int = Field(ge=2)  # stratified_group_kfold only
-    shuffle: bool
-    seed: int
-
-
-class HeadsParams(_Strict):
-    """``params:features.heads``: which tiles fit the heads, their grouped CV, the classifiers."""
-
-    fit_splits: list[str] = Field(min_length=1)
-    evaluate_split: str
-    scoring: str
-    n_jobs: int
-    cv: CvParams
-    classifiers: dict[str, HeadParams] = Field(min_length=1)
 
 
 def as_heads_params(params: HeadsParams | Mapping[str, Any]) -> HeadsParams:
@@ -254,15 +219,4 @@ def _plain_params(params: Mapping[str, Any]) -> dict[str, Any]:
     for key, value in params.items():
         short = key.split("__", 1)[1] if key.startswith(f"{CLF_STEP}__") else key
         out[short] = value.item() if isinstance(value, np.generic) else value
-    return out
-
-
-def predict_proba(model: Any, x: np.ndarray, n_classes: int) -> np.ndarray:
-    """Probabilities with one column per class index 0..k-1 (a class unseen in fitting: 0)."""
-    prob = np.asarray(model.predict_proba(x), dtype=np.float64)
-    seen = np.asarray(model.classes_, dtype=int)
-    if len(seen) == n_classes and (seen == np.arange(n_classes)).all():
-        return prob
-    out = np.zeros((len(x), n_classes))
-    out[:, seen] = prob
     return out

@@ -14,11 +14,11 @@ model it is given. See :mod:`.heads` for the estimators, grouped folds and calib
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,13 +27,18 @@ from matplotlib.figure import Figure
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from neuroblastoma_cnn import predictions as pt
+from neuroblastoma_cnn.datasets.sklearn_heads import check_head_extractor, head_probabilities
+from neuroblastoma_cnn.datasets.tile_store import TileStore
 from neuroblastoma_cnn.errors import DataError, ModelError
+from neuroblastoma_cnn.params import EvaluationParams
 
-# The evaluation's metrics, so heads and CNN are scored by the same code.
+# The evaluation's metrics module, so heads and CNN are scored by the same code.
 from neuroblastoma_cnn.pipelines.evaluation import metrics as m
 from neuroblastoma_cnn.predictions import aggregate_image_probabilities
+from neuroblastoma_cnn.tf_input import class_names, make_tf_dataset
 
-from .heads import HeadsParams, as_heads_params, fit_head, group_folds, predict_proba
+from .heads import as_heads_params, fit_head, group_folds
+from .params import ExtractionParams, ExtractorParams, HeadsParams
 
 logger = logging.getLogger(__name__)
 
@@ -46,27 +51,96 @@ HEAD_FORMAT = "neuroblastoma_cnn.head/1"
 _FEATURE_COLUMN = re.compile(rf"^{FEATURE_PREFIX}(\d+)$")
 
 
+# ------------------------------------------------------------------------------ extraction
+
+
+def select_extractor(trained_models: Any, tiles: TileStore, params: ExtractorParams) -> Any:
+    """The network whose features ``<model>_features`` uses: a trained model (latest, or a
+    catalog version), or the architecture built afresh without training (e.g. ResNet50 with
+    ImageNet weights, or random weights as a floor)."""
+    p = params if isinstance(params, ExtractorParams) else ExtractorParams.parse(
+        params, "features.extractors")
+    if p.source == "trained":
+        return trained_models.load(p.architecture, p.version)
+    from neuroblastoma_cnn.models import build_model  # noqa: PLC0415  (lazy: Keras)
+    from neuroblastoma_cnn.preprocessing import (  # noqa: PLC0415  (lazy: with the model)
+        Preprocessing,
+        attach_preprocessing,
+    )
+
+    if p.architecture != "resnet50" and p.weights is not None:
+        raise ModelError(f"features.extractors: {p.architecture} has no pretrained weights "
+                         f"('{p.weights}'); only resnet50 takes `weights`.",
+                         hint="set weights: null, or source: trained")
+    record = Preprocessing.from_store(tiles)
+    extra = {"weights": p.weights} if p.architecture == "resnet50" else {}
+    model = build_model(p.architecture, input_size=record.input_size,
+                        num_classes=len(record.classes), seed=p.seed, **extra)
+    attach_preprocessing(model, record.model_copy(update={"architecture": p.architecture}),
+                         where=f"untrained {p.architecture}")
+    model.model_source = f"untrained {p.architecture} (weights: {p.weights}, seed {p.seed})"
+    logger.info("Feature extractor: %s", model.model_source)
+    return model
+
+
+def extract_feature_table(
+    extractor: Any, tiles: TileStore, split_table: pd.DataFrame, params: ExtractionParams
+) -> pd.DataFrame:
+    """Pooled penultimate features (``f0..fN``) of every tile of the configured splits, plus the
+    network's own softmax (``cnn_prob_<class>``) when it was trained, one row per tile.
+
+    Built on the ResNet50 feature cache (``models.resnet50.extract_features``): one pass over
+    a tf.data input that streams from the tile store above ``in_memory_limit_mb``.
+    """
+    from neuroblastoma_cnn.models import backbone_and_head  # noqa: PLC0415  (lazy: Keras)
+    from neuroblastoma_cnn.models.feature_heads import (  # noqa: PLC0415  (lazy: Keras)
+        extractor_identity,
+    )
+    from neuroblastoma_cnn.models.resnet50 import extract_features  # noqa: PLC0415
+
+    p = params if isinstance(params, ExtractionParams) else ExtractionParams.parse(
+        params, "features.extraction")
+    classes = class_names(tiles)
+    backbone, head = backbone_and_head(extractor)
+    identity = extractor_identity(extractor, int(backbone.output_shape[-1]))
+    if identity["classes"] != classes:
+        raise DataError(
+            f"The extractor '{identity['source']}' was trained on classes {identity['classes']} "
+            f"but the tiles have {classes}.",
+            hint="train it on these tiles: "
+                 f"`kedro run --pipeline=train_{identity['architecture']}`")
+    rows = split_table[split_table["split"].astype(str).isin(p.splits)].reset_index(drop=True)
+    if rows.empty:
+        raise DataError(f"The split table has no tiles in split(s) {p.splits}.")
+    ids = [int(i) for i in rows["tile_id"]]
+    stored = tiles.rows(ids)
+    for column in ("image_path", "label", "group"):
+        if (stored[column].astype(str).to_numpy() != rows[column].astype(str).to_numpy()).any():
+            raise DataError(
+                f"The split table does not describe the tile store '{tiles.path}' ({column} "
+                "differs): they come from different ingestion runs.",
+                hint="rerun `kedro run --pipeline=splitting` on the current tiles")
+    data = make_tf_dataset(tiles, ids, None, p.batch_size, in_memory_limit_mb=p.in_memory_limit_mb)
+    features, _ = extract_features(backbone, data, batch_size=p.batch_size)
+    logger.info("Extracted %d x %d features from %s (%s tiles)", *features.shape,
+                identity["source"], "/".join(p.splits))
+    out = rows[ID_COLUMNS].copy()
+    columns = {f"{FEATURE_PREFIX}{i}": features[:, i] for i in range(features.shape[1])}
+    parts = [out, pd.DataFrame(columns)]
+    if not str(identity["source"]).startswith("untrained"):  # a random head says nothing
+        prob = np.asarray(head.predict(features, batch_size=1024, verbose=0), dtype=np.float64)
+        parts.append(pd.DataFrame({f"{CNN_PREFIX}{pt.PROB_PREFIX}{c}": prob[:, i]
+                                   for i, c in enumerate(classes)}))
+    table = pd.concat(parts, axis=1)
+    identity["tiles_version"] = Path(str(tiles.path)).parent.name
+    table.attrs[ATTRS] = {"extractor": identity}
+    return table
+
+
 # ------------------------------------------------------------------------------ the identity
 
 
-def sha256_json(value: Any) -> str:
-    """Hash of a JSON-able value, independent of key order."""
-    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def weights_sha256(weights: Sequence[np.ndarray]) -> str:
-    """Hash of a network's weights: the same file loaded twice gives the same hash, a retrained
-    model another one, whatever its path."""
-    digest = hashlib.sha256()
-    for weight in weights:
-        array = np.ascontiguousarray(weight)
-        digest.update(str((array.dtype.str, array.shape)).encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()
-
-
-def extractor_identity(table: pd.DataFrame) -> dict[str, Any]:
+def table_identity(table: pd.DataFrame) -> dict[str, Any]:
     """The extractor identity stored with a feature table; a clear error when there is none."""
     info = table.attrs.get(ATTRS)
     if not isinstance(info, Mapping) or "extractor" not in info:
@@ -88,7 +162,7 @@ def feature_columns(table: pd.DataFrame) -> list[str]:
 
 def _check_against_split(table: pd.DataFrame, split_table: pd.DataFrame) -> None:
     """The feature rows must describe the split table's tiles (same tiles version)."""
-    identity = extractor_identity(table)
+    identity = table_identity(table)
     rerun = f"`kedro run --pipeline={identity.get('architecture', '<model>')}_features`"
     missing = [c for c in ID_COLUMNS if c not in table.columns]
     if missing:
@@ -118,7 +192,7 @@ def fit_heads(
     :func:`head_bundle`) by name and the cross-validation results of every grid point."""
     p = as_heads_params(params)
     _check_against_split(feature_table, split_table)
-    identity = extractor_identity(feature_table)
+    identity = table_identity(feature_table)
     classes = [str(c) for c in identity["classes"]]
     columns = feature_columns(feature_table)
     rows = feature_table[feature_table["split"].astype(str).isin(p.fit_splits)]
@@ -180,25 +254,11 @@ def _encode(labels: pd.Series, classes: list[str]) -> np.ndarray:
 # ------------------------------------------------------------------------------ using heads
 
 
-def check_head_extractor(bundle: Mapping[str, Any], extractor: Mapping[str, Any]) -> None:
-    """Refuses a head fitted on another extractor's features (weights, record, classes, size)."""
-    fitted = dict(bundle.get("extractor") or {})
-    name = bundle.get("name", "?")
-    problems = []
-    for key, what in (("weights_sha256", "weights"), ("record_sha256", "preprocessing record"),
-                      ("classes", "classes"), ("feature_dim", "feature dimension"),
-                      ("architecture", "architecture")):
-        if fitted.get(key) != extractor.get(key):
-            short = (lambda v: v[:12] if isinstance(v, str) and len(v) == 64 else v)  # noqa: E731
-            problems.append(f"{what} {short(fitted.get(key))!r} vs {short(extractor.get(key))!r}")
-    if problems:
-        arch = extractor.get("architecture") or fitted.get("architecture") or "<model>"
-        raise ModelError(
-            f"Head '{name}' was fitted on features of {fitted.get('architecture')} model "
-            f"'{fitted.get('source')}', not of '{extractor.get('source')}': "
-            + "; ".join(problems) + ".",
-            hint=f"fit heads on this model with `kedro run --pipeline={arch}_features`, or "
-                 "predict with the model version the head was fitted on")
+def predict_evaluation_tiles(
+    feature_table: pd.DataFrame, heads: Mapping[str, Mapping[str, Any]], params: HeadsParams
+) -> pd.DataFrame:
+    """:func:`predict_tile_probabilities` on ``evaluate_split`` (the CNN's test split)."""
+    return predict_tile_probabilities(feature_table, heads, as_heads_params(params).evaluate_split)
 
 
 def predict_tile_probabilities(
@@ -209,7 +269,7 @@ def predict_tile_probabilities(
     Columns: ``predictor, tile_id, image_path, label, group, y_true, prob_<class>...,
     predicted`` (the evaluation's tile table plus ``predictor``).
     """
-    identity = extractor_identity(feature_table)
+    identity = table_identity(feature_table)
     classes = [str(c) for c in identity["classes"]]
     rows = feature_table[feature_table["split"].astype(str) == split]
     if rows.empty:
@@ -224,7 +284,7 @@ def predict_tile_probabilities(
         probabilities[CNN_PREDICTOR] = rows[cnn_cols].to_numpy(dtype=np.float64)
     for name, bundle in heads.items():
         check_head_extractor(bundle, identity)
-        probabilities[name] = predict_proba(bundle["model"], x, len(classes))
+        probabilities[name] = head_probabilities(bundle["model"], x, len(classes))
     frames = []
     for name, prob in probabilities.items():
         frame = base.copy()
@@ -276,12 +336,14 @@ def evaluate_one(
 
 
 def evaluate_predictors(
-    tile_predictions: pd.DataFrame, evaluation_params: Mapping[str, Any]
+    tile_predictions: pd.DataFrame, evaluation_params: EvaluationParams
 ) -> tuple[pd.DataFrame, dict[str, Any], dict[str, Any], pd.DataFrame, pd.DataFrame]:
     """Image predictions, metrics (JSON and flat for MLflow), reports and confusion matrices of
-    every predictor, each table long with a ``predictor`` column."""
-    n_boot = int(evaluation_params["bootstrap_samples"])
-    seed = int(evaluation_params["seed"])
+    every predictor, each table long with a ``predictor`` column. The bootstrap settings are the
+    CNN evaluation's own (``params:evaluation``)."""
+    e = evaluation_params if isinstance(evaluation_params, EvaluationParams) else (
+        EvaluationParams.parse(evaluation_params, "evaluation"))
+    n_boot, seed = e.bootstrap_samples, e.seed
     images_all, metrics, reports, confusion = [], {}, [], []
     for name, group in tile_predictions.groupby("predictor", sort=False):
         tiles = group.drop(columns="predictor").reset_index(drop=True)
