@@ -1,16 +1,26 @@
-"""Project hooks: tag every MLflow run with what it was made from."""
+"""Project hooks: tag every MLflow run with what it was made from, check a run before it
+starts, record each artifact's lineage, promote models only after their evaluation, and print
+the project's own errors as one line."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import subprocess
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import pandas as pd
 from kedro.config import MissingConfigException
 from kedro.framework.hooks import hook_impl
+from kedro.io.core import AbstractVersionedDataset
+
+from neuroblastoma_cnn import error_display, lineage, preflight, promotion
+from neuroblastoma_cnn.datasets.image_folder import ImageFolderDataset
+from neuroblastoma_cnn.datasets.keras_model import KerasModelDataset
+from neuroblastoma_cnn.errors import ModelError
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +63,6 @@ class MlflowRunTagsHook:
 
     @staticmethod
     def _set_tag(key: str, value: str) -> bool:
-        import mlflow
-
         if mlflow.active_run() is None:
             return False
         mlflow.set_tag(key, value)
@@ -79,6 +87,44 @@ class MlflowRunTagsHook:
     @hook_impl
     def after_dataset_saved(self, dataset_name: str, data: Any) -> None:
         self._tag_inputs(dataset_name, data)
+
+    @hook_impl
+    def after_node_run(self, outputs: dict[str, Any]) -> None:
+        """A node that picked a model (prediction): which one, so the run says what it used."""
+        for value in outputs.values():
+            source = getattr(value, "model_source", None)
+            if isinstance(source, str):
+                for key, tag in model_tags(source).items():
+                    self._set_tag(f"predict.{key}", tag)
+
+    @hook_impl(tryfirst=True)
+    def on_pipeline_error(self, error: Exception) -> None:
+        """The reason a run failed, as a tag (kedro-mlflow then ends it FAILED)."""
+        reason = error_display.reason(error)
+        self._set_tag("failure_reason", reason[:MAX_TAG_LENGTH])
+
+
+MAX_TAG_LENGTH = 5000  # MLflow refuses longer tag values (8000 in MLflow 3; kept well under)
+
+
+def model_tags(source: str) -> dict[str, str]:
+    """``model`` (the path or URI a model was loaded from), ``model_version`` and, when known,
+    ``model_uri`` (the MLflow model): a catalog path ``.../model.keras/<version>/model.keras``
+    gives its version and the URI its promotion recorded; ``models:/NAME/VERSION`` both."""
+    tags = {"model": source}
+    if source.startswith(("models:/", "runs:/")):
+        tags["model_uri"] = source
+        parts = source.split("/")
+        if source.startswith("models:/") and len(parts) >= 3 and "@" not in parts[1]:
+            tags["model_version"] = parts[-1]
+        return tags
+    path = Path(source)
+    if path.parent.parent.name == path.name:  # <name>/<version>/<name>: a catalog version
+        tags["model_version"] = path.parent.name
+        status = promotion.read_status(path.parent) or {}
+        if status.get("mlflow_model_uri"):
+            tags["model_uri"] = status["mlflow_model_uri"]
+    return tags
 
 
 def project_sqlite_uri(uri: Any, project_path: Path) -> Any:
@@ -113,3 +159,285 @@ class ProjectMlflowStoreHook:
         absolute = project_sqlite_uri(uri, Path(context.project_path))
         if absolute != uri:
             loader["mlflow"] = {**conf, "server": {**server, "mlflow_tracking_uri": absolute}}
+
+
+# ----------------------------------------------------------------------------- fail fast
+
+
+def _parameters(catalog: Any) -> dict[str, Any]:
+    """Every parameter of the run, as Kedro merged them (typed or not)."""
+    dataset = catalog.get("parameters") if "parameters" in catalog else None
+    try:  # the dataset itself: catalog.load would log a line about it
+        return dict(dataset.load()) if dataset is not None else {}
+    except Exception:  # unreadable: no parameter-based check
+        return {}
+
+
+def _datasets(catalog: Any, names: Any) -> dict[str, Any]:
+    """The catalog's datasets for ``names`` (patterns materialised), skipping parameters."""
+    found = {}
+    for name in sorted(names):
+        if name.startswith("params:") or name == "parameters":
+            continue
+        try:
+            dataset = catalog.get(name)
+        except Exception:  # a name the catalog cannot build is Kedro's to report
+            dataset = None
+        if dataset is not None:
+            found[name] = dataset
+    return found
+
+
+class OneLineErrorsHook:
+    """The project's own errors print as one line in `kedro run` and in notebooks.
+
+    Set up when the context is created (after Kedro configured logging, which installs rich's
+    excepthook, and before any other check can fail); see ``error_display``.
+    """
+
+    @hook_impl(tryfirst=True)
+    def after_context_created(self, context: Any) -> None:
+        error_display.install()
+
+
+class PreflightHook:
+    """Checks, before anything runs, what later nodes will need (see ``preflight``).
+
+    ``after_context_created``: the environment exists, before kedro-mlflow reads mlflow.yml
+    from it (tryfirst). ``before_pipeline_run``: image folders the pipeline reads hold images,
+    and the weights its models start from are reachable, before kedro-mlflow opens a run
+    (tryfirst): a failed check leaves no data version and no MLflow run.
+    """
+
+    def __init__(self) -> None:
+        self._project_path = Path.cwd()
+        self._conf_source: Path | None = None
+
+    @hook_impl(tryfirst=True)
+    def after_context_created(self, context: Any) -> None:
+        error_display.install()  # before the check below can raise
+        loader = context.config_loader
+        self._project_path = Path(context.project_path)
+        source = Path(str(getattr(loader, "conf_source", "")))
+        self._conf_source = source if source.is_absolute() else self._project_path / source
+        preflight.check_environment(self._conf_source, getattr(loader, "env", None),
+                                    getattr(loader, "default_run_env", None))
+
+    @hook_impl(tryfirst=True)
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any,
+                            catalog: Any) -> None:
+        parameters = _parameters(catalog)
+        demo = self._conf_source is not None and (self._conf_source / "demo").is_dir()
+        for name, dataset in _datasets(catalog, pipeline.inputs()).items():
+            if not isinstance(dataset, ImageFolderDataset):
+                continue
+            folder = Path(dataset.load())
+            if name == "raw_images":
+                extensions = preflight.lookup(parameters, "ingestion.extensions")
+                preflight.check_raw_images(folder, extensions, demo_env=demo)
+            else:
+                preflight.check_folder_has_files(folder, name)
+        for key, weights in preflight.model_weight_params(pipeline, parameters):
+            preflight.check_weights(key, weights)
+
+
+class LineageHook:
+    """Writes ``lineage.json`` beside every versioned output, and stops a run whose inputs
+    come from different lineages (see ``lineage``).
+
+    The check runs on the pipeline's free inputs before kedro-mlflow opens a run (tryfirst),
+    then on each node's inputs. Every version read or written is also tagged on the MLflow run
+    (``data.<dataset>``), which is how ``prune`` knows what a run still references.
+    """
+
+    def __init__(self) -> None:
+        self._catalog: Any = None
+        self._inputs: dict[str, dict[str, str]] = {}  # node name -> input versions
+        self._made_from: dict[str, dict[str, str]] = {}  # node name -> all ancestors
+        self._in_memory: dict[str, dict[str, str]] = {}  # unversioned output -> its ancestors
+        self._tagged: dict[str, str] = {}
+
+    def _versions(self, names: Any) -> tuple[dict[str, str], dict[str, Any]]:
+        """Loaded versions of the versioned datasets among ``names``, and the lineage of each
+        input (for an in-memory one, the lineage of the node that made it in this run)."""
+        versions, records = {}, {}
+        for name, dataset in _datasets(self._catalog, names).items():
+            if name in self._in_memory:
+                records[name] = {"made_from": self._in_memory[name]}
+                continue
+            version = lineage.load_version(dataset)
+            if version is None:
+                continue
+            versions[name] = version
+            records[name] = lineage.read_lineage(lineage.version_folder(dataset, version))
+        return versions, records
+
+    def _tag(self, name: str, version: str) -> None:
+        if self._tagged.get(name) != version and MlflowRunTagsHook._set_tag(
+                f"data.{name}", version):
+            self._tagged[name] = version
+
+    @hook_impl(tryfirst=True)
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any,
+                            catalog: Any) -> None:
+        self._catalog = catalog
+        self._inputs, self._made_from, self._in_memory, self._tagged = {}, {}, {}, {}
+        versions, records = self._versions(pipeline.inputs())
+        names = "+".join(run_params.get("pipeline_names") or ["__default__"])
+        lineage.check_same_lineage(versions, records, where=f"pipeline {names}")
+
+    @hook_impl
+    def before_node_run(self, node: Any, catalog: Any) -> None:
+        self._catalog = catalog
+        versions, records = self._versions(node.inputs)
+        lineage.check_same_lineage(versions, records, where=f"node {node.name}")
+        self._inputs[node.name] = versions
+        self._made_from[node.name] = lineage.made_from(versions, records)
+        for name, version in versions.items():
+            self._tag(name, version)
+
+    @hook_impl
+    def after_dataset_saved(self, dataset_name: str, data: Any, node: Any) -> None:
+        dataset = self._catalog.get(dataset_name) if self._catalog is not None else None
+        version = dataset.resolve_save_version() if isinstance(
+            dataset, AbstractVersionedDataset) else None
+        folder = lineage.version_folder(dataset, version) if version else None
+        if folder is None:  # kept in memory (or not versioned): its consumers inherit lineage
+            self._in_memory[dataset_name] = self._made_from.get(node.name, {})
+            return
+        self._tag(dataset_name, version)
+        record = {
+            "dataset": dataset_name, "version": version, "node": node.name,
+            "inputs": self._inputs.get(node.name, {}),
+            "made_from": self._made_from.get(node.name, {}),
+        }
+        with contextlib.suppress(FileExistsError):  # saved twice in one run: keep the first
+            lineage.write_lineage(folder, record)
+
+
+class ModelPromotionHook:
+    """Promotes a model saved by this run once its training and evaluation have finished
+    (see ``promotion``); records why it was not when the run fails.
+
+    - after the training node ran (before its outputs are saved): a history without a single
+      epoch stops the run, so no model is saved; a model that did not learn (constant
+      validation loss, one class predicted for every image) gets a WARNING and the MLflow tag
+      ``<model>.untrained``;
+    - once every output of the model's namespace in this run is saved, and at least one of its
+      nodes is an evaluation node: ``promotion.json: promoted``, the model logged to MLflow
+      (named after its architecture), tags ``<model>.model_version`` and ``<model>.model_uri``;
+    - on a failed run: ``promotion.json: failed`` with the reason, for each model saved but
+      not promoted.
+    """
+
+    def __init__(self) -> None:
+        self._catalog: Any = None
+        self._models: dict[str, str] = {}  # namespace -> model dataset name
+        self._pending: dict[str, set[str]] = {}  # namespace -> outputs not yet saved
+        self._saved: set[str] = set()  # namespaces whose model this run saved
+        self._epochs: dict[str, int] = {}
+        self._untrained: dict[str, list[str]] = {}
+
+    @hook_impl
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any,
+                            catalog: Any) -> None:
+        self._catalog = catalog
+        self._models, self._pending, self._saved = {}, {}, set()
+        self._epochs, self._untrained = {}, {}
+        for name, dataset in _datasets(catalog, pipeline.all_outputs()).items():
+            if not (isinstance(dataset, KerasModelDataset) and dataset.promotion):
+                continue
+            namespace = name.rpartition(".")[0]
+            nodes = [n for n in pipeline.nodes if _namespace_of(n) == namespace]
+            if not any("evaluation" in n.tags for n in nodes):
+                logger.warning(
+                    "%s will be saved but not promoted: this run does not evaluate it (run "
+                    "its whole pipeline, e.g. `kedro run --pipeline=%s`)", name,
+                    namespace or "__default__")
+                continue
+            self._models[namespace] = name
+            self._pending[namespace] = {o for n in nodes for o in n.outputs}
+
+    @hook_impl
+    def after_node_run(self, node: Any, outputs: dict[str, Any]) -> None:
+        namespace = _namespace_of(node)
+        model_name = self._models.get(namespace)
+        if model_name is None:
+            return
+        history = outputs.get(f"{namespace}.training_history")
+        if model_name in outputs and history is not None:
+            self._check_training(namespace, history)
+        predictions = outputs.get(f"{namespace}.image_predictions")
+        if predictions is not None:
+            reason = promotion.single_class_reason(predictions)
+            if reason:
+                self._warn_untrained(namespace, [reason])
+
+    def _check_training(self, namespace: str, history: Any) -> None:
+        epochs = promotion.epochs_trained(history)
+        if epochs < 1:
+            raise ModelError(
+                f"Training of {namespace} finished no epoch, so no model was saved",
+                hint=f"check {namespace}.training.epochs (at least 1) and the training log",
+            )
+        self._epochs[namespace] = epochs
+        reasons = promotion.untrained_reasons(history)
+        if reasons:
+            self._warn_untrained(namespace, reasons)
+
+    def _warn_untrained(self, namespace: str, reasons: list[str]) -> None:
+        known = self._untrained.setdefault(namespace, [])
+        new = [r for r in reasons if r not in known]
+        if not new:
+            return
+        known.extend(new)
+        logger.warning("%s did not learn: %s. Check the learning rate, the optimizer and the "
+                       "data before using this model.", namespace, "; ".join(new))
+        MlflowRunTagsHook._set_tag(f"{namespace}.untrained", "; ".join(known))
+
+    @hook_impl
+    def after_dataset_saved(self, dataset_name: str, data: Any, node: Any) -> None:
+        namespace = _namespace_of(node)
+        pending = self._pending.get(namespace)
+        if pending is None:
+            return
+        if dataset_name == self._models[namespace]:
+            self._saved.add(namespace)
+        pending.discard(dataset_name)
+        if not pending and namespace in self._saved:
+            del self._pending[namespace]
+            self._promote(namespace)
+
+    def _promote(self, namespace: str) -> None:
+        name = self._models[namespace]
+        dataset = self._catalog.get(name)
+        version = dataset.resolve_save_version()
+        uri = dataset.promote(epochs=self._epochs.get(namespace),
+                              untrained="; ".join(self._untrained.get(namespace, [])) or None,
+                              mlflow_run_id=_active_run_id())
+        MlflowRunTagsHook._set_tag(f"{namespace}.model_version", version)
+        logger.info("Promoted %s version %s%s", name, version,
+                    f" (MLflow model {uri})" if uri else "")
+        self._saved.discard(namespace)
+
+    @hook_impl(tryfirst=True)
+    def on_pipeline_error(self, error: Exception) -> None:
+        reason = error_display.reason(error)
+        for namespace in sorted(self._saved):
+            dataset = self._catalog.get(self._models[namespace])
+            dataset.mark_failed(reason)
+            logger.warning("%s version %s is not promoted: the run failed", namespace,
+                           dataset.resolve_save_version())
+        self._saved = set()
+
+
+def _namespace_of(node: Any) -> str:
+    """``resnet34`` for ``resnet34.train_model``; '' for a node outside any namespace."""
+    if hasattr(node, "namespace"):
+        return node.namespace or ""
+    return node.name.rpartition(".")[0]
+
+
+def _active_run_id() -> str | None:
+    run = mlflow.active_run()
+    return run.info.run_id if run else None

@@ -2,10 +2,27 @@
 
 from kedro.config import OmegaConfigLoader
 
-from neuroblastoma_cnn.hooks import MlflowRunTagsHook, ProjectMlflowStoreHook
+from neuroblastoma_cnn.hooks import (
+    LineageHook,
+    MlflowRunTagsHook,
+    ModelPromotionHook,
+    OneLineErrorsHook,
+    PreflightHook,
+    ProjectMlflowStoreHook,
+)
+from neuroblastoma_cnn.params import TypedParamsMlflowHook
 from neuroblastoma_cnn.quiet import QuietRunHook
 
-HOOKS = (MlflowRunTagsHook(), ProjectMlflowStoreHook(), QuietRunHook())
+HOOKS = (
+    OneLineErrorsHook(),      # the project's own errors as one line (kedro run, notebooks)
+    PreflightHook(),          # environment, raw images, weights: before anything runs
+    LineageHook(),            # lineage.json beside each output; inputs of one lineage
+    ModelPromotionHook(),     # a model is used only once trained and evaluated
+    MlflowRunTagsHook(),
+    ProjectMlflowStoreHook(),
+    TypedParamsMlflowHook(),  # kedro-mlflow logs typed parameter groups as plain values
+    QuietRunHook(),
+)
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {

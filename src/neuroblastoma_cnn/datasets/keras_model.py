@@ -4,19 +4,32 @@ Why: a model must never be applied with the wrong settings. The record (class na
 input size, tile size, stride, tissue threshold...) is written inside the ``.keras`` zip as
 ``neuroblastoma_cnn.json``, so the file stays self-describing wherever it is copied, and it is
 attached again as ``model.preprocessing`` on load. With ``log_to_mlflow`` the same model is also
-logged to the active MLflow run in the Keras flavor, with a signature, an input example and the
-record as MLflow model metadata.
+logged to the active MLflow run in the Keras flavor, named after its architecture, with a
+signature, an input example and the record as MLflow model metadata.
+
+The MLflow model's ``data/model.keras`` is the catalog file itself: MLflow is handed the saved
+bytes (not a second ``model.save``), and when its artifact store is a local folder on the same
+file system the artifact is then made a hard link of the catalog file, so a model is stored
+once on disk however many places name it.
+
+With ``promotion``, saving writes ``promotion.json: pending`` before the model, and the model
+is logged to MLflow only when ``hooks.ModelPromotionHook`` promotes it after its evaluation
+(see ``neuroblastoma_cnn.promotion``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
 
 from kedro.io.core import DatasetError, Version
+
+from neuroblastoma_cnn.preprocessing import attach_preprocessing
 
 from .local_versioned import LocalVersionedDataset
 
@@ -57,11 +70,16 @@ def load_keras_model(path: str | Path) -> Any:
     path = Path(path)
     if not path.exists():
         raise DatasetError(f"Model file '{path}' does not exist.")
+    if not zipfile.is_zipfile(path):  # Keras would say "File not found" of a corrupt file
+        raise DatasetError(
+            f"Model file '{path}' is not a Keras model: not a .keras zip archive (corrupt, "
+            "truncated or another format)."
+        )
     try:
         model = keras.models.load_model(path, compile=False)
     except Exception as exc:  # keras raises many types for a bad file
         raise DatasetError(f"Could not load Keras model '{path}': {exc}") from exc
-    model.preprocessing = read_record(path)
+    attach_preprocessing(model, read_record(path), str(path))  # the one record check
     return model
 
 
@@ -91,6 +109,63 @@ class _KerasFlavor:
         mlflow.keras.save_model(path=path, **kwargs)
 
 
+class _SavedModel:
+    """A Keras model whose ``save`` copies the file it was already saved to.
+
+    MLflow's Keras flavor calls ``model.save(<folder>/data/model.keras)``; handing it this
+    wrapper puts the catalog's bytes there (record included) instead of serialising again.
+    """
+
+    def __init__(self, model: Any, source: Path) -> None:
+        self._model = model
+        self._source = Path(source)
+
+    def save(self, path: str, **kwargs: Any) -> None:
+        shutil.copyfile(self._source, path)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+
+def _local_artifact_dir(uri: str | None) -> Path | None:
+    """A ``file:`` or plain-path artifact location as a local folder; None for remote stores."""
+    if not uri:
+        return None
+    from urllib.parse import unquote, urlparse
+
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    if parsed.scheme == "" or len(parsed.scheme) == 1:  # relative path, or a Windows drive
+        return Path(uri)
+    return None
+
+
+def link_artifact_to_source(artifact: Path, source: Path) -> bool:
+    """Replaces ``artifact`` (a byte-identical copy of ``source``) with a hard link to it.
+
+    Returns False, leaving the copy, when they are on different file systems, differ, or
+    linking fails. The content never changes: the file is swapped atomically for the same bytes.
+    """
+    try:
+        if artifact.stat().st_ino == source.stat().st_ino:
+            return True
+        if (artifact.stat().st_dev != source.stat().st_dev
+                or artifact.stat().st_size != source.stat().st_size):
+            return False
+        import filecmp
+
+        if not filecmp.cmp(artifact, source, shallow=False):
+            return False
+        tmp = artifact.with_name(f".{artifact.name}.link")
+        os.link(source, tmp)
+        os.replace(tmp, artifact)
+        return True
+    except OSError as exc:
+        logger.info("Model artifact '%s' kept as a copy (%s)", artifact, exc)
+        return False
+
+
 def pip_requirements() -> list[str]:
     """Keras and the installed TensorFlow build, pinned: what serving the logged model needs.
 
@@ -110,8 +185,14 @@ def pip_requirements() -> list[str]:
     return found
 
 
-def log_model_to_mlflow(model: Any, artifact_path: str = MLFLOW_ARTIFACT_PATH) -> str | None:
-    """Logs the model to the active MLflow run (Keras flavor); returns its URI, None if no run."""
+def log_model_to_mlflow(model: Any, name: str | None = None,
+                        source_file: str | Path | None = None) -> str | None:
+    """Logs the model to the active MLflow run (Keras flavor); returns its URI, None if no run.
+
+    ``name``: the logged model's name, by default its architecture (``resnet34``...).
+    ``source_file``: the ``.keras`` file the model was saved to; MLflow then stores those bytes,
+    hard-linked to the file when possible (see the module's docstring).
+    """
     import mlflow
     import numpy as np
     from mlflow.models import infer_signature
@@ -119,49 +200,113 @@ def log_model_to_mlflow(model: Any, artifact_path: str = MLFLOW_ARTIFACT_PATH) -
     if mlflow.active_run() is None:
         logger.info("No active MLflow run: model not logged to MLflow.")
         return None
+    record = model_record(model)
+    name = name or str(record.get("architecture") or model.name or MLFLOW_ARTIFACT_PATH)
     _, height, width, channels = model.input_shape
     example = np.full((1, height, width, channels), 128, dtype=np.uint8)
     prediction = np.asarray(model.predict(example.astype("float32"), verbose=0))
     signature = infer_signature(example.astype("float32"), prediction)
     info = mlflow.models.Model.log(
         artifact_path=None,
-        name=artifact_path,
+        name=name,
         flavor=_KerasFlavor,
-        model=model,
+        model=_SavedModel(model, Path(source_file)) if source_file else model,
         signature=signature,
         input_example=example.astype("float32"),
         metadata={"preprocessing": model_record(model)},
         pip_requirements=pip_requirements(),
     )
     # The tag lets people (and the prediction pipeline) find the run's model by name.
-    record = model_record(model)
     mlflow.set_tag(f"{record.get('architecture', model.name)}.model_uri", info.model_uri)
+    if source_file:
+        _store_once(info, Path(source_file))
     logger.info("Logged model to MLflow: %s", info.model_uri)
     return info.model_uri
 
 
+def _store_once(info: Any, source: Path) -> None:
+    """Makes the logged model's ``data/model.keras`` a hard link of the catalog file."""
+    import mlflow
+
+    try:
+        location = mlflow.get_logged_model(info.model_id).artifact_location
+    except Exception as exc:  # an older store: keep the copy
+        logger.info("Logged model kept as a copy: %s", exc)
+        return
+    folder = _local_artifact_dir(location)
+    artifact = folder / "data" / "model.keras" if folder else None
+    if artifact is None or not artifact.is_file():
+        return
+    if link_artifact_to_source(artifact, source):
+        logger.info("MLflow model %s stores the catalog file '%s' (hard link)",
+                    info.model_uri, source)
+
+
 class KerasModelDataset(LocalVersionedDataset):
-    """Kedro dataset for a ``.keras`` model with an embedded preprocessing record."""
+    """Kedro dataset for a ``.keras`` model with an embedded preprocessing record.
+
+    ``log_to_mlflow``: also log the model to the active MLflow run (at save, or with
+    ``promotion`` when it is promoted). ``promotion``: the saved model stays ``pending`` (never
+    picked by ``predict``) until :meth:`promote`.
+    """
 
     def __init__(
         self,
         filepath: str,
         log_to_mlflow: bool = False,
+        promotion: bool = False,
         version: Version | None = None,
         metadata: dict[str, Any] | None = None,
     ):
         if not filepath.endswith(".keras"):
             raise DatasetError(f"Keras 3 models need a '.keras' file name, got '{filepath}'.")
         self._log_to_mlflow = log_to_mlflow
+        self._promotion = promotion
         super().__init__(filepath, version, metadata)
 
     def _describe(self) -> dict[str, Any]:
-        return {**super()._describe(), "log_to_mlflow": self._log_to_mlflow}
+        return {**super()._describe(), "log_to_mlflow": self._log_to_mlflow,
+                "promotion": self._promotion}
+
+    @property
+    def promotion(self) -> bool:
+        return self._promotion
 
     def load(self) -> Any:
         return load_keras_model(self._load_path())
 
     def save(self, data: Any) -> None:
-        save_keras_model(data, self._save_path())
+        path = self._save_path()
+        if self._promotion:
+            from neuroblastoma_cnn.promotion import PENDING, write_status
+
+            write_status(path.parent, PENDING)  # first: a crash leaves an unusable model
+            save_keras_model(data, path)
+            return
+        save_keras_model(data, path)
         if self._log_to_mlflow:
-            log_model_to_mlflow(data)
+            log_model_to_mlflow(data, source_file=path)
+
+    def saved_path(self) -> Path:
+        """The file this run saved (or would save) the model to."""
+        return Path(str(self._get_versioned_path(self.resolve_save_version())))
+
+    def promote(self, **fields: Any) -> str | None:
+        """Marks the saved model usable and, with ``log_to_mlflow``, logs it to the active
+        MLflow run; returns the MLflow model URI (None when not logged)."""
+        from neuroblastoma_cnn.promotion import PROMOTED, write_status
+
+        path = self.saved_path()
+        uri = None
+        if self._log_to_mlflow:
+            uri = log_model_to_mlflow(load_keras_model(path), source_file=path)
+        write_status(path.parent, PROMOTED, mlflow_model_uri=uri, **fields)
+        return uri
+
+    def mark_failed(self, reason: str) -> None:
+        """Records why the saved model was not promoted (it stays unusable)."""
+        from neuroblastoma_cnn.promotion import FAILED, write_status
+
+        path = self.saved_path()
+        if path.exists():
+            write_status(path.parent, FAILED, reason=reason)

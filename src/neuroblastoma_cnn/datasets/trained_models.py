@@ -13,11 +13,16 @@ string saying exactly which model it is. A model without a record is refused.
 
 from __future__ import annotations
 
+import importlib
 import logging
 from pathlib import Path
 from typing import Any
 
 from kedro.io.core import AbstractDataset, DatasetError
+
+from neuroblastoma_cnn.errors import ModelError
+from neuroblastoma_cnn.preprocessing import attach_preprocessing
+from neuroblastoma_cnn.promotion import PROMOTED, is_usable, read_status
 
 logger = logging.getLogger(__name__)
 
@@ -25,8 +30,18 @@ MODEL_FILE = "model.keras"
 MLFLOW_SCHEMES = ("models:/", "runs:/")
 
 
-class ModelSelectionError(ValueError):
+class ModelSelectionError(ModelError):
     """The requested model does not exist or cannot be used; the message says what exists."""
+
+
+def trainable_models() -> list[str]:
+    """The models this project registers a ``train_<name>`` pipeline for (only asked when a
+    name is not found: importing the registry loads the pipelines)."""
+    try:
+        registry = importlib.import_module("neuroblastoma_cnn.pipeline_registry")
+    except Exception:  # a broken import must not hide the message being built
+        return []
+    return list(getattr(registry, "MODELS", ()))
 
 
 def is_mlflow_uri(spec: str) -> bool:
@@ -54,7 +69,13 @@ class TrainedModels:
         return sorted(p.name for p in self.models_dir.iterdir() if self.versions(p.name))
 
     def versions(self, architecture: str) -> list[str]:
-        """Saved versions of an architecture's model, oldest first (Kedro versions sort by time)."""
+        """Usable versions of an architecture's model, oldest first (Kedro versions sort by
+        time): saved completely and promoted (trained and evaluated by a run that succeeded)."""
+        return [v for v in self.saved_versions(architecture)
+                if is_usable(self.models_dir / architecture / MODEL_FILE / v)]
+
+    def saved_versions(self, architecture: str) -> list[str]:
+        """Every saved version, promoted or not, oldest first."""
         folder = self.models_dir / architecture / MODEL_FILE
         if not folder.is_dir():
             return []
@@ -64,24 +85,46 @@ class TrainedModels:
         """The ``.keras`` file of a version (default: the latest) of an architecture's model."""
         versions = self.versions(architecture)
         if not versions:
-            known = self.architectures()
-            folder = self.models_dir / architecture / MODEL_FILE
-            raise ModelSelectionError(
-                f"No trained '{architecture}' model in '{folder}'. Run `kedro run "
-                f"--pipeline=train_{architecture}` first, or give another architecture, a .keras "
-                "file or an MLflow model URI (models:/NAME/VERSION, runs:/RUN_ID/model). "
-                + (f"Trained architectures there: {', '.join(known)}." if known else
-                   "No trained model there yet.")
-            )
+            raise ModelSelectionError(self._no_model_message(architecture))
         if version is None:
             return self.models_dir / architecture / MODEL_FILE / versions[-1] / MODEL_FILE
         if str(version) not in versions:
+            folder = self.models_dir / architecture / MODEL_FILE / str(version)
+            status = read_status(folder) if (folder / MODEL_FILE).is_file() else None
+            if status and status.get("status") != PROMOTED:
+                raise ModelSelectionError(
+                    f"Version '{version}' of the '{architecture}' model was never promoted "
+                    f"({status.get('status')}"
+                    + (f": {status['reason']}" if status.get("reason") else "")
+                    + "): its run did not finish training and evaluation. "
+                    f"Usable versions: {', '.join(versions[-5:])}."
+                )
             shown = ", ".join(versions[-5:])
             raise ModelSelectionError(
                 f"No version '{version}' of the '{architecture}' model. "
                 f"Latest versions: {shown}."
             )
         return self.models_dir / architecture / MODEL_FILE / str(version) / MODEL_FILE
+
+    def _no_model_message(self, architecture: str) -> str:
+        known = self.architectures()
+        folder = self.models_dir / architecture / MODEL_FILE
+        trained = (f"Trained architectures there: {', '.join(known)}." if known
+                   else "No trained model there yet.")
+        alternatives = ("give a .keras file or an MLflow model URI (models:/NAME/VERSION, "
+                        "runs:/RUN_ID/model)")
+        registered = trainable_models()
+        if registered and architecture not in registered:
+            commands = ", ".join(f"`kedro run --pipeline=train_{m}`" for m in registered)
+            return (f"'{architecture}' is not a model this project trains (models: "
+                    f"{', '.join(registered)}; {commands}). {trained} Or {alternatives}.")
+        unpromoted = [v for v in self.saved_versions(architecture) if v not in known]
+        why = (f" ({len(unpromoted)} saved version(s) were never promoted: their runs failed "
+               "before evaluation finished)") if unpromoted else ""
+        return (f"No trained '{architecture}' model in '{folder}'{why}. Run `kedro run "
+                f"--pipeline=train_{architecture}` first, or give another architecture, a "
+                f".keras file or an MLflow model URI (models:/NAME/VERSION, runs:/RUN_ID/model)."
+                f" {trained}")
 
     def load(self, spec: str, version: str | None = None) -> Any:
         """Loads the model named by ``spec`` with its preprocessing record.
@@ -119,10 +162,11 @@ def _load_file(path: Path) -> Any:
     from .keras_model import load_keras_model
 
     try:
-        model = load_keras_model(path)
+        model = load_keras_model(path)  # checks the preprocessing record (attach_preprocessing)
     except DatasetError as exc:
         raise ModelSelectionError(str(exc)) from exc
-    _require_record(model.preprocessing, str(path))
+    except ModelError as exc:
+        raise ModelSelectionError(str(exc), hint=exc.hint) from exc
     model.model_source = _shown(path)
     logger.info("Prediction model: %s", model.model_source)
     return model
@@ -153,20 +197,13 @@ def load_mlflow_model(uri: str) -> Any:
             f"'{mlflow.get_tracking_uri()}'): {exc}"
         ) from exc
     record = dict((info.metadata or {}).get("preprocessing") or {})
-    _require_record(record, uri)
-    model.preprocessing = record
+    try:
+        attach_preprocessing(model, record, uri)
+    except ModelError as exc:
+        raise ModelSelectionError(str(exc), hint=exc.hint) from exc
     model.model_source = uri
     logger.info("Prediction model: %s", uri)
     return model
-
-
-def _require_record(record: Any, where: str) -> None:
-    if not record or not record.get("ingestion") or not record.get("classes"):
-        raise ModelSelectionError(
-            f"Model '{where}' carries no preprocessing record (classes and ingestion "
-            "parameters), so it cannot be applied with the settings it was trained with. Use a "
-            "model saved by this project's training pipeline."
-        )
 
 
 class TrainedModelsDataset(AbstractDataset[Any, TrainedModels]):
