@@ -19,17 +19,22 @@ is logged to MLflow only when ``hooks.ModelPromotionHook`` promotes it after its
 
 from __future__ import annotations
 
+import filecmp
 import json
 import logging
 import os
 import shutil
 import zipfile
+from importlib import metadata
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
+import numpy as np
 from kedro.io.core import DatasetError, Version
 
 from neuroblastoma_cnn.preprocessing import attach_preprocessing
+from neuroblastoma_cnn.promotion import FAILED, PENDING, PROMOTED, write_status
 
 from .local_versioned import LocalVersionedDataset
 
@@ -63,9 +68,9 @@ def read_record(path: str | Path) -> dict[str, Any]:
 
 def load_keras_model(path: str | Path) -> Any:
     """Loads a ``.keras`` file and attaches its preprocessing record as ``model.preprocessing``."""
-    import keras
+    import keras  # noqa: PLC0415  (lazy: TensorFlow loads only when a model is used)
 
-    from neuroblastoma_cnn import models  # noqa: F401  (registers the custom layers)
+    from neuroblastoma_cnn import models  # noqa: F401, PLC0415  (lazy, as keras; registers layers)
 
     path = Path(path)
     if not path.exists():
@@ -103,7 +108,7 @@ class _KerasFlavor:
 
     @staticmethod
     def save_model(path: str, **kwargs: Any) -> None:
-        import mlflow.keras
+        import mlflow.keras  # noqa: PLC0415  (lazy: MLflow loads only when a model is logged)
 
         Path(path).mkdir(parents=True, exist_ok=True)
         mlflow.keras.save_model(path=path, **kwargs)
@@ -131,8 +136,6 @@ def _local_artifact_dir(uri: str | None) -> Path | None:
     """A ``file:`` or plain-path artifact location as a local folder; None for remote stores."""
     if not uri:
         return None
-    from urllib.parse import unquote, urlparse
-
     parsed = urlparse(uri)
     if parsed.scheme == "file":
         return Path(unquote(parsed.path))
@@ -153,8 +156,6 @@ def link_artifact_to_source(artifact: Path, source: Path) -> bool:
         if (artifact.stat().st_dev != source.stat().st_dev
                 or artifact.stat().st_size != source.stat().st_size):
             return False
-        import filecmp
-
         if not filecmp.cmp(artifact, source, shallow=False):
             return False
         tmp = artifact.with_name(f".{artifact.name}.link")
@@ -172,15 +173,13 @@ def pip_requirements() -> list[str]:
     Given explicitly because MLflow's own inference reloads the model in a subprocess: slow, and
     when it times out it falls back to `keras` alone with a warning.
     """
-    from importlib.metadata import PackageNotFoundError, version
-
     found = []
     for names in (("keras",), ("tensorflow-cpu", "tensorflow")):
         for name in names:
             try:
-                found.append(f"{name}=={version(name)}")
+                found.append(f"{name}=={metadata.version(name)}")
                 break
-            except PackageNotFoundError:
+            except metadata.PackageNotFoundError:
                 continue
     return found
 
@@ -193,9 +192,8 @@ def log_model_to_mlflow(model: Any, name: str | None = None,
     ``source_file``: the ``.keras`` file the model was saved to; MLflow then stores those bytes,
     hard-linked to the file when possible (see the module's docstring).
     """
-    import mlflow
-    import numpy as np
-    from mlflow.models import infer_signature
+    import mlflow  # noqa: PLC0415  (lazy: MLflow loads only when a model is logged)
+    from mlflow.models import infer_signature  # noqa: PLC0415  (lazy, as mlflow)
 
     if mlflow.active_run() is None:
         logger.info("No active MLflow run: model not logged to MLflow.")
@@ -226,7 +224,7 @@ def log_model_to_mlflow(model: Any, name: str | None = None,
 
 def _store_once(info: Any, source: Path) -> None:
     """Makes the logged model's ``data/model.keras`` a hard link of the catalog file."""
-    import mlflow
+    import mlflow  # noqa: PLC0415  (lazy: MLflow loads only when a model is logged)
 
     try:
         location = mlflow.get_logged_model(info.model_id).artifact_location
@@ -278,8 +276,6 @@ class KerasModelDataset(LocalVersionedDataset):
     def save(self, data: Any) -> None:
         path = self._save_path()
         if self._promotion:
-            from neuroblastoma_cnn.promotion import PENDING, write_status
-
             write_status(path.parent, PENDING)  # first: a crash leaves an unusable model
             save_keras_model(data, path)
             return
@@ -294,8 +290,6 @@ class KerasModelDataset(LocalVersionedDataset):
     def promote(self, **fields: Any) -> str | None:
         """Marks the saved model usable and, with ``log_to_mlflow``, logs it to the active
         MLflow run; returns the MLflow model URI (None when not logged)."""
-        from neuroblastoma_cnn.promotion import PROMOTED, write_status
-
         path = self.saved_path()
         uri = None
         if self._log_to_mlflow:
@@ -305,8 +299,6 @@ class KerasModelDataset(LocalVersionedDataset):
 
     def mark_failed(self, reason: str) -> None:
         """Records why the saved model was not promoted (it stays unusable)."""
-        from neuroblastoma_cnn.promotion import FAILED, write_status
-
         path = self.saved_path()
         if path.exists():
             write_status(path.parent, FAILED, reason=reason)

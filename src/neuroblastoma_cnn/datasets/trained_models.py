@@ -24,6 +24,8 @@ from neuroblastoma_cnn.errors import ModelError
 from neuroblastoma_cnn.preprocessing import attach_preprocessing
 from neuroblastoma_cnn.promotion import PROMOTED, is_usable, read_status
 
+from .keras_model import load_keras_model
+
 logger = logging.getLogger(__name__)
 
 MODEL_FILE = "model.keras"
@@ -159,8 +161,6 @@ class TrainedModels:
 
 
 def _load_file(path: Path) -> Any:
-    from .keras_model import load_keras_model
-
     try:
         model = load_keras_model(path)  # checks the preprocessing record (attach_preprocessing)
     except DatasetError as exc:
@@ -183,10 +183,10 @@ def _shown(path: Path) -> str:
 
 def load_mlflow_model(uri: str) -> Any:
     """Loads an MLflow Keras model and attaches the preprocessing record from its metadata."""
-    import mlflow
-    import mlflow.keras
+    import mlflow  # noqa: PLC0415  (lazy: MLflow loads only for an MLflow model URI)
+    import mlflow.keras  # noqa: PLC0415  (lazy, as mlflow)
 
-    from neuroblastoma_cnn import models  # noqa: F401  (registers the custom layers)
+    from neuroblastoma_cnn import models  # noqa: F401, PLC0415  (lazy: Keras; registers layers)
 
     try:
         info = mlflow.models.get_model_info(uri)
