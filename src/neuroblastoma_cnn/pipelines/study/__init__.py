@@ -1,0 +1,1 @@
+"""Studies: a study's experiments as resumable, parallel trials compared with paired statistics."""
