@@ -1,22 +1,21 @@
 """The ``neuroblastoma-cnn`` command: classify images with a trained model from a shell.
 
-It calls the prediction pipeline's own functions (``predict_files``, ``gradcam_overlays``), so a
-file gets the same result here as in ``kedro run --pipeline=predict`` with the same parameters.
-Only the standard library (and click, for Kedro, below) is imported until the arguments are
-parsed: ``--help`` and usage errors answer at once, and TensorFlow is loaded only when there is
-something to predict.
+It calls the prediction pipeline's own functions (``predict_files``, ``gradcam_overlays``) with
+the ``predict`` parameters of ``conf/base/parameters_predict.yml`` (options override them), so a
+file gets the same result here as in ``kedro run --pipeline=predict``. Only click and the
+standard library are imported until the arguments are parsed: ``--help`` and usage errors
+answer at once, and TensorFlow is loaded only when there is something to predict.
 
 Kedro also imports ``<package>.cli`` to find project commands, and refuses to start (``kedro
-run`` included) unless it defines a click group named ``cli``: hence the empty group below.
+run`` included) unless it defines a click group named ``cli``: hence the empty group ``cli``
+beside ``main``, the group of this command.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 PROG = "neuroblastoma-cnn"
-EXIT_CODES = """\
+EXIT_CODES = """\b
 exit codes:
   0  every file was predicted (flags such as low_confidence do not count as failures)
   1  some files were rejected (not an image, corrupt, too small...); the others were
@@ -36,6 +35,8 @@ exit codes:
   2  usage or model error (bad option, missing path, no file found, model not found or
      unusable, output exists): nothing was predicted
 """
+DEFAULTS_NOTE = "default: the predict parameters in conf/base/parameters_predict.yml"
+MODELS_DIR = "data/06_models"
 
 logger = logging.getLogger(PROG)
 
@@ -45,133 +46,126 @@ def cli() -> None:
     """Project commands for `kedro` (none beyond Kedro's own; see `neuroblastoma-cnn`)."""
 
 
-class UsageError(Exception):
-    """A problem with what was asked; reported in one line, exit code 2."""
+@click.group(name=PROG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="neuroblastoma-cnn", prog_name=PROG)
+def main_group() -> None:
+    """Classify H&E histology images with a trained ResNet."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from neuroblastoma_cnn import __version__
+@main_group.command(
+    "predict", epilog=EXIT_CODES, context_settings={"help_option_names": ["-h", "--help"]},
+)
+@click.argument("paths", nargs=-1, required=True, metavar="PATH...")
+@click.option("-m", "--model", metavar="MODEL",
+              help="architecture name (its latest trained version in --models-dir), a .keras "
+                   "file, or an MLflow model URI models:/NAME/VERSION or runs:/RUN_ID/model "
+                   f"({DEFAULTS_NOTE})")
+@click.option("--version", "model_version", metavar="VERSION",
+              help="a saved version of the architecture's model (default: latest)")
+@click.option("--models-dir", default=MODELS_DIR, show_default=True, metavar="DIR",
+              help="where trained models are saved (the catalog's trained_models path)")
+@click.option("--tracking-uri", metavar="URI",
+              help="MLflow tracking URI for models:/ and runs:/ (default: $MLFLOW_TRACKING_URI, "
+                   "else sqlite:///mlflow.db when ./mlflow.db exists, as in the Kedro project)")
+@click.option("-o", "--out", metavar="CSV",
+              help="write the predictions here (default: standard output)")
+@click.option("--tiles-out", metavar="CSV",
+              help="also write one row per tile used, with its probabilities")
+@click.option("--gradcam", metavar="DIR",
+              help="write a Grad-CAM overlay PNG of the predicted class per image")
+@click.option("--overwrite", is_flag=True, help="replace existing output files")
+@click.option("--batch-size", type=int, metavar="N", help=f"tiles per model call ({DEFAULTS_NOTE})")
+@click.option("--workers", type=int, metavar="N",
+              help="threads decoding images while the model runs")
+@click.option("--min-confidence", type=float, metavar="P",
+              help="flag low_confidence below this top probability")
+@click.option("--fallback-tiles", type=int, metavar="N",
+              help="tiles with the most tissue used for a mostly-background image")
+@click.option("--gradcam-max-side", type=int, metavar="PX",
+              help="shrink overlays to at most this many pixels a side")
+@click.option("-q", "--quiet", is_flag=True, help="no progress bar, no summary")
+@click.option("-v", "--verbose", is_flag=True, help="log what happens")
+def predict(**options: Any) -> int:
+    """Classify every image in the given files and folders (any depth) with a trained model.
 
-    parser = argparse.ArgumentParser(
-        prog=PROG, description="Classify H&E histology images with a trained ResNet.",
+    Images are tiled exactly as the model's training images were (settings from the model's
+    own record); an image's probabilities are the mean of its tiles'. Writes one CSV row per
+    file: file, predicted, prob_<class>..., n_tiles, low_confidence, mostly_background,
+    rejected, reason.
+    """
+    if options["quiet"] and options["verbose"]:
+        raise click.UsageError("--quiet and --verbose exclude each other")
+    logging.basicConfig(
+        level=logging.INFO if options["verbose"] else logging.WARNING, stream=sys.stderr,
+        format="%(levelname)s %(name)s: %(message)s",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    predict = commands.add_parser(
-        "predict",
-        help="classify image files or folders, optionally with Grad-CAM overlays",
-        description=textwrap.fill(
-            "Classify every image in the given files and folders (any depth) with a trained "
-            "model. Images are tiled exactly as the model's training images were (settings "
-            "from the model's own record); an image's probabilities are the mean of its "
-            "tiles'. Writes one CSV row per file: file, predicted, prob_<class>..., n_tiles, "
-            "low_confidence, mostly_background, rejected, reason.", width=88,
-        ),
-        epilog=EXIT_CODES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    predict.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
-    predict.add_argument(
-        "-m", "--model", default="resnet34", metavar="MODEL",
-        help="architecture name (its latest trained version in --models-dir), a .keras file, "
-             "or an MLflow model URI models:/NAME/VERSION or runs:/RUN_ID/model "
-             "(default: %(default)s)",
-    )
-    predict.add_argument("--version", dest="model_version", default=None, metavar="VERSION",
-                         help="a saved version of the architecture's model (default: latest)")
-    predict.add_argument("--models-dir", default="data/06_models", metavar="DIR",
-                         help="where trained models are saved (default: %(default)s)")
-    predict.add_argument(
-        "--tracking-uri", default=None, metavar="URI",
-        help="MLflow tracking URI for models:/ and runs:/ (default: $MLFLOW_TRACKING_URI, "
-             "else sqlite:///mlflow.db when ./mlflow.db exists, as in the Kedro project)",
-    )
-    predict.add_argument("-o", "--out", metavar="CSV",
-                         help="write the predictions here (default: standard output)")
-    predict.add_argument("--tiles-out", metavar="CSV",
-                         help="also write one row per tile used, with its probabilities")
-    predict.add_argument("--gradcam", metavar="DIR",
-                         help="write a Grad-CAM overlay PNG of the predicted class per image")
-    predict.add_argument("--overwrite", action="store_true",
-                         help="replace existing output files")
-    tuning = predict.add_argument_group("prediction settings (defaults: the predict parameters)")
-    tuning.add_argument("--batch-size", type=_positive_int, metavar="N",
-                        help="tiles per model call (32)")
-    tuning.add_argument("--workers", type=_positive_int, metavar="N",
-                        help="threads decoding images while the model runs (2)")
-    tuning.add_argument("--min-confidence", type=_probability, metavar="P",
-                        help="flag low_confidence below this top probability (0.6)")
-    tuning.add_argument("--fallback-tiles", type=_positive_int, metavar="N",
-                        help="tiles with the most tissue used for a mostly-background image (3)")
-    tuning.add_argument("--gradcam-max-side", type=_positive_int, metavar="PX",
-                        help="shrink overlays to at most this many pixels a side (2048)")
-    output = predict.add_mutually_exclusive_group()
-    output.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")
-    output.add_argument("-v", "--verbose", action="store_true", help="log what happens")
-    return parser
+    if not options["verbose"]:  # the summary below says what the pipeline's warnings would
+        logging.getLogger("neuroblastoma_cnn.pipelines.predict").setLevel(logging.ERROR)
+    return _predict(options)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'")
-    return value
-
-
-def _probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number within [0, 1], got '{text}'")
-    return value
+class CommandUsageError(Exception):
+    """A problem with what was asked, found before predicting; one line, exit code 2."""
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``neuroblastoma-cnn`` script; returns the exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
-    if not args.verbose:  # the summary below says what the pipeline's warnings would
-        logging.getLogger("neuroblastoma_cnn.pipelines.predict").setLevel(logging.ERROR)
+    from neuroblastoma_cnn.errors import ProjectError  # noqa: PLC0415  (lazy: fast --help)
+
     try:
-        return _predict(args)
-    except UsageError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        code = main_group.main(args=argv, prog_name=PROG, standalone_mode=False)
+    except click.ClickException as exc:
+        exc.show()
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
+    except click.Abort:
+        click.echo(f"{PROG}: interrupted", err=True)
         return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        click.echo(f"{PROG}: interrupted", err=True)
+        return EXIT_INTERRUPTED
+    except (CommandUsageError, ProjectError) as exc:
+        text = exc.one_line() if isinstance(exc, ProjectError) else str(exc)
+        click.echo(f"{PROG}: error: {text}", err=True)
+        return EXIT_USAGE
+    return int(code or 0)
 
 
-def _settings(args: argparse.Namespace) -> dict[str, Any]:
+# ----------------------------------------------------------------------------- the work
+
+
+def _params(options: dict[str, Any]) -> Any:
+    """The predict parameters: YAML defaults, then the options given, validated."""
+    from neuroblastoma_cnn.params import PredictParams, base_group  # noqa: PLC0415  (lazy)
+
     overrides = {
-        "model": args.model, "version": args.model_version, "batch_size": args.batch_size,
-        "workers": args.workers, "min_confidence": args.min_confidence,
-        "background_fallback_tiles": args.fallback_tiles,
-        "gradcam_max_side": args.gradcam_max_side, "gradcam": args.gradcam is not None,
+        "model": options["model"], "version": options["model_version"],
+        "batch_size": options["batch_size"], "workers": options["workers"],
+        "min_confidence": options["min_confidence"],
+        "background_fallback_tiles": options["fallback_tiles"],
+        "gradcam_max_side": options["gradcam_max_side"],
     }
-    return {key: value for key, value in overrides.items() if value is not None}
+    given = {key: value for key, value in overrides.items() if value is not None}
+    given["gradcam"] = options["gradcam"] is not None
+    return PredictParams.parse(base_group("predict", _conf_base(), **given), "predict")
 
 
-def _check_outputs(args: argparse.Namespace) -> None:
-    for option, value in (("--out", args.out), ("--tiles-out", args.tiles_out)):
-        if value and Path(value).exists() and not args.overwrite:
-            raise UsageError(f"{option} '{value}' exists; pass --overwrite to replace it.")
-    if args.gradcam:
-        folder = Path(args.gradcam)
+def _conf_base() -> Path | None:
+    """The project's conf/base when run from a project folder; else the package's own."""
+    here = Path("conf/base")
+    return here if (here / "parameters_predict.yml").is_file() else None
+
+
+def _check_outputs(options: dict[str, Any]) -> None:
+    for option, value in (("--out", options["out"]), ("--tiles-out", options["tiles_out"])):
+        if value and Path(value).exists() and not options["overwrite"]:
+            raise CommandUsageError(f"{option} '{value}' exists; pass --overwrite to replace it.")
+    if options["gradcam"]:
+        folder = Path(options["gradcam"])
         if folder.exists() and not folder.is_dir():
-            raise UsageError(f"--gradcam '{folder}' is a file, not a folder.")
-        if folder.is_dir() and any(folder.iterdir()) and not args.overwrite:
-            raise UsageError(f"--gradcam folder '{folder}' is not empty; pass --overwrite to "
-                             "write into it.")
+            raise CommandUsageError(f"--gradcam '{folder}' is a file, not a folder.")
+        if folder.is_dir() and any(folder.iterdir()) and not options["overwrite"]:
+            raise CommandUsageError(f"--gradcam folder '{folder}' is not empty; pass --overwrite "
+                                    "to write into it.")
 
 
 def _collect(paths: list[str]) -> tuple[list[tuple[str, Path]], dict[str, str]]:
@@ -181,7 +175,7 @@ def _collect(paths: list[str]) -> tuple[list[tuple[str, Path]], dict[str, str]]:
     Names are the paths as typed (``folder/sub/file.jpg``), so the CSV says which file is which;
     overlays are named by short names, unless two short names collide.
     """
-    from neuroblastoma_cnn.pipelines.predict.nodes import list_image_files
+    from neuroblastoma_cnn.pipelines.predict.nodes import list_image_files  # noqa: PLC0415
 
     seen: set[Path] = set()
     files: list[tuple[str, Path]] = []
@@ -205,7 +199,7 @@ def _collect(paths: list[str]) -> tuple[list[tuple[str, Path]], dict[str, str]]:
 def _configure_mlflow(model: str, tracking_uri: str | None) -> None:
     if not model.startswith(("models:/", "runs:/")):
         return
-    import mlflow
+    import mlflow  # noqa: PLC0415  (lazy: only for MLflow model URIs)
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri and Path("mlflow.db").exists():
@@ -214,80 +208,92 @@ def _configure_mlflow(model: str, tracking_uri: str | None) -> None:
         mlflow.set_tracking_uri(uri)
 
 
-def _predict(args: argparse.Namespace) -> int:
-    missing = [p for p in args.paths if not Path(p).exists()]
+def _predict(options: dict[str, Any]) -> int:
+    paths = list(options["paths"])
+    missing = [p for p in paths if not Path(p).exists()]
     if missing:
-        raise UsageError(f"no such file or folder: {', '.join(repr(p) for p in missing)}")
-    _check_outputs(args)
-    params = _settings(args)
-
+        raise CommandUsageError(f"no such file or folder: {', '.join(repr(p) for p in missing)}")
+    _check_outputs(options)
+    params = _params(options)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is first imported
-    from tqdm import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
+    # Heavy imports (TensorFlow through the model) only now that there is work to do.
+    from neuroblastoma_cnn.datasets.trained_models import TrainedModels  # noqa: PLC0415
 
-    from neuroblastoma_cnn.datasets.png_folder import save_picture
-    from neuroblastoma_cnn.datasets.trained_models import ModelSelectionError, TrainedModels
-    from neuroblastoma_cnn.pipelines.predict.nodes import (
-        PredictSettings,
-        Preprocessing,
-        gradcam_overlays,
-        overlay_name,
-        predict_files,
-    )
-
-    try:
-        PredictSettings.from_params(params)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from exc
-    files, short_names = _collect(args.paths)
+    files, short_names = _collect(paths)
     if not files:
-        raise UsageError(f"no files found in {', '.join(args.paths)}")
-    _configure_mlflow(args.model, args.tracking_uri)
-    try:
-        model = TrainedModels(args.models_dir).load(args.model, args.model_version)
-        Preprocessing.from_model(model)
-    except (ModelSelectionError, ValueError) as exc:
-        raise UsageError(str(exc)) from exc
+        raise CommandUsageError(f"no files found in {', '.join(paths)}")
+    _configure_mlflow(params.model, options["tracking_uri"])
+    model = TrainedModels(options["models_dir"]).load(params.model, params.version)
+    predictions = _classify(files, model, params, options)
+    not_drawn = _draw(files, short_names, model, predictions, params, options)
+    rejected = predictions[predictions["rejected"]]
+    if not options["quiet"]:
+        _print_summary(predictions, model, options, not_drawn)
+    return EXIT_REJECTED if len(rejected) else EXIT_OK
 
-    bar_off = True if args.quiet else None  # None: a bar only on a terminal
+
+def _classify(files: list[tuple[str, Path]], model: Any, params: Any,
+              options: dict[str, Any]) -> Any:
+    from tqdm import tqdm  # noqa: PLC0415  (lazy, with the rest of the work)
+    from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: PLC0415
+
+    from neuroblastoma_cnn.pipelines.predict.nodes import predict_files  # noqa: PLC0415
+
+    bar_off = True if options["quiet"] else None  # None: a bar only on a terminal
     with logging_redirect_tqdm(), tqdm(total=len(files), desc="Predicting", unit="image",
                                        file=sys.stderr, disable=bar_off) as bar:
         predictions, tiles = predict_files(files, model, params, progress=bar.update)
-    _write_csv(predictions, args.out)
-    if args.tiles_out:
-        _write_csv(tiles, args.tiles_out)
-    not_drawn = 0
-    if args.gradcam:
-        folder = Path(args.gradcam)
-        folder.mkdir(parents=True, exist_ok=True)
-        jobs = gradcam_overlays(files, model, predictions, params)
-        with logging_redirect_tqdm():
-            for file, draw in tqdm(jobs.items(), desc="Grad-CAM", unit="image",
-                                   file=sys.stderr, disable=bar_off):
-                picture = draw()
-                if picture is None:
-                    not_drawn += 1
-                else:
-                    save_picture(picture, folder / overlay_name(short_names[file]))
+    _write_csv(predictions, options["out"])
+    if options["tiles_out"]:
+        _write_csv(tiles, options["tiles_out"])
+    return predictions
 
+
+def _draw(files: list[tuple[str, Path]], short_names: dict[str, str], model: Any,
+          predictions: Any, params: Any, options: dict[str, Any]) -> int:
+    """Writes the Grad-CAM overlays asked for; returns how many could not be drawn."""
+    if not options["gradcam"]:
+        return 0
+    from tqdm import tqdm  # noqa: PLC0415  (lazy, with the rest of the work)
+    from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: PLC0415
+
+    from neuroblastoma_cnn.datasets.png_folder import save_picture  # noqa: PLC0415
+    from neuroblastoma_cnn.pipelines.predict.nodes import (  # noqa: PLC0415
+        gradcam_overlays,
+        overlay_name,
+    )
+
+    folder = Path(options["gradcam"])
+    folder.mkdir(parents=True, exist_ok=True)
+    not_drawn = 0
+    jobs = gradcam_overlays(files, model, predictions, params)
+    with logging_redirect_tqdm():
+        for file, draw in tqdm(jobs.items(), desc="Grad-CAM", unit="image", file=sys.stderr,
+                               disable=True if options["quiet"] else None):
+            picture = draw()
+            if picture is None:
+                not_drawn += 1
+            else:
+                save_picture(picture, folder / overlay_name(short_names[file]))
+    return not_drawn
+
+
+def _print_summary(predictions: Any, model: Any, options: dict[str, Any], not_drawn: int) -> None:
     rejected = predictions[predictions["rejected"]]
-    if not args.quiet:
-        done = len(predictions) - len(rejected)
-        where = f" -> {args.out}" if args.out else ""
-        print(f"{done} of {len(predictions)} files predicted with {model.model_source}{where}; "
-              f"{int(predictions['low_confidence'].sum())} low confidence, "
-              f"{int(predictions['mostly_background'].sum())} mostly background, "
-              f"{len(rejected)} rejected", file=sys.stderr)
-        for row in rejected.head(10).itertuples(index=False):
-            print(f"  rejected {row.file}: {row.reason}", file=sys.stderr)
-        if len(rejected) > 10:
-            print(f"  ... and {len(rejected) - 10} more (see the 'reason' column)",
-                  file=sys.stderr)
-        if args.gradcam:
-            print(f"Grad-CAM overlays in {args.gradcam}"
-                  + (f"; {not_drawn} could not be drawn (-v says why)" if not_drawn else ""),
-                  file=sys.stderr)
-    return EXIT_REJECTED if len(rejected) else EXIT_OK
+    done = len(predictions) - len(rejected)
+    where = f" -> {options['out']}" if options["out"] else ""
+    echo = lambda text: click.echo(text, err=True)  # noqa: E731
+    echo(f"{done} of {len(predictions)} files predicted with {model.model_source}{where}; "
+         f"{int(predictions['low_confidence'].sum())} low confidence, "
+         f"{int(predictions['mostly_background'].sum())} mostly background, "
+         f"{len(rejected)} rejected")
+    for row in rejected.head(10).itertuples(index=False):
+        echo(f"  rejected {row.file}: {row.reason}")
+    if len(rejected) > 10:
+        echo(f"  ... and {len(rejected) - 10} more (see the 'reason' column)")
+    if options["gradcam"]:
+        echo(f"Grad-CAM overlays in {options['gradcam']}"
+             + (f"; {not_drawn} could not be drawn (-v says why)" if not_drawn else ""))
 
 
 def _write_csv(frame: Any, out: str | None) -> None:

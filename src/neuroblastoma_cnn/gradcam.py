@@ -13,7 +13,8 @@ of any size. Pixels no used tile covers have no heat (the model never looked the
 - Only the head is differentiated (feature map -> score), so a map costs about one forward pass.
 - A heatmap is normalised by its image-wide maximum, so tiles of one image are comparable.
 
-TensorFlow is imported lazily: the evaluation pipeline imports this module at registration.
+TensorFlow is imported lazily: the evaluation and predict pipelines import this module when they
+are registered, and a `kedro` command that draws nothing should not load TensorFlow.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import pandas as pd
 from matplotlib import colormaps
-from matplotlib.figure import Figure
 from PIL import Image
+
+from neuroblastoma_cnn.imaging import TilingConfig
+from neuroblastoma_cnn.preprocessing import Preprocessing
 
 logger = logging.getLogger(__name__)
 
@@ -58,9 +60,9 @@ def feature_tensor(model: Any) -> tuple[str, Any]:
 class GradCam:
     """Grad-CAM maps of tiles for one model; build once, call per batch of tiles."""
 
-    def __init__(self, model: Any, batch_size: int = 32):
-        import keras
-        import tensorflow as tf
+    def __init__(self, model: Any, batch_size: int):
+        import keras  # noqa: PLC0415  (lazy: pipelines import this module at registration)
+        import tensorflow as tf  # noqa: PLC0415
 
         self.model = model
         self.batch_size = int(batch_size)
@@ -74,7 +76,7 @@ class GradCam:
         logger.debug("Grad-CAM on layer '%s' of '%s'", self.layer_name, model.name)
 
     def _maps(self, tiles: Any, class_index: Any) -> Any:
-        import tensorflow as tf
+        import tensorflow as tf  # noqa: PLC0415  (lazy, as above)
 
         with tf.GradientTape() as tape:
             features, score = self._head(tiles, training=False)
@@ -163,28 +165,29 @@ def overlay(
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
-# --------------------------------------------------------------------- evaluation gallery
+# --------------------------------------------------------------------- whole images
 
 
-def worst_misclassified(image_predictions: pd.DataFrame, per_class: int) -> pd.DataFrame:
-    """Up to ``per_class`` misclassified images of each true class, least true-class probability
-    first (the model's most confident mistakes)."""
-    # Imported here: the evaluation package imports this module for its gallery node.
-    from neuroblastoma_cnn.pipelines.evaluation.metrics import PROB_PREFIX, class_names_of
-
-    classes = class_names_of(image_predictions)
-    frame = image_predictions.copy()
-    frame["label"] = frame["label"].astype(str)
-    frame["predicted"] = frame["predicted"].astype(str)
-    wrong = frame[frame["label"] != frame["predicted"]].copy()
-    if wrong.empty:
-        return wrong.assign(true_probability=pd.Series(dtype=float))
-    wrong["true_probability"] = [
-        float(row[f"{PROB_PREFIX}{row['label']}"]) if row["label"] in classes else np.nan
-        for _, row in wrong.iterrows()
-    ]
-    wrong = wrong.sort_values(["label", "true_probability", "image_path"])
-    return wrong.groupby("label", sort=True).head(per_class).reset_index(drop=True)
+def image_gradcam(
+    cam: GradCam,
+    rgb: np.ndarray,
+    tiling: TilingConfig,
+    class_index: int,
+    fallback_tiles: int,
+    scale: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Grad-CAM heatmap of a class over a whole image: ``(heat in [0, 1], covered)`` of shape
+    ``(round(H * scale), round(W * scale))``, built from the tiles a prediction uses."""
+    tiles, _ = tiling.tiles_or_fallback(rgb, fallback_tiles)
+    height, width = rgb.shape[:2]
+    tile_w, tile_h = tiling.footprint(width, height)
+    shape = (max(1, round(height * scale)), max(1, round(width * scale)))
+    return stitch(
+        cam.tile_maps(np.stack([t.tile for t in tiles]), class_index),
+        [(round(t.x * scale), round(t.y * scale)) for t in tiles],
+        (max(1, round(tile_w * scale)), max(1, round(tile_h * scale))),
+        shape,
+    )
 
 
 def store_image_overlay(
@@ -199,7 +202,7 @@ def store_image_overlay(
         raise ValueError(f"No tile of '{image_path}' in the tile store.")
     pixels = tiles.get(rows["tile_id"].tolist())
     size = pixels.shape[1]
-    tile_size = tiles.metadata.get("tile_size")
+    tile_size = Preprocessing.from_store(tiles).tiling.tile_size
     scale = size / float(tile_size) if tile_size else 1.0
     positions = [(round(x * scale), round(y * scale))
                  for x, y in zip(rows["x"], rows["y"], strict=True)]
@@ -211,51 +214,3 @@ def store_image_overlay(
     heat, covered = stitch(cam.tile_maps(pixels, class_index), positions, (size, size),
                            (height, width))
     return overlay(canvas, heat, covered, alpha=alpha)
-
-
-def misclassified_gallery(
-    model: Any, tiles: Any, image_predictions: pd.DataFrame, params: dict[str, Any]
-) -> Figure:
-    """Figure of the worst misclassified test images per true class, with Grad-CAM overlays of
-    the (wrongly) predicted class: what misled the model.
-
-    One row per class that has mistakes, up to ``misclassified_per_class`` (default 3) images a
-    row. Images are rebuilt from the test tiles in the tile store, so nothing is decoded again.
-    """
-    # Imported here: the evaluation package imports this module for its gallery node.
-    from neuroblastoma_cnn.pipelines.evaluation.metrics import PROB_PREFIX, class_names_of
-
-    per_class = max(1, int(params.get("misclassified_per_class", 3)))
-    classes = class_names_of(image_predictions)
-    worst = worst_misclassified(image_predictions, per_class)
-    if worst.empty:
-        fig = Figure(figsize=(6, 2), layout="constrained")
-        ax = fig.subplots()
-        ax.axis("off")
-        ax.text(0.5, 0.5, f"No misclassified images among {len(image_predictions)}.",
-                ha="center", va="center")
-        return fig
-    labels = sorted(worst["label"].unique())
-    columns = int(worst.groupby("label").size().max())
-    fig = Figure(figsize=(3.4 * columns, 3.0 * len(labels) + 0.4), layout="constrained")
-    axes = fig.subplots(len(labels), columns, squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    cam = GradCam(model, batch_size=int(params.get("batch_size", 64)))
-    for row, label in enumerate(labels):
-        # Records, not itertuples: class names need not be valid identifiers.
-        for col, item in enumerate(worst[worst["label"] == label].to_dict("records")):
-            predicted = str(item["predicted"])
-            picture = store_image_overlay(cam, tiles, item["image_path"],
-                                          classes.index(predicted))
-            ax = axes[row, col]
-            ax.imshow(picture)
-            ax.set_title(
-                f"{item['image_path']}\ntrue {label} ({item['true_probability']:.2f}) -> "
-                f"{predicted} ({item[PROB_PREFIX + predicted]:.2f})",
-                fontsize=8,
-            )
-    fig.suptitle(f"Worst misclassified images per class: Grad-CAM of the predicted class "
-                 f"(layer {cam.layer_name})", fontsize=10)
-    logger.info("Misclassified gallery: %d images of %d classes", len(worst), len(labels))
-    return fig

@@ -34,18 +34,7 @@ from sklearn.metrics import (
 
 logger = logging.getLogger(__name__)
 
-PROB_PREFIX = "prob_"
 TRUE_LABEL = "true_label"
-
-
-def probability_columns(frame: pd.DataFrame) -> list[str]:
-    """The ``prob_<class>`` columns of a predictions table, in class order."""
-    return [c for c in frame.columns if str(c).startswith(PROB_PREFIX)]
-
-
-def class_names_of(frame: pd.DataFrame) -> list[str]:
-    """Class names in label order, read from a predictions table's ``prob_<class>`` columns."""
-    return [str(c)[len(PROB_PREFIX):] for c in probability_columns(frame)]
 
 
 # -------------------------------------------------------------------------------- validation
@@ -301,34 +290,6 @@ def bootstrap_macro_f1(
         logger.warning("Bootstrap over only %d groups: the interval is coarse.", n_groups)
     return {"point": point, "low": float(low), "high": float(high), "n_boot": int(n_boot),
             "n_groups": n_groups}
-
-
-def aggregate_image_probabilities(tile_frame: pd.DataFrame) -> pd.DataFrame:
-    """Image-level predictions: the mean of the tile probabilities of each source image.
-
-    Input: one row per tile with ``image_path, label, group`` and one ``prob_<class>`` column per
-    class (other columns are ignored). Output: one row per image, sorted by ``image_path``, with
-    columns ``image_path, label, group, n_tiles, prob_<class>...`` (same class order).
-    """
-    required = ["image_path", "label", "group"]
-    missing = [c for c in required if c not in tile_frame.columns]
-    prob_columns = probability_columns(tile_frame)
-    if missing or not prob_columns:
-        raise ValueError(
-            f"Tile frame lacks column(s) {missing + ([] if prob_columns else ['prob_<class>'])}; "
-            f"it has {list(tile_frame.columns)}."
-        )
-    grouped = tile_frame.groupby("image_path", sort=True)
-    conflicting = grouped[["label", "group"]].nunique(dropna=False).max(axis=1) > 1
-    if conflicting.any():
-        raise ValueError(
-            "Tiles of one image carry different labels or groups: "
-            f"{sorted(conflicting[conflicting].index)[:5]}."
-        )
-    out = grouped[["label", "group"]].first()
-    out["n_tiles"] = grouped.size()
-    out[prob_columns] = grouped[prob_columns].mean()
-    return out.reset_index()
 
 
 # ------------------------------------------------------------------------------------ figures

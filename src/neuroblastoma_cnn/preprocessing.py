@@ -63,6 +63,14 @@ class Preprocessing(BaseModel):
         """Plain JSON types, each value once; what is written inside the model file."""
         return {"record_version": RECORD_VERSION, **self.model_dump(mode="json")}
 
+    # ``dict(record)`` gives :meth:`to_dict`: code that stores a model's record as a plain
+    # mapping (the ``.keras`` zip, MLflow metadata) keeps working with the typed record.
+    def keys(self) -> Any:
+        return self.to_dict().keys()
+
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "model") -> Preprocessing:
         """Reads either layout; raises :class:`ModelError` naming ``where`` if it is unusable."""
@@ -85,12 +93,14 @@ class Preprocessing(BaseModel):
                              ) from exc
 
     @classmethod
+    def from_metadata(cls, metadata: Mapping[str, Any], where: str) -> Preprocessing:
+        """The record inside a tile store's metadata (which also holds other keys)."""
+        return cls.from_dict({k: v for k, v in metadata.items() if k in RECORD_KEYS}, where)
+
+    @classmethod
     def from_store(cls, store: Any) -> Preprocessing:
         """The record a tile store's producer (ingestion) wrote into its metadata."""
-        metadata = store.producer_metadata
-        fields = set(cls.model_fields) | {"record_version", "ingestion"}
-        return cls.from_dict({k: v for k, v in metadata.items() if k in fields},
-                             where=f"tile store {getattr(store, 'path', '')}")
+        return cls.from_metadata(store.producer_metadata, f"tile store '{store.path}'")
 
     def check_model(self, model: Any, where: str) -> None:
         """Refuses a network whose input size or number of outputs the record contradicts."""
@@ -146,3 +156,7 @@ def preprocessing_of(model: Any) -> Preprocessing:
         return record
     where = str(getattr(model, "model_source", None) or getattr(model, "name", "model"))
     return attach_preprocessing(model, record, where)
+
+
+#: Keys of a record in either layout, among the other keys of a tile store's metadata.
+RECORD_KEYS = frozenset(Preprocessing.model_fields) | {"record_version", "ingestion"}

@@ -6,13 +6,17 @@ Untrained models are enough: Grad-CAM is a property of the network's graph, not 
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
+from _params import params
 from PIL import Image
 
-from neuroblastoma_cnn.gradcam import GradCam, feature_tensor, stitch, worst_misclassified
-from neuroblastoma_cnn.pipelines.ingestion.nodes import TilingConfig
-from neuroblastoma_cnn.pipelines.predict.nodes import image_gradcam
+from neuroblastoma_cnn.gradcam import GradCam, feature_tensor, image_gradcam, stitch
+from neuroblastoma_cnn.imaging import TilingConfig
+from neuroblastoma_cnn.models import build_model
+
+
+def tiling(**overrides: object) -> TilingConfig:
+    return TilingConfig.model_validate({**params("ingestion").tiling.model_dump(), **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -24,16 +28,14 @@ def tissue(bach_subset) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def resnet34():
-    from neuroblastoma_cnn.models import build_model
-
     return build_model("resnet34", 64, 3, seed=1)
 
 
 def test_heatmap_covers_the_image_in_unit_range_and_moves_with_the_class(resnet34, tissue):
-    cam = GradCam(resnet34)
+    cam = GradCam(resnet34, batch_size=32)
     assert cam.layer_name == "conv5_block3_out"
-    tiling = TilingConfig(tile_size=96, stride=64, min_tissue_fraction=0.1, input_size=64)
-    maps = [image_gradcam(cam, tissue, tiling, c) for c in range(3)]
+    config = tiling(tile_size=96, stride=64, min_tissue_fraction=0.1, input_size=64)
+    maps = [image_gradcam(cam, tissue, config, c, fallback_tiles=3) for c in range(3)]
     for heat, covered in maps:
         assert heat.shape == covered.shape == tissue.shape[:2]
         assert heat.dtype == np.float32 and heat.min() >= 0.0 and heat.max() == pytest.approx(1)
@@ -45,14 +47,13 @@ def test_heatmap_covers_the_image_in_unit_range_and_moves_with_the_class(resnet3
 
 
 def test_heatmap_of_a_scaled_overlay_has_the_scaled_shape(resnet34, tissue):
-    tiling = TilingConfig(tile_size=None, input_size=64)  # the whole image is one tile
-    heat, covered = image_gradcam(GradCam(resnet34), tissue, tiling, 0, scale=0.5)
+    config = tiling(tile_size=None, input_size=64)  # the whole image is one tile
+    heat, covered = image_gradcam(GradCam(resnet34, batch_size=32), tissue, config, 0,
+                                  fallback_tiles=3, scale=0.5)
     assert heat.shape == (96, 128) and covered.all()
 
 
 def test_resnet50_nested_backbone_is_found():
-    from neuroblastoma_cnn.models import build_model
-
     model = build_model("resnet50", 64, 2, weights=None, seed=0)
     name, tensor = feature_tensor(model)
     assert name == "resnet50" and tuple(tensor.shape[1:]) == (2, 2, 2048)
@@ -68,17 +69,3 @@ def test_stitch_averages_overlaps_and_leaves_gaps_cold():
     np.testing.assert_allclose(heat[0, :2], 1 / 3)
     np.testing.assert_allclose(heat[0, 2:4], (1 + 3) / 2 / 3)
     np.testing.assert_allclose(heat[0, 4:6], 1.0)
-
-
-def test_worst_misclassified_picks_confident_mistakes_per_class():
-    frame = pd.DataFrame({
-        "image_path": ["a", "b", "c", "d", "e"],
-        "label": ["X", "X", "X", "Y", "Y"],
-        "predicted": ["Y", "Y", "X", "Y", "X"],
-        "prob_X": [0.4, 0.1, 0.9, 0.2, 0.7],
-        "prob_Y": [0.6, 0.9, 0.1, 0.8, 0.3],
-    })
-    worst = worst_misclassified(frame, per_class=1)
-    assert list(worst["image_path"]) == ["b", "e"]
-    assert list(worst["true_probability"]) == [0.1, 0.3]
-    assert worst_misclassified(frame[frame["image_path"] == "c"], 3).empty

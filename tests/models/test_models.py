@@ -8,6 +8,8 @@ import h5py
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
+from keras.src.legacy.saving.legacy_h5_format import save_weights_to_hdf5_group
 
 from neuroblastoma_cnn.models import (
     WeightsUnavailableError,
@@ -15,10 +17,9 @@ from neuroblastoma_cnn.models import (
     build_model,
     build_resnet34,
     build_resnet50,
-    fit_head_on_cached_features,
     set_trainable_top_blocks,
 )
-from neuroblastoma_cnn.models.resnet50 import IMAGENET_FILE
+from neuroblastoma_cnn.models.resnet50 import IMAGENET_FILE, cache_features
 
 # Parameters of torchvision's resnet34 (He et al. 2016 Table 1: "21.8M"); BN running stats are
 # buffers there, non-trainable weights here, so the trainable count must match exactly.
@@ -122,8 +123,6 @@ def test_resnet50_layout_frozen_backbone_and_preprocessing(resnet50_source: kera
 
 def _write_legacy_h5(backbone: keras.Model, path: str) -> None:
     """Writes weights the way the ImageNet ``*_notop.h5`` file stores them (legacy h5 format)."""
-    from keras.src.legacy.saving.legacy_h5_format import save_weights_to_hdf5_group
-
     with h5py.File(path, "w") as f:
         save_weights_to_hdf5_group(f, backbone)
 
@@ -267,10 +266,13 @@ def _head_weights(model: keras.Model) -> list[np.ndarray]:
 
 
 def _fit_cached(model: keras.Model, x, y, x_val=None, y_val=None, **kwargs):
-    return fit_head_on_cached_features(
-        model, x, y, x_val, y_val, epochs=EPOCHS, batch_size=BATCH,
-        optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy", **kwargs,
-    )
+    """Stage 1 as training runs it: ``cache_features``, then the head fitted on the cache."""
+    cached = cache_features(model, x, y, x_val, y_val, batch_size=BATCH, **kwargs)
+    cached.head.compile(optimizer=keras.optimizers.Adam(1e-3),
+                        loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    validation = None if x_val is None else (cached.val_features, cached.val_labels)
+    return cached.head.fit(cached.train, validation_data=validation, epochs=EPOCHS,
+                           shuffle=False, verbose=0)
 
 
 @pytest.mark.slow
@@ -298,8 +300,6 @@ def test_feature_cache_matches_the_naive_frozen_fit(cache_data, fresh_model) -> 
 
 @pytest.mark.slow
 def test_feature_cache_accepts_datasets_and_shuffles_by_seed(cache_data, fresh_model) -> None:
-    import tensorflow as tf
-
     x, y = cache_data
     model = fresh_model()
     _fit_cached(model, x, y, shuffle=False)

@@ -8,12 +8,13 @@ from typing import Any
 
 import keras
 
+from neuroblastoma_cnn.errors import ModelError, ParameterError
+
 from .resnet34 import build_resnet34
 from .resnet50 import (
     WeightsUnavailableError,
     backbone_and_head,
     build_resnet50,
-    fit_head_on_cached_features,
     set_trainable_top_blocks,
 )
 
@@ -29,7 +30,6 @@ __all__ = [
     "build_model",
     "build_resnet34",
     "build_resnet50",
-    "fit_head_on_cached_features",
     "set_trainable_top_blocks",
 ]
 
@@ -42,7 +42,7 @@ def build_model(architecture: str, input_size: int, num_classes: int, **params: 
     """
     name = str(architecture).strip().lower()
     if name not in ARCHITECTURES:
-        raise ValueError(
+        raise ModelError(
             f"Unknown architecture '{architecture}'. Known architectures: "
             f"{', '.join(sorted(ARCHITECTURES))}."
         )
@@ -51,7 +51,7 @@ def build_model(architecture: str, input_size: int, num_classes: int, **params: 
                 ("input_size", "num_classes")]
     unknown = sorted(set(params) - set(accepted))
     if unknown:
-        raise ValueError(
+        raise ParameterError(
             f"Unknown parameter(s) {unknown} for architecture '{name}'. "
             f"Accepted: {', '.join(accepted)}."
         )

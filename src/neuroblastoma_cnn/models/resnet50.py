@@ -10,8 +10,8 @@ Layout of the built model (names matter: the helpers below find layers by name):
       -> head_dropout -> head_dense (softmax)
 
 Stage 1 trains only the head. Because the frozen backbone gives the same features for an image at
-every epoch (augmentation happens before, in the data pipeline), ``fit_head_on_cached_features``
-runs the backbone once per image and trains the head on the cached features. Stage 2
+every epoch (augmentation happens before, in the data pipeline), ``cache_features`` runs the
+backbone once per image, and the head trains on the cached features. Stage 2
 (``set_trainable_top_blocks``) unfreezes the top residual blocks for fine-tuning.
 
 Loading a saved model (``keras.models.load_model``) needs ``neuroblastoma_cnn.models`` imported
@@ -30,7 +30,10 @@ from typing import Any, NamedTuple
 
 import keras
 import numpy as np
+import tensorflow as tf
 from keras import layers
+
+from neuroblastoma_cnn.errors import ModelError
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +57,7 @@ RESNET50_BLOCKS: tuple[str, ...] = tuple(
 )
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(ModelError, RuntimeError):
     """The ImageNet weights could not be downloaded (typically: no internet access)."""
 
 
@@ -317,11 +320,10 @@ def cache_features(
 ) -> CachedFeatures:
     """Runs the frozen backbone once over the training (and validation) images.
 
-    The pipeline's training node and :func:`fit_head_on_cached_features` both start stage 1
-    here, so the equivalence test of the latter covers the cache the pipeline uses.
+    Equivalent to fitting the whole frozen model on the images (the backbone output of an image
+    never changes while frozen), but the backbone runs once per image instead of once per
+    image and epoch; the cache holds 2048 float32 per image (8 KiB).
     """
-    import tensorflow as tf
-
     backbone, head = backbone_and_head(model)
     if backbone.trainable_weights:
         raise ValueError("The backbone must be frozen for cached features to be valid.")
@@ -335,44 +337,3 @@ def cache_features(
     if x_val is not None:
         f_val, l_val = extract_features(backbone, x_val, y_val, batch_size)
     return CachedFeatures(head, train, f_val, l_val)
-
-
-def fit_head_on_cached_features(
-    model: keras.Model,
-    x_train: Any,
-    y_train: Any,
-    x_val: Any,
-    y_val: Any,
-    *,
-    epochs: int,
-    batch_size: int,
-    optimizer: Any,
-    loss: Any,
-    class_weight: dict[int, float] | None = None,
-    callbacks: list[keras.callbacks.Callback] | None = None,
-    seed: int | None = None,
-    shuffle: bool = True,
-    metrics: list[Any] | None = None,
-    verbose: int = 0,
-) -> keras.callbacks.History:
-    """Stage 1: trains the head of a frozen ``build_resnet50`` model on cached backbone features.
-
-    Equivalent to ``model.fit`` on the images with the backbone frozen (the backbone output of
-    an image never changes while frozen), but the backbone runs once per image instead of once
-    per image and epoch. ``x_*`` are image arrays (with ``y_*`` labels) or tf.data.Datasets of
-    (images, labels) batches (``y_*`` None); ``x_val`` None means no validation. The training
-    features are shuffled every epoch with ``seed`` (``shuffle=False`` keeps the input order).
-
-    Callbacks see the head model (features in, probabilities out), whose weights are ``model``'s.
-    The cache holds 2048 float32 per image (8 KiB). Pass a fresh optimizer.
-    """
-    cached = cache_features(model, x_train, y_train, x_val, y_val, batch_size=batch_size,
-                            seed=seed, shuffle=shuffle)
-    validation = None if x_val is None else (cached.val_features, cached.val_labels)
-    head = cached.head
-    head.compile(optimizer=optimizer, loss=loss,
-                 metrics=["accuracy"] if metrics is None else metrics)
-    return head.fit(
-        cached.train, validation_data=validation, epochs=epochs, class_weight=class_weight,
-        callbacks=callbacks, verbose=verbose, shuffle=False,  # the dataset shuffles itself
-    )

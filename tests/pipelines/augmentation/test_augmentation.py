@@ -7,23 +7,32 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from _params import params as typed
+from _params import store_metadata
 
 from neuroblastoma_cnn.datasets import TileStore, write_tile_store
+from neuroblastoma_cnn.errors import ParameterError
 from neuroblastoma_cnn.pipelines.augmentation import create_pipeline
 from neuroblastoma_cnn.pipelines.augmentation.nodes import (
-    AugmentParams,
     TileAugmenter,
     augment_training_set,
     plan_copies,
     plot_augmentation_grid,
     stain_jitter,
 )
+from neuroblastoma_cnn.preprocessing import Preprocessing
 
 SIZE = 16
 TARGET = 12
 # Training originals per class: 'big' is above the target and must be kept whole.
 TRAIN_COUNTS = {"big": 15, "mid": 5, "small": 3}
-PARAMS = {"target_per_class": TARGET, "seed": 3, "batch_size": 8, "grid_samples_per_class": 2}
+SETTINGS = {"target_per_class": TARGET, "seed": 3, "batch_size": 8, "grid_samples_per_class": 2}
+PARAMS = typed("augmentation", **SETTINGS)
+
+
+def ap(**overrides: object) -> object:
+    """The test's augmentation parameters with ``overrides``, validated."""
+    return typed("augmentation", **{**SETTINGS, **overrides})
 
 
 def make_store_and_split(path: Path) -> tuple[TileStore, pd.DataFrame]:
@@ -46,9 +55,8 @@ def make_store_and_split(path: Path) -> tuple[TileStore, pd.DataFrame]:
                 (tile, {"image_path": f"{label}/{group}/{i}.png", "label": label, "group": group})
             )
             splits.append(split)
-    store = write_tile_store(
-        path, records, {"classes": sorted(TRAIN_COUNTS), "input_size": SIZE}, shard_size=10
-    )
+    store = write_tile_store(path, records, store_metadata(sorted(TRAIN_COUNTS), SIZE),
+                             shard_size=10)
     table = store.index[["tile_id", "image_path", "label", "group"]].copy()
     table["split"] = splits
     table["fold"] = [-1 if s == "test" else 0 for s in splits]
@@ -80,7 +88,9 @@ def test_every_class_is_balanced_and_a_class_above_target_is_not_cut(
     assert out.metadata["classes"] == ["big", "mid", "small"]
     assert out.metadata["augmentation"]["target_per_class"] == TARGET
     assert out.metadata["class_counts"]["small"] == {"original": 3, "augmented": 9}
-    assert out.metadata["input_size"] == SIZE
+    # the augmented store carries the source store's preprocessing record
+    assert Preprocessing.from_store(out) == Preprocessing.from_store(store)
+    assert Preprocessing.from_store(out).input_size == SIZE
     assert list(out.index.columns) == [
         "tile_id",
         "shard",
@@ -122,7 +132,7 @@ def test_validation_and_test_tiles_are_never_read_or_written(
 
     def spy(tile_ids):
         ids = list(tile_ids)
-        assert len(ids) <= PARAMS["batch_size"]  # memory stays bounded by one batch
+        assert len(ids) <= PARAMS.batch_size  # memory stays bounded by one batch
         requested.extend(ids)
         return real_get(ids)
 
@@ -148,21 +158,16 @@ def test_same_seed_gives_identical_bytes_and_another_seed_does_not(
     store_and_split: tuple[TileStore, pd.DataFrame], tmp_path: Path
 ) -> None:
     store, table = store_and_split
-    params = {
-        **PARAMS,
-        "vertical_flip": True,
-        "rotate90": True,
-        "stain_jitter": 0.05,
-        "brightness": 0.1,
-        "contrast": 0.2,
-    }
+    options = {"vertical_flip": True, "rotate90": True, "stain_jitter": 0.05, "brightness": 0.1,
+               "contrast": 0.2}
+    params = ap(**options)
     stream = augment_training_set(store, table, params)
     first = store_bytes(write(stream, tmp_path / "a").path)
     # Iterating the same stream again, and building it again, both replay the same draws.
     assert store_bytes(write(stream, tmp_path / "b").path) == first
     again = augment_training_set(store, table, params)
     assert store_bytes(write(again, tmp_path / "c").path) == first
-    other = write(augment_training_set(store, table, {**params, "seed": 4}), tmp_path / "d")
+    other = write(augment_training_set(store, table, ap(**options, seed=4)), tmp_path / "d")
     other_bytes = store_bytes(other.path)
     assert set(other_bytes) == set(first)
     assert other_bytes["shard-00001.npy"] != first["shard-00001.npy"]
@@ -171,11 +176,13 @@ def test_same_seed_gives_identical_bytes_and_another_seed_does_not(
 def test_flip_only_and_rot90_only_give_exact_flips_and_turns() -> None:
     tiles = np.random.default_rng(1).integers(0, 256, (16, 8, 8, 3), dtype=np.uint8)
     off = {"rotation_degrees": 0, "width_shift": 0, "height_shift": 0, "horizontal_flip": False}
-    flip = TileAugmenter(AugmentParams(**{**off, "horizontal_flip": True}), tiles.shape[1:])(tiles)
+    flip = TileAugmenter(typed("augmentation", **{**off, "horizontal_flip": True}),
+                         tiles.shape[1:])(tiles)
     flipped = [np.array_equal(o, t[:, ::-1]) for o, t in zip(flip, tiles, strict=True)]
     kept = [np.array_equal(o, t) for o, t in zip(flip, tiles, strict=True)]
     assert all(f or k for f, k in zip(flipped, kept, strict=True)) and any(flipped) and any(kept)
-    turned = TileAugmenter(AugmentParams(**{**off, "rotate90": True}), tiles.shape[1:])(tiles)
+    turned = TileAugmenter(typed("augmentation", **{**off, "rotate90": True}),
+                           tiles.shape[1:])(tiles)
     turns = [
         [k for k in range(4) if np.array_equal(o, np.rot90(t, k))]
         for o, t in zip(turned, tiles, strict=True)
@@ -185,7 +192,7 @@ def test_flip_only_and_rot90_only_give_exact_flips_and_turns() -> None:
 
 def test_rotation_and_shift_keep_shape_and_change_pixels() -> None:
     tiles = np.random.default_rng(2).integers(0, 256, (8, SIZE, SIZE, 3), dtype=np.uint8)
-    out = TileAugmenter(AugmentParams(horizontal_flip=False), tiles.shape[1:])(tiles)
+    out = TileAugmenter(typed("augmentation", horizontal_flip=False), tiles.shape[1:])(tiles)
     assert out.shape == tiles.shape and out.dtype == np.uint8
     assert (out != tiles).any(axis=(1, 2, 3)).all()
 
@@ -200,7 +207,7 @@ def test_stain_jitter_is_identity_at_zero_strength_and_shifts_colour_otherwise()
 
 def test_rot90_on_non_square_tiles_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="rotate90 needs square tiles; these are 8x16"):
-        TileAugmenter(AugmentParams(rotate90=True), (8, 16, 3))
+        TileAugmenter(typed("augmentation", rotate90=True), (8, 16, 3))
 
 
 def test_split_table_from_another_store_is_refused(
@@ -228,10 +235,10 @@ def test_class_without_training_tiles_is_named(
 
 
 def test_bad_parameters_are_named() -> None:
-    with pytest.raises(ValueError, match="fill_mode must be one of"):
-        AugmentParams.from_mapping({"fill_mode": "mirror"})
-    with pytest.raises(ValueError, match=r"Unknown augmentation parameter\(s\) \['zoom'\]"):
-        AugmentParams.from_mapping({"zoom": 0.1})
+    with pytest.raises(ParameterError, match=r"augmentation.fill_mode = 'mirror': must be 'refl"):
+        ap(fill_mode="mirror")
+    with pytest.raises(ParameterError, match=r"augmentation.zoom = 0.1: unknown key"):
+        ap(zoom=0.1)
 
 
 def test_grid_has_a_pair_of_axes_per_sample_and_class(
@@ -239,7 +246,7 @@ def test_grid_has_a_pair_of_axes_per_sample_and_class(
 ) -> None:
     store, table = store_and_split
     out = write(augment_training_set(store, table, PARAMS), tmp_path / "aug")
-    fig = plot_augmentation_grid(out, {**PARAMS, "grid_samples_per_class": 3})
+    fig = plot_augmentation_grid(out, ap(**{"grid_samples_per_class": 3}))
     assert len(fig.axes) == 3 * 2 * 3
     shown = [len(ax.images) for ax in fig.axes]
     # 'big' (row 0) has no copies: originals with empty neighbours; other rows show pairs.

@@ -15,17 +15,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from _params import params
 from PIL import Image
 
-from neuroblastoma_cnn.datasets import write_tile_store
+from neuroblastoma_cnn.datasets import TileStore, write_tile_store
+from neuroblastoma_cnn.imaging import decode_image
 from neuroblastoma_cnn.pipelines.ingestion.nodes import (
     NoUsableImagesError,
     build_image_manifest,
-    load_rgb,
     tile_images,
 )
 
-PARAMS = {
+SETTINGS = {
     "extensions": [".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp"],
     "group_pattern": None,
     "max_image_pixels": 50_000,  # low, so that a 300x300 image counts as a bomb
@@ -35,6 +36,12 @@ PARAMS = {
     "min_tissue_fraction": 0.5,
     "input_size": 16,
 }
+PARAMS = params("ingestion", **SETTINGS)
+
+
+def load_rgb(path: Path) -> np.ndarray:
+    """One file decoded as ingestion decodes it."""
+    return decode_image(path.read_bytes(), str(path), 250_000_000)[0]
 
 
 def tissue(width: int, height: int, seed: int) -> np.ndarray:
@@ -190,8 +197,6 @@ def test_good_images_survive_with_their_properties(ingested: tuple) -> None:
 
 
 def test_tile_store_holds_only_good_images(bad_raw: Path, ingested: tuple) -> None:
-    from neuroblastoma_cnn.datasets import TileStore
-
     store = TileStore(bad_raw.parent / "tiles")
     assert set(store.index["image_path"]) == {
         "CaseTest/UPPER.PNG", "Good/dup_a.png", "Good/good1.png", "Good/good2.jpg",
@@ -318,7 +323,8 @@ def test_manifest_records_source_mode_and_oriented_size(tmp_path: Path) -> None:
     exif = Image.Exif()
     exif[0x0112] = 6
     save(root / "turned.jpg", tissue(80, 70, 4), exif=exif)
-    manifest, _ = build_image_manifest(tmp_path / "raw", {**PARAMS, "tile_size": None})
+    manifest, _ = build_image_manifest(tmp_path / "raw", params("ingestion", **{**SETTINGS,
+                                                                   "tile_size": None}))
     rows = manifest.set_index("image_path")
     assert rows.loc["A/gray.png", "mode"] == "L"
     assert rows.loc["A/cmyk.tif", "mode"] == "CMYK"

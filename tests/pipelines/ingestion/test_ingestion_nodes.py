@@ -9,29 +9,27 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
+from _params import params
 from kedro.io.core import DatasetError, Version
+from kedro_datasets.pandas import CSVDataset
 from PIL import Image
 
 from neuroblastoma_cnn.datasets import ImageFolderDataset, TileStoreDataset, write_tile_store
+from neuroblastoma_cnn.errors import ParameterError
+from neuroblastoma_cnn.imaging import ImageChecks
 from neuroblastoma_cnn.pipelines.ingestion import create_pipeline, nodes
 from neuroblastoma_cnn.pipelines.ingestion.nodes import (
-    ImageRejected,
     NoUsableImagesError,
     RawDataChangedError,
-    TilingConfig,
     build_image_manifest,
-    load_rgb,
-    resize_tile,
-    tile_image,
     tile_images,
-    tile_positions,
-    tissue_fraction,
-    tissue_mask,
 )
+from neuroblastoma_cnn.preprocessing import Preprocessing
 
 PINK = (200, 110, 190)  # eosin/haematoxylin-like: saturated, not bright
 WHITE = (245, 245, 245)
-PARAMS = {
+SETTINGS = {
     "extensions": [".png", ".jpg", ".tif"],
     "group_pattern": None,
     "max_image_pixels": 1_000_000,
@@ -42,6 +40,7 @@ PARAMS = {
     "input_size": 16,
     "shard_size": 4,
 }
+PARAMS = params("ingestion", **SETTINGS)
 
 
 def tissue(width: int, height: int, seed: int = 0) -> np.ndarray:
@@ -56,114 +55,6 @@ def save(path: Path, rgb: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(rgb).save(path)
     return path
-
-
-# ----------------------------------------------------------------------------- tissue
-
-
-def test_tissue_fraction_separates_stain_from_glass_fat_and_black() -> None:
-    assert tissue_fraction(np.full((8, 8, 3), PINK, np.uint8)) == 1.0
-    assert tissue_fraction(np.full((8, 8, 3), WHITE, np.uint8)) == 0.0
-    assert tissue_fraction(np.full((8, 8, 3), (255, 229, 255), np.uint8)) == 0.0  # fat, tinted
-    assert tissue_fraction(np.zeros((8, 8, 3), np.uint8)) == 0.0  # black border
-    assert tissue_fraction(np.full((8, 8, 3), 90, np.uint8)) == 0.0  # grey debris
-    half = np.full((8, 8, 3), WHITE, np.uint8)
-    half[:, :4] = PINK
-    assert tissue_fraction(half) == pytest.approx(0.5)
-
-
-def test_tissue_thresholds_are_configurable() -> None:
-    pale = np.full((4, 4, 3), (210, 190, 205), np.uint8)  # saturation ~0.095, darkest 190
-    assert tissue_fraction(pale) == 1.0
-    assert tissue_fraction(pale, min_saturation=0.2) == 0.0
-    assert tissue_fraction(pale, white_level=180) == 0.0
-
-
-def test_tissue_mask_rejects_non_rgb_uint8() -> None:
-    with pytest.raises(ValueError, match="uint8"):
-        tissue_mask(np.zeros((4, 4, 3), np.float32))
-    with pytest.raises(ValueError, match="uint8"):
-        tissue_mask(np.zeros((4, 4), np.uint8))
-
-
-# ----------------------------------------------------------------------------- tiles
-
-
-def test_tile_positions_grid_and_edges() -> None:
-    assert tile_positions(256, 192, 128, 128) == [(0, 0), (128, 0)]
-    assert tile_positions(256, 192, 128, 64) == [
-        (0, 0), (64, 0), (128, 0), (0, 64), (64, 64), (128, 64)
-    ]
-    assert tile_positions(256, 192, 128, None) == [(0, 0), (128, 0)]
-    assert tile_positions(100, 300, 128, 128) == []
-    assert tile_positions(100, 300, None, None) == [(0, 0)]
-
-
-def test_tile_image_drops_background_and_keeps_coordinates() -> None:
-    rgb = np.full((64, 96, 3), WHITE, np.uint8)
-    rgb[:, :32] = tissue(32, 64)  # left column of tiles is tissue
-    rgb[:32, 32:64] = tissue(32, 32, seed=1)[:, :32]
-    rgb[:32, 48:64] = WHITE  # tile (32, 0) is half tissue
-    tiles = tile_image(rgb, tile_size=32, stride=32, min_tissue_fraction=0.5, input_size=16)
-    assert [(t.x, t.y) for t in tiles] == [(0, 0), (32, 0), (0, 32)]
-    assert [t.tissue_fraction for t in tiles] == pytest.approx([1.0, 0.5, 1.0])
-    for tile in tiles:
-        assert tile.tile.dtype == np.uint8
-        assert tile.tile.shape == (16, 16, 3)
-    # unpacks as (tile, x, y, tissue_fraction), the documented tuple
-    pixels, x, y, fraction = tiles[1]
-    np.testing.assert_array_equal(pixels, resize_tile(rgb[0:32, 32:64], 16))
-    assert (x, y, fraction) == (32, 0, 0.5)
-    everything = tile_image(rgb, 32, 32, 0.0, 16)
-    assert len(everything) == 6
-
-
-def test_whole_image_is_one_tile_when_tile_size_is_null() -> None:
-    rgb = tissue(40, 30)
-    (only,) = tile_image(rgb, None, None, 0.25, 24)
-    assert (only.x, only.y) == (0, 0)
-    assert only.tile.shape == (24, 24, 3)
-    assert tile_image(np.full((30, 40, 3), WHITE, np.uint8), None, None, 0.25, 24) == []
-
-
-def test_resize_uses_pillow_bilinear_exactly() -> None:
-    rgb = tissue(48, 48, seed=3)
-    expected = np.asarray(Image.fromarray(rgb).resize((20, 20), Image.Resampling.BILINEAR))
-    np.testing.assert_array_equal(resize_tile(rgb, 20), expected)
-    assert nodes.RESIZE_FILTER == Image.Resampling.BILINEAR
-    # a tile already at input size is passed through untouched
-    np.testing.assert_array_equal(resize_tile(rgb, 48), rgb)
-
-
-def test_tiling_config_from_params_matches_tile_image_and_validates() -> None:
-    config = TilingConfig.from_params(PARAMS)
-    assert (config.tile_size, config.effective_stride, config.input_size) == (32, 32, 16)
-    rgb = tissue(64, 64)
-    direct = tile_image(rgb, 32, 32, 0.5, 16)
-    via_config = config.tile(rgb)
-    assert len(direct) == len(via_config) == 4
-    for a, b in zip(direct, via_config, strict=True):
-        np.testing.assert_array_equal(a.tile, b.tile)
-    for key, value in [("tile_size", 0), ("stride", -2), ("input_size", 2.5),
-                       ("min_tissue_fraction", 1.5), ("tissue_white_level", 300)]:
-        with pytest.raises(ValueError, match=key):
-            TilingConfig.from_params({**PARAMS, key: value})
-
-
-# ----------------------------------------------------------------------------- decoding
-
-
-def test_load_rgb_round_trips_png_and_names_bad_files(tmp_path: Path) -> None:
-    rgb = tissue(20, 10)
-    np.testing.assert_array_equal(load_rgb(save(tmp_path / "a.png", rgb)), rgb)
-    (tmp_path / "b.jpg").write_text("not an image")
-    with pytest.raises(ImageRejected, match=r"b\.jpg.*not a readable image") as info:
-        load_rgb(tmp_path / "b.jpg")
-    assert info.value.reason.startswith("not a readable image")
-    with pytest.raises(ImageRejected, match="cannot read"):
-        load_rgb(tmp_path / "missing.png")
-    with pytest.raises(ImageRejected, match="decompression bomb"):
-        load_rgb(tmp_path / "a.png", max_image_pixels=100)
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -205,8 +96,8 @@ def test_manifest_columns_groups_and_tile_counts(tmp_path: Path) -> None:
 def test_group_pattern_names_patients_and_rejects_unmatched_files(tmp_path: Path) -> None:
     root = make_raw(tmp_path / "raw")
     save(root / "B" / "nopatient.png", tissue(64, 64, 9))
-    params = {**PARAMS, "group_pattern": r"^(?P<group>S\d+)_"}
-    manifest, rejected = build_image_manifest(root, params)
+    manifest, rejected = build_image_manifest(
+        root, params("ingestion", **{**SETTINGS, "group_pattern": r"^(?P<group>S\d+)_"}))
     groups = dict(zip(manifest["image_path"], manifest["group"], strict=True))
     assert groups["B/S7_x.png"] == groups["B/S7_y.png"] == "S7"
     assert groups["B/S8_z.png"] == "S8"
@@ -214,10 +105,10 @@ def test_group_pattern_names_patients_and_rejects_unmatched_files(tmp_path: Path
     assert rejected.set_index("file").loc["B/nopatient.png", "reason"].startswith(
         "group_pattern does not match"
     )
-    with pytest.raises(ValueError, match="named group 'group'"):
-        build_image_manifest(root, {**PARAMS, "group_pattern": r"^S\d+"})
-    with pytest.raises(ValueError, match="not a valid regex"):
-        build_image_manifest(root, {**PARAMS, "group_pattern": r"(?P<group>"})
+    with pytest.raises(ParameterError, match=r"ingestion.group_pattern = .*named group 'group'"):
+        params("ingestion", **{**SETTINGS, "group_pattern": r"^S\d+"})
+    with pytest.raises(ParameterError, match="not a valid regular expression"):
+        params("ingestion", **{**SETTINGS, "group_pattern": r"(?P<group>"})
 
 
 def test_background_only_image_is_reported_and_not_tiled(
@@ -242,9 +133,11 @@ def test_tile_images_streams_contract_metadata(tmp_path: Path) -> None:
     manifest, _ = build_image_manifest(root, PARAMS)
     stream = tile_images(root, manifest, PARAMS)
     assert stream.metadata["classes"] == ["A", "B"]
-    assert (stream.metadata["input_size"], stream.metadata["tile_size"],
-            stream.metadata["stride"]) == (16, 32, 32)
-    assert stream.metadata["ingestion"]["min_tissue_fraction"] == 0.5
+    record = Preprocessing.from_metadata(stream.metadata, "stream")
+    assert record.tiling == PARAMS.tiling
+    assert record.image_checks == PARAMS.image_checks
+    assert record.architecture is None
+    assert "ingestion" not in stream.metadata  # each value once: the record only
     store = write_tile_store(tmp_path / "store", stream, stream.metadata, shard_size=4)
     assert len(store) == int(manifest["n_tiles"].sum()) == 21
     assert store.tile_shape == (16, 16, 3)
@@ -255,8 +148,10 @@ def test_tile_images_streams_contract_metadata(tmp_path: Path) -> None:
     assert list(zip(first["x"], first["y"], strict=True)) == [(0, 0), (32, 0)]
     assert set(first["group"]) == {"P1"}
     assert set(first["label"]) == {"A"}
-    # the stored pixels are the ones tile_image makes for the same file (prediction reuses it)
-    expected = tile_image(load_rgb(root / "A/P1/a2.png"), 32, 32, 0.5, 16)
+    # the stored pixels are the ones the record's tiling makes for the file (prediction uses it)
+    rgb = ImageChecks.model_validate(stream.metadata["image_checks"]).read(
+        root / "A/P1/a2.png", "a2.png", 32)
+    expected = record.tiling.tile(rgb)
     np.testing.assert_array_equal(store.get(first["tile_id"]), np.stack([t.tile for t in expected]))
     # a stream can be iterated again and gives the same tiles
     assert sum(1 for _ in stream) == 21
@@ -309,7 +204,7 @@ def test_tile_store_dataset_uses_the_ingestion_shard_size(tmp_path: Path) -> Non
     root = make_raw(tmp_path / "raw")
     manifest, _ = build_image_manifest(root, PARAMS)
     dataset = TileStoreDataset(filepath=str(tmp_path / "tiles"), version=Version(None, None))
-    dataset.save(tile_images(root, manifest, {**PARAMS, "shard_size": 5}))
+    dataset.save(tile_images(root, manifest, params("ingestion", **{**SETTINGS, "shard_size": 5})))
     store = dataset.load()
     assert len(store) == 21
     assert store.metadata["shards"] == 5  # ceil(21 / 5), not the dataset default of 512
@@ -355,7 +250,8 @@ def test_pipeline_wiring() -> None:
 def test_min_image_size_applies_when_the_whole_image_is_the_tile(tmp_path: Path) -> None:
     root = make_raw(tmp_path / "raw")
     save(root / "A" / "P2" / "tiny.png", tissue(10, 40, 7))
-    manifest, rejected = build_image_manifest(root, {**PARAMS, "tile_size": None})
+    manifest, rejected = build_image_manifest(
+        root, params("ingestion", **{**SETTINGS, "tile_size": None}))
     assert "A/P2/tiny.png" not in set(manifest["image_path"])
     assert rejected.set_index("file").loc["A/P2/tiny.png", "reason"] == (
         "too small: image is 10x40, min_image_size is 16"
@@ -365,14 +261,11 @@ def test_min_image_size_applies_when_the_whole_image_is_the_tile(tmp_path: Path)
 
 def test_numeric_looking_names_stay_strings_after_saving(tmp_path: Path) -> None:
     """Class "1" and patient "007" must not come back as numbers from the catalog or the store."""
-    import yaml
-    from kedro_datasets.pandas import CSVDataset
-
     root = tmp_path / "raw"
     save(root / "1" / "007" / "a.png", tissue(64, 64, 1))
     save(root / "2" / "NA" / "b.png", tissue(64, 64, 2))
     manifest, _ = build_image_manifest(root, PARAMS)
-    catalog = yaml.safe_load((Path(__file__).parents[1] / "conf/base/catalog.yml").read_text())
+    catalog = yaml.safe_load((Path(__file__).parents[3] / "conf/base/catalog.yml").read_text())
     dataset = CSVDataset(
         filepath=str(tmp_path / "manifest.csv"), load_args=catalog["image_manifest"]["load_args"]
     )

@@ -13,9 +13,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+from kedro.framework.session import KedroSession
+from kedro.framework.startup import bootstrap_project
 from PIL import Image
 
-from neuroblastoma_cnn.pipelines.ingestion.nodes import TilingConfig, load_rgb, tile_positions
+from neuroblastoma_cnn.preprocessing import Preprocessing
 
 pytestmark = pytest.mark.integration
 
@@ -23,9 +25,6 @@ RAW = Path("data/01_raw/images")
 
 
 def _catalog(project: Path) -> Any:
-    from kedro.framework.session import KedroSession
-    from kedro.framework.startup import bootstrap_project
-
     bootstrap_project(project)
     with KedroSession.create(project_path=project, env="tiny") as session:
         return session.load_context().catalog
@@ -43,7 +42,11 @@ def test_ingestion_pipeline_end_to_end(
     manifest = catalog.load("image_manifest")
     rejected = catalog.load("rejected_images")
     store = catalog.load("tiles")
+    _check_first_run(kedro_project, manifest, rejected, store)
+    _check_reruns_add_versions(kedro_project, manifest, store, run_kedro)
 
+
+def _check_first_run(kedro_project: Path, manifest: Any, rejected: Any, store: Any) -> None:
     # one row per image; class = first folder, group = patient folder
     assert len(manifest) == 24
     parts = manifest["image_path"].str.split("/")
@@ -54,14 +57,17 @@ def test_ingestion_pipeline_end_to_end(
     assert set(rejected["reason"].str.split(":").str[0]) <= {"mostly background"}
 
     # tiles: as many as the tiling function keeps for each image, with its coordinates
-    config = TilingConfig.from_params(store.metadata["ingestion"])
+    record = Preprocessing.from_store(store)
+    config = record.tiling
     assert (config.tile_size, config.effective_stride, config.input_size) == (128, 128, 32)
-    assert len(tile_positions(256, 192, 128, 128)) == 2
+    assert len(config.positions(256, 192)) == 2
     assert store.tile_shape == (32, 32, 3)
     assert store.metadata["classes"] == sorted(set(manifest["label"]))
     expected_total = 0
     for image_path in manifest["image_path"]:
-        expected = config.tile(load_rgb(kedro_project / RAW / image_path))
+        rgb = record.image_checks.read(kedro_project / RAW / image_path, image_path,
+                                       config.tile_size)
+        expected = config.tile(rgb)
         rows = store.index[store.index["image_path"] == image_path]
         assert list(zip(rows["x"], rows["y"], strict=True)) == [(t.x, t.y) for t in expected]
         if expected:
@@ -73,6 +79,10 @@ def test_ingestion_pipeline_end_to_end(
     assert set(store.index["group"]) == set(manifest["group"])
     assert store.metadata["shards"] == math.ceil(expected_total / 64)  # tiny shard_size
 
+
+def _check_reruns_add_versions(
+    kedro_project: Path, manifest: Any, store: Any, run_kedro: Callable[..., dict[str, Any]]
+) -> None:
     # a second run, on one more image, adds versions and replaces nothing
     first_class = sorted(set(manifest["label"]))[0]
     source = kedro_project / RAW / manifest["image_path"].iloc[0]
@@ -93,8 +103,6 @@ def test_ingestion_pipeline_end_to_end(
     # the first version is still loadable, by `load_versions` as `kedro run` uses it
     first = manifest_versions[0]
     assert len(latest.load("image_manifest", version=first)) == 24
-    from kedro.framework.session import KedroSession
-
     with KedroSession.create(project_path=kedro_project, env="tiny") as session:
         session.run(
             pipeline_names=["ingestion"], node_names=["tile_images"],

@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from _params import params as typed
 
 from neuroblastoma_cnn.datasets import TileStore, write_tile_store
+from neuroblastoma_cnn.errors import ParameterError
 from neuroblastoma_cnn.pipelines.splitting import create_pipeline
 from neuroblastoma_cnn.pipelines.splitting.nodes import (
     SPLIT_COLUMNS,
@@ -18,13 +20,19 @@ from neuroblastoma_cnn.pipelines.splitting.nodes import (
     summarise_split,
 )
 
-PARAMS = {
+SETTINGS = {
     "strategy": "patient",
     "test_fraction": 0.2,
     "validation_fraction": 0.1,
     "n_folds": 2,
     "seed": 42,
 }
+PARAMS = typed("splitting", **SETTINGS)
+
+
+def sp(**overrides: object) -> object:
+    """The test's splitting parameters with ``overrides``, validated."""
+    return typed("splitting", **{**SETTINGS, **overrides})
 
 
 def make_store(
@@ -91,7 +99,7 @@ def test_patient_split_keeps_every_group_in_one_split(tmp_path: Path) -> None:
 def test_class_with_three_groups_gets_one_group_in_each_split(tmp_path: Path) -> None:
     store = make_store(tmp_path / "s", {"few": 3, "many": 12})
     for seed in range(5):
-        table = split_tiles(store, {**PARAMS, "seed": seed})
+        table = split_tiles(store, sp(**{"seed": seed}))
         few = table[table["label"] == "few"].groupby("split")["group"].nunique()
         assert few.to_dict() == {"train": 1, "validation": 1, "test": 1}
 
@@ -105,7 +113,7 @@ def test_class_with_two_groups_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_two_groups_suffice_without_a_validation_split(tmp_path: Path) -> None:
     store = make_store(tmp_path / "s", {"A": 2, "B": 2})
-    table = split_tiles(store, {**PARAMS, "validation_fraction": 0.0, "n_folds": 0})
+    table = split_tiles(store, sp(**{"validation_fraction": 0.0, "n_folds": 0}))
     assert set(table["split"]) == {"train", "test"}
     assert (table["fold"][table["split"] == "train"] == 0).all()
 
@@ -114,13 +122,13 @@ def test_split_is_deterministic_for_a_seed_and_differs_across_seeds(tmp_path: Pa
     store = make_store(tmp_path / "s", {"A": 10, "B": 10})
     first = split_tiles(store, PARAMS)
     pd.testing.assert_frame_equal(first, split_tiles(store, PARAMS))
-    other = split_tiles(store, {**PARAMS, "seed": 7})
+    other = split_tiles(store, sp(**{"seed": 7}))
     assert not first["split"].equals(other["split"])
 
 
 def test_folds_cover_non_test_groups_and_mark_test_rows(tmp_path: Path) -> None:
     store = make_store(tmp_path / "s", {"A": 10, "B": 10, "C": 10})
-    table = split_tiles(store, {**PARAMS, "n_folds": 4})
+    table = split_tiles(store, sp(**{"n_folds": 4}))
     test = table["split"] == "test"
     assert (table.loc[test, "fold"] == -1).all()
     assert set(table.loc[~test, "fold"]) == {0, 1, 2, 3}
@@ -133,7 +141,7 @@ def test_folds_cover_non_test_groups_and_mark_test_rows(tmp_path: Path) -> None:
 def test_too_many_folds_is_a_clear_error(tmp_path: Path) -> None:
     store = make_store(tmp_path / "s", {"A": 3, "B": 3})
     with pytest.raises(ValueError, match="n_folds is 9 but only 4 group"):
-        split_tiles(store, {**PARAMS, "n_folds": 9})
+        split_tiles(store, sp(**{"n_folds": 9}))
 
 
 def test_group_with_two_classes_follows_its_majority_and_stays_whole(
@@ -154,7 +162,7 @@ def test_image_strategy_keeps_images_whole_but_may_share_patients(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     store = make_store(tmp_path / "s", {"A": 3, "B": 3}, images_per_group=5)
-    params = {**PARAMS, "strategy": "image"}
+    params = sp(**{"strategy": "image"})
     table = split_tiles(store, params)
     assert (units_per_split(table, "image_path") == 1).all()
     # 15 images per class: 3 test, 2 validation (carved per image too), 10 train.
@@ -179,7 +187,7 @@ def test_leakage_check_fails_with_the_leaking_group_named(tmp_path: Path) -> Non
 
 
 def test_leakage_check_fails_on_image_in_two_splits_for_image_strategy(tmp_path: Path) -> None:
-    params = {**PARAMS, "strategy": "image"}
+    params = sp(**{"strategy": "image"})
     table = split_tiles(make_store(tmp_path / "s", {"A": 5, "B": 5}), params)
     bad = table.copy()
     image = bad.loc[bad["split"] == "train", "image_path"].iloc[0]
@@ -221,10 +229,10 @@ def test_bad_inputs_get_clear_messages(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match=r"nogroup.*lacks column\(s\) \['group'\]"):
         split_tiles(store, PARAMS)
-    with pytest.raises(ValueError, match="strategy must be one of"):
-        split_tiles(store, {**PARAMS, "strategy": "slide"})
-    with pytest.raises(ValueError, match="must be below 1"):
-        split_tiles(store, {**PARAMS, "test_fraction": 0.6, "validation_fraction": 0.5})
+    with pytest.raises(ParameterError, match=r"splitting.strategy = 'slide': must be 'patient'"):
+        sp(strategy="slide")
+    with pytest.raises(ParameterError, match=r"0.6 \+ 0.5: must be below 1"):
+        sp(test_fraction=0.6, validation_fraction=0.5)
 
 
 def test_numeric_group_and_class_names_stay_strings(tmp_path: Path) -> None:

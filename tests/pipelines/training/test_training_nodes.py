@@ -8,9 +8,12 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
+from _params import params, store_metadata
+from sklearn.metrics import f1_score
 
 from neuroblastoma_cnn.datasets import write_tile_store
 from neuroblastoma_cnn.pipelines.training import nodes
+from neuroblastoma_cnn.tf_input import encode_labels, make_tf_dataset, split_tile_ids
 
 CLASSES = ["alpha", "beta", "gamma"]
 
@@ -25,7 +28,7 @@ def _store(path: Path, n_per_class: int, seed: int, size: int = 16):
                 tile = rng.normal(60 + 70 * c, 20, (size, size, 3)).clip(0, 255).astype(np.uint8)
                 yield tile, {"label": name, "group": f"{name}-{i}", "image_path": f"{name}/{i}.png"}
 
-    return write_tile_store(path, records(), {"classes": CLASSES, "input_size": size}, 16)
+    return write_tile_store(path, records(), store_metadata(CLASSES, size), 16)
 
 
 @pytest.fixture
@@ -49,35 +52,9 @@ def small_cnn(architecture: str, input_size: int, num_classes: int, seed: int | 
     return keras.Model(inputs, outputs, name=architecture)
 
 
-TRAINING = {"optimizer": "adam", "learning_rate": 0.05, "epochs": 4, "batch_size": 8, "seed": 3}
-
-
-def test_dataset_streaming_equals_in_memory(stores) -> None:
-    train, _, _ = stores
-    ids = train.index["tile_id"].tolist()[::-1]
-    labels = np.arange(len(ids)) % 3
-    in_memory = list(nodes.make_tf_dataset(train, ids, labels, 8))
-    streamed = list(nodes.make_tf_dataset(train, ids, labels, 8, in_memory_limit_mb=0))
-    assert len(in_memory) == len(streamed) == 4
-    for (xa, ya), (xb, yb) in zip(in_memory, streamed, strict=True):
-        assert xa.dtype.name == "float32"
-        np.testing.assert_array_equal(xa.numpy(), xb.numpy())
-        np.testing.assert_array_equal(ya.numpy(), yb.numpy())
-    np.testing.assert_array_equal(in_memory[0][0].numpy()[0], train.get([ids[0]])[0])
-
-
-def test_shuffle_is_seeded(stores) -> None:
-    train, _, _ = stores
-    ids = train.index["tile_id"].tolist()
-    labels = np.array(ids)
-
-    def order(seed: int) -> list[int]:
-        data = nodes.make_tf_dataset(train, ids, labels, 64, shuffle=True, seed=seed)
-        return next(iter(data))[1].numpy().tolist()
-
-    assert order(1) == order(1)
-    assert order(1) != order(2)
-    assert sorted(order(1)) == ids
+SETTINGS = {"optimizer": "adam", "learning_rate": 0.05, "epochs": 4, "batch_size": 8, "seed": 3}
+TRAINING = params("resnet34.training", **SETTINGS)
+MODEL = params("resnet34.model")  # built by small_cnn here
 
 
 def test_optimizers_and_errors() -> None:
@@ -100,36 +77,39 @@ def test_class_weights_and_labels() -> None:
     weights = nodes.balanced_class_weights(np.array([0, 0, 0, 1]), 3)
     assert weights[0] == pytest.approx(4 / 6) and weights[1] == pytest.approx(2.0)
     assert weights[2] == 1.0
-    assert nodes.encode_labels(pd.Series(["b", "a"]), ["a", "b"]).tolist() == [1, 0]
+    assert encode_labels(pd.Series(["b", "a"]), ["a", "b"]).tolist() == [1, 0]
     with pytest.raises(ValueError, match=r"\['z'\] are not among"):
-        nodes.encode_labels(pd.Series(["z"]), ["a", "b"])
+        encode_labels(pd.Series(["z"]), ["a", "b"])
 
 
 def test_train_model_keeps_best_epoch_and_records_preprocessing(stores) -> None:
     train, tiles, split = stores
-    model, history = nodes.train_model(train, tiles, split, {"architecture": "small"},
+    model, history = nodes.train_model(train, tiles, split, MODEL,
                                        TRAINING, build=small_cnn)
     assert list(history["epoch"]) == [1, 2, 3, 4]
-    assert {"loss", "accuracy", "val_loss", "val_macro_f1", "seconds"} <= set(history.columns)
-    assert model.preprocessing["classes"] == CLASSES
-    assert model.preprocessing["input_size"] == 16
+    assert {"loss", "accuracy", "val_loss", "val_macro_f1", "val_predicted_classes",
+            "seconds"} <= set(history.columns)
+    assert history["val_predicted_classes"].between(1, 3).all()
+    assert list(model.preprocessing.classes) == CLASSES
+    assert model.preprocessing.input_size == 16
+    assert model.preprocessing.architecture == "resnet34"
     # The returned weights are those of the best validation epoch, not the last one.
-    val_ids = nodes.split_tile_ids(split, "validation")
+    val_ids = split_tile_ids(split, "validation")
     pred = model.predict(tiles.get(val_ids).astype("float32"), verbose=0).argmax(1)
-    from sklearn.metrics import f1_score
-
-    y_val = nodes.encode_labels(tiles.rows(val_ids)["label"], CLASSES)
+    y_val = encode_labels(tiles.rows(val_ids)["label"], CLASSES)
     achieved = f1_score(y_val, pred, average="macro", labels=range(3), zero_division=0)
     assert achieved == pytest.approx(history["val_macro_f1"].max())
     metrics = nodes.history_metrics(history)
     assert [p["step"] for p in metrics["val_macro_f1"]] == [1, 2, 3, 4]
+    assert [p["value"] for p in metrics["val_predicted_classes"]] == list(
+        history["val_predicted_classes"])
 
 
 def test_training_is_repeatable_with_a_seed(stores) -> None:
     train, tiles, split = stores
-    first, h1 = nodes.train_model(train, tiles, split, {"architecture": "small"}, TRAINING,
+    first, h1 = nodes.train_model(train, tiles, split, MODEL, TRAINING,
                                   build=small_cnn)
-    second, h2 = nodes.train_model(train, tiles, split, {"architecture": "small"}, TRAINING,
+    second, h2 = nodes.train_model(train, tiles, split, MODEL, TRAINING,
                                    build=small_cnn)
     for a, b in zip(first.get_weights(), second.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -138,14 +118,14 @@ def test_training_is_repeatable_with_a_seed(stores) -> None:
 
 def test_early_stopping_and_missing_validation(stores) -> None:
     train, tiles, split = stores
-    params = {**TRAINING, "epochs": 30, "learning_rate": 0.0, "early_stopping_patience": 2,
-              "monitor": "val_loss"}
-    _, history = nodes.train_model(train, tiles, split, {"architecture": "small"}, params,
-                                   build=small_cnn)
-    assert len(history) == 3  # lr 0: nothing improves after epoch 1, stop after 2 more
+    stopping = params("resnet34.training", **{**SETTINGS, "epochs": 30, "learning_rate": 1e-12,
+                                              "early_stopping_patience": 2,
+                                              "monitor": "val_loss"})
+    _, history = nodes.train_model(train, tiles, split, MODEL, stopping, build=small_cnn)
+    assert len(history) == 3  # lr ~0: nothing improves after epoch 1, stop after 2 more
     no_val = split.assign(split="test")
     with pytest.raises(ValueError, match="no validation tiles"):
-        nodes.train_model(train, tiles, no_val, {"architecture": "small"}, TRAINING,
+        nodes.train_model(train, tiles, no_val, MODEL, TRAINING,
                           build=small_cnn)
 
 
@@ -154,11 +134,12 @@ def test_a_later_stage_must_beat_the_earlier_best(stores) -> None:
     train, tiles, split = stores
     model = small_cnn("small", 16, 3, seed=0)
     before = [w.copy() for w in model.get_weights()]
-    val_ids = nodes.split_tile_ids(split, "validation")
+    val_ids = split_tile_ids(split, "validation")
     val_x = tiles.get(val_ids).astype("float32")
-    val_y = nodes.encode_labels(tiles.rows(val_ids)["label"], CLASSES)
-    data = nodes.make_tf_dataset(train, train.index["tile_id"].tolist(),
-                                 nodes.encode_labels(train.index["label"], CLASSES), 8)
+    val_y = encode_labels(tiles.rows(val_ids)["label"], CLASSES)
+    data = make_tf_dataset(train, train.index["tile_id"].tolist(),
+                           encode_labels(train.index["label"], CLASSES), 8,
+                           in_memory_limit_mb=2048)
     history: list[dict] = []
     common = {"epochs": 2, "num_classes": 3, "monitor": "val_macro_f1", "patience": None,
               "class_weight": None, "stage": "fine_tune", "history": history}

@@ -20,8 +20,7 @@ part of the recipe: changing it changes which random numbers a tile gets.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -29,60 +28,18 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from neuroblastoma_cnn.datasets import TileStore, TileStream
+from neuroblastoma_cnn.errors import DataError
+from neuroblastoma_cnn.params import AugmentationParams
+from neuroblastoma_cnn.preprocessing import RECORD_KEYS
 
 logger = logging.getLogger(__name__)
 
-FILL_MODES = ("reflect", "wrap", "constant", "nearest")
 # Ruifrok & Johnston's H&E-DAB stain vectors (as in scikit-image): rows are the optical density
 # of haematoxylin, eosin and DAB in R, G, B. Stain jitter scales and shifts each stain's amount.
 RGB_FROM_HED = np.array(
     [[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float64
 )
 HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED)
-
-
-@dataclass(frozen=True)
-class AugmentParams:
-    """The augmentation parameters, checked once so a typo fails before any tile is written."""
-
-    target_per_class: int = 600
-    seed: int = 42
-    rotation_degrees: float = 50.0
-    width_shift: float = 0.2
-    height_shift: float = 0.2
-    horizontal_flip: bool = True
-    fill_mode: str = "reflect"
-    vertical_flip: bool = False
-    rotate90: bool = False
-    stain_jitter: float = 0.0
-    brightness: float = 0.0
-    contrast: float = 0.0
-    grid_samples_per_class: int = 4
-    batch_size: int = 64
-
-    @classmethod
-    def from_mapping(cls, params: Mapping[str, Any] | None) -> AugmentParams:
-        params = dict(params or {})
-        unknown = sorted(set(params) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"Unknown augmentation parameter(s) {unknown}.")
-        out = cls(**params)
-        checks = [
-            (out.target_per_class >= 0, "target_per_class must be >= 0"),
-            (out.batch_size >= 1, "batch_size must be >= 1"),
-            (out.grid_samples_per_class >= 1, "grid_samples_per_class must be >= 1"),
-            (0 <= out.rotation_degrees <= 180, "rotation_degrees must be in [0, 180]"),
-            (0 <= out.width_shift < 1, "width_shift must be in [0, 1)"),
-            (0 <= out.height_shift < 1, "height_shift must be in [0, 1)"),
-            (out.fill_mode in FILL_MODES, f"fill_mode must be one of {FILL_MODES}"),
-            (0 <= out.stain_jitter < 1, "stain_jitter must be in [0, 1)"),
-            (0 <= out.brightness <= 1, "brightness must be in [0, 1]"),
-            (0 <= out.contrast < 1, "contrast must be in [0, 1)"),
-        ]
-        errors = [message for ok, message in checks if not ok]
-        if errors:
-            raise ValueError(f"Bad augmentation parameters ({params}): " + "; ".join(errors))
-        return out
 
 
 def training_rows(tiles: TileStore, split_table: pd.DataFrame) -> pd.DataFrame:
@@ -94,15 +51,15 @@ def training_rows(tiles: TileStore, split_table: pd.DataFrame) -> pd.DataFrame:
     needed = ("tile_id", "image_path", "label", "group", "split")
     missing = [c for c in needed if c not in split_table.columns]
     if missing:
-        raise ValueError(f"The split table lacks column(s) {missing}.")
+        raise DataError(f"The split table lacks column(s) {missing}.")
     train = split_table.loc[split_table["split"] == "train", list(needed[:4])].copy()
     if train.empty:
-        raise ValueError("The split table has no 'train' rows: nothing to augment.")
+        raise DataError("The split table has no 'train' rows: nothing to augment.")
     train["tile_id"] = train["tile_id"].astype(int)
     index = tiles.index.set_index("tile_id")
     unknown = sorted(set(train["tile_id"]) - set(index.index))
     if unknown:
-        raise ValueError(
+        raise DataError(
             f"The split table does not belong to tile store '{tiles.path}': {len(unknown)} "
             f"training tile id(s) are not in it (e.g. {unknown[:5]}). Split the same `tiles` "
             "version you augment (kedro run --load-versions=tiles:<version>)."
@@ -112,7 +69,7 @@ def training_rows(tiles: TileStore, split_table: pd.DataFrame) -> pd.DataFrame:
         stored = index.loc[train["tile_id"], col].astype(str).to_numpy()
         differ = train["tile_id"].to_numpy()[stored != train[col].to_numpy()]
         if len(differ):
-            raise ValueError(
+            raise DataError(
                 f"The split table does not belong to tile store '{tiles.path}': column '{col}' "
                 f"differs for {len(differ)} tile(s) (e.g. tile_id {differ[:5].tolist()}). Split "
                 "the same `tiles` version you augment (kedro run --load-versions=tiles:<version>)."
@@ -131,7 +88,7 @@ def plan_copies(train: pd.DataFrame, classes: list[str], target: int, seed: int)
     for label in classes:
         sources = train[train["label"] == label]
         if sources.empty:
-            raise ValueError(
+            raise DataError(
                 f"Class '{label}' has no tiles in the training split, so it cannot be balanced. "
                 "Check the split summary; every class needs training data."
             )
@@ -150,12 +107,14 @@ class TileAugmenter:
     twice writes the same bytes twice.
     """
 
-    def __init__(self, params: AugmentParams, tile_shape: tuple[int, ...]):
-        import keras
-        import tensorflow as tf
+    def __init__(self, params: AugmentationParams, tile_shape: tuple[int, ...]):
+        # Lazy: the pipelines import this module when registered; TensorFlow loads only when
+        # copies are made (a store already at its targets never needs it).
+        import keras  # noqa: PLC0415
+        import tensorflow as tf  # noqa: PLC0415
 
         if params.rotate90 and tile_shape[0] != tile_shape[1]:
-            raise ValueError(
+            raise DataError(
                 f"rotate90 needs square tiles; these are {tile_shape[0]}x{tile_shape[1]}."
             )
         self._tf = tf
@@ -230,19 +189,19 @@ def stain_jitter(x: np.ndarray, rng: np.random.Generator, strength: float) -> np
 
 
 def augment_training_set(
-    tiles: TileStore, split_table: pd.DataFrame, params: Mapping[str, Any]
+    tiles: TileStore, split_table: pd.DataFrame, params: AugmentationParams
 ) -> TileStream:
     """The training split's originals, then augmented copies, until each class has the target.
 
     Returns a lazy stream: tiles are read and augmented ``batch_size`` at a time while the store
     is written, so memory does not grow with the data set.
     """
-    p = AugmentParams.from_mapping(params)
+    p = params
     train = training_rows(tiles, split_table)
     classes = [str(c) for c in tiles.metadata.get("classes") or sorted(train["label"].unique())]
     extra = sorted(set(train["label"]) - set(classes))
     if extra:
-        raise ValueError(
+        raise DataError(
             f"Training tiles have class(es) {extra} missing from the store's "
             f"classes {classes} ('{tiles.path}')."
         )
@@ -263,11 +222,12 @@ def augment_training_set(
     source_meta = tiles.producer_metadata
     metadata = {
         "classes": classes,
-        "augmentation": asdict(p),
+        "augmentation": p.model_dump(mode="json"),
         "class_counts": counts,
         "source_store": str(tiles.path),
         "source_metadata": source_meta,
-        **{k: source_meta[k] for k in ("input_size", "tile_size", "stride") if k in source_meta},
+        # the source's preprocessing record, so the augmented store describes its tiles too
+        **{k: v for k, v in source_meta.items() if k in RECORD_KEYS and k != "classes"},
     }
     tile_shape = tiles.tile_shape
 
@@ -302,11 +262,11 @@ def _record(
     }
 
 
-def plot_augmentation_grid(augmented: TileStore, params: Mapping[str, Any]) -> Figure:
+def plot_augmentation_grid(augmented: TileStore, params: AugmentationParams) -> Figure:
     """One row per class: pairs of (original, one of its augmented copies), for a visual check
     that the transforms look like tissue and not artefacts. Classes with no copies (at or above
     the target) show originals next to empty panels."""
-    p = AugmentParams.from_mapping(params)
+    p = params
     index = augmented.index
     labels = index["label"].astype(str)
     classes = [str(c) for c in augmented.metadata.get("classes") or sorted(labels.unique())]

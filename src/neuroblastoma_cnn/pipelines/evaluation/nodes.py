@@ -12,42 +12,47 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 
+from neuroblastoma_cnn import metrics as m
 from neuroblastoma_cnn.datasets.tile_store import TileStore
-from neuroblastoma_cnn.pipelines.training.nodes import (
-    class_names,
-    encode_labels,
-    make_tf_dataset,
-    split_tile_ids,
+from neuroblastoma_cnn.errors import DataError
+from neuroblastoma_cnn.gradcam import GradCam, store_image_overlay
+from neuroblastoma_cnn.params import EvaluationParams
+from neuroblastoma_cnn.predictions import (
+    aggregate_image_probabilities,
+    class_names_of,
+    probability_column,
+    probability_columns,
 )
-
-from . import metrics as m
+from neuroblastoma_cnn.preprocessing import preprocessing_of
+from neuroblastoma_cnn.tf_input import class_names, encode_labels, make_tf_dataset, split_tile_ids
 
 logger = logging.getLogger(__name__)
 
 
 def predict_split_tiles(
-    model: Any, tiles: TileStore, split_table: pd.DataFrame, params: dict[str, Any]
+    model: Any, tiles: TileStore, split_table: pd.DataFrame, params: EvaluationParams
 ) -> pd.DataFrame:
-    """Class probabilities for every tile of one split (default: test)."""
-    split = params.get("split", "test")
+    """Class probabilities for every tile of the evaluated split (``params.split``)."""
+    split = params.split
     ids = split_tile_ids(split_table, split)
     if not ids:
-        raise ValueError(f"The split table has no '{split}' tiles to evaluate.")
+        raise DataError(f"The split table has no '{split}' tiles to evaluate.")
     classes = class_names(tiles)
-    record = getattr(model, "preprocessing", None) or {}
-    if record.get("classes") and list(record["classes"]) != classes:
-        raise ValueError(
-            f"The model was trained on classes {record['classes']} but the tiles have {classes}."
+    trained_on = list(preprocessing_of(model).classes)
+    if trained_on != classes:
+        raise DataError(
+            f"The model was trained on classes {trained_on} but the tiles have {classes}."
         )
     rows = tiles.rows(ids)
-    data = make_tf_dataset(tiles, ids, None, int(params.get("batch_size", 64)),
-                           in_memory_limit_mb=float(params.get("in_memory_limit_mb", 2048)))
+    data = make_tf_dataset(tiles, ids, None, params.batch_size,
+                           in_memory_limit_mb=params.in_memory_limit_mb)
     prob = np.asarray(model.predict(data, verbose=0), dtype=np.float64)
     out = rows[["tile_id", "image_path", "label", "group"]].copy()
     out["y_true"] = encode_labels(rows["label"], classes)
     for i, name in enumerate(classes):
-        out[f"{m.PROB_PREFIX}{name}"] = prob[:, i]
+        out[probability_column(name)] = prob[:, i]
     out["predicted"] = [classes[i] for i in prob.argmax(axis=1)]
     logger.info("Predicted %d %s tiles from %d images", len(out), split,
                 out["image_path"].nunique())
@@ -56,34 +61,34 @@ def predict_split_tiles(
 
 def aggregate_image_predictions(tile_predictions: pd.DataFrame) -> pd.DataFrame:
     """One row per source image: the mean of its tiles' probabilities and the argmax class."""
-    images = m.aggregate_image_probabilities(tile_predictions)
-    classes = m.class_names_of(images)
+    images = aggregate_image_probabilities(tile_predictions)
+    classes = class_names_of(images)
     images["y_true"] = images["label"].astype(str).map({c: i for i, c in enumerate(classes)})
     images["predicted"] = [
-        classes[i] for i in images[m.probability_columns(images)].to_numpy().argmax(axis=1)
+        classes[i] for i in images[probability_columns(images)].to_numpy().argmax(axis=1)
     ]
     return images
 
 
 def compute_test_metrics(
-    image_predictions: pd.DataFrame, tile_predictions: pd.DataFrame, params: dict[str, Any]
+    image_predictions: pd.DataFrame, tile_predictions: pd.DataFrame, params: EvaluationParams
 ) -> tuple[dict[str, Any], dict[str, Any], pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Metrics, classification report and confusion matrices of the test images.
 
     Returns the full metrics (JSON), the flat numeric ones for MLflow, the report and the
     confusion matrix as counts and row-normalised.
     """
-    classes = m.class_names_of(image_predictions)
+    classes = class_names_of(image_predictions)
     y_true = image_predictions["y_true"].to_numpy(dtype=int)
-    y_prob = image_predictions[m.probability_columns(image_predictions)].to_numpy()
+    y_prob = image_predictions[probability_columns(image_predictions)].to_numpy()
     y_pred = y_prob.argmax(axis=1)
     metrics = m.classification_metrics(y_true, y_prob, classes)
     metrics["macro_f1_ci"] = m.bootstrap_macro_f1(
         y_true, y_pred, image_predictions["group"].astype(str).to_numpy(),
-        n_boot=int(params.get("bootstrap_samples", 1000)), seed=int(params.get("seed", 0)),
+        n_boot=params.bootstrap_samples, seed=params.seed,
     )
     tile_true = tile_predictions["y_true"].to_numpy(dtype=int)
-    tile_prob = tile_predictions[m.probability_columns(tile_predictions)].to_numpy()
+    tile_prob = tile_predictions[probability_columns(tile_predictions)].to_numpy()
     tile_metrics = m.classification_metrics(tile_true, tile_prob, classes)
     metrics["tile"] = {k: tile_metrics[k] for k in ("accuracy", "balanced_accuracy", "f1_macro")}
     metrics["n_test_images"] = len(image_predictions)
@@ -111,11 +116,77 @@ def plot_evaluation(
     training_history: pd.DataFrame,
 ) -> tuple[Any, Any, Any]:
     """Confusion matrix, training curves and ROC figures for 08_reporting and MLflow."""
-    classes = m.class_names_of(image_predictions)
+    classes = class_names_of(image_predictions)
     y_true = image_predictions["y_true"].to_numpy(dtype=int)
-    y_prob = image_predictions[m.probability_columns(image_predictions)].to_numpy()
+    y_prob = image_predictions[probability_columns(image_predictions)].to_numpy()
     return (
         m.plot_confusion_matrix(confusion_counts, confusion_normalized),
         m.plot_training_curves(training_history),
         m.plot_roc_curves(y_true, y_prob, classes),
     )
+
+
+# --------------------------------------------------------------------- misclassified gallery
+
+
+def worst_misclassified(image_predictions: pd.DataFrame, per_class: int) -> pd.DataFrame:
+    """Up to ``per_class`` misclassified images of each true class, least true-class probability
+    first (the model's most confident mistakes)."""
+    classes = class_names_of(image_predictions)
+    frame = image_predictions.copy()
+    frame["label"] = frame["label"].astype(str)
+    frame["predicted"] = frame["predicted"].astype(str)
+    wrong = frame[frame["label"] != frame["predicted"]].copy()
+    if wrong.empty:
+        return wrong.assign(true_probability=pd.Series(dtype=float))
+    wrong["true_probability"] = [
+        float(row[probability_column(row["label"])]) if row["label"] in classes else np.nan
+        for _, row in wrong.iterrows()
+    ]
+    wrong = wrong.sort_values(["label", "true_probability", "image_path"])
+    return wrong.groupby("label", sort=True).head(per_class).reset_index(drop=True)
+
+
+def misclassified_gallery(
+    model: Any, tiles: TileStore, image_predictions: pd.DataFrame, params: EvaluationParams
+) -> Figure:
+    """Figure of the worst misclassified test images per true class, with Grad-CAM overlays of
+    the (wrongly) predicted class: what misled the model.
+
+    One row per class that has mistakes, up to ``misclassified_per_class`` images a row.
+    Images are rebuilt from the test tiles in the tile store, so nothing is decoded again.
+    """
+    per_class = params.misclassified_per_class
+    classes = class_names_of(image_predictions)
+    worst = worst_misclassified(image_predictions, per_class)
+    if worst.empty:
+        fig = Figure(figsize=(6, 2), layout="constrained")
+        ax = fig.subplots()
+        ax.axis("off")
+        ax.text(0.5, 0.5, f"No misclassified images among {len(image_predictions)}.",
+                ha="center", va="center")
+        return fig
+    labels = sorted(worst["label"].unique())
+    columns = int(worst.groupby("label").size().max())
+    fig = Figure(figsize=(3.4 * columns, 3.0 * len(labels) + 0.4), layout="constrained")
+    axes = fig.subplots(len(labels), columns, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    cam = GradCam(model, batch_size=params.batch_size)
+    for row, label in enumerate(labels):
+        # Records, not itertuples: class names need not be valid identifiers.
+        for col, item in enumerate(worst[worst["label"] == label].to_dict("records")):
+            predicted = str(item["predicted"])
+            picture = store_image_overlay(cam, tiles, item["image_path"],
+                                          classes.index(predicted))
+            ax = axes[row, col]
+            ax.imshow(picture)
+            ax.set_title(
+                f"{item['image_path']}\ntrue {label} ({item['true_probability']:.2f}) -> "
+                f"{predicted} ({item[probability_column(predicted)]:.2f})",
+                fontsize=8,
+            )
+    fig.suptitle(f"Worst misclassified images per class: Grad-CAM of the predicted class "
+                 f"(layer {cam.layer_name})", fontsize=10)
+    logger.info("Misclassified gallery: %d images of %d classes", len(worst), len(labels))
+    return fig

@@ -2,11 +2,10 @@
 
 from kedro.pipeline import Node, Pipeline
 
-from neuroblastoma_cnn.gradcam import misclassified_gallery
-
 from .nodes import (
     aggregate_image_predictions,
     compute_test_metrics,
+    misclassified_gallery,
     plot_evaluation,
     predict_split_tiles,
 )

@@ -1,11 +1,11 @@
 """Prediction: classify new images with a trained model, and show where it looked (Grad-CAM).
 
-A model is only ever applied with the preprocessing it was trained with: the tiling settings
-come from the model's own record (the ingestion parameters stored with it), never from the
-current ``ingestion`` parameters, and new images go through the ingestion code itself
-(:func:`decode_image`, :meth:`TilingConfig.tile`): same decoding, tissue rule, grid and resize.
-Image-level probabilities are the mean of the tile probabilities, computed by the evaluation's
-:func:`aggregate_image_probabilities`.
+A model is only ever applied with the preprocessing it was trained with: the image checks and
+tiling come from the model's own record (:class:`~neuroblastoma_cnn.preprocessing.Preprocessing`),
+never from the current ``ingestion`` parameters, and new images go through the same code as the
+training images (:mod:`neuroblastoma_cnn.imaging`): same decoding, tissue rule, grid and resize.
+Image-level probabilities are the mean of the tile probabilities, as in evaluation
+(:func:`~neuroblastoma_cnn.predictions.aggregate_image_probabilities`).
 
 Decisions:
 
@@ -24,7 +24,6 @@ Decisions:
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections import Counter, deque
@@ -37,131 +36,28 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from PIL import Image, ImageDraw, ImageFont
 
-from neuroblastoma_cnn.datasets.keras_model import model_record
-from neuroblastoma_cnn.pipelines.evaluation.metrics import (
-    PROB_PREFIX,
+from neuroblastoma_cnn.errors import DataError
+from neuroblastoma_cnn.gradcam import GradCam, image_gradcam, overlay
+from neuroblastoma_cnn.imaging import ImageRejected, TilingConfig, is_hidden
+from neuroblastoma_cnn.params import PredictParams
+from neuroblastoma_cnn.predictions import (
+    FLAG_COLUMNS,
     aggregate_image_probabilities,
+    prediction_columns,
+    probability_column,
 )
-from neuroblastoma_cnn.pipelines.ingestion.nodes import (
-    ImageRejected,
-    IngestionSettings,
-    Reason,
-    TilingConfig,
-    decode_image,
-    is_hidden,
-    resize_tile,
-)
+from neuroblastoma_cnn.preprocessing import Preprocessing, preprocessing_of
 
 logger = logging.getLogger(__name__)
 
-#: Defaults of the ``predict`` parameters (conf/base/parameters_predict.yml says the same; a
-#: test keeps them equal) so that the command line predicts exactly like ``kedro run``.
-PREDICT_DEFAULTS: dict[str, Any] = {
-    "model": "resnet34",
-    "version": None,
-    "batch_size": 32,
-    "workers": 2,
-    "min_confidence": 0.6,
-    "background_fallback_tiles": 3,
-    "gradcam": True,
-    "gradcam_max_side": 2048,
-    "gradcam_alpha": 0.5,
-}
-FLAG_COLUMNS = ["low_confidence", "mostly_background", "rejected"]
 OVERLAY_SUFFIX = ".png"
 
 
-# ----------------------------------------------------------------------------- settings
-
-
-@dataclass(frozen=True)
-class PredictSettings:
-    """Validated ``predict`` parameters (what to do with the model, not how images are tiled)."""
-
-    batch_size: int = PREDICT_DEFAULTS["batch_size"]
-    workers: int = PREDICT_DEFAULTS["workers"]
-    min_confidence: float = PREDICT_DEFAULTS["min_confidence"]
-    background_fallback_tiles: int = PREDICT_DEFAULTS["background_fallback_tiles"]
-    gradcam: bool = PREDICT_DEFAULTS["gradcam"]
-    gradcam_max_side: int | None = PREDICT_DEFAULTS["gradcam_max_side"]
-    gradcam_alpha: float = PREDICT_DEFAULTS["gradcam_alpha"]
-
-    @classmethod
-    def from_params(cls, params: Mapping[str, Any] | None) -> PredictSettings:
-        params = dict(params or {})
-        unknown = sorted(set(params) - set(PREDICT_DEFAULTS))
-        if unknown:
-            raise ValueError(
-                f"Unknown predict parameter(s) {unknown}; known: {', '.join(PREDICT_DEFAULTS)}."
-            )
-        values = {key: params.get(key, PREDICT_DEFAULTS[key]) for key in cls.__dataclass_fields__}
-        for key in ("batch_size", "workers", "background_fallback_tiles"):
-            if not _positive_int(values[key]):
-                raise ValueError(f"predict.{key} must be a positive integer, got {values[key]!r}")
-        side = values["gradcam_max_side"]
-        if side is not None and not _positive_int(side):
-            raise ValueError(f"predict.gradcam_max_side must be a positive integer or null, "
-                             f"got {side!r}")
-        for key in ("min_confidence", "gradcam_alpha"):
-            if not 0.0 <= float(values[key]) <= 1.0:
-                raise ValueError(f"predict.{key} must be within [0, 1], got {values[key]!r}")
-        if not isinstance(values["gradcam"], bool):
-            raise ValueError(f"predict.gradcam must be true or false, got {values['gradcam']!r}")
-        return cls(**values)
-
-
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool) and value > 0
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How a model's training images were prepared, rebuilt from the model's own record."""
-
-    classes: tuple[str, ...]
-    ingestion: IngestionSettings
-    source: str
-
-    @property
-    def tiling(self) -> TilingConfig:
-        return self.ingestion.tiling
-
-    @classmethod
-    def from_model(cls, model: Any) -> Preprocessing:
-        """Reads and checks the record; refuses a model whose record is missing or does not fit
-        the model (which would mean tiles prepared differently from its training tiles)."""
-        source = str(getattr(model, "model_source", None) or getattr(model, "name", "model"))
-        record = model_record(model)
-        classes = record.get("classes")
-        params = record.get("ingestion")
-        if not classes or not isinstance(params, Mapping):
-            raise ValueError(
-                f"Model '{source}' has no preprocessing record (classes and ingestion "
-                "parameters): it cannot be applied with the settings it was trained with."
-            )
-        settings = IngestionSettings.from_params(params)
-        tiling = settings.tiling
-        summary = {"input_size": tiling.input_size, "tile_size": tiling.tile_size,
-                   "stride": tiling.effective_stride,
-                   "min_tissue_fraction": tiling.min_tissue_fraction}
-        for key, expected in summary.items():
-            if key in record and record[key] != expected:
-                raise ValueError(
-                    f"Model '{source}': its record says {key} = {record[key]!r} but its "
-                    f"ingestion parameters give {expected!r}; the record is inconsistent."
-                )
-        input_shape = tuple(model.input_shape)
-        if input_shape[1:] != (tiling.input_size, tiling.input_size, 3):
-            raise ValueError(
-                f"Model '{source}' takes inputs {input_shape[1:]} but its record says "
-                f"{tiling.input_size}x{tiling.input_size} RGB tiles."
-            )
-        n_outputs = int(model.output_shape[-1])
-        if n_outputs != len(classes):
-            raise ValueError(f"Model '{source}' has {n_outputs} outputs but its record lists "
-                             f"{len(classes)} classes {list(classes)}.")
-        return cls(tuple(str(c) for c in classes), settings, source)
+def model_source(model: Any) -> str:
+    """Which model this is, as the tables and logs name it."""
+    return str(getattr(model, "model_source", None) or getattr(model, "name", "model"))
 
 
 # ----------------------------------------------------------------------------- one image
@@ -211,29 +107,10 @@ def list_image_files(root: str | os.PathLike[str]) -> list[tuple[str, Path]]:
     return sorted(found)
 
 
-def decode_for_prediction(path: Path, name: str, settings: IngestionSettings) -> np.ndarray:
-    """Reads an image as ingestion does; raises :class:`ImageRejected` for a file it would
-    reject (extension, content, size: an image must hold one tile)."""
-    suffix = Path(name).suffix.lower()
-    if suffix not in settings.extensions:
-        expected = ", ".join(sorted(settings.extensions))
-        raise ImageRejected(name, f"{Reason.NOT_IMAGE_EXTENSION}: '{suffix or '(none)'}' "
-                                  f"(expected {expected})")
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise ImageRejected(name, f"{Reason.NOT_AN_IMAGE}: cannot read file ({exc})") from exc
-    rgb, _ = decode_image(data, name, settings.max_image_pixels)
-    height, width = rgb.shape[:2]
-    tile_size = settings.tiling.tile_size
-    smallest = max(settings.min_image_size, tile_size or 0)
-    if width < smallest or height < smallest:
-        what = (f" for one tile: image is {width}x{height}, the model's tiles are "
-                f"{tile_size}x{tile_size} at native resolution"
-                if smallest == tile_size
-                else f": image is {width}x{height}, min_image_size is {settings.min_image_size}")
-        raise ImageRejected(name, f"{Reason.TOO_SMALL}{what}")
-    return rgb
+def decode_for_prediction(path: Path, name: str, preprocessing: Preprocessing) -> np.ndarray:
+    """Reads an image as ingestion did for the model's training images; raises
+    :class:`ImageRejected` for a file it would have rejected (extension, content, size)."""
+    return preprocessing.image_checks.read(path, name, preprocessing.tiling.tile_size)
 
 
 def select_tiles(
@@ -243,24 +120,16 @@ def select_tiles(
 
     Returns ``(tiles, positions, tissue_fractions, mostly_background)``.
     """
-    kept = tiling.tile(rgb)
-    if kept:
-        return (np.stack([t.tile for t in kept]), [(t.x, t.y) for t in kept],
-                [t.tissue_fraction for t in kept], False)
-    height, width = rgb.shape[:2]
-    size_x, size_y = (width, height) if tiling.tile_size is None else (tiling.tile_size,) * 2
-    best = sorted(tiling.score(rgb), key=lambda s: (-s[2], s[1], s[0]))[:fallback_tiles]
-    best.sort(key=lambda s: (s[1], s[0]))
-    tiles = np.stack([resize_tile(rgb[y : y + size_y, x : x + size_x], tiling.input_size)
-                      for x, y, _ in best])
-    return tiles, [(x, y) for x, y, _ in best], [f for _, _, f in best], True
+    tiles, background = tiling.tiles_or_fallback(rgb, fallback_tiles)
+    return (np.stack([t.tile for t in tiles]), [(t.x, t.y) for t in tiles],
+            [t.tissue_fraction for t in tiles], background)
 
 
 def prepare_image(
     path: Path, name: str, preprocessing: Preprocessing, fallback_tiles: int
 ) -> PreparedImage:
     """Decodes and tiles one file exactly as training did; raises :class:`ImageRejected`."""
-    rgb = decode_for_prediction(path, name, preprocessing.ingestion)
+    rgb = decode_for_prediction(path, name, preprocessing)
     tiles, positions, fractions, background = select_tiles(
         rgb, preprocessing.tiling, fallback_tiles
     )
@@ -281,7 +150,7 @@ def _prepare_or_reject(
 
 
 def _prepared_in_order(
-    files: Sequence[tuple[str, Path]], preprocessing: Preprocessing, settings: PredictSettings
+    files: Sequence[tuple[str, Path]], preprocessing: Preprocessing, settings: PredictParams
 ) -> Iterator[PreparedImage | Rejection]:
     """Prepares files on worker threads (decoding releases the GIL), yielding in input order
     with a bounded look-ahead so memory does not grow with the number of files."""
@@ -349,15 +218,10 @@ class _Batcher:
         self.results.append(prob if keep is None else prob[:keep])
 
 
-def prediction_columns(classes: Sequence[str]) -> list[str]:
-    return ["file", "predicted", *(f"{PROB_PREFIX}{c}" for c in classes), "n_tiles",
-            *FLAG_COLUMNS, "reason", "width", "height", "model"]
-
-
 def predict_files(
     files: Sequence[tuple[str, Path]],
     model: Any,
-    params: Mapping[str, Any] | None = None,
+    params: PredictParams,
     progress: Callable[[int], Any] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Classifies image files; returns ``(predictions, tile_predictions)``.
@@ -368,10 +232,11 @@ def predict_files(
     row per tile used: ``file, x, y, tissue_fraction, prob_<class>...``. ``progress(1)`` is
     called after each file.
     """
-    preprocessing = Preprocessing.from_model(model)
-    settings = PredictSettings.from_params(params)
+    preprocessing = preprocessing_of(model)
+    settings = params
+    source = model_source(model)
     classes = list(preprocessing.classes)
-    prob_cols = [f"{PROB_PREFIX}{c}" for c in classes]
+    prob_cols = [probability_column(c) for c in classes]
     batcher = _Batcher(model, settings.batch_size)
     outcomes: list[PreparedImage | Rejection] = []
     tile_meta: dict[str, list[Any]] = {"file": [], "x": [], "y": [], "tissue_fraction": []}
@@ -397,14 +262,13 @@ def predict_files(
         .set_index("image_path")
         if len(tiles) else pd.DataFrame()
     )
-    rows = [_prediction_row(o, images, classes, settings, preprocessing.source)
-            for o in outcomes]
+    rows = [_prediction_row(o, images, classes, settings, source) for o in outcomes]
     predictions = pd.DataFrame(rows, columns=prediction_columns(classes))
     for column in FLAG_COLUMNS:
         predictions[column] = predictions[column].astype(bool)
     for column in ("n_tiles", "width", "height"):  # integers, empty for rejected files
         predictions[column] = predictions[column].astype("Int64")
-    _log_summary(predictions, len(tiles), time.perf_counter() - started, preprocessing.source)
+    _log_summary(predictions, len(tiles), time.perf_counter() - started, source)
     return predictions, tiles
 
 
@@ -412,20 +276,20 @@ def _prediction_row(
     outcome: PreparedImage | Rejection,
     images: pd.DataFrame,
     classes: list[str],
-    settings: PredictSettings,
+    settings: PredictParams,
     source: str,
 ) -> dict[str, Any]:
     if isinstance(outcome, Rejection):
         return {"file": outcome.file, "predicted": "", "n_tiles": 0, "low_confidence": False,
                 "mostly_background": False, "rejected": True, "reason": outcome.reason,
                 "width": None, "height": None, "model": source,
-                **{f"{PROB_PREFIX}{c}": math.nan for c in classes}}
+                **{probability_column(c): np.nan for c in classes}}
     image = images.loc[outcome.file]
-    prob = np.array([float(image[f"{PROB_PREFIX}{c}"]) for c in classes])
+    prob = np.array([float(image[probability_column(c)]) for c in classes])
     best = int(prob.argmax())
     return {
         "file": outcome.file, "predicted": classes[best],
-        **{f"{PROB_PREFIX}{c}": p for c, p in zip(classes, prob, strict=True)},
+        **{probability_column(c): p for c, p in zip(classes, prob, strict=True)},
         "n_tiles": int(image["n_tiles"]),
         "low_confidence": bool(prob[best] < settings.min_confidence),
         "mostly_background": outcome.mostly_background, "rejected": False, "reason": "",
@@ -454,30 +318,6 @@ def _log_summary(predictions: pd.DataFrame, n_tiles: int, seconds: float, source
 # ----------------------------------------------------------------------------- Grad-CAM
 
 
-def image_gradcam(
-    cam: Any,
-    rgb: np.ndarray,
-    tiling: TilingConfig,
-    class_index: int,
-    fallback_tiles: int = PREDICT_DEFAULTS["background_fallback_tiles"],
-    scale: float = 1.0,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Grad-CAM heatmap of a class over a whole image: ``(heat in [0, 1], covered)`` of shape
-    ``(round(H * scale), round(W * scale))``, built from the same tiles the prediction used."""
-    from neuroblastoma_cnn.gradcam import stitch
-
-    tiles, positions, _, _ = select_tiles(rgb, tiling, fallback_tiles)
-    height, width = rgb.shape[:2]
-    tile_w, tile_h = (width, height) if tiling.tile_size is None else (tiling.tile_size,) * 2
-    shape = (max(1, round(height * scale)), max(1, round(width * scale)))
-    return stitch(
-        cam.tile_maps(tiles, class_index),
-        [(round(x * scale), round(y * scale)) for x, y in positions],
-        (max(1, round(tile_w * scale)), max(1, round(tile_h * scale))),
-        shape,
-    )
-
-
 def overlay_name(file: str) -> str:
     """A relative ``.png`` name for a file's overlay (``a/b.jpg`` -> ``a/b.jpg.png``)."""
     parts = [p if p != ".." else "__" for p in PurePosixPath(str(file).replace("\\", "/")).parts
@@ -490,25 +330,23 @@ def gradcam_overlays(
     files: Iterable[tuple[str, Path]],
     model: Any,
     predictions: pd.DataFrame,
-    params: Mapping[str, Any] | None = None,
+    params: PredictParams,
 ) -> dict[str, Callable[[], Any]]:
     """``{file: callable}`` drawing each predicted image with the Grad-CAM heatmap of its
     predicted class (a PIL image); each callable decodes its image only when called (lazy
     saving), and returns None (logged) if the image cannot be drawn. Empty when ``gradcam`` is
     off. Save each picture as :func:`overlay_name` of its file."""
-    settings = PredictSettings.from_params(params)
+    settings = params
     if not settings.gradcam:
         logger.info("Grad-CAM overlays off (predict.gradcam: false)")
         return {}
-    from neuroblastoma_cnn.gradcam import GradCam
-
-    preprocessing = Preprocessing.from_model(model)
+    preprocessing = preprocessing_of(model)
     paths = dict(files)
     cam = GradCam(model, batch_size=settings.batch_size)
     jobs: dict[str, Callable[[], Any]] = {}
     for row in predictions[~predictions["rejected"].astype(bool)].to_dict("records"):
         if row["file"] not in paths:
-            raise ValueError(f"'{row['file']}' is in the predictions but not among the files.")
+            raise DataError(f"'{row['file']}' is in the predictions but not among the files.")
         jobs[row["file"]] = partial(
             _draw_overlay, paths[row["file"]], row, cam, preprocessing, settings
         )
@@ -517,15 +355,11 @@ def gradcam_overlays(
 
 def _draw_overlay(
     path: Path, row: Mapping[str, Any], cam: Any, preprocessing: Preprocessing,
-    settings: PredictSettings,
+    settings: PredictParams,
 ) -> Any:
-    from PIL import Image
-
-    from neuroblastoma_cnn.gradcam import overlay
-
     name = str(row["file"])
     try:
-        rgb = decode_for_prediction(path, name, preprocessing.ingestion)
+        rgb = decode_for_prediction(path, name, preprocessing)
         height, width = rgb.shape[:2]
         side = settings.gradcam_max_side
         scale = min(1.0, side / max(height, width)) if side else 1.0
@@ -544,7 +378,7 @@ def _draw_overlay(
 
 def _caption(row: Mapping[str, Any]) -> str:
     predicted = str(row["predicted"])
-    text = f"{row['file']}: {predicted} ({float(row[PROB_PREFIX + predicted]):.2f})"
+    text = f"{row['file']}: {predicted} ({float(row[probability_column(predicted)]):.2f})"
     flags = [flag.replace("_", " ") for flag in ("low_confidence", "mostly_background")
              if bool(row.get(flag))]
     return text + (f"  [{', '.join(flags)}]" if flags else "")
@@ -552,8 +386,6 @@ def _caption(row: Mapping[str, Any]) -> str:
 
 def _with_caption(picture: np.ndarray, text: str) -> Any:
     """The overlay under a white strip naming the file, the class and its probability."""
-    from PIL import Image, ImageDraw, ImageFont
-
     width = picture.shape[1]
     size = int(np.clip(width / 60, 10, 28))
     try:
@@ -570,35 +402,33 @@ def _with_caption(picture: np.ndarray, text: str) -> Any:
 # ----------------------------------------------------------------------------- Kedro nodes
 
 
-def select_prediction_model(models: Any, params: Mapping[str, Any]) -> Any:
-    """Loads the model the parameters name (``model``, ``version``) and checks its record now,
-    before any image is read."""
-    settings_params = dict(params or {})
-    PredictSettings.from_params(settings_params)
-    model = models.load(settings_params.get("model", PREDICT_DEFAULTS["model"]),
-                        settings_params.get("version"))
-    preprocessing = Preprocessing.from_model(model)
+def select_prediction_model(models: Any, params: PredictParams) -> Any:
+    """Loads the model the parameters name (``model``, ``version``); its record is checked as it
+    is loaded, before any image is read."""
+    model = models.load(params.model, params.version)
+    preprocessing = preprocessing_of(model)
     tiling = preprocessing.tiling
     logger.info(
         "Model %s: classes %s; tiles %s px every %s px, min tissue %.2f, resized to %d px",
-        preprocessing.source, ", ".join(preprocessing.classes), tiling.tile_size or "whole-image",
+        model_source(model), ", ".join(preprocessing.classes), tiling.tile_size or "whole-image",
         tiling.effective_stride or "-", tiling.min_tissue_fraction, tiling.input_size,
     )
     return model
 
 
 def predict_images(
-    images_dir: Path, model: Any, params: Mapping[str, Any]
+    images_dir: Path, model: Any, params: PredictParams
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Every file under the prediction folder, classified (see :func:`predict_files`)."""
     files = list_image_files(images_dir)
     if not files:
-        raise ValueError(f"No files to classify in '{images_dir}'.")
+        raise DataError(f"No files to classify in '{images_dir}'.",
+                        hint="put images there, in any sub-folders")
     return predict_files(files, model, params, progress=_LogProgress(len(files)))
 
 
 def draw_gradcam_overlays(
-    images_dir: Path, model: Any, predictions: pd.DataFrame, params: Mapping[str, Any]
+    images_dir: Path, model: Any, predictions: pd.DataFrame, params: PredictParams
 ) -> dict[str, Callable[[], Any]]:
     """Grad-CAM overlays of the prediction folder's images, named ``<file>.png`` there."""
     jobs = gradcam_overlays(list_image_files(images_dir), model, predictions, params)

@@ -25,61 +25,20 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from neuroblastoma_cnn.datasets import TileStore
+from neuroblastoma_cnn.errors import DataError
+from neuroblastoma_cnn.params import SplittingParams
 
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
-STRATEGIES = {"patient": "group", "image": "image_path"}
 INDEX_COLUMNS = ("tile_id", "image_path", "label", "group")
 SPLIT_COLUMNS = ("tile_id", "image_path", "label", "group", "split", "fold")
-
-
-@dataclass(frozen=True)
-class SplitParams:
-    """The splitting parameters, checked once so nodes fail early with a clear message."""
-
-    strategy: str = "patient"
-    test_fraction: float = 0.2
-    validation_fraction: float = 0.1
-    n_folds: int = 5
-    seed: int = 42
-
-    @classmethod
-    def from_mapping(cls, params: Mapping[str, Any] | None) -> SplitParams:
-        params = dict(params or {})
-        unknown = sorted(set(params) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"Unknown splitting parameter(s) {unknown}.")
-        out = cls(**params)
-        if out.strategy not in STRATEGIES:
-            raise ValueError(
-                f"splitting.strategy must be one of {sorted(STRATEGIES)}; got '{out.strategy}'."
-            )
-        for name in ("test_fraction", "validation_fraction"):
-            value = getattr(out, name)
-            if not 0 <= value < 1:
-                raise ValueError(f"splitting.{name} must be in [0, 1); got {value}.")
-        if out.test_fraction + out.validation_fraction >= 1:
-            raise ValueError(
-                "splitting.test_fraction + splitting.validation_fraction must be below 1 so "
-                f"that something is left to train on; got {out.test_fraction} + "
-                f"{out.validation_fraction}."
-            )
-        if int(out.n_folds) != out.n_folds or out.n_folds < 0:
-            raise ValueError(f"splitting.n_folds must be a whole number >= 0; got {out.n_folds}.")
-        return out
-
-    @property
-    def unit(self) -> str:
-        """The index column whose values are moved whole between splits."""
-        return STRATEGIES[self.strategy]
 
 
 def _tile_index(tiles: TileStore | pd.DataFrame) -> pd.DataFrame:
@@ -88,9 +47,9 @@ def _tile_index(tiles: TileStore | pd.DataFrame) -> pd.DataFrame:
     where = "the tile index" if isinstance(tiles, pd.DataFrame) else f"tile store '{tiles.path}'"
     missing = [c for c in INDEX_COLUMNS if c not in index.columns]
     if missing:
-        raise ValueError(f"Cannot split {where}: its index lacks column(s) {missing}.")
+        raise DataError(f"Cannot split {where}: its index lacks column(s) {missing}.")
     if index.empty:
-        raise ValueError(f"Cannot split {where}: it holds no tiles.")
+        raise DataError(f"Cannot split {where}: it holds no tiles.")
     out = index.loc[:, list(INDEX_COLUMNS)].copy()
     out["tile_id"] = out["tile_id"].astype(int)
     for col in ("image_path", "label", "group"):
@@ -118,7 +77,7 @@ def _round_half_up(value: float) -> int:
     return math.floor(value + 0.5)
 
 
-def _allocation(n_units: int, label: str, params: SplitParams) -> dict[str, int]:
+def _allocation(n_units: int, label: str, params: SplittingParams) -> dict[str, int]:
     """How many of a class's units go to each split; every split with a fraction gets one."""
     needed = [
         s
@@ -128,7 +87,7 @@ def _allocation(n_units: int, label: str, params: SplitParams) -> dict[str, int]
     if n_units < 1 + len(needed):
         kind = "patient group" if params.strategy == "patient" else "image"
         splits = " and ".join([", ".join(["train", *needed[:-1]]), needed[-1]])
-        raise ValueError(
+        raise DataError(
             f"Class '{label}' has only {n_units} {kind}(s); strategy '{params.strategy}' needs "
             f"at least {1 + len(needed)} per class so that {splits} each get one. Add data for "
             f"'{label}', or set the fraction of a split you do not need to 0."
@@ -147,12 +106,12 @@ def _allocation(n_units: int, label: str, params: SplitParams) -> dict[str, int]
     return {"train": n_units - n_test - n_val, "validation": n_val, "test": n_test}
 
 
-def split_tiles(tiles: TileStore | pd.DataFrame, params: Mapping[str, Any]) -> pd.DataFrame:
+def split_tiles(tiles: TileStore | pd.DataFrame, params: SplittingParams) -> pd.DataFrame:
     """Assigns every tile a split and a cross-validation fold, moving whole units (see module).
 
     Returns one row per tile, in tile order: tile_id, image_path, label, group, split, fold.
     """
-    p = SplitParams.from_mapping(params)
+    p = params
     index = _tile_index(tiles)
     unit_class = _unit_classes(index, p.unit)
     rng = np.random.default_rng(p.seed)
@@ -186,7 +145,7 @@ def split_tiles(tiles: TileStore | pd.DataFrame, params: Mapping[str, Any]) -> p
 def _assign_folds(
     unit_class: pd.Series,
     unit_split: Mapping[str, str],
-    p: SplitParams,
+    p: SplittingParams,
     rng: np.random.Generator,
 ) -> dict[str, int]:
     """Fold per unit: -1 for test; round-robin per class over the rest, continuing across classes
@@ -196,7 +155,7 @@ def _assign_folds(
     if p.n_folds <= 1:
         return {**folds, **dict.fromkeys(pool, 0)}
     if len(pool) < p.n_folds:
-        raise ValueError(
+        raise DataError(
             f"splitting.n_folds is {p.n_folds} but only {len(pool)} {p.unit} value(s) are outside "
             "the test split; lower n_folds."
         )
@@ -219,42 +178,42 @@ def _assign_folds(
     return folds
 
 
-def check_no_leakage(split_table: pd.DataFrame, params: Mapping[str, Any]) -> pd.DataFrame:
+def check_no_leakage(split_table: pd.DataFrame, params: SplittingParams) -> pd.DataFrame:
     """Fails the run if a unit sits in two splits or two folds; returns the table unchanged.
 
     It runs between splitting and saving, so a leaky table is never written. For strategy
     ``image`` it checks images and warns that patients may still leak, which is the point of
     keeping that strategy only for comparison.
     """
-    p = SplitParams.from_mapping(params)
+    p = params
     missing = [c for c in SPLIT_COLUMNS if c not in split_table.columns]
     if missing:
-        raise ValueError(f"The split table lacks column(s) {missing}.")
+        raise DataError(f"The split table lacks column(s) {missing}.")
     bad_splits = sorted(set(split_table["split"].astype(str)) - set(SPLITS))
     if bad_splits:
-        raise ValueError(f"The split table has unknown split name(s) {bad_splits}.")
+        raise DataError(f"The split table has unknown split name(s) {bad_splits}.")
     if split_table["tile_id"].duplicated().any():
         dup = split_table["tile_id"][split_table["tile_id"].duplicated()].unique()[:10]
-        raise ValueError(f"The split table lists tile(s) twice: tile_id {list(dup)}.")
+        raise DataError(f"The split table lists tile(s) twice: tile_id {list(dup)}.")
 
     table = split_table.assign(
         group=split_table["group"].astype(str), image_path=split_table["image_path"].astype(str)
     )
     leaks = _units_in_several(table, p.unit, "split")
     if leaks:
-        raise ValueError(
+        raise DataError(
             f"Leakage: {len(leaks)} {p.unit} value(s) appear in more than one split, so the "
             f"model would be tested on data it trained on: {_describe(leaks)}."
         )
     fold_leaks = _units_in_several(table, p.unit, "fold")
     if fold_leaks:
-        raise ValueError(
+        raise DataError(
             f"Leakage: {len(fold_leaks)} {p.unit} value(s) appear in more than one "
             f"cross-validation fold: {_describe(fold_leaks)}."
         )
     is_test = table["split"] == "test"
     if (table.loc[is_test, "fold"] != -1).any() or (table.loc[~is_test, "fold"] < 0).any():
-        raise ValueError(
+        raise DataError(
             "The split table's folds are inconsistent: test rows must have fold -1 "
             "and only test rows may."
         )

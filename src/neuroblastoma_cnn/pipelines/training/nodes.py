@@ -1,8 +1,14 @@
-"""Training nodes: tf.data input from the tile stores, one training loop for every architecture.
+"""Training: one node trains every architecture, from scratch or by transfer learning.
 
-The same functions train ResNet34 from scratch and ResNet50 by transfer learning; the Kedro
+The same node trains ResNet34 from scratch and ResNet50 by transfer learning; the Kedro
 pipeline is reused for both through namespaces, so nothing here knows which model it serves
-except through its parameters.
+except through its parameters. Keras' own ``EarlyStopping(restore_best_weights=True)`` keeps
+the best epoch by ``monitor``; ``callbacks.ValidationReport`` adds the validation metrics it
+needs (computed from one prediction pass per epoch) and writes the history, one log line per
+epoch.
+
+Keras (hence TensorFlow) is imported inside the functions that train: the pipelines import this
+module when they are registered, and a run that trains nothing should not wait for TensorFlow.
 """
 
 from __future__ import annotations
@@ -10,127 +16,72 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from pydantic import TypeAdapter
 
 from neuroblastoma_cnn.datasets.tile_store import TileStore
+from neuroblastoma_cnn.errors import DataError, ParameterError
+from neuroblastoma_cnn.params import OPTIMIZERS, ModelParams, Schedule, TrainingParams
+from neuroblastoma_cnn.preprocessing import Preprocessing
+from neuroblastoma_cnn.tf_input import class_names, encode_labels, make_tf_dataset, split_tile_ids
 
 logger = logging.getLogger(__name__)
 
-OPTIMIZERS = ("sgd", "sgd_momentum", "rmsprop", "adagrad", "adam")
-MONITORS = {"val_macro_f1": "max", "val_loss": "min", "val_accuracy": "max"}
-
-
-# --------------------------------------------------------------------------- data
-
-
-def class_names(store: TileStore) -> list[str]:
-    """Class names in label order: the order stored with the tiles, taken from folder names."""
-    classes = store.metadata.get("classes")
-    if not classes:
-        classes = sorted(store.index["label"].astype(str).unique())
-    return [str(c) for c in classes]
-
-
-def encode_labels(labels: pd.Series, classes: list[str]) -> np.ndarray:
-    """Maps class names to integer labels; an unknown name is an error, never a silent -1."""
-    lookup = {name: i for i, name in enumerate(classes)}
-    unknown = sorted(set(labels.astype(str)) - set(lookup))
-    if unknown:
-        raise ValueError(f"Labels {unknown} are not among the known classes {classes}.")
-    return labels.astype(str).map(lookup).to_numpy(dtype=np.int64)
-
-
-def split_tile_ids(split_table: pd.DataFrame, split: str) -> list[int]:
-    """Tile ids of one split, in table order."""
-    ids = split_table.loc[split_table["split"] == split, "tile_id"]
-    return [int(i) for i in ids]
-
-
-def make_tf_dataset(
-    store: TileStore,
-    tile_ids: list[int],
-    labels: np.ndarray | None,
-    batch_size: int,
-    shuffle: bool = False,
-    seed: int | None = None,
-    in_memory_limit_mb: float = 2048,
-) -> Any:
-    """A batched, prefetched ``tf.data.Dataset`` of (float32 images, int labels).
-
-    When the subset fits under ``in_memory_limit_mb`` its tiles are read once into memory
-    (the cache); otherwise batches are gathered from the memory-mapped shards in parallel
-    map calls, so memory stays bounded by a few batches whatever the data size.
-    """
-    import tensorflow as tf
-
-    n = len(tile_ids)
-    y = np.zeros(n, dtype=np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
-    tile_bytes = int(np.prod(store.tile_shape))
-    if n * tile_bytes <= in_memory_limit_mb * 2**20:
-        ds = tf.data.Dataset.from_tensor_slices((store.get(tile_ids), y))
-        if shuffle:
-            ds = ds.shuffle(n, seed=seed, reshuffle_each_iteration=True)
-        ds = ds.batch(batch_size).map(
-            lambda x, t: (tf.cast(x, tf.float32), t), num_parallel_calls=tf.data.AUTOTUNE
-        )
-        return ds.prefetch(tf.data.AUTOTUNE)
-
-    ids = np.asarray(tile_ids, dtype=np.int64)
-    shape = store.tile_shape
-
-    def gather(batch_ids: np.ndarray) -> np.ndarray:
-        return store.get(batch_ids.tolist())
-
-    def load(batch_ids: Any, batch_y: Any) -> tuple[Any, Any]:
-        images = tf.numpy_function(gather, [batch_ids], tf.uint8)
-        images.set_shape((None, *shape))
-        return tf.cast(images, tf.float32), batch_y
-
-    ds = tf.data.Dataset.from_tensor_slices((ids, y))
-    if shuffle:
-        ds = ds.shuffle(n, seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size).map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.prefetch(tf.data.AUTOTUNE)
+#: Whether a larger value of each monitor is better.
+MONITOR_MODES = {"val_macro_f1": "max", "val_loss": "min", "val_accuracy": "max"}
+#: History columns logged to MLflow as per-epoch metrics.
+HISTORY_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "val_macro_f1",
+                   "val_predicted_classes", "learning_rate", "seconds")
 
 
 # ----------------------------------------------------------------- training pieces
 
 
 def make_optimizer(
-    name: str, learning_rate: float, momentum: float = 0.9, schedule: dict | None = None,
+    name: str, learning_rate: float, momentum: float = 0.9, schedule: Any = None,
     steps_per_epoch: int = 1, epochs: int = 1,
 ) -> Any:
-    """Builds one of the study's optimizers, with an optional learning-rate schedule."""
-    import keras
+    """Builds one of the study's optimizers, with an optional learning-rate schedule.
+
+    ``schedule`` is a validated schedule model (or a dict with the same keys); ``plateau`` is
+    applied by a callback in :func:`fit_stage`, not here.
+    """
+    import keras  # noqa: PLC0415  (lazy: see the module docstring)
 
     lr: Any = learning_rate
-    kind = (schedule or {}).get("type")
+    if isinstance(schedule, dict):
+        schedule = _as_schedule(schedule)
+    kind = getattr(schedule, "type", None)
     if kind == "cosine":
         lr = keras.optimizers.schedules.CosineDecay(learning_rate, max(1, steps_per_epoch * epochs))
     elif kind == "exponential":
         lr = keras.optimizers.schedules.ExponentialDecay(
-            learning_rate,
-            decay_steps=max(1, steps_per_epoch * int(schedule.get("decay_epochs", 10))),
-            decay_rate=float(schedule.get("decay_rate", 0.5)),
-            staircase=True,
+            learning_rate, decay_steps=max(1, steps_per_epoch * schedule.decay_epochs),
+            decay_rate=schedule.decay_rate, staircase=True,
         )
-    elif kind not in (None, "plateau"):
-        raise ValueError(f"Unknown schedule '{kind}': use null, cosine, exponential or plateau.")
-    name = name.lower()
-    if name == "sgd":
-        return keras.optimizers.SGD(lr)
-    if name == "sgd_momentum":
-        return keras.optimizers.SGD(lr, momentum=momentum)
-    if name == "rmsprop":
-        return keras.optimizers.RMSprop(lr)
-    if name == "adagrad":
-        return keras.optimizers.Adagrad(lr)
-    if name == "adam":
-        return keras.optimizers.Adam(lr)
-    raise ValueError(f"Unknown optimizer '{name}': choose one of {', '.join(OPTIMIZERS)}.")
+    factories = {
+        "sgd": lambda: keras.optimizers.SGD(lr),
+        "sgd_momentum": lambda: keras.optimizers.SGD(lr, momentum=momentum),
+        "rmsprop": lambda: keras.optimizers.RMSprop(lr),
+        "adagrad": lambda: keras.optimizers.Adagrad(lr),
+        "adam": lambda: keras.optimizers.Adam(lr),
+    }
+    if name not in factories:
+        raise ParameterError(f"Unknown optimizer '{name}': choose one of {', '.join(OPTIMIZERS)}.")
+    return factories[name]()
+
+
+def _as_schedule(raw: dict[str, Any]) -> Any:
+    """A schedule dict checked as the parameters are (for direct calls and tests)."""
+    try:
+        return TypeAdapter(Schedule).validate_python(raw)
+    except Exception as exc:
+        raise ParameterError(f"Unknown schedule {raw!r}: use null, cosine, exponential or "
+                             "plateau, each with its keys.") from exc
 
 
 def balanced_class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
@@ -142,98 +93,10 @@ def balanced_class_weights(labels: np.ndarray, num_classes: int) -> dict[int, fl
     return {i: float(w) for i, w in enumerate(weights)}
 
 
-def _make_epoch_callback(
-    val_inputs: Any,
-    val_labels: np.ndarray,
-    num_classes: int,
-    monitor: str,
-    patience: int | None,
-    total_epochs: int,
-    stage: str,
-    history: list[dict[str, Any]],
-    baseline: float | None = None,
-) -> Any:
-    import keras
-    from sklearn.metrics import f1_score
-
-    class EpochReport(keras.callbacks.Callback):
-        """Validation metrics in one predict pass, best-epoch weights, early stop, one log line.
-
-        Computing val loss, accuracy and macro-F1 from a single prediction avoids Keras'
-        separate validation pass: the validation set is predicted once per epoch, not twice.
-        """
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.best: float | None = baseline
-            self.best_weights: list[np.ndarray] | None = None
-            self.best_epoch = -1
-            self.wait = 0
-            self.started = 0.0
-
-        def on_train_begin(self, logs: dict | None = None) -> None:
-            # A later stage (fine-tuning) must beat the earlier stage's best to replace it.
-            if baseline is not None:
-                self.best_weights = self.model.get_weights()
-
-        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-            self.started = time.perf_counter()
-
-        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            logs = logs if logs is not None else {}
-            prob = np.asarray(self.model.predict(val_inputs, verbose=0), dtype=np.float64)
-            pred = prob.argmax(axis=1)
-            picked = np.clip(prob[np.arange(len(val_labels)), val_labels], 1e-7, 1.0)
-            logs["val_loss"] = float(-np.log(picked).mean())
-            logs["val_accuracy"] = float((pred == val_labels).mean())
-            logs["val_macro_f1"] = float(
-                f1_score(val_labels, pred, average="macro", labels=range(num_classes),
-                         zero_division=0)
-            )
-            seconds = time.perf_counter() - self.started
-            lr = self.model.optimizer.learning_rate
-            row = {
-                "epoch": len(history) + 1,
-                "stage": stage,
-                "loss": float(logs.get("loss", np.nan)),
-                "accuracy": float(logs.get("accuracy", np.nan)),
-                "val_loss": logs["val_loss"],
-                "val_accuracy": logs["val_accuracy"],
-                "val_macro_f1": logs["val_macro_f1"],
-                "learning_rate": float(np.asarray(lr)),
-                "seconds": seconds,
-            }
-            history.append(row)
-            logger.info(
-                "%s epoch %d/%d  loss %.4f  acc %.3f  val_loss %.4f  val_macro_f1 %.3f  %.1fs",
-                stage, epoch + 1, total_epochs, row["loss"], row["accuracy"], row["val_loss"],
-                row["val_macro_f1"], seconds,
-            )
-            value = logs[monitor]
-            better = self.best is None or (
-                value > self.best if MONITORS[monitor] == "max" else value < self.best
-            )
-            if better:
-                self.best, self.best_epoch, self.wait = value, epoch, 0
-                self.best_weights = self.model.get_weights()
-            else:
-                self.wait += 1
-                if patience is not None and self.wait >= patience:
-                    logger.info("%s: early stop, no %s gain in %d epochs", stage, monitor, patience)
-                    self.model.stop_training = True
-
-        def on_train_end(self, logs: dict | None = None) -> None:
-            if self.best_weights is not None:
-                self.model.set_weights(self.best_weights)
-            if self.best_epoch >= 0:
-                logger.info(
-                    "%s: kept epoch %d (%s %.4f)", stage, self.best_epoch + 1, monitor, self.best
-                )
-            elif baseline is not None:
-                logger.info("%s: no epoch beat the previous stage's %s %.4f; kept its weights",
-                            stage, monitor, baseline)
-
-    return EpochReport()
+def _improves(value: float, reference: float | None, monitor: str) -> bool:
+    if reference is None:
+        return True
+    return value > reference if MONITOR_MODES[monitor] == "max" else value < reference
 
 
 def fit_stage(
@@ -250,40 +113,54 @@ def fit_stage(
     class_weight: dict[int, float] | None,
     stage: str,
     history: list[dict[str, Any]],
-    plateau: dict | None = None,
+    plateau: Any = None,
     baseline: float | None = None,
 ) -> float | None:
-    """Compiles and fits one stage; returns the best monitored value it kept.
+    """Compiles and fits one stage, keeping its best epoch by ``monitor``; returns the best
+    monitored value kept.
 
     ``train`` is a tf.data.Dataset or an (x, y) tuple. With ``baseline`` (the previous stage's
-    best), the stage's weights are kept only if an epoch beats it.
+    best), the stage's weights are kept only if an epoch beats it; otherwise the weights it
+    started from are restored and ``baseline`` is returned.
     """
-    import keras
+    import keras  # noqa: PLC0415  (lazy: see the module docstring)
 
-    if monitor not in MONITORS:
-        raise ValueError(f"Unknown monitor '{monitor}': choose one of {sorted(MONITORS)}.")
+    from .callbacks import ValidationReport  # noqa: PLC0415  (needs Keras)
+
+    if monitor not in MONITOR_MODES:
+        raise ParameterError(f"Unknown monitor '{monitor}': choose one of "
+                             f"{', '.join(MONITOR_MODES)}.")
+    mode = MONITOR_MODES[monitor]
+    start_weights = model.get_weights() if baseline is not None else None
     model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"])
-    report = _make_epoch_callback(val_inputs, val_labels, num_classes, monitor, patience, epochs,
-                                  stage, history, baseline)
-    callbacks = [report]
-    if plateau:
-        callbacks.append(
-            keras.callbacks.ReduceLROnPlateau(
-                monitor=monitor, mode=MONITORS[monitor],
-                factor=float(plateau.get("factor", 0.5)), patience=int(plateau.get("patience", 3)),
-            )
-        )
+    best = keras.callbacks.EarlyStopping(
+        monitor=monitor, mode=mode, restore_best_weights=True,
+        patience=patience if patience is not None else epochs + 1,
+    )
+    callbacks = [ValidationReport(val_inputs, val_labels, num_classes, stage, epochs, history),
+                 best]
+    if plateau is not None:
+        callbacks.append(keras.callbacks.ReduceLROnPlateau(
+            monitor=monitor, mode=mode, factor=plateau.factor, patience=plateau.patience))
     x, y = train if isinstance(train, tuple) else (train, None)
     model.fit(x, y, epochs=epochs, class_weight=class_weight, callbacks=callbacks, verbose=0,
               shuffle=False)
-    return report.best
+    if best.stopped_epoch:
+        logger.info("%s: early stop, no %s gain in %d epochs", stage, monitor, patience)
+    if start_weights is not None and not _improves(best.best, baseline, monitor):
+        model.set_weights(start_weights)
+        logger.info("%s: no epoch beat the previous stage's %s %.4f; kept its weights",
+                    stage, monitor, baseline)
+        return baseline
+    logger.info("%s: kept epoch %d (%s %.4f)", stage, best.best_epoch + 1, monitor, best.best)
+    return best.best
 
 
-def seed_everything(seed: int, deterministic: bool = True) -> None:
+def seed_everything(seed: int, deterministic: bool) -> None:
     """Seeds Python, NumPy and TensorFlow; deterministic ops make a CPU run repeatable."""
-    import keras
-    import tensorflow as tf
+    import keras  # noqa: PLC0415  (lazy: see the module docstring)
+    import tensorflow as tf  # noqa: PLC0415
 
     keras.utils.set_random_seed(seed)
     if deterministic:
@@ -293,118 +170,134 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
 # ---------------------------------------------------------------------- the node
 
 
+@dataclass
+class TrainingData:
+    """The tiles a run trains and validates on, with labels encoded in the store's class order."""
+
+    train_store: TileStore
+    train_ids: list[int]
+    y_train: np.ndarray
+    val_ds: Any
+    y_val: np.ndarray
+    classes: list[str]
+    params: TrainingParams
+
+    def train_ds(self, batch_size: int, shuffle: bool) -> Any:
+        """Made where it is used: an in-memory dataset holds its own copy of the tiles, and the
+        feature cache needs an unshuffled pass that fine-tuning must not keep alive."""
+        return make_tf_dataset(self.train_store, self.train_ids, self.y_train, batch_size,
+                               shuffle=shuffle, seed=self.params.seed,
+                               in_memory_limit_mb=self.params.in_memory_limit_mb)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return int(np.ceil(len(self.train_ids) / self.params.batch_size))
+
+    def fit_options(self, history: list[dict[str, Any]]) -> dict[str, Any]:
+        p = self.params
+        plateau = p.schedule if getattr(p.schedule, "type", None) == "plateau" else None
+        weights = (balanced_class_weights(self.y_train, len(self.classes))
+                   if p.class_weights else None)
+        return {"num_classes": len(self.classes), "monitor": p.monitor,
+                "patience": p.early_stopping_patience, "class_weight": weights,
+                "history": history, "plateau": plateau}
+
+    def optimizer(self, learning_rate: float, epochs: int) -> Any:
+        p = self.params
+        return make_optimizer(p.optimizer, learning_rate, p.momentum, p.schedule,
+                              self.steps_per_epoch, epochs)
+
+
+def _training_data(augmented: TileStore, tiles: TileStore, split_table: pd.DataFrame,
+                   params: TrainingParams) -> TrainingData:
+    classes = class_names(tiles)
+    train_index = augmented.index
+    val_ids = split_tile_ids(split_table, "validation")
+    if not val_ids:
+        raise DataError("The split table has no validation tiles: cannot select the best epoch.",
+                        hint="raise splitting.validation_fraction or add patients")
+    y_val = encode_labels(tiles.rows(val_ids)["label"], classes)
+    val_ds = make_tf_dataset(tiles, val_ids, y_val, params.batch_size,
+                             in_memory_limit_mb=params.in_memory_limit_mb)
+    return TrainingData(augmented, train_index["tile_id"].tolist(),
+                        encode_labels(train_index["label"], classes), val_ds, y_val, classes,
+                        params)
+
+
+def train_from_scratch(model: Any, data: TrainingData) -> list[dict[str, Any]]:
+    """One stage: the whole network, ``epochs`` epochs."""
+    p = data.params
+    history: list[dict[str, Any]] = []
+    fit_stage(model, data.train_ds(p.batch_size, shuffle=True), data.val_ds, data.y_val,
+              epochs=p.epochs, optimizer=data.optimizer(p.learning_rate, p.epochs),
+              stage="train", **data.fit_options(history))
+    return history
+
+
+def train_transfer(model: Any, data: TrainingData) -> list[dict[str, Any]]:
+    """Stage 1: the new head on backbone features computed once (the frozen backbone gives the
+    same features every epoch). Stage 2: the top ``fine_tune_blocks`` residual blocks at
+    ``fine_tune_learning_rate``, kept only if they beat stage 1's best."""
+    from neuroblastoma_cnn.models.resnet50 import (  # noqa: PLC0415  (lazy: needs Keras)
+        cache_features,
+        set_trainable_top_blocks,
+    )
+
+    p = data.params
+    history: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    cached = cache_features(model, data.train_ds(64, shuffle=False), None, data.val_ds, None,
+                            batch_size=p.batch_size, seed=p.seed)
+    logger.info("Feature cache: %d + %d tiles through the frozen backbone in %.1fs",
+                len(data.y_train), len(data.y_val), time.perf_counter() - started)
+    best = fit_stage(cached.head, cached.train, cached.val_features, cached.val_labels,
+                     epochs=p.epochs, optimizer=data.optimizer(p.learning_rate, p.epochs),
+                     stage="head", **data.fit_options(history))
+    if p.fine_tunes:
+        set_trainable_top_blocks(model, p.fine_tune_blocks)
+        fit_stage(model, data.train_ds(p.batch_size, shuffle=True), data.val_ds, data.y_val,
+                  epochs=p.fine_tune_epochs,
+                  optimizer=data.optimizer(p.fine_tune_learning_rate, p.fine_tune_epochs),
+                  stage="fine_tune", baseline=best, **data.fit_options(history))
+    return history
+
+
 def train_model(
     augmented_train_tiles: TileStore,
     tiles: TileStore,
     split_table: pd.DataFrame,
-    model_params: dict[str, Any],
-    training_params: dict[str, Any],
+    model_params: ModelParams,
+    training_params: TrainingParams,
     build: Callable[..., Any] | None = None,
 ) -> tuple[Any, pd.DataFrame]:
     """Trains the configured architecture; returns the best-epoch model and its history.
 
-    ResNet50 (``transfer: true``) runs two stages: the new head on cached backbone features,
-    then fine-tuning of the top blocks at a lower learning rate with BatchNorm frozen.
+    The model carries its preprocessing record: the tile store's (classes, image checks,
+    tiling) plus the architecture. ``build`` replaces ``models.build_model`` (tests).
     """
-    from neuroblastoma_cnn.models import build_model
+    from neuroblastoma_cnn.models import build_model  # noqa: PLC0415  (lazy: needs Keras)
 
     build = build or build_model
-    seed = int(training_params.get("seed", 42))
-    seed_everything(seed, bool(training_params.get("deterministic", True)))
-
-    classes = class_names(tiles)
-    num_classes = len(classes)
+    p = training_params
+    seed_everything(p.seed, p.deterministic)
+    data = _training_data(augmented_train_tiles, tiles, split_table, p)
     input_size = int(tiles.tile_shape[0])
-    batch_size = int(training_params.get("batch_size", 16))
-    limit_mb = float(training_params.get("in_memory_limit_mb", 2048))
-
-    train_index = augmented_train_tiles.index
-    y_train = encode_labels(train_index["label"], classes)
-    val_ids = split_tile_ids(split_table, "validation")
-    if not val_ids:
-        raise ValueError("The split table has no validation tiles: cannot select the best epoch.")
-    val_rows = tiles.rows(val_ids)
-    y_val = encode_labels(val_rows["label"], classes)
-    logger.info(
-        "Training %s on %d tiles (%d classes), validating on %d tiles",
-        model_params.get("architecture"), len(train_index), num_classes, len(val_ids),
-    )
-
-    train_ids = train_index["tile_id"].tolist()
-
-    def train_data(batch: int, shuffle: bool) -> Any:
-        """Made where it is used: an in-memory dataset holds its own copy of the tiles, and the
-        feature cache needs an unshuffled pass that fine-tuning must not keep alive."""
-        return make_tf_dataset(augmented_train_tiles, train_ids, y_train, batch, shuffle=shuffle,
-                               seed=seed, in_memory_limit_mb=limit_mb)
-
-    val_ds = make_tf_dataset(tiles, val_ids, y_val, batch_size, in_memory_limit_mb=limit_mb)
-    class_weight = (
-        balanced_class_weights(y_train, num_classes)
-        if training_params.get("class_weights", False) else None
-    )
-
-    arch_params = {k: v for k, v in model_params.items() if k not in ("architecture", "transfer")}
-    model = build(model_params["architecture"], input_size=input_size, num_classes=num_classes,
-                  seed=seed, **arch_params)
-    history: list[dict[str, Any]] = []
-    monitor = training_params.get("monitor", "val_macro_f1")
-    patience = training_params.get("early_stopping_patience")
-    steps = int(np.ceil(len(train_index) / batch_size))
-    epochs = int(training_params.get("epochs", 50))
-    schedule = training_params.get("schedule")
-
-    def optimizer(lr: float, n_epochs: int) -> Any:
-        return make_optimizer(training_params.get("optimizer", "sgd"), lr,
-                              float(training_params.get("momentum", 0.9)), schedule, steps,
-                              n_epochs)
-
-    plateau = schedule if (schedule or {}).get("type") == "plateau" else None
-    common = {"num_classes": num_classes, "monitor": monitor, "patience": patience,
-              "class_weight": class_weight, "history": history, "plateau": plateau}
-
-    if model_params.get("transfer", False):
-        from neuroblastoma_cnn.models.resnet50 import cache_features, set_trainable_top_blocks
-
-        # Stage 1 feature cache: the frozen backbone sees every tile once, not once per epoch.
-        started = time.perf_counter()
-        cached = cache_features(model, train_data(64, shuffle=False), None, val_ds, None,
-                                batch_size=batch_size, seed=seed)
-        logger.info("Feature cache: %d + %d tiles through the frozen backbone in %.1fs",
-                    len(y_train), len(y_val), time.perf_counter() - started)
-        best = fit_stage(
-            cached.head, cached.train, cached.val_features, cached.val_labels, epochs=epochs,
-            optimizer=optimizer(float(training_params.get("learning_rate", 0.01)), epochs),
-            stage="head", **common,
-        )
-        fine_blocks = int(training_params.get("fine_tune_blocks", 0))
-        fine_epochs = int(training_params.get("fine_tune_epochs", 0))
-        if fine_blocks > 0 and fine_epochs > 0:
-            set_trainable_top_blocks(model, fine_blocks)
-            fit_stage(model, train_data(batch_size, shuffle=True), val_ds, y_val,
-                      epochs=fine_epochs,
-                      optimizer=optimizer(float(training_params["fine_tune_learning_rate"]),
-                                          fine_epochs),
-                      stage="fine_tune", baseline=best, **common)
-    else:
-        fit_stage(model, train_data(batch_size, shuffle=True), val_ds, y_val, epochs=epochs,
-                  optimizer=optimizer(float(training_params.get("learning_rate", 0.01)), epochs),
-                  stage="train", **common)
-
-    model.preprocessing = {
-        **tiles.producer_metadata,
-        "input_size": input_size,
-        "classes": classes,
-        "architecture": model_params["architecture"],
-    }
+    logger.info("Training %s on %d tiles (%d classes), validating on %d tiles",
+                model_params.architecture, len(data.train_ids), len(data.classes),
+                len(data.y_val))
+    model = build(model_params.architecture, input_size=input_size,
+                  num_classes=len(data.classes), seed=p.seed, **model_params.builder_kwargs())
+    train = train_transfer if model_params.transfer else train_from_scratch
+    history = train(model, data)
+    model.preprocessing = Preprocessing.from_store(tiles).model_copy(
+        update={"architecture": model_params.architecture})
     return model, pd.DataFrame(history)
 
 
 def history_metrics(history: pd.DataFrame) -> dict[str, list[dict[str, float]]]:
     """Per-epoch history in the form MLflow's metric history takes: {name: [{value, step}]}."""
     out: dict[str, list[dict[str, float]]] = {}
-    for column in ("loss", "accuracy", "val_loss", "val_accuracy", "val_macro_f1",
-                   "learning_rate", "seconds"):
+    for column in HISTORY_METRICS:
         if column in history:
             out[column] = [
                 {"value": float(v), "step": int(s)}

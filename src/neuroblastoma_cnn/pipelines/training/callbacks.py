@@ -1,0 +1,68 @@
+"""The training callback: validation metrics from one prediction pass per epoch.
+
+Imported only when a model trains (it needs Keras, hence TensorFlow), so that registering the
+pipelines stays fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import keras
+import numpy as np
+from sklearn.metrics import f1_score
+
+logger = logging.getLogger("neuroblastoma_cnn.pipelines.training.nodes")
+
+
+class ValidationReport(keras.callbacks.Callback):
+    """Validation loss, accuracy, macro-F1 and the number of classes predicted, from one predict
+    pass per epoch (Keras' own validation would predict the validation set a second time);
+    appends one history row per epoch and logs one line.
+
+    It must come before ``EarlyStopping`` in the callback list: it puts the values EarlyStopping
+    monitors into the epoch's logs.
+    """
+
+    def __init__(self, val_inputs: Any, val_labels: np.ndarray, num_classes: int, stage: str,
+                 total_epochs: int, history: list[dict[str, Any]]):
+        super().__init__()
+        self.val_inputs, self.val_labels = val_inputs, np.asarray(val_labels)
+        self.num_classes, self.stage, self.total_epochs = num_classes, stage, total_epochs
+        self.history = history
+        self.started = 0.0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = logs if logs is not None else {}
+        prob = np.asarray(self.model.predict(self.val_inputs, verbose=0), dtype=np.float64)
+        labels = self.val_labels
+        pred = prob.argmax(axis=1)
+        picked = np.clip(prob[np.arange(len(labels)), labels], 1e-7, 1.0)
+        logs["val_loss"] = float(-np.log(picked).mean())
+        logs["val_accuracy"] = float((pred == labels).mean())
+        logs["val_macro_f1"] = float(f1_score(labels, pred, average="macro",
+                                              labels=range(self.num_classes), zero_division=0))
+        seconds = time.perf_counter() - self.started
+        row = {
+            "epoch": len(self.history) + 1,
+            "stage": self.stage,
+            "loss": float(logs.get("loss", np.nan)),
+            "accuracy": float(logs.get("accuracy", np.nan)),
+            "val_loss": logs["val_loss"],
+            "val_accuracy": logs["val_accuracy"],
+            "val_macro_f1": logs["val_macro_f1"],
+            "val_predicted_classes": len(np.unique(pred)),
+            "learning_rate": float(np.asarray(self.model.optimizer.learning_rate)),
+            "seconds": seconds,
+        }
+        self.history.append(row)
+        logger.info(
+            "%s epoch %d/%d  loss %.4f  acc %.3f  val_loss %.4f  val_macro_f1 %.3f  %.1fs",
+            self.stage, epoch + 1, self.total_epochs, row["loss"], row["accuracy"],
+            row["val_loss"], row["val_macro_f1"], seconds,
+        )
