@@ -16,9 +16,12 @@ from _kather_like import ARCHIVE_NAME, SLIDE, TOP, make_kather_like, refused_url
 from _tiny_project import make_project
 from conftest import PROJECT_ROOT, _require_bach
 from kedro.framework.cli.utils import _split_params
+from kedro.framework.session import KedroSession
+from kedro.framework.startup import bootstrap_project
 from kedro.io.core import DatasetError
 
 from neuroblastoma_cnn.datasets.remote_archive import ArchiveError
+from neuroblastoma_cnn.pipelines.ingestion.nodes import build_image_manifest
 
 KATHER_URL = "https://zenodo.org/records/53169/files/Kather_texture_2016_image_tiles_5000.zip"
 KATHER_MD5 = "0ddbebfc56344752028fda72602aaade"
@@ -56,9 +59,6 @@ def cli_params(text: str) -> dict[str, Any]:
 
 
 def demo_context(project: Path, params: str | None = None):
-    from kedro.framework.session import KedroSession
-    from kedro.framework.startup import bootstrap_project
-
     bootstrap_project(project)
     session = KedroSession.create(project_path=project, env="demo",
                                   runtime_params=cli_params(params) if params else None)
@@ -89,8 +89,6 @@ def test_params_override_the_url_and_md5_of_the_download(demo_project: Path) -> 
 def test_demo_catalog_downloads_once_and_ingestion_finds_the_slides(
     demo_project: Path, served_zip
 ) -> None:
-    from neuroblastoma_cnn.pipelines.ingestion.nodes import build_image_manifest
-
     www, md5 = served_zip
     with serve(www) as server:
         params = f"demo.url={server.url}/{ARCHIVE_NAME},demo.md5={md5}"

@@ -29,6 +29,8 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import pooch
+import requests
 from kedro.io.core import AbstractDataset, DatasetError
 
 from neuroblastoma_cnn.errors import DataError, ParameterError
@@ -164,9 +166,6 @@ class RemoteArchiveDataset(AbstractDataset[Any, Path]):
 
     def _download(self, md5: str) -> Path:
         """The archive file, downloaded only if it is missing or its MD5 differs."""
-        import pooch
-        import requests
-
         target = self._archive.resolve()
         if not self._url.startswith(("http://", "https://", "ftp://")):
             if target.is_file() and pooch.file_hash(str(target), alg="md5") == md5:
