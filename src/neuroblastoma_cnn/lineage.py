@@ -38,7 +38,7 @@ RERUN_DATA = "kedro run --pipeline=data_processing"
 def version_folder(dataset: Any, version: str) -> Path | None:
     """``<filepath>/<version>/``: where a local versioned dataset keeps ``version``; None for
     datasets that are not versioned or not on the local file system."""
-    if not isinstance(dataset, AbstractVersionedDataset):
+    if not isinstance(dataset, AbstractVersionedDataset) or not dataset._version:
         return None
     if getattr(dataset, "_protocol", "file") not in ("file", None):
         return None
