@@ -57,9 +57,18 @@ class Params(BaseModel):
         """Validates ``raw`` as the group ``key`` (e.g. ``resnet34.training``); raises
         :class:`ParameterError` with one line per problem naming ``key.field``."""
         try:
-            return cls.model_validate(raw)
+            return cls.__pydantic_validator__.validate_python(raw)
         except ValidationError as exc:
             raise ParameterError(describe(exc, key, cls)) from None
+
+    @classmethod
+    def model_validate(cls, obj: Any, **kwargs: Any) -> Any:
+        """What Kedro's parameter validation calls (it does not pass the key; it names the
+        group itself): the same one-line problems as :meth:`parse`, fields named from the group."""
+        try:
+            return super().model_validate(obj, **kwargs)
+        except ValidationError as exc:
+            raise ParameterError(describe(exc, "", cls)) from None
 
 
 # ----------------------------------------------------------------------------- data stages
@@ -191,9 +200,17 @@ class ModelParams(RootModel[Annotated[ResNet34Model | ResNet50Model,
     @classmethod
     def parse(cls, raw: Any, key: str) -> ModelParams:
         try:
-            return cls.model_validate(raw)
+            return cls.__pydantic_validator__.validate_python(raw)
         except ValidationError as exc:
             raise ParameterError(describe(exc, key, None)) from None
+
+    @classmethod
+    def model_validate(cls, obj: Any, **kwargs: Any) -> Any:
+        """As :meth:`Params.model_validate`: one-line problems for Kedro's validation."""
+        try:
+            return super().model_validate(obj, **kwargs)
+        except ValidationError as exc:
+            raise ParameterError(describe(exc, "", None)) from None
 
 
 class CosineSchedule(Params):
@@ -300,7 +317,7 @@ def validate_parameters(parameters: Mapping[str, Any]) -> dict[str, Any]:
     for key, raw in parameters.items():
         if key in GROUPS:
             checks = [(key, GROUPS[key], raw)]
-        elif isinstance(raw, Mapping) and {"model", "training"} & set(raw):
+        elif _is_model_group(raw):
             checks = [(f"{key}.{part}", MODEL_GROUPS[part], raw.get(part))
                       for part in MODEL_GROUPS]
         else:
@@ -313,6 +330,12 @@ def validate_parameters(parameters: Mapping[str, Any]) -> dict[str, Any]:
     if problems:
         raise ParameterError("; ".join(problems))
     return typed
+
+
+def _is_model_group(raw: Any) -> bool:
+    """``<model>: {model: {architecture: ...}, training: {...}}``, the shape of a model's block."""
+    return (isinstance(raw, Mapping) and set(raw) <= set(MODEL_GROUPS)
+            and isinstance(raw.get("model"), Mapping) and "architecture" in raw["model"])
 
 
 # ----------------------------------------------------------------------------- messages
@@ -329,14 +352,19 @@ def describe(exc: ValidationError, key: str, model: type[BaseModel] | None) -> s
     lines = []
     for error in exc.errors(include_url=False):
         loc = [str(p) for p in error["loc"] if not _is_union_tag(p, error)]
-        where = ".".join([key, *loc])
+        where = ".".join([key, *loc] if key else loc)
         kind = error["type"]
         if kind == "missing":
             lines.append(f"{where}: missing (every key is required, the defaults are in "
                          "conf/base/parameters_*.yml)")
             continue
         value = f" = {error['input']!r}"
-        if kind == "extra_forbidden":
+        if kind == "union_tag_invalid":  # e.g. architecture: vgg, schedule type: triangle
+            ctx = error.get("ctx", {})
+            field = str(ctx.get("discriminator", "type")).strip("'")
+            lines.append(f"{'.'.join([where, field]) if where else field} = {ctx.get('tag')!r}: "
+                         f"must be one of {ctx.get('expected_tags')}")
+        elif kind == "extra_forbidden":
             known = _known_keys(model, loc[:-1])
             close = difflib.get_close_matches(loc[-1], known, n=1) if known else []
             hint = f", did you mean '{close[0]}'?" if close else ""
@@ -346,7 +374,8 @@ def describe(exc: ValidationError, key: str, model: type[BaseModel] | None) -> s
             bound = error.get("ctx", {}).get(_BOUND_CTX[kind])
             lines.append(f"{where}{value}: must be {_BOUNDS[kind]} {bound}")
         elif kind == "value_error" and not loc:
-            lines.append(f"{key}: {error['msg'].removeprefix('Value error, ')}")
+            message = error["msg"].removeprefix("Value error, ")
+            lines.append(f"{key}: {message}" if key else message)
         else:
             message = error["msg"].removeprefix("Value error, ")
             message = message.replace("Input should be", "must be").replace(

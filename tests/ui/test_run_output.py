@@ -1,6 +1,7 @@
 """What a person reads while a pipeline runs: Kedro's progress and our own lines, nothing that
-looks like a failure (native TensorFlow notices, telemetry attempts, third-party deprecation
-warnings, Keras progress bars). See src/neuroblastoma_cnn/quiet.py for what is hidden and why.
+looks like a failure (telemetry attempts, third-party deprecation warnings, Keras progress bars),
+except the few native lines TensorFlow prints while it is imported, which are accepted rather
+than intercepted. And nothing that a crash writes is lost. See src/neuroblastoma_cnn/quiet.py.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import pytest
 from _tiny_project import TrainedProject, run_env, trained_project
 
 from neuroblastoma_cnn.hooks import project_sqlite_uri
-from neuroblastoma_cnn.quiet import is_native_noise
 
 # Nothing may match these in a run's output (stdout and stderr together).
 FORBIDDEN = re.compile(
@@ -23,8 +23,15 @@ FORBIDDEN = re.compile(
     r"DeprecationWarning|UserWarning|━|\d+/\d+ \S+ \d+m?s/step",
     re.MULTILINE,
 )
-# Lines that match FORBIDDEN but are allowed, each with its reason. None are needed today.
-ALLOWED: tuple[tuple[str, str], ...] = ()
+# Lines that match FORBIDDEN but are allowed, each with its reason.
+ALLOWED: tuple[tuple[str, str], ...] = (
+    (r"^WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR$",
+     "TensorFlow 2.21's absl notice, printed while it is imported, before any log level applies"),
+    (r"^I\d{4} [\d:. ]+\d+ port\.cc:\d+\] oneDNN custom operations are on",
+     "TensorFlow's oneDNN start-up notice, same moment; hiding it would mean filtering fd 2"),
+)
+#: At most this many allowed native lines per process that imports TensorFlow (2 per library).
+MAX_NATIVE_LINES = 4
 
 
 @pytest.fixture(scope="session")
@@ -43,6 +50,9 @@ def test_a_pipeline_run_prints_only_what_a_person_needs(trained: TrainedProject,
         if FORBIDDEN.search(line) and not any(re.search(p, line) for p, _ in ALLOWED)
     ]
     assert not bad, "unexpected output lines:\n" + "\n".join(bad)
+    native = [line for line in output.splitlines()
+              if any(re.search(p, line) for p, _ in ALLOWED)]
+    assert len(native) <= MAX_NATIVE_LINES, "\n".join(native)
 
     model = pipeline.removeprefix("train_")
     epochs = ["train epoch 1/2", "train epoch 2/2"] if model == "resnet34" else [
@@ -66,7 +76,7 @@ def _python(code: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.slow
-def test_tensorflow_imports_silently_once_the_package_is_imported():
+def test_tensorflow_prints_only_its_accepted_start_up_lines():
     result = _python("""
         import neuroblastoma_cnn
         import tensorflow as tf
@@ -74,48 +84,39 @@ def test_tensorflow_imports_silently_once_the_package_is_imported():
     """)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "42"
-    assert result.stderr == "", result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) <= MAX_NATIVE_LINES, result.stderr
+    for line in lines:
+        assert any(re.search(p, line) for p, _ in ALLOWED), line
 
 
-def test_native_lines_below_the_level_and_known_harmless_errors_are_noise():
-    info = (b"I0000 00:00:1795630642.938969   13481 port.cc:153] oneDNN custom operations are "
-            b"on. You may see slightly different numerical results")
-    warning = b"W0000 00:00:1795630642.938969   13481 some_op.cc:12] something odd"
-    harmless = (b"E0000 00:00:1795630665.638020   13481 node_def_util.cc:682] NodeDef mentions "
-                b"attribute use_unbounded_threadpool which is not in the op definition: Op<...>")
-    error = b"E0000 00:00:1795630665.638020   13481 kernel.cc:99] Out of memory"
-    banner = b"WARNING: All log messages before absl::InitializeLog() is called are written to "
-    for line in (info, warning, harmless, banner):
-        assert is_native_noise(line, min_level=2), line
-    for line in (error, b"Traceback (most recent call last):", b"ValueError: bad tile"):
-        assert not is_native_noise(line, min_level=2), line
-    # TF_CPP_MIN_LOG_LEVEL=0 shows every native line again (the known harmless error too).
-    for line in (info, warning, harmless, banner):
-        assert not is_native_noise(line, min_level=0), line
-
-
-def test_filter_drops_native_noise_and_passes_everything_else(tmp_path: Path):
-    """Writes straight to file descriptor 2, as TensorFlow's C++ code does."""
+@pytest.mark.slow
+def test_a_native_crash_after_the_package_is_imported_reaches_stderr():
+    """Nothing sits between file descriptor 2 and the terminal: a native abort's last words
+    (written straight to fd 2, as C++ code does) and a child process's output arrive."""
     result = _python(r"""
-        import os, sys
-        from neuroblastoma_cnn.quiet import native_stderr_filter
-        with native_stderr_filter:
-            os.write(2, b"I0000 00:00:1.5   7 port.cc:153] oneDNN custom operations are on\n")
-            os.write(2, b"E0000 00:00:1.5   7 kernel.cc:9] a real native error\n")
-            os.write(2, b"partial ")
-            os.write(2, b"line kept\n")
-            print("from python", file=sys.stderr)
-            with native_stderr_filter:  # reentrant: nested use changes nothing
-                os.write(2, b"W0000 00:00:1.5   7 x.cc:1] hidden warning\n")
-        os.write(2, b"I0000 00:00:1.5   7 port.cc:153] after the filter: shown\n")
+        import os, subprocess, sys
+        import neuroblastoma_cnn
+        import tensorflow  # what used to run behind a file-descriptor filter
+        subprocess.run([sys.executable, "-c",
+                        "import os; os.write(2, b'child process says hello\\n')"], check=True)
+        os.write(2, b"F0000 00:00:1.5   7 kernel.cc:9] Check failed: fatal native error\n")
+        os.abort()
     """)
-    assert result.returncode == 0, result.stderr
-    assert result.stderr.splitlines() == [
-        "E0000 00:00:1.5   7 kernel.cc:9] a real native error",
-        "partial line kept",
-        "from python",
-        "I0000 00:00:1.5   7 port.cc:153] after the filter: shown",
-    ]
+    assert result.returncode != 0
+    assert "child process says hello" in result.stderr
+    assert "Check failed: fatal native error" in result.stderr
+
+
+def test_known_warnings_are_dropped_and_others_shown():
+    result = _python("""
+        import warnings
+        import neuroblastoma_cnn
+        warnings.warn("Add type hints to the `predict` method to enable data validation")
+        warnings.warn("an unexpected warning", UserWarning)
+    """)
+    assert "Add type hints" not in result.stderr
+    assert "an unexpected warning" in result.stderr
 
 
 def test_relative_sqlite_store_is_anchored_at_the_project(tmp_path: Path):

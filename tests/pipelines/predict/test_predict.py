@@ -18,25 +18,32 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from click.testing import CliRunner
+from kedro.framework.cli.cli import KedroCLI
+from kedro.framework.session import KedroSession
+from kedro.framework.startup import bootstrap_project
 from PIL import Image
 
 from neuroblastoma_cnn.datasets import TileStore, TrainedModels, load_keras_model, save_keras_model
 from neuroblastoma_cnn.datasets.trained_models import ModelSelectionError
-from neuroblastoma_cnn.pipelines.evaluation.metrics import PROB_PREFIX
+from neuroblastoma_cnn.errors import ModelError, ParameterError
+from neuroblastoma_cnn.params import PredictParams, base_group
+from neuroblastoma_cnn.pipelines.predict import create_pipeline
 from neuroblastoma_cnn.pipelines.predict.nodes import (
-    PREDICT_DEFAULTS,
-    PredictSettings,
-    Preprocessing,
     list_image_files,
     predict_files,
     prepare_image,
 )
+from neuroblastoma_cnn.predictions import PROB_PREFIX
+from neuroblastoma_cnn.preprocessing import Preprocessing, attach_preprocessing, preprocessing_of
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[3]
+PREDICT = PredictParams.parse(base_group("predict"), "predict")
 CLI = Path(sys.executable).with_name("neuroblastoma-cnn")
 PREDICT_DIR = Path("data/01_raw/predict")
 # name in the prediction folder -> reason prefix it must be rejected with
@@ -65,15 +72,10 @@ def _read_predictions(path: Path) -> pd.DataFrame:
 
 
 def _run(pipeline: str, runtime_params: dict[str, Any] | None = None) -> None:
-    from kedro.framework.session import KedroSession
-    from kedro.framework.startup import bootstrap_project
-
     bootstrap_project(Path.cwd())
     with KedroSession.create(project_path=Path.cwd(), env="tiny",
                              runtime_params=runtime_params) as session:
         session.run(pipeline_names=[pipeline])
-    import mlflow
-
     assert mlflow.active_run() is None, "kedro run left an MLflow run open"
 
 
@@ -170,7 +172,7 @@ def test_pipeline_predicts_every_file_and_flags_bad_ones(project: Path, predicti
     prob = good[_prob_columns(good)].to_numpy(dtype=float)
     np.testing.assert_allclose(prob.sum(axis=1), 1.0, atol=1e-6)
     assert list(good["predicted"]) == [classes[i] for i in prob.argmax(axis=1)]
-    assert (good["low_confidence"] == (prob.max(axis=1) < PREDICT_DEFAULTS["min_confidence"])).all()
+    assert (good["low_confidence"] == (prob.max(axis=1) < PREDICT.min_confidence)).all()
     assert good["reason"].isna().all()
 
     white = good.set_index("file").loc["white.png"]
@@ -195,7 +197,7 @@ def test_new_images_are_tiled_exactly_like_training_images(project: Path, model,
     store's, pixel for pixel, and get the probabilities the model gives the stored tiles."""
     store = TileStore(_latest(project / "data/03_primary/tiles"))
     tiles = pd.read_csv(_latest(project / "data/07_model_output/predicted_tiles.csv"))
-    preprocessing = Preprocessing.from_model(model)
+    preprocessing = preprocessing_of(model)
     checked = 0
     for name, path in list_image_files(PREDICT_DIR):
         source = store.index[store.index["image_path"].str.endswith("/" + Path(name).name)]
@@ -213,8 +215,6 @@ def test_new_images_are_tiled_exactly_like_training_images(project: Path, model,
 
 
 def test_pipeline_writes_gradcam_overlays_and_never_reads_ingestion_params(project, predictions):
-    from neuroblastoma_cnn.pipelines.predict import create_pipeline
-
     assert "params:ingestion" not in create_pipeline().inputs()
     overlays = _latest(project / "data/08_reporting/gradcam")
     written = sorted(p.relative_to(overlays).as_posix() for p in overlays.rglob("*.png"))
@@ -225,8 +225,6 @@ def test_pipeline_writes_gradcam_overlays_and_never_reads_ingestion_params(proje
 
 
 def test_evaluation_logs_a_misclassified_gallery(project: Path):
-    import mlflow
-
     gallery = _latest(project / "data/08_reporting/resnet34/misclassified_gallery.png")
     with Image.open(gallery) as picture:
         assert picture.width > 100 and picture.height > 100
@@ -243,8 +241,6 @@ def test_evaluation_logs_a_misclassified_gallery(project: Path):
 
 
 def test_model_selection_latest_given_version_and_mlflow_uri(project: Path, model, predictions):
-    import mlflow
-
     models = TrainedModels("data/06_models")
     (first,) = models.versions("resnet34")
     assert predictions["model"].eq(models.path("resnet34").as_posix()).all()
@@ -308,9 +304,6 @@ def test_command_help_is_fast_and_documents_exit_codes():
 
 def test_kedro_command_line_still_loads_with_the_cli_module():
     """Kedro imports `neuroblastoma_cnn.cli` for project commands: it must not break `kedro`."""
-    from click.testing import CliRunner
-    from kedro.framework.cli.cli import KedroCLI
-
     result = CliRunner().invoke(KedroCLI(project_path=PROJECT_ROOT), ["run", "--help"])
     assert result.exit_code == 0, result.output
     assert "--pipeline" in result.output
@@ -353,28 +346,50 @@ def test_command_gives_the_pipeline_results(project: Path, predictions, tmp_path
 # ----------------------------------------------------------------------------- units
 
 
-def test_predict_defaults_match_the_parameters_file():
+def test_predict_parameters_come_from_the_parameters_file():
     params = yaml.safe_load((PROJECT_ROOT / "conf/base/parameters_predict.yml").read_text())
-    assert params["predict"] == PREDICT_DEFAULTS
-    assert PredictSettings.from_params(params["predict"]) == PredictSettings()
-    with pytest.raises(ValueError, match="Unknown predict parameter"):
-        PredictSettings.from_params({"batchsize": 3})
-    with pytest.raises(ValueError, match="min_confidence"):
-        PredictSettings.from_params({"min_confidence": 2})
+    assert PREDICT.model_dump() == params["predict"]
+    with pytest.raises(ParameterError, match=r"predict.batchsize = 3: unknown key, did you mean"):
+        PredictParams.parse({**params["predict"], "batchsize": 3}, "predict")
+    with pytest.raises(ParameterError, match=r"predict.min_confidence = 2: must be <= 1"):
+        PredictParams.parse({**params["predict"], "min_confidence": 2}, "predict")
 
 
 def test_a_model_is_refused_without_a_matching_record(model, tmp_path: Path):
-    record = dict(model.preprocessing)
+    record = model.preprocessing
+    assert isinstance(record, Preprocessing)  # checked once, where the model was loaded
     try:
         model.preprocessing = {}
-        with pytest.raises(ValueError, match="no preprocessing record"):
-            predict_files([], model)
-        model.preprocessing = {**record, "ingestion": {**record["ingestion"], "input_size": 64}}
-        with pytest.raises(ValueError, match="input_size"):
-            Preprocessing.from_model(model)
+        with pytest.raises(ModelError, match="no preprocessing record"):
+            predict_files([], model, PREDICT)
+        changed = record.to_dict()
+        changed["tiling"] = {**changed["tiling"], "input_size": 64}
+        with pytest.raises(ModelError, match="input_size"):
+            attach_preprocessing(model, changed, "changed")
     finally:
         model.preprocessing = record
     bare = tmp_path / "bare.keras"
     model.save(bare)  # a plain Keras save: no record inside
     with pytest.raises(ModelSelectionError, match="no preprocessing record"):
         TrainedModels(tmp_path).load(str(bare))
+
+
+def test_a_model_saved_with_the_first_record_layout_still_loads(model, tmp_path: Path):
+    """Models saved before the record was typed wrote the tiling twice (top level and under
+    `ingestion`); they load and predict with the same settings."""
+    record = model.preprocessing
+    ingestion = {**base_group("ingestion"), **record.tiling.model_dump(),
+                 **record.image_checks.model_dump()}
+    legacy = {"classes": list(record.classes), "input_size": record.tiling.input_size,
+              "tile_size": record.tiling.tile_size, "stride": record.tiling.effective_stride,
+              "min_tissue_fraction": record.tiling.min_tissue_fraction,
+              "tissue_rule": record.tiling.tissue_rule, "resize_filter": "bilinear",
+              "n_images": 3, "ingestion": ingestion, "architecture": "resnet34"}
+    try:
+        model.preprocessing = legacy
+        path = tmp_path / "legacy.keras"
+        save_keras_model(model, path)
+    finally:
+        model.preprocessing = record
+    loaded = TrainedModels(tmp_path).load(str(path))
+    assert loaded.preprocessing == record
