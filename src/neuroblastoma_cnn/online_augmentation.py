@@ -199,10 +199,11 @@ def _random_affine(x: Any, seed: Any, cfg: OnlineAugmentation) -> Any:
     b2 = f * (cy - cy / z + ty) + off_y
     zeros = tf.zeros([n])
     transforms = tf.stack([a, zeros, a2, zeros, a, b2, zeros, zeros], axis=1)
-    return tf.raw_ops.ImageProjectiveTransformV3(
+    out = tf.raw_ops.ImageProjectiveTransformV3(
         images=x, transforms=transforms, output_shape=shape[1:3], fill_value=0.0,
         interpolation="BILINEAR", fill_mode="REFLECT",
     )
+    return tf.ensure_shape(out, x.shape)  # the op forgets the static shape; later ops need it
 
 
 # ----------------------------------------------------------------------------------- colour

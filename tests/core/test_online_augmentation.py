@@ -114,6 +114,16 @@ def test_augment_batches_draws_afresh_across_epochs_of_a_repeated_dataset():
     assert not np.allclose(one[0], one[1])  # epoch 1 and epoch 2 of the same images
 
 
+def test_every_transform_runs_inside_a_tf_data_graph():
+    images = np.random.default_rng(2).integers(0, 256, (4, 16, 16, 3)).astype(np.float32)
+    ds = tf.data.Dataset.from_tensor_slices((images, np.arange(4))).batch(2).repeat()
+    out = [b[0].numpy() for _, b in zip(range(3), oa.augment_batches(
+        ds, oa.make_augmenter(ALL_ON, 0)), strict=False)]
+    assert all(o.shape == (2, 16, 16, 3) for o in out)
+    eager = run(ALL_ON, images[:2], step=0, seed=0)
+    assert np.allclose(out[0], eager, atol=1e-3)  # graph and eager draw the same
+
+
 def test_bad_parameters_fail_clearly():
     with pytest.raises(ParameterError, match="Unknown online augmentation"):
         oa.OnlineAugmentation.from_config({"rotation": 3})
