@@ -7,7 +7,6 @@ offset of its own, so a fold that split a group would be easier than a grouped o
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -15,11 +14,11 @@ import mlflow.sklearn
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from kedro.io.core import Version
 
 from neuroblastoma_cnn.datasets.sklearn_heads import SklearnHeadsDataset
 from neuroblastoma_cnn.errors import DataError, ModelError, ParameterError
+from neuroblastoma_cnn.params import EvaluationParams, base_group
 from neuroblastoma_cnn.pipelines.evaluation.nodes import (
     aggregate_image_predictions,
     compute_test_metrics,
@@ -27,14 +26,12 @@ from neuroblastoma_cnn.pipelines.evaluation.nodes import (
 from neuroblastoma_cnn.pipelines.features import heads as h
 from neuroblastoma_cnn.pipelines.features import nodes as n
 
-PROJECT_ROOT = Path(__file__).resolve().parents[3]
 CLASSES = ["Benign", "InSitu", "Invasive"]
 
 
 def params(**changes: Any) -> dict[str, Any]:
     """The project's own `features.heads` parameters, with small grids for speed."""
-    conf = yaml.safe_load((PROJECT_ROOT / "conf/base/parameters_features.yml").read_text())
-    p = copy.deepcopy(conf["features"]["heads"])
+    p = copy.deepcopy(base_group("features.heads"))
     p["classifiers"]["svm"]["grid"] = {"C": [0.1, 1.0], "gamma": ["scale"]}
     p["classifiers"]["tree"]["grid"] = {"max_depth": [2, 4], "min_samples_leaf": [1]}
     p["classifiers"]["logreg"]["grid"] = {"C": [0.1]}
@@ -250,7 +247,8 @@ def test_heads_are_evaluated_exactly_like_the_cnn():
     tiles = n.predict_tile_probabilities(table, bundles, "test")
     assert list(dict.fromkeys(tiles["predictor"])) == ["cnn_softmax", "svm", "tree", "logreg",
                                                        "hgb"]
-    evaluation = {"bootstrap_samples": 200, "seed": 3}
+    evaluation = EvaluationParams.parse(base_group("evaluation", bootstrap_samples=200, seed=3),
+                                        "evaluation")
     images, metrics, flat, reports, confusion = n.evaluate_predictors(tiles, evaluation)
     for name in ("cnn_softmax", "svm"):
         one = tiles[tiles["predictor"] == name].drop(columns="predictor").reset_index(drop=True)
@@ -281,7 +279,7 @@ def test_heads_beat_chance_on_separable_features():
     table, split_table = feature_table(groups_per_class=8, seed=4)
     bundles, _ = n.fit_heads(table, split_table, params())
     tiles = n.predict_tile_probabilities(table, bundles, "test")
-    _, metrics, *_ = n.evaluate_predictors(tiles, {"bootstrap_samples": 50, "seed": 0})
+    _, metrics, *_ = n.evaluate_predictors(tiles, base_group("evaluation", bootstrap_samples=50))
     assert metrics["logreg"]["f1_macro"] > 0.6
     assert metrics["svm"]["f1_macro"] > 0.6
 

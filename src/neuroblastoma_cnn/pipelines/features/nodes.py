@@ -26,14 +26,12 @@ import pandas as pd
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from neuroblastoma_cnn import metrics as m
 from neuroblastoma_cnn import predictions as pt
 from neuroblastoma_cnn.datasets.sklearn_heads import check_head_extractor, head_probabilities
 from neuroblastoma_cnn.datasets.tile_store import TileStore
 from neuroblastoma_cnn.errors import DataError, ModelError
 from neuroblastoma_cnn.params import EvaluationParams
-
-# The evaluation's metrics module, so heads and CNN are scored by the same code.
-from neuroblastoma_cnn.pipelines.evaluation import metrics as m
 from neuroblastoma_cnn.predictions import aggregate_image_probabilities
 from neuroblastoma_cnn.tf_input import class_names, make_tf_dataset
 
