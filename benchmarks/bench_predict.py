@@ -44,14 +44,23 @@ sys.path.insert(0, str(ROOT / "src"))
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
+from neuroblastoma_cnn.datasets import TrainedModels, save_keras_model  # noqa: E402
+from neuroblastoma_cnn.models import build_model  # noqa: E402
+from neuroblastoma_cnn.params import PredictParams, base_group  # noqa: E402
+from neuroblastoma_cnn.pipelines.predict.nodes import (  # noqa: E402
+    decode_for_prediction,
+    gradcam_overlays,
+    list_image_files,
+    predict_files,
+    select_tiles,
+)
+from neuroblastoma_cnn.preprocessing import preprocessing_of  # noqa: E402
+
 CLI = Path(sys.executable).with_name("neuroblastoma-cnn")
 
 
 def make_model(folder: Path, input_size: int, tile_size: int, classes: list[str]) -> Path:
     """Saves an untrained ResNet34 with the record training would give it; returns its path."""
-    from neuroblastoma_cnn.datasets import save_keras_model
-    from neuroblastoma_cnn.models import build_model
-
     params = yaml.safe_load((ROOT / "conf/base/parameters_ingestion.yml").read_text())["ingestion"]
     params.update(tile_size=tile_size, stride=tile_size, input_size=input_size)
     model = build_model("resnet34", input_size, len(classes), seed=0)
@@ -89,17 +98,6 @@ def main() -> None:
     parser.add_argument("--startup-repeats", type=int, default=3)
     args = parser.parse_args()
     load_at_start = os.getloadavg()[0]
-
-    from neuroblastoma_cnn.datasets import TrainedModels
-    from neuroblastoma_cnn.pipelines.predict.nodes import (
-        Preprocessing,
-        decode_for_prediction,
-        gradcam_overlays,
-        list_image_files,
-        predict_files,
-        select_tiles,
-    )
-
     files = list_image_files(args.images)[: args.limit]
     classes = sorted(p.name for p in args.images.iterdir() if p.is_dir()) or ["a", "b"]
     tmp = Path(tempfile.mkdtemp(prefix="bench_predict_"))
@@ -107,28 +105,40 @@ def main() -> None:
     started = time.perf_counter()
     model = TrainedModels(tmp).load(str(model_path))
     load_s = time.perf_counter() - started
-    params = {"batch_size": args.batch_size, "workers": args.workers, "gradcam": False}
+    settings = {"batch_size": args.batch_size, "workers": args.workers, "gradcam": False}
+    params = PredictParams.parse(base_group("predict", **settings), "predict")
     warm = np.zeros((args.batch_size, args.input_size, args.input_size, 3), np.float32)
     model.predict_on_batch(warm)  # tracing: start-up, not throughput
     model.predict(warm, batch_size=args.batch_size, verbose=0)
 
-    # Breakdown: decode and tiling alone, one thread; the tiles are kept for the baselines.
-    preprocessing = Preprocessing.from_model(model)
+    decode_s, tiling_s, tiles = _breakdown(files, model)
+    seconds, predictions, tile_table = _rounds(files, model, params, tiles, args)
+    n_images, n_tiles = int((~predictions["rejected"]).sum()), len(tile_table)
+    gradcam_s = _gradcam_seconds(files, model, predictions, params, args.gradcam)
+    help_s, first_s, import_s = _startup(files, model_path, tmp, args.startup_repeats)
+    _report(args, load_at_start, seconds, n_images, n_tiles, predictions, decode_s, tiling_s,
+            len(files), gradcam_s, load_s, help_s, first_s, import_s)
+
+
+def _breakdown(files: list, model) -> tuple[float, float, np.ndarray]:
+    """Decode and tiling alone, one thread; the tiles are kept for the baselines."""
+    preprocessing = preprocessing_of(model)
     decode_s = tiling_s = 0.0
     chunks = []
     for name, path in files:
         t0 = time.perf_counter()
-        rgb = decode_for_prediction(path, name, preprocessing.ingestion)
+        rgb = decode_for_prediction(path, name, preprocessing)
         t1 = time.perf_counter()
         chunks.append(select_tiles(rgb, preprocessing.tiling, 3)[0])
         tiling_s += time.perf_counter() - t1
         decode_s += t1 - t0
-    tiles = np.concatenate(chunks).astype(np.float32)
-    del chunks
+    return decode_s, tiling_s, np.concatenate(chunks).astype(np.float32)
 
-    # Rounds, interleaved so that a busy spell of a shared machine hits every contender:
-    # 1. the pipeline's function from files; 2. model.predict and 3. predict_on_batch on the
-    # preloaded tiles. Best and median of the rounds are reported.
+
+def _rounds(files: list, model, params, tiles: np.ndarray, args) -> tuple:
+    """Rounds, interleaved so that a busy spell of a shared machine hits every contender:
+    1. the pipeline's function from files; 2. model.predict and 3. predict_on_batch on the
+    preloaded tiles. Best and median of the rounds are reported."""
     seconds: dict[str, list[float]] = {"pipeline": [], "bare model.predict": [],
                                        "bare predict_on_batch": []}
     for _ in range(args.repeats):
@@ -142,33 +152,42 @@ def main() -> None:
         for i in range(0, len(tiles), args.batch_size):
             model.predict_on_batch(tiles[i : i + args.batch_size])
         seconds["bare predict_on_batch"].append(time.perf_counter() - started)
-    n_images, n_tiles = int((~predictions["rejected"]).sum()), len(tile_table)
-    assert len(tiles) == n_tiles, (len(tiles), n_tiles)
+    assert len(tiles) == len(tile_table), (len(tiles), len(tile_table))
     np.testing.assert_allclose(bare, tile_table.filter(like="prob_").to_numpy(), atol=1e-4)
+    return seconds, predictions, tile_table
 
+
+def _gradcam_seconds(files: list, model, predictions, params, n: int) -> float | None:
     gradcam_s = None
-    if args.gradcam:
-        subset = files[: args.gradcam]
+    if n:
+        subset = files[:n]
         jobs = gradcam_overlays(subset, model, predictions.head(len(subset)),
-                                {**params, "gradcam": True})
+                                params.model_copy(update={"gradcam": True}))
         next(iter(jobs.values()))()  # tracing
         started = time.perf_counter()
         for draw in jobs.values():
             draw()
         gradcam_s = (time.perf_counter() - started) / len(jobs)
+    return gradcam_s
 
-    # The command: --help, and a fresh process to its first prediction.
+
+def _startup(files: list, model_path: Path, tmp: Path, repeats: int) -> tuple:
+    """The command: --help, and a fresh process to its first prediction."""
     help_s: list[float] = []
     first_s: list[float] = []
     import_s: list[float] = []
-    for _ in range(args.startup_repeats):
+    for _ in range(repeats):
         timed(help_s, [str(CLI), "--help"], tmp)
         timed(import_s, [sys.executable, "-c", "import tensorflow"], tmp)
         out = tmp / "one.csv"
         out.unlink(missing_ok=True)
         timed(first_s, [str(CLI), "predict", str(files[0][1]), "--model", str(model_path),
                         "--out", str(out), "-q"], tmp)
+    return help_s, first_s, import_s
 
+
+def _report(args, load_at_start, seconds, n_images, n_tiles, predictions, decode_s, tiling_s,
+            n_files, gradcam_s, load_s, help_s, first_s, import_s) -> None:
     best = {k: n_tiles / min(v) for k, v in seconds.items()}
     median = {k: n_tiles / statistics.median(v) for k, v in seconds.items()}
     pipeline_s = min(seconds["pipeline"])
@@ -187,8 +206,8 @@ def main() -> None:
         "ratio_vs_predict_on_batch (best, median)":
             f"{best['pipeline'] / best['bare predict_on_batch']:.3f}, "
             f"{median['pipeline'] / median['bare predict_on_batch']:.3f}",
-        "decode_ms_per_image (1 thread)": round(1000 * decode_s / len(files), 1),
-        "tiling_ms_per_image (1 thread)": round(1000 * tiling_s / len(files), 1),
+        "decode_ms_per_image (1 thread)": round(1000 * decode_s / n_files, 1),
+        "tiling_ms_per_image (1 thread)": round(1000 * tiling_s / n_files, 1),
         "inference_ms_per_image (best predict_on_batch)":
             round(1000 * min(seconds["bare predict_on_batch"]) / n_images, 1),
         "gradcam_s_per_image": None if gradcam_s is None else round(gradcam_s, 3),

@@ -24,11 +24,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras
 import numpy as np
+import tensorflow as tf
 from timing import EpochTimer
 
 from neuroblastoma_cnn.datasets import write_tile_store
 from neuroblastoma_cnn.models import build_model
 from neuroblastoma_cnn.pipelines.training import nodes
+from neuroblastoma_cnn.tf_input import make_tf_dataset
 
 
 def main() -> None:
@@ -45,8 +47,6 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.deterministic:
-        import tensorflow as tf
-
         tf.config.experimental.enable_op_determinism()
 
     rng = np.random.default_rng(0)
@@ -75,8 +75,8 @@ def main() -> None:
 
     # Pipeline: tile store -> tf.data -> fit_stage (the code train_model runs).
     model = fresh_model()
-    train = nodes.make_tf_dataset(store, store.index["tile_id"].tolist(), y, args.batch_size,
-                                  shuffle=True, seed=0)
+    train = make_tf_dataset(store, store.index["tile_id"].tolist(), y, args.batch_size,
+                            shuffle=True, seed=0, in_memory_limit_mb=2048)
     history: list[dict] = []
     timer = EpochTimer()
     val_x = x[: args.batch_size].astype("float32")

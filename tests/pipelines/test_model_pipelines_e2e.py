@@ -45,8 +45,9 @@ def test_train_pipeline_logs_an_evaluated_model(kedro_project: Path, run_kedro, 
     # Catalog: the model reloads with its preprocessing record and predicts test tiles.
     model = load_keras_model(_latest(kedro_project / f"data/06_models/{model_name}/model.keras"))
     tiles = TileStore(_latest(kedro_project / "data/03_primary/tiles"))
-    assert model.preprocessing["classes"] == tiles.metadata["classes"]
-    assert model.preprocessing["input_size"] == 32
+    assert list(model.preprocessing.classes) == tiles.metadata["classes"]
+    assert model.preprocessing.input_size == 32
+    assert model.preprocessing.architecture == model_name
     sample = tiles.get(tiles.index["tile_id"][:6]).astype("float32")
     catalog_prob = model.predict(sample, verbose=0)
     assert catalog_prob.shape == (6, 4)
@@ -65,8 +66,12 @@ def test_train_pipeline_logs_an_evaluated_model(kedro_project: Path, run_kedro, 
     # MLflow: one finished run named after the pipeline, with everything a user looks for.
     run = _finished_run(kedro_project, f"train_{model_name}")
     params = run.data.params
+    # the validated values, flattened (typed parameter groups are not logged as one repr)
     assert params[f"{model_name}.model.architecture"] == model_name
+    assert params[f"{model_name}.training.epochs"] == "2"
     assert f"{model_name}.training.learning_rate" in params
+    assert f"{model_name}.training" not in params and "ingestion" not in params
+    assert params["ingestion.input_size"] == "32"
     assert run.data.tags["git_commit"]
     assert len(run.data.tags["manifest_sha256"]) == 64
     assert run.data.tags["tiles_version"] == tiles.path.parent.name
