@@ -37,6 +37,7 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from neuroblastoma_cnn.datasets import TileStore, write_tile_store
+from neuroblastoma_cnn.params import AugmentationParams, SplittingParams, base_group
 from neuroblastoma_cnn.pipelines.augmentation.nodes import (
     augment_training_set,
     plot_augmentation_grid,
@@ -105,7 +106,7 @@ def synthetic_records(
         )
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", type=Path, help="an existing tile store folder")
     parser.add_argument("--tiles", type=int, default=3600)
@@ -118,8 +119,52 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--keep", action="store_true")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def _split(tiles: TileStore, args: argparse.Namespace, result: dict[str, Any]) -> tuple:
+    split_params = SplittingParams.parse(
+        base_group("splitting", strategy=args.strategy, seed=args.seed), "splitting")
+    t0 = time.perf_counter()
+    with AnonPeak() as mem:
+        table = check_no_leakage(split_tiles(tiles, split_params), split_params)
+        summary = summarise_split(table)
+    result["split_s"] = round(time.perf_counter() - t0, 3)
+    result["split_peak_rss_mb"] = round(peak_rss_mb(), 1)
+    result["split_peak_anon_mb"] = mem.peak
+    result["split_tiles"] = table["split"].value_counts().to_dict()
+    return table, summary
+
+
+def _augment(tiles: TileStore, table: Any, args: argparse.Namespace, workdir: Path,
+             result: dict[str, Any]) -> None:
+    aug_params = AugmentationParams.parse(
+        base_group("augmentation", target_per_class=args.target, seed=args.seed,
+                   batch_size=args.batch_size), "augmentation")
+    t0 = time.perf_counter()
+    with AnonPeak() as mem:
+        stream = augment_training_set(tiles, table, aug_params)
+        augmented = write_tile_store(workdir / "augmented", stream, stream.metadata)
+    result["augment_s"] = round(time.perf_counter() - t0, 3)
+    result["augment_peak_rss_mb"] = round(peak_rss_mb(), 1)
+    result["augment_peak_anon_mb"] = mem.peak
+    counts = stream.metadata["class_counts"]
+    result["train_originals"] = sum(c["original"] for c in counts.values())
+    result["augmented_copies"] = sum(c["augmented"] for c in counts.values())
+    result["augmented_store_tiles"] = len(augmented)
+    result["copies_per_s"] = (
+        round(result["augmented_copies"] / result["augment_s"], 1)
+        if result["augmented_copies"]
+        else None
+    )
+    t0 = time.perf_counter()
+    fig = plot_augmentation_grid(augmented, aug_params)
+    fig.savefig(workdir / "grid.png", dpi=100)
+    result["grid_s"] = round(time.perf_counter() - t0, 3)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = _arguments(argv)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_split_augment_"))
     workdir.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {}
@@ -139,49 +184,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             tile_shape=list(tiles.tile_shape),
             classes=len(tiles.metadata.get("classes") or []),
         )
-
-        split_params = {
-            "strategy": args.strategy,
-            "test_fraction": 0.2,
-            "validation_fraction": 0.1,
-            "n_folds": 5,
-            "seed": args.seed,
-        }
-        t0 = time.perf_counter()
-        with AnonPeak() as mem:
-            table = check_no_leakage(split_tiles(tiles, split_params), split_params)
-            summary = summarise_split(table)
-        result["split_s"] = round(time.perf_counter() - t0, 3)
-        result["split_peak_rss_mb"] = round(peak_rss_mb(), 1)
-        result["split_peak_anon_mb"] = mem.peak
-        result["split_tiles"] = table["split"].value_counts().to_dict()
-
-        aug_params = {
-            "target_per_class": args.target,
-            "seed": args.seed,
-            "batch_size": args.batch_size,
-        }
-        t0 = time.perf_counter()
-        with AnonPeak() as mem:
-            stream = augment_training_set(tiles, table, aug_params)
-            augmented = write_tile_store(workdir / "augmented", stream, stream.metadata)
-        result["augment_s"] = round(time.perf_counter() - t0, 3)
-        result["augment_peak_rss_mb"] = round(peak_rss_mb(), 1)
-        result["augment_peak_anon_mb"] = mem.peak
-        counts = stream.metadata["class_counts"]
-        result["train_originals"] = sum(c["original"] for c in counts.values())
-        result["augmented_copies"] = sum(c["augmented"] for c in counts.values())
-        result["augmented_store_tiles"] = len(augmented)
-        result["copies_per_s"] = (
-            round(result["augmented_copies"] / result["augment_s"], 1)
-            if result["augmented_copies"]
-            else None
-        )
-
-        t0 = time.perf_counter()
-        fig = plot_augmentation_grid(augmented, aug_params)
-        fig.savefig(workdir / "grid.png", dpi=100)
-        result["grid_s"] = round(time.perf_counter() - t0, 3)
+        table, summary = _split(tiles, args, result)
+        _augment(tiles, table, args, workdir, result)
         result["peak_rss_mb"] = round(peak_rss_mb(), 1)
         result["min_train_tiles_per_class"] = int(
             summary[summary["split"] == "train"]["tiles"].min()

@@ -12,7 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import pytest
+from kedro.framework.session import KedroSession
+from kedro.framework.startup import bootstrap_project
 from PIL import Image
 
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
@@ -105,17 +108,12 @@ def run_kedro() -> Callable[..., dict[str, Any]]:
         load_versions: dict[str, str] | None = None,
         runtime_params: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        from kedro.framework.session import KedroSession
-        from kedro.framework.startup import bootstrap_project
-
         project = Path.cwd()
         bootstrap_project(project)
         with KedroSession.create(
             project_path=project, env=env, runtime_params=runtime_params
         ) as session:
             outputs = session.run(pipeline_names=[pipeline], load_versions=load_versions or {})
-        import mlflow
-
         active = mlflow.active_run()
         assert active is None, f"kedro run left MLflow run {active.info.run_id} open"
         return outputs

@@ -48,7 +48,7 @@ def test_ingest_split_augment_with_versions(kedro_project: Path, run_kedro) -> N
     assert pd.read_csv(summary_path)["tiles"].sum() == len(first)
 
     # The latest tiles no longer match the split: augmentation refuses instead of mislabelling.
-    with pytest.raises(Exception, match="different versions of tiles|load-versions"):
+    with pytest.raises(Exception, match=r"different versions of tiles|load-versions"):
         run_kedro("augmentation")
     assert not (data / "05_model_input" / "augmented_train_tiles").exists()
 

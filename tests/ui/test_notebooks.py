@@ -11,6 +11,8 @@ from pathlib import Path
 import nbformat
 import pytest
 from _tiny_project import TrainedProject, trained_project
+from jupyter_client.manager import KernelManager
+from nbclient import NotebookClient
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 NAMES = ("01_exploration", "02_results")
@@ -54,9 +56,6 @@ def _texts(nb: nbformat.NotebookNode) -> list[str]:
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_runs_top_to_bottom(trained: TrainedProject, name: str,
                                      monkeypatch: pytest.MonkeyPatch):
-    from jupyter_client.manager import KernelManager
-    from nbclient import NotebookClient
-
     folder = trained.path / "notebooks"
     folder.mkdir(exist_ok=True)
     shutil.copy(NOTEBOOKS / f"{name}.ipynb", folder)

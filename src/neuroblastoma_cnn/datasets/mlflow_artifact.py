@@ -63,7 +63,7 @@ class MlflowArtifactDataset(AbstractVersionedDataset[Any, Any]):
         return self._dataset.load()
 
     def save(self, data: Any) -> None:
-        import mlflow
+        import mlflow  # noqa: PLC0415  (lazy: the catalog builds this dataset in every command)
 
         self._dataset.save(data)
         if mlflow.active_run() is None:

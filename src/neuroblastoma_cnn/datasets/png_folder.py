@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 from kedro.io.core import DatasetError, Version
+from PIL import Image
 
 from .local_versioned import LocalVersionedDataset
 
@@ -33,8 +34,6 @@ def _safe_name(name: str) -> PurePosixPath:
 
 def save_picture(picture: Any, path: Path) -> None:
     """Writes a PIL image or a uint8 ``[H, W, 3]`` array as PNG (folders made as needed)."""
-    from PIL import Image
-
     if isinstance(picture, np.ndarray):
         picture = Image.fromarray(picture)
     if not isinstance(picture, Image.Image):
@@ -61,8 +60,6 @@ class PngFolderDataset(LocalVersionedDataset):
         return Path(path).is_dir()
 
     def load(self) -> dict[str, Callable[[], Any]]:
-        from PIL import Image
-
         root = self._load_path()
 
         def opener(path: Path) -> Callable[[], Any]:
