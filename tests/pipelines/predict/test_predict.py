@@ -314,7 +314,8 @@ def test_command_usage_errors_exit_2(project: Path, tmp_path: Path):
     assert missing.returncode == 2 and "no such file or folder" in missing.stderr
     assert _cli("predict", str(PREDICT_DIR), "--batch-size", "0").returncode == 2
     unknown = _cli("predict", str(PREDICT_DIR), "--model", "resnet99")
-    assert unknown.returncode == 2 and "No trained 'resnet99' model" in unknown.stderr
+    assert unknown.returncode == 2
+    assert "'resnet99' is not a model this project trains" in unknown.stderr
     (tmp_path / "exists.csv").write_text("x")
     exists = _cli("predict", str(PREDICT_DIR), "--out", str(tmp_path / "exists.csv"))
     assert exists.returncode == 2 and "--overwrite" in exists.stderr
