@@ -15,12 +15,14 @@ import mlflow
 import pandas as pd
 from kedro.config import MissingConfigException
 from kedro.framework.hooks import hook_impl
+from kedro.framework.project import pipelines
 from kedro.io.core import AbstractVersionedDataset
 
 from neuroblastoma_cnn import error_display, lineage, preflight, promotion
 from neuroblastoma_cnn.datasets.image_folder import ImageFolderDataset
 from neuroblastoma_cnn.datasets.keras_model import KerasModelDataset
-from neuroblastoma_cnn.errors import ModelError
+from neuroblastoma_cnn.errors import DataError, ModelError
+from neuroblastoma_cnn.params import GROUPS, validate_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -204,7 +206,8 @@ class PreflightHook:
     """Checks, before anything runs, what later nodes will need (see ``preflight``).
 
     ``after_context_created``: the environment exists, before kedro-mlflow reads mlflow.yml
-    from it (tryfirst). ``before_pipeline_run``: image folders the pipeline reads hold images,
+    from it (tryfirst), and every parameter group is valid (``params.validate_parameters``).
+    ``before_pipeline_run``: image folders the pipeline reads hold images,
     and the weights its models start from are reachable, before kedro-mlflow opens a run
     (tryfirst): a failed check leaves no data version and no MLflow run.
     """
@@ -222,6 +225,13 @@ class PreflightHook:
         self._conf_source = source if source.is_absolute() else self._project_path / source
         preflight.check_environment(self._conf_source, getattr(loader, "env", None),
                                     getattr(loader, "default_run_env", None))
+        # Every parameter group at once, as one line, before kedro-mlflow sets up its store
+        # (Kedro's own validation, later, reports a multi-line pydantic dump).
+        try:
+            raw = loader["parameters"]
+        except MissingConfigException:
+            return
+        validate_parameters(_pipeline_groups(raw))
 
     @hook_impl(tryfirst=True)
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any,
@@ -282,7 +292,9 @@ class LineageHook:
                             catalog: Any) -> None:
         self._catalog = catalog
         self._inputs, self._made_from, self._in_memory, self._tagged = {}, {}, {}, {}
-        versions, records = self._versions(pipeline.inputs())
+        inputs = pipeline.inputs()
+        versions, records = self._versions(inputs)
+        _require_versions(catalog, inputs, versions)
         names = "+".join(run_params.get("pipeline_names") or ["__default__"])
         lineage.check_same_lineage(versions, records, where=f"pipeline {names}")
 
@@ -313,6 +325,45 @@ class LineageHook:
         }
         with contextlib.suppress(FileExistsError):  # saved twice in one run: keep the first
             lineage.write_lineage(folder, record)
+
+
+def _pipeline_groups(parameters: dict[str, Any]) -> dict[str, Any]:
+    """The parameter groups the registered pipelines read: the stage groups, and each model
+    namespace whose ``<ns>.model`` a pipeline takes (other top-level keys, e.g. a study's
+    configuration, are validated where they are used)."""
+    read = {name.removeprefix("params:") for p in pipelines.values() for name in p.inputs()
+            if name.startswith("params:")}
+    models = {name.removesuffix(".model") for name in read if name.endswith(".model")}
+    return {key: value for key, value in parameters.items()
+            if key in GROUPS or key in models}
+
+
+def _require_versions(catalog: Any, inputs: Any, found: dict[str, str]) -> None:
+    """Every versioned input of the run has a saved version (unless pinned with
+    --load-versions, which Kedro checks itself); otherwise one line naming them all and the
+    smallest pipeline that makes them."""
+    missing = {}
+    for name, dataset in _datasets(catalog, inputs).items():
+        if name in found or not isinstance(dataset, AbstractVersionedDataset):
+            continue
+        if dataset._version and not dataset._version.load:
+            folder = lineage.version_folder(dataset, "*")
+            missing[name] = preflight.shown(folder.parent) if folder else name
+    if not missing:
+        return
+    makers = _pipelines_making(set(missing))
+    raise DataError(
+        "No saved version of " + ", ".join(f"{n} ({where})" for n, where in missing.items()),
+        hint=(f"run `kedro run --pipeline={makers[0]}` first" if makers else
+              "run the pipelines that make them first"),
+    )
+
+
+def _pipelines_making(names: set[str]) -> list[str]:
+    """Registered pipelines that output all of ``names``, smallest first."""
+    makers = [(len(p.nodes), name) for name, p in pipelines.items()
+              if name != "__default__" and names <= p.all_outputs()]
+    return [name for _, name in sorted(makers)]
 
 
 class ModelPromotionHook:

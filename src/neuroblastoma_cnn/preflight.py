@@ -56,7 +56,8 @@ def check_environment(conf_source: str | Path, env: str | None, default_env: str
 
 # ------------------------------------------------------------------------------ raw images
 
-def _shown(path: Path) -> str:
+def shown(path: Path) -> str:
+    """``path`` relative to the working directory (the project root) when inside it."""
     try:
         return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
     except ValueError:
@@ -80,11 +81,11 @@ def first_image(folder: Path, extensions: Iterable[str] | None) -> Path | None:
 def check_folder_has_files(folder: str | Path, name: str) -> None:
     """An input folder (e.g. the images to classify) exists and holds at least one file."""
     path = Path(folder)
-    hint = f"put the files in {_shown(path)} (catalog entry '{name}')"
+    hint = f"put the files in {shown(path)} (catalog entry '{name}')"
     if not path.is_dir():
-        raise DataError(f"The folder '{_shown(path)}' ({name}) does not exist", hint=hint)
+        raise DataError(f"The folder '{shown(path)}' ({name}) does not exist", hint=hint)
     if first_image(path, None) is None:
-        raise DataError(f"The folder '{_shown(path)}' ({name}) holds no file", hint=hint)
+        raise DataError(f"The folder '{shown(path)}' ({name}) holds no file", hint=hint)
 
 
 def check_raw_images(folder: str | Path, extensions: Iterable[str] | None = None,
@@ -92,14 +93,14 @@ def check_raw_images(folder: str | Path, extensions: Iterable[str] | None = None
     """The raw image folder exists and holds at least one image file."""
     path = Path(folder)
     extensions = list(extensions or DEFAULT_EXTENSIONS)
-    hint = f"put images in {_shown(path)}/{RAW_LAYOUT}"
+    hint = f"put images in {shown(path)}/{RAW_LAYOUT}"
     if demo_env:
         hint += "; or try the demo data: kedro run --env=demo"
     if not path.is_dir():
-        raise DataError(f"The raw image folder '{_shown(path)}' does not exist", hint=hint)
+        raise DataError(f"The raw image folder '{shown(path)}' does not exist", hint=hint)
     if first_image(path, extensions) is None:
         raise DataError(
-            f"No image in '{_shown(path)}' (no file ending in {', '.join(extensions)})",
+            f"No image in '{shown(path)}' (no file ending in {', '.join(extensions)})",
             hint=hint,
         )
 

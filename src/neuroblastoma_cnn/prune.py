@@ -4,7 +4,8 @@ Every run adds a version of each artifact it writes (tiles, augmented tiles, an 
 so ``data/`` only grows. A version folder ``<artifact>/<version>/`` is deleted when all hold:
 
 - it is not among the ``--keep`` newest versions of its artifact (a model version whose
-  promotion failed does not count among them: nobody can use it);
+  promotion failed, or any version written by a FAILED or KILLED run, does not count among
+  them: nobody can use it);
 - no MLflow run that still references data names its version. Those runs are the
   ``FINISHED`` and ``RUNNING`` runs not deleted in MLflow, in every experiment; a run names a
   version in its tags (``data.<dataset>``, ``run_id``: what it read and wrote;
@@ -40,6 +41,7 @@ logger = logging.getLogger(__name__)
 # Kedro's version strings: generate_timestamp() -> 2026-11-25T22.34.45.206Z
 VERSION = re.compile(r"\d{4}-\d\d-\d\dT\d\d\.\d\d\.\d\d\.\d{3}Z")
 REFERENCING_STATUSES = ("FINISHED", "RUNNING")
+FAILED_STATUSES = ("FAILED", "KILLED")
 DEFAULT_KEEP = 3
 
 
@@ -58,6 +60,7 @@ class PrunePlan:
     delete: list[VersionFolder] = field(default_factory=list)
     keep: list[VersionFolder] = field(default_factory=list)
     referenced: set[str] = field(default_factory=set)
+    failed_runs: set[str] = field(default_factory=set)  # versions written by failed runs
     runs: int = 0
     bytes_freed: int = 0
 
@@ -74,16 +77,19 @@ def find_versions(data_dir: Path) -> dict[Path, list[str]]:
     return found
 
 
-def referenced_versions(tracking_uri: str | None) -> tuple[set[str], int]:
-    """Versions named in the tags of MLflow runs that still reference data; and their count."""
+def referenced_versions(tracking_uri: str | None) -> tuple[set[str], int, set[str]]:
+    """Versions named in the tags of MLflow runs that still reference data, how many such runs
+    there are, and the versions that failed runs wrote (their ``run_id``: Kedro's save
+    version)."""
     if not tracking_uri:
-        return set(), 0
+        return set(), 0, set()
     import mlflow  # noqa: PLC0415  (lazy: slow to import, only this command needs it)
     from mlflow.entities import ViewType  # noqa: PLC0415  (lazy, as mlflow)
 
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     experiments = client.search_experiments(view_type=ViewType.ALL)
     versions: set[str] = set()
+    failed: set[str] = set()
     runs = 0
     token = None
     ids = [e.experiment_id for e in experiments]
@@ -91,6 +97,8 @@ def referenced_versions(tracking_uri: str | None) -> tuple[set[str], int]:
         page = client.search_runs(ids, run_view_type=ViewType.ACTIVE_ONLY,
                                   max_results=1000, page_token=token)
         for run in page:
+            if run.info.status in FAILED_STATUSES:
+                failed.update(VERSION.findall(run.data.tags.get("run_id", "")))
             if run.info.status not in REFERENCING_STATUSES:
                 continue
             runs += 1
@@ -99,7 +107,7 @@ def referenced_versions(tracking_uri: str | None) -> tuple[set[str], int]:
         token = page.token
         if not token:
             break
-    return versions, runs
+    return versions, runs, failed - versions
 
 
 def _made_from(folder: Path) -> set[str]:
@@ -132,11 +140,12 @@ def plan(data_dir: str | Path, keep: int = DEFAULT_KEEP, tracking_uri: str | Non
     if keep < 1:
         raise click.BadParameter(f"--keep must be at least 1, got {keep}")
     result = PrunePlan()
-    result.referenced, result.runs = referenced_versions(tracking_uri)
+    result.referenced, result.runs, result.failed_runs = referenced_versions(tracking_uri)
     artifacts = find_versions(Path(data_dir))
     kept: dict[Path, set[str]] = {}
     for artifact, versions in artifacts.items():
-        usable = [v for v in versions if not _failed(artifact / v)]
+        usable = [v for v in versions
+                  if v not in result.failed_runs and not _failed(artifact / v)]
         kept[artifact] = set(usable[-keep:]) | (set(versions) & result.referenced)
     # Lineage: a kept version keeps the versions it was made from, transitively.
     wanted = set(result.referenced)

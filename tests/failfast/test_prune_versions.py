@@ -69,6 +69,7 @@ def test_plan_keeps_the_newest_and_what_runs_reference(project: Path):
     result = prune.plan(project / "data", keep=1,
                         tracking_uri=prune.default_tracking_uri(project))
     assert result.runs == 2  # the FINISHED and the RUNNING run; failed and deleted do not count
+    assert result.failed_runs == {V[1]}  # what the failed run wrote never counts among the newest
     assert _names(result.delete) == {
         f"tiles/{V[1]}", f"tiles/{V[2]}",  # nobody's: V2's run was deleted
         f"model.keras/{V[1]}",  # failed model: never among the kept newest, run failed

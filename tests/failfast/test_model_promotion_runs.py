@@ -1,0 +1,200 @@
+"""Models on a real tiny training run: promoted only after evaluation, logged to MLflow under
+the architecture's name and stored once; a run that fails after training leaves no model that
+`predict` would pick; `predict` records the model it used; `prune` drops the failed leftovers.
+
+One project for the module: `data_processing` then `resnet34` (a subprocess each, as a user
+runs them); the failing run is in process, with evaluation made to fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from _tiny_project import kedro, make_project
+from click.testing import CliRunner
+from kedro.pipeline.node import Node
+
+from neuroblastoma_cnn import prune
+from neuroblastoma_cnn.datasets import TileStore, TrainedModels, load_keras_model
+from neuroblastoma_cnn.promotion import read_status, untrained_reasons
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+MODELS = Path("data/06_models/resnet34/model.keras")
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory, bach_subset: Path) -> Path:
+    project = make_project(tmp_path_factory.mktemp("promotion") / "project", with_images=False)
+    shutil.copytree(bach_subset, project / "data" / "01_raw" / "images")
+    for pipeline in ("data_processing", "resnet34"):
+        result = kedro(project, "run", "--env=tiny", f"--pipeline={pipeline}")
+        assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return project
+
+
+def _client(project: Path) -> mlflow.MlflowClient:
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    return mlflow.MlflowClient()
+
+
+def _runs(project: Path, name: str) -> list[mlflow.entities.Run]:
+    _client(project)
+    return mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string=f"attributes.run_name = '{name}'",
+                              order_by=["attributes.start_time ASC"])
+
+
+def _unique_bytes(*folders: Path) -> tuple[int, int]:
+    """(bytes on disk counting each inode once, bytes if every path were its own copy)."""
+    seen, unique, apparent = set(), 0, 0
+    for folder in folders:
+        for path in folder.rglob("*"):
+            if path.is_file():
+                stat = path.stat()
+                apparent += stat.st_size
+                if (stat.st_dev, stat.st_ino) not in seen:
+                    seen.add((stat.st_dev, stat.st_ino))
+                    unique += stat.st_size
+    return unique, apparent
+
+
+def test_an_evaluated_model_is_promoted_and_logged_once(project: Path):
+    (version,) = sorted(p.name for p in (project / MODELS).iterdir())
+    folder = project / MODELS / version
+    status = read_status(folder)
+    assert status["status"] == "promoted" and status["epochs"] >= 1
+    assert TrainedModels(project / "data/06_models").path("resnet34") == folder / "model.keras"
+
+    (run,) = _runs(project, "resnet34")
+    assert run.info.status == "FINISHED"
+    tags = run.data.tags
+    assert tags["resnet34.model_version"] == version
+    assert tags["resnet34.model_uri"] == status["mlflow_model_uri"]
+    logged = mlflow.get_logged_model(tags["resnet34.model_uri"].removeprefix("models:/"))
+    assert logged.name == "resnet34"
+    assert logged.source_run_id == run.info.run_id
+
+    # Stored once: MLflow's data/model.keras is the catalog file (one inode, two names).
+    artifact = Path(logged.artifact_location.removeprefix("file://")) / "data" / "model.keras"
+    if not artifact.is_absolute():
+        artifact = project / artifact
+    catalog_file = folder / "model.keras"
+    assert artifact.stat().st_ino == catalog_file.stat().st_ino
+    assert catalog_file.stat().st_nlink == 2
+    unique, apparent = _unique_bytes(project / "data/06_models", project / "mlartifacts")
+    size = catalog_file.stat().st_size
+    print(f"\nmodel file {size} bytes; models + MLflow artifacts: {unique} bytes on disk, "
+          f"{apparent} bytes if stored twice")
+    assert apparent - unique == size
+
+    # The logged model loads and predicts as the catalog model does.
+    tiles = TileStore(sorted((project / "data/03_primary/tiles").iterdir())[-1] / "tiles")
+    sample = tiles.get(tiles.index["tile_id"][:4].tolist()).astype("float32")
+    expected = load_keras_model(catalog_file).predict(sample, verbose=0)
+    got = mlflow.pyfunc.load_model(tags["resnet34.model_uri"]).predict(sample)
+    np.testing.assert_allclose(np.asarray(got), expected, atol=1e-5)
+
+
+def test_the_model_records_the_three_versions_it_was_made_from(project: Path):
+    (version,) = sorted(p.name for p in (project / MODELS).iterdir())
+    record = json.loads((project / MODELS / version / "lineage.json").read_text())
+    (data_run,) = _runs(project, "data_processing")
+    data_version = data_run.data.tags["run_id"]
+    assert {k: record["made_from"][k] for k in ("tiles", "split_table",
+                                                "augmented_train_tiles")} == {
+        "tiles": data_version, "split_table": data_version,
+        "augmented_train_tiles": data_version}
+    split = json.loads(next((project / "data/05_model_input/split_table.csv").glob(
+        "*/lineage.json")).read_text())
+    assert split["made_from"]["tiles"] == data_version
+    augmented = json.loads(next((project / "data/05_model_input/augmented_train_tiles").glob(
+        "*/lineage.json")).read_text())
+    assert augmented["made_from"]["tiles"] == augmented["made_from"]["split_table"] \
+        == data_version
+
+
+def test_the_untrained_flag_follows_the_history(project: Path):
+    (run,) = _runs(project, "resnet34")
+    history = pd.read_csv(next((project / "data/06_models/resnet34/training_history.csv")
+                               .glob("*/training_history.csv")))
+    reasons = untrained_reasons(history)
+    print(f"\nresnet34 val_loss per epoch: {history['val_loss'].tolist()}; untrained: {reasons}")
+    assert ("resnet34.untrained" in run.data.tags) == bool(reasons)
+    for reason in reasons:  # (the test-set check may add one more)
+        assert reason in run.data.tags["resnet34.untrained"]
+
+
+def test_a_run_failing_in_evaluation_leaves_no_usable_model(project: Path, run_kedro,
+                                                            monkeypatch):
+    monkeypatch.chdir(project)
+    promoted = TrainedModels(project / "data/06_models").versions("resnet34")
+    original = Node.run
+
+    def broken(self, inputs=None):
+        if self.name == "resnet34.compute_test_metrics":
+            raise RuntimeError("evaluation broke")
+        return original(self, inputs)
+
+    monkeypatch.setattr(Node, "run", broken)
+    with pytest.raises(RuntimeError, match="evaluation broke"):
+        run_kedro("resnet34")
+    versions = sorted(p.name for p in (project / MODELS).iterdir())
+    assert len(versions) == 2
+    status = read_status(project / MODELS / versions[-1])
+    assert status["status"] == "failed"
+    assert status["reason"] == "RuntimeError: evaluation broke"
+    assert TrainedModels(project / "data/06_models").versions("resnet34") == promoted
+
+    failed = _runs(project, "resnet34")[-1]
+    assert failed.info.status == "FAILED"
+    assert failed.data.tags["failure_reason"] == "RuntimeError: evaluation broke"
+    assert "resnet34.model_uri" not in failed.data.tags
+    experiment = failed.info.experiment_id
+    logged = mlflow.search_logged_models(experiment_ids=[experiment], output_format="list")
+    assert [m.source_run_id for m in logged] == [_runs(project, "resnet34")[0].info.run_id]
+
+
+def test_predict_records_the_model_it_used_and_logs_its_table(project: Path):
+    predict_dir = project / "data" / "01_raw" / "predict"
+    predict_dir.mkdir(parents=True, exist_ok=True)
+    for image in sorted((project / "data" / "01_raw" / "images").rglob("*.png"))[:2]:
+        shutil.copy(image, predict_dir / image.name)
+    result = kedro(project, "run", "--env=tiny", "--pipeline=predict")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    (run,) = _runs(project, "predict")
+    promoted = TrainedModels(project / "data/06_models").versions("resnet34")[-1]
+    tags = run.data.tags
+    assert tags["predict.model_version"] == promoted  # not the newer, failed version
+    assert tags["predict.model"] == (MODELS / promoted / "model.keras").as_posix()
+    assert tags["predict.model_uri"] == read_status(project / MODELS / promoted)[
+        "mlflow_model_uri"]
+    artifacts = [a.path for a in _client(project).list_artifacts(run.info.run_id, "predict")]
+    assert artifacts == ["predict/predictions.csv"]
+
+
+def test_prune_drops_the_failed_model_and_keeps_what_runs_use(project: Path, monkeypatch):
+    monkeypatch.chdir(project)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    failed, = [v for v in sorted(p.name for p in (project / MODELS).iterdir())
+               if read_status(project / MODELS / v)["status"] == "failed"]
+    before = {p for p in (project / "data").rglob("*") if p.is_dir()}
+    dry = CliRunner().invoke(prune.prune, ["--keep", "1"])
+    assert dry.exit_code == 0, dry.output
+    listed = dry.output.splitlines()[:-1]
+    assert f"Would delete {(MODELS / failed).as_posix()}" in listed
+    assert all(line.endswith(failed) for line in listed), listed  # the failed run's leftovers
+    assert {p for p in (project / "data").rglob("*") if p.is_dir()} == before
+    done = CliRunner().invoke(prune.prune, ["--keep", "1", "--yes"])
+    assert done.exit_code == 0, done.output
+    assert not (project / MODELS / failed).exists()
+    assert TrainedModels(project / "data/06_models").versions("resnet34")  # still there
+    print(f"\n{done.output.splitlines()[-1]}")
+    assert os.path.isdir(project / "data/03_primary/tiles")
