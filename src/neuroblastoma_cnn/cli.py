@@ -21,6 +21,8 @@ from typing import Any
 
 import click
 
+from neuroblastoma_cnn.prune import prune
+
 EXIT_OK = 0
 EXIT_REJECTED = 1
 EXIT_USAGE = 2
@@ -50,6 +52,9 @@ def cli() -> None:
 @click.version_option(package_name="neuroblastoma-cnn", prog_name=PROG)
 def main_group() -> None:
     """Classify H&E histology images with a trained ResNet."""
+
+
+main_group.add_command(prune)  # old data and model versions (see neuroblastoma_cnn.prune)
 
 
 @main_group.command(

@@ -138,7 +138,7 @@ def plan(data_dir: str | Path, keep: int = DEFAULT_KEEP, tracking_uri: str | Non
          ) -> PrunePlan:
     """What ``prune`` would delete and keep (nothing is deleted here)."""
     if keep < 1:
-        raise click.BadParameter(f"--keep must be at least 1, got {keep}")
+        raise ValueError(f"keep must be at least 1, got {keep}")
     result = PrunePlan()
     result.referenced, result.runs, result.failed_runs = referenced_versions(tracking_uri)
     artifacts = find_versions(Path(data_dir))
@@ -187,8 +187,8 @@ def _megabytes(n: int) -> str:
 
 
 @click.command("prune")
-@click.option("--keep", type=int, default=DEFAULT_KEEP, show_default=True, metavar="N",
-              help="newest versions kept per artifact, whatever MLflow says")
+@click.option("--keep", type=click.IntRange(min=1), default=DEFAULT_KEEP, show_default=True,
+              metavar="N", help="newest versions kept per artifact, whatever MLflow says")
 @click.option("--yes", is_flag=True, help="delete (without it: only list what would go)")
 @click.option("--data-dir", default="data", show_default=True, metavar="DIR",
               type=click.Path(file_okay=False, path_type=Path),

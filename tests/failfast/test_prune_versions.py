@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from neuroblastoma_cnn import promotion, prune
+from neuroblastoma_cnn.cli import main
 
 V = [f"2026-0{m}-01T00.00.00.000Z" for m in range(1, 7)]  # oldest first
 
@@ -101,8 +102,9 @@ def test_dry_run_by_default_then_yes_deletes(project: Path):
 
 
 def test_keep_must_be_positive_and_hard_links_free_nothing(project: Path):
-    with pytest.raises(Exception, match="--keep must be at least 1"):
+    with pytest.raises(ValueError, match="keep must be at least 1"):
         prune.plan(project / "data", keep=0)
+    assert CliRunner().invoke(prune.prune, ["--keep", "0"]).exit_code == 2
     model = project / "data/06_models/resnet34/model.keras" / V[1] / "model.keras"
     (project / "linked.keras").hardlink_to(model)  # as MLflow's copy of a logged model
     result = prune.plan(project / "data", keep=1, tracking_uri=None)  # no run keeps anything
@@ -110,3 +112,12 @@ def test_keep_must_be_positive_and_hard_links_free_nothing(project: Path):
                                      f"model.keras/{V[3]}"}
     # Model V1 is still MLflow's (hard link): only its promotion.json is freed.
     assert 14_000 < result.bytes_freed < 14_500
+
+
+def test_prune_is_a_neuroblastoma_cnn_command(project: Path, capsys):
+    assert main(["prune"]) == 0  # --keep 3: only the failed run's tiles and model go
+    out = capsys.readouterr().out
+    assert "2 version(s) to delete" in out
+    assert f"Would delete data/03_primary/tiles/{V[1]}" in out
+    assert main(["--help"]) == 0
+    assert "prune" in capsys.readouterr().out
