@@ -14,7 +14,7 @@ from _tiny_project import TrainedProject, trained_project
 from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 
-NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 NAMES = ("01_exploration", "02_results")
 # What a notebook's outputs must never show (kernel noise, failures, library warnings).
 NOISE = re.compile(r"WARNING|Traceback|Error|oneDNN|absl|Warning:")
