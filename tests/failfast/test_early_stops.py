@@ -119,6 +119,29 @@ def test_unreachable_imagenet_weights_stop_before_ingestion(kedro_project: Path,
     assert runs(kedro_project) == []
 
 
+@pytest.mark.parametrize(("override", "expected"), [
+    ("resnet34.training.optimizer=adamm", "resnet34.training.optimizer"),
+    ("resnet34.training.lerning_rate=0.1", "resnet34.training.lerning_rate"),
+    ("resnet34.training.epochs=-1", "resnet34.training.epochs"),
+    ("ingestion.tile_sise=256", "ingestion.tile_sise"),
+])
+def test_a_bad_parameter_stops_before_anything_runs(raw_project: Path, override: str,
+                                                    expected: str):
+    line, _ = stops_in_one_line(raw_project, "--env=tiny", "--pipeline=train_resnet34",
+                                "--params", override)
+    assert expected in line
+    assert runs(raw_project) == []
+
+
+def test_an_empty_prediction_folder_stops_before_the_model_loads(raw_project: Path):
+    (raw_project / "data" / "01_raw" / "predict").mkdir(parents=True, exist_ok=True)
+    assert not any((raw_project / "data" / "01_raw" / "predict").iterdir())
+    line, _ = stops_in_one_line(raw_project, "--env=tiny", "--pipeline=predict")
+    assert line.startswith("Error: The folder 'data/01_raw/predict' (images_to_predict) holds "
+                           "no file")
+    assert runs(raw_project) == []
+
+
 def test_inputs_from_two_lineages_name_the_versions_and_the_fix(raw_project: Path):
     """The issue's case: `data_processing`, then `ingestion` alone, then the model half."""
     for pipeline in ("data_processing", "ingestion"):

@@ -17,6 +17,7 @@ from kedro.io.core import Version
 from kedro.pipeline import Node
 
 from neuroblastoma_cnn import promotion
+from neuroblastoma_cnn.cli import main
 from neuroblastoma_cnn.datasets import KerasModelDataset, TrainedModels
 from neuroblastoma_cnn.datasets.trained_models import ModelSelectionError
 from neuroblastoma_cnn.errors import ModelError
@@ -166,3 +167,22 @@ def test_an_unknown_architecture_suggests_the_registered_pipelines(tmp_path):
     assert "train_resnet18" not in message
     with pytest.raises(ModelSelectionError, match="Run `kedro run --pipeline=train_resnet50`"):
         TrainedModels(tmp_path).load("resnet50")  # registered, just not trained yet
+
+
+def test_the_command_reports_a_corrupt_model_and_an_unknown_name_in_one_line(tmp_path, capsys):
+    image = tmp_path / "image.png"
+    image.write_bytes(b"not read: the model is checked first")
+    corrupt = tmp_path / "corrupt.keras"
+    corrupt.write_bytes(b"\x00" * 4096)
+    assert main(["predict", str(image), "-m", str(corrupt)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"Model file '{corrupt}' is not a Keras model" in err
+    assert "not found" not in err.lower()
+
+    assert main(["predict", str(image), "-m", "resnet18",
+                 "--models-dir", str(tmp_path / "models")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "'resnet18' is not a model this project trains" in err
+    assert "--pipeline=train_resnet34" in err and "train_resnet18" not in err

@@ -67,19 +67,22 @@ def read_record(path: str | Path) -> dict[str, Any]:
 
 
 def load_keras_model(path: str | Path) -> Any:
-    """Loads a ``.keras`` file and attaches its preprocessing record as ``model.preprocessing``."""
-    import keras  # noqa: PLC0415  (lazy: TensorFlow loads only when a model is used)
+    """Loads a ``.keras`` file and attaches its preprocessing record as ``model.preprocessing``.
 
-    from neuroblastoma_cnn import models  # noqa: F401, PLC0415  (lazy, as keras; registers layers)
-
+    A missing or corrupt file is reported before TensorFlow is loaded (and a corrupt one as
+    such: Keras says "File not found" of any file that is not a zip archive)."""
     path = Path(path)
     if not path.exists():
         raise DatasetError(f"Model file '{path}' does not exist.")
-    if not zipfile.is_zipfile(path):  # Keras would say "File not found" of a corrupt file
+    if not zipfile.is_zipfile(path):
         raise DatasetError(
             f"Model file '{path}' is not a Keras model: not a .keras zip archive (corrupt, "
             "truncated or another format)."
         )
+    import keras  # noqa: PLC0415  (lazy: TensorFlow loads only when a model is used)
+
+    from neuroblastoma_cnn import models  # noqa: F401, PLC0415  (lazy, as keras; registers layers)
+
     try:
         model = keras.models.load_model(path, compile=False)
     except Exception as exc:  # keras raises many types for a bad file
