@@ -43,10 +43,18 @@ def user_error(error: BaseException | None) -> BaseException | None:
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, ProjectError) or _is_parameter_validation_error(error):
+        if is_project_error(error) or _is_parameter_validation_error(error):
             return error
         error = error.__cause__
     return None
+
+
+def is_project_error(error: BaseException) -> bool:
+    """A ProjectError, also one whose class comes from an earlier import of this package
+    (``%reload_kedro`` re-imports it in a notebook: old and new classes then coexist)."""
+    return isinstance(error, ProjectError) or any(
+        cls.__name__ == ProjectError.__name__ and cls.__module__ == ProjectError.__module__
+        for cls in type(error).__mro__)
 
 
 def _is_parameter_validation_error(error: BaseException) -> bool:
@@ -54,7 +62,7 @@ def _is_parameter_validation_error(error: BaseException) -> bool:
 
 
 def _squashed(error: BaseException) -> str:
-    if isinstance(error, ProjectError):
+    if is_project_error(error):
         return error.one_line()
     return "; ".join(line.strip(" -") for line in str(error).splitlines() if line.strip())
 

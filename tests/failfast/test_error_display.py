@@ -98,3 +98,17 @@ def test_ipython_cells_print_project_errors_as_one_line(capsys):
         assert "Traceback" in out.out + out.err or "----> 1" in out.out + out.err
     finally:
         InteractiveShell.clear_instance()
+
+
+def test_errors_from_a_reimported_package_are_still_the_projects():
+    """`%reload_kedro` re-imports the package: a cell may raise the new classes while the
+    handler was built with the old ones (or the other way round)."""
+    reimported = type("ProjectError", (Exception,), {
+        "__module__": ProjectError.__module__,
+        "one_line": lambda self: f"{self} (hint)"})
+    data_error = type("DataError", (reimported,), {"__module__": ProjectError.__module__})
+    error = data_error("no images")
+    assert error_display.user_error(error) is error
+    assert error_display.one_line(error) == "Error: no images (hint)"
+    lookalike = type("ProjectError", (Exception,), {"__module__": "somewhere.else"})
+    assert error_display.user_error(lookalike("x")) is None
