@@ -21,6 +21,7 @@ from typing import Any
 
 import click
 
+from neuroblastoma_cnn.errors import ParameterError, ProjectError
 from neuroblastoma_cnn.prune import prune
 
 EXIT_OK = 0
@@ -109,14 +110,12 @@ def predict(**options: Any) -> int:
     return _predict(options)
 
 
-class CommandUsageError(Exception):
-    """A problem with what was asked, found before predicting; one line, exit code 2."""
+class CommandUsageError(ParameterError):
+    """A problem with what was asked (paths, outputs), found before predicting; exit code 2."""
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``neuroblastoma-cnn`` script; returns the exit code."""
-    from neuroblastoma_cnn.errors import ProjectError  # noqa: PLC0415  (lazy: fast --help)
-
     try:
         code = main_group.main(args=argv, prog_name=PROG, standalone_mode=False)
     except click.ClickException as exc:
@@ -128,9 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         click.echo(f"{PROG}: interrupted", err=True)
         return EXIT_INTERRUPTED
-    except (CommandUsageError, ProjectError) as exc:
-        text = exc.one_line() if isinstance(exc, ProjectError) else str(exc)
-        click.echo(f"{PROG}: error: {text}", err=True)
+    except ProjectError as exc:  # CommandUsageError, parameters, model, data
+        click.echo(f"{PROG}: error: {exc.one_line()}", err=True)
         return EXIT_USAGE
     return int(code or 0)
 
