@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,19 @@ def select_extractor(trained_models: Any, tiles: TileStore, params: ExtractorPar
     return model
 
 
+_SPLITS: weakref.WeakKeyDictionary[Any, tuple[Any, Any]] = weakref.WeakKeyDictionary()
+
+
+def _feature_split(model: Any) -> tuple[Any, Any]:
+    """``backbone_and_head`` once per model: a new Keras model traces its predict function
+    again (seconds for a ResNet), which would dominate repeated extractions of small sets."""
+    from neuroblastoma_cnn.models import backbone_and_head  # noqa: PLC0415  (lazy: Keras)
+
+    if model not in _SPLITS:
+        _SPLITS[model] = backbone_and_head(model)
+    return _SPLITS[model]
+
+
 def extract_feature_table(
     extractor: Any, tiles: TileStore, split_table: pd.DataFrame, params: ExtractionParams
 ) -> pd.DataFrame:
@@ -90,7 +104,6 @@ def extract_feature_table(
     Built on the ResNet50 feature cache (``models.resnet50.extract_features``): one pass over
     a tf.data input that streams from the tile store above ``in_memory_limit_mb``.
     """
-    from neuroblastoma_cnn.models import backbone_and_head  # noqa: PLC0415  (lazy: Keras)
     from neuroblastoma_cnn.models.feature_heads import (  # noqa: PLC0415  (lazy: Keras)
         extractor_identity,
     )
@@ -99,7 +112,7 @@ def extract_feature_table(
     p = params if isinstance(params, ExtractionParams) else ExtractionParams.parse(
         params, "features.extraction")
     classes = class_names(tiles)
-    backbone, head = backbone_and_head(extractor)
+    backbone, head = _feature_split(extractor)
     identity = extractor_identity(extractor, int(backbone.output_shape[-1]))
     if identity["classes"] != classes:
         raise DataError(
