@@ -29,6 +29,8 @@ ALLOWED: tuple[tuple[str, str], ...] = (
      "TensorFlow 2.21's absl notice, printed while it is imported, before any log level applies"),
     (r"^I\d{4} [\d:. ]+\d+ port\.cc:\d+\] oneDNN custom operations are on",
      "TensorFlow's oneDNN start-up notice, same moment; hiding it would mean filtering fd 2"),
+    (r"WARNING  resnet\d+ did not learn: ",
+     "true of the tiny runs (2 epochs on 56 small images): the run says so, as it must"),
 )
 #: At most this many allowed native lines per process that imports TensorFlow (2 per library).
 MAX_NATIVE_LINES = 4
@@ -51,7 +53,7 @@ def test_a_pipeline_run_prints_only_what_a_person_needs(trained: TrainedProject,
     ]
     assert not bad, "unexpected output lines:\n" + "\n".join(bad)
     native = [line for line in output.splitlines()
-              if any(re.search(p, line) for p, _ in ALLOWED)]
+              if any(re.search(p, line) for p, _ in ALLOWED[:2])]
     assert len(native) <= MAX_NATIVE_LINES, "\n".join(native)
 
     model = pipeline.removeprefix("train_")

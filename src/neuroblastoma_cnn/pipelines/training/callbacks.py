@@ -12,6 +12,7 @@ from typing import Any
 
 import keras
 import numpy as np
+import tensorflow as tf
 from sklearn.metrics import f1_score
 
 logger = logging.getLogger("neuroblastoma_cnn.pipelines.training.nodes")
@@ -29,6 +30,11 @@ class ValidationReport(keras.callbacks.Callback):
     def __init__(self, val_inputs: Any, val_labels: np.ndarray, num_classes: int, stage: str,
                  total_epochs: int, history: list[dict[str, Any]]):
         super().__init__()
+        if isinstance(val_inputs, np.ndarray):
+            # Keras' own batching of arrays uses a parallel tf.data map, which TF rewrites (and
+            # reports on stderr) when op determinism is on; one sequential dataset predicts the
+            # same batches of 32 without it.
+            val_inputs = tf.data.Dataset.from_tensor_slices(val_inputs).batch(32)
         self.val_inputs, self.val_labels = val_inputs, np.asarray(val_labels)
         self.num_classes, self.stage, self.total_epochs = num_classes, stage, total_epochs
         self.history = history
