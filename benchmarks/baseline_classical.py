@@ -45,8 +45,8 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
 from neuroblastoma_cnn.imaging import to_rgb8
+from neuroblastoma_cnn.metrics import bootstrap_macro_f1
 from neuroblastoma_cnn.params import base_parameters
-from neuroblastoma_cnn.pipelines.evaluation.metrics import bootstrap_macro_f1
 from neuroblastoma_cnn.pipelines.ingestion.nodes import build_image_manifest
 from neuroblastoma_cnn.pipelines.splitting.nodes import check_no_leakage, split_tiles
 from neuroblastoma_cnn.stain import HED_FROM_RGB, optical_density, tissue_od_mask
