@@ -116,6 +116,7 @@ def test_training_without_an_epoch_stops_before_the_model_is_saved():
 def tmp_mlflow(tmp_path):
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment("untrained")  # not an experiment id another store left active
     yield
     mlflow.set_tracking_uri(previous)
 
