@@ -205,7 +205,9 @@ def log_model_to_mlflow(model: Any, name: str | None = None,
     name = name or str(record.get("architecture") or model.name or MLFLOW_ARTIFACT_PATH)
     _, height, width, channels = model.input_shape
     example = np.full((1, height, width, channels), 128, dtype=np.uint8)
-    prediction = np.asarray(model.predict(example.astype("float32"), verbose=0))
+    # predict_on_batch: Keras' predict batches the array through tf.data, which under op
+    # determinism makes TensorFlow print a native "NodeDef mentions attribute" line.
+    prediction = np.asarray(model.predict_on_batch(example.astype("float32")))
     signature = infer_signature(example.astype("float32"), prediction)
     info = mlflow.models.Model.log(
         artifact_path=None,
