@@ -304,6 +304,27 @@ def augment_batches(dataset: Any, augmenter: Augmenter) -> Any:
     )
 
 
+def tta_probabilities(model: Any, dataset: Any) -> np.ndarray:
+    """Test-time augmentation: the model's class probabilities averaged over the eight exact
+    symmetries of every image (four for non-square images).
+
+    ``dataset`` yields image batches or ``(images, ...)`` tuples, float32 in [0, 255]; it is
+    read once per symmetry, in order, so the rows match a plain ``model.predict(dataset)``.
+    """
+    tf = _tf()
+    spec = dataset.element_spec
+    images = dataset.map(lambda *e: e[0]) if isinstance(spec, tuple) else dataset
+    shape = images.element_spec.shape
+    count = N_DIHEDRAL if shape[1] is not None and shape[1] == shape[2] else 4
+    total: np.ndarray | None = None
+    for k in range(count):
+        variant = images.map(lambda x, k=k: dihedral(x, k), num_parallel_calls=tf.data.AUTOTUNE,
+                             deterministic=True)
+        prob = np.asarray(model.predict(variant, verbose=0), dtype=np.float64)
+        total = prob if total is None else total + prob
+    return total / count
+
+
 def dihedral_numpy(images: np.ndarray, k: int) -> np.ndarray:
     """NumPy twin of :func:`dihedral`, for checks and for code that has no TensorFlow graph."""
     x = np.asarray(images)

@@ -249,3 +249,12 @@ def normalise_stain(image: np.ndarray, reference: Mapping[str, Any]) -> np.ndarr
     if reference["method"] == "macenko":
         return _apply_macenko(rgb, reference)
     return _apply_reinhard(rgb, reference)
+
+
+def normalise_tiles(tiles: np.ndarray, reference: Mapping[str, Any] | None) -> np.ndarray:
+    """A batch ``[n, H, W, 3]`` of uint8 tiles, each normalised (unchanged if no reference)."""
+    if not reference:
+        return np.asarray(tiles)
+    check_stain_reference(reference)
+    batch = np.asarray(tiles)
+    return np.stack([normalise_stain(t, reference) for t in batch]) if len(batch) else batch

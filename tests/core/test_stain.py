@@ -91,3 +91,13 @@ def test_bad_inputs_fail_clearly():
 def test_lab_round_trip():
     rgb = np.random.default_rng(0).integers(0, 256, (500, 3)).astype(np.uint8)
     assert np.abs(stain.lab_to_rgb(stain.rgb_to_lab(rgb)).astype(int) - rgb).max() <= 1
+
+
+def test_normalise_tiles_is_per_tile_and_a_no_op_without_reference():
+    tiles = np.stack([synthetic_slide(H_E_SHIFTED, 1.4, seed=s) for s in range(3)])
+    assert stain.normalise_tiles(tiles, None) is tiles or np.array_equal(
+        stain.normalise_tiles(tiles, None), tiles)
+    reference = stain.fit_stain_reference([synthetic_slide(H_E, 1.0)], "reinhard")
+    out = stain.normalise_tiles(tiles, reference)
+    assert out.shape == tiles.shape and out.dtype == np.uint8
+    assert np.array_equal(out[1], stain.normalise_stain(tiles[1], reference))
