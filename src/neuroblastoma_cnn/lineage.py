@@ -28,6 +28,7 @@ from typing import Any
 from kedro.io.core import AbstractVersionedDataset, DatasetError, VersionNotFoundError
 
 from neuroblastoma_cnn.errors import DataError
+from neuroblastoma_cnn.storage import FsPath
 
 logger = logging.getLogger(__name__)
 
@@ -35,17 +36,20 @@ LINEAGE_FILE = "lineage.json"
 RERUN_DATA = "kedro run --pipeline=data_processing"
 
 
-def version_folder(dataset: Any, version: str) -> Path | None:
-    """``<filepath>/<version>/``: where a local versioned dataset keeps ``version``; None for
-    datasets that are not versioned or not on the local file system."""
+def version_folder(dataset: Any, version: str) -> Path | FsPath | None:
+    """``<filepath>/<version>/``: where a versioned dataset keeps ``version`` (an
+    :class:`FsPath` on a remote fsspec file system); None for datasets that are not versioned."""
     if not isinstance(dataset, AbstractVersionedDataset) or not dataset._version:
         return None
-    if getattr(dataset, "_protocol", "file") not in ("file", None):
-        return None
+    protocol = getattr(dataset, "_protocol", "file")
     try:
-        return Path(str(dataset._get_versioned_path(version))).parent
+        path = dataset._get_versioned_path(version)
     except (DatasetError, TypeError, ValueError):
         return None
+    if protocol in ("file", None):
+        return Path(str(path)).parent
+    fs = getattr(dataset, "_fs", None)
+    return FsPath(fs, str(path), protocol).parent if fs is not None else None
 
 
 def load_version(dataset: Any) -> str | None:
@@ -58,7 +62,7 @@ def load_version(dataset: Any) -> str | None:
         return None
 
 
-def read_lineage(folder: Path | None) -> dict[str, Any] | None:
+def read_lineage(folder: Path | FsPath | None) -> dict[str, Any] | None:
     """The lineage recorded in a version folder, None if there is none (or it is unreadable)."""
     if folder is None:
         return None
@@ -72,7 +76,7 @@ def read_lineage(folder: Path | None) -> dict[str, Any] | None:
         return None
 
 
-def write_lineage(folder: Path, record: Mapping[str, Any]) -> Path:
+def write_lineage(folder: Path | FsPath, record: Mapping[str, Any]) -> Path | FsPath:
     """Writes ``lineage.json`` into a version folder (never over an existing one)."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LINEAGE_FILE

@@ -27,16 +27,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from neuroblastoma_cnn.storage import FsPath, as_path
+
 logger = logging.getLogger(__name__)
 
 STATUS_FILE = "promotion.json"
 PENDING, PROMOTED, FAILED = "pending", "promoted", "failed"
 
 
-def read_status(version_folder: Path) -> dict[str, Any] | None:
+def read_status(version_folder: Path | FsPath) -> dict[str, Any] | None:
     """The promotion record of a model version folder, None when it has none."""
     try:
-        return json.loads((Path(version_folder) / STATUS_FILE).read_text())
+        return json.loads((as_path(version_folder) / STATUS_FILE).read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
@@ -49,14 +51,19 @@ def is_usable(version_folder: Path) -> bool:
     return status is None or status.get("status") == PROMOTED
 
 
-def write_status(version_folder: Path, status: str, **fields: Any) -> None:
-    """Writes the promotion record (atomically: a reader never sees half a file)."""
-    folder = Path(version_folder)
+def write_status(version_folder: Path | FsPath, status: str, **fields: Any) -> None:
+    """Writes the promotion record (atomically: a reader never sees half a file; on an object
+    store one upload is atomic, so it is written in place)."""
+    folder = as_path(version_folder)
     folder.mkdir(parents=True, exist_ok=True)
     record = {"status": status, "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               **{k: v for k, v in fields.items() if v is not None}}
+    text = json.dumps(record, indent=2, sort_keys=True, default=str)
+    if isinstance(folder, FsPath):
+        (folder / STATUS_FILE).write_text(text)
+        return
     tmp = folder / f".{STATUS_FILE}.tmp"
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
+    tmp.write_text(text)
     tmp.replace(folder / STATUS_FILE)
 
 

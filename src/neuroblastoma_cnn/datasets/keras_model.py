@@ -19,12 +19,15 @@ is logged to MLflow only when ``hooks.ModelPromotionHook`` promotes it after its
 
 from __future__ import annotations
 
+import contextlib
 import filecmp
 import json
 import logging
 import os
 import shutil
+import tempfile
 import zipfile
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -35,6 +38,7 @@ from kedro.io.core import DatasetError, Version
 
 from neuroblastoma_cnn.preprocessing import attach_preprocessing
 from neuroblastoma_cnn.promotion import FAILED, PENDING, PROMOTED, write_status
+from neuroblastoma_cnn.storage import FsPath, is_local
 
 from .local_versioned import LocalVersionedDataset
 
@@ -66,17 +70,19 @@ def read_record(path: str | Path) -> dict[str, Any]:
         return json.loads(archive.read(RECORD_ENTRY))
 
 
-def load_keras_model(path: str | Path) -> Any:
+def load_keras_model(path: str | Path, where: str | None = None) -> Any:
     """Loads a ``.keras`` file and attaches its preprocessing record as ``model.preprocessing``.
 
     A missing or corrupt file is reported before TensorFlow is loaded (and a corrupt one as
-    such: Keras says "File not found" of any file that is not a zip archive)."""
+    such: Keras says "File not found" of any file that is not a zip archive). ``where``: the
+    name to report instead of ``path`` (the URL of a model downloaded to ``path``)."""
     path = Path(path)
+    shown = where or str(path)
     if not path.exists():
-        raise DatasetError(f"Model file '{path}' does not exist.")
+        raise DatasetError(f"Model file '{shown}' does not exist.")
     if not zipfile.is_zipfile(path):
         raise DatasetError(
-            f"Model file '{path}' is not a Keras model: not a .keras zip archive (corrupt, "
+            f"Model file '{shown}' is not a Keras model: not a .keras zip archive (corrupt, "
             "truncated or another format)."
         )
     import keras  # noqa: PLC0415  (lazy: TensorFlow loads only when a model is used)
@@ -86,8 +92,8 @@ def load_keras_model(path: str | Path) -> Any:
     try:
         model = keras.models.load_model(path, compile=False)
     except Exception as exc:  # keras raises many types for a bad file
-        raise DatasetError(f"Could not load Keras model '{path}': {exc}") from exc
-    attach_preprocessing(model, read_record(path), str(path))  # the one record check
+        raise DatasetError(f"Could not load Keras model '{shown}': {exc}") from exc
+    attach_preprocessing(model, read_record(path), shown)  # the one record check
     return model
 
 
@@ -245,12 +251,28 @@ def _store_once(info: Any, source: Path) -> None:
                     info.model_uri, source)
 
 
+@contextlib.contextmanager
+def local_copy(path: Path | FsPath) -> Iterator[Path]:
+    """A local file with the model's bytes: the path itself, or a download of a remote file
+    (Keras reads and writes only local files) removed afterwards."""
+    if is_local(path):
+        yield Path(path)
+        return
+    if not path.exists():
+        raise DatasetError(f"Model file '{path}' does not exist.")
+    with tempfile.TemporaryDirectory(prefix="keras-model-") as tmp:
+        local = Path(tmp) / path.name
+        path.fs.get_file(path.path, str(local))
+        yield local
+
+
 class KerasModelDataset(LocalVersionedDataset):
     """Kedro dataset for a ``.keras`` model with an embedded preprocessing record.
 
     ``log_to_mlflow``: also log the model to the active MLflow run (at save, or with
     ``promotion`` when it is promoted). ``promotion``: the saved model stays ``pending`` (never
-    picked by ``predict``) until :meth:`promote`.
+    picked by ``predict``) until :meth:`promote`. On an fsspec URL (``s3://...``) the model is
+    saved to a local temporary file and uploaded; loading downloads it first.
     """
 
     def __init__(
@@ -260,12 +282,14 @@ class KerasModelDataset(LocalVersionedDataset):
         promotion: bool = False,
         version: Version | None = None,
         metadata: dict[str, Any] | None = None,
+        credentials: dict[str, Any] | None = None,
+        fs_args: dict[str, Any] | None = None,
     ):
         if not filepath.endswith(".keras"):
             raise DatasetError(f"Keras 3 models need a '.keras' file name, got '{filepath}'.")
         self._log_to_mlflow = log_to_mlflow
         self._promotion = promotion
-        super().__init__(filepath, version, metadata)
+        super().__init__(filepath, version, metadata, credentials, fs_args)
 
     def _describe(self) -> dict[str, Any]:
         return {**super()._describe(), "log_to_mlflow": self._log_to_mlflow,
@@ -276,21 +300,34 @@ class KerasModelDataset(LocalVersionedDataset):
         return self._promotion
 
     def load(self) -> Any:
-        return load_keras_model(self._load_path())
+        path = self._load_path()
+        with local_copy(path) as local:
+            return load_keras_model(local, where=str(path))
 
     def save(self, data: Any) -> None:
         path = self._save_path()
         if self._promotion:
             write_status(path.parent, PENDING)  # first: a crash leaves an unusable model
-            save_keras_model(data, path)
-            return
-        save_keras_model(data, path)
-        if self._log_to_mlflow:
-            log_model_to_mlflow(data, source_file=path)
+        with self._writing(path) as local:
+            save_keras_model(data, local)
+            if self._log_to_mlflow and not self._promotion:
+                log_model_to_mlflow(data, source_file=local)
 
-    def saved_path(self) -> Path:
+    @contextlib.contextmanager
+    def _writing(self, path: Path | FsPath) -> Iterator[Path]:
+        """The local file to save to; for a remote path, uploaded when the block ends."""
+        if is_local(path):
+            yield Path(path)
+            return
+        with tempfile.TemporaryDirectory(prefix="keras-model-") as tmp:
+            local = Path(tmp) / path.name
+            yield local
+            path.fs.put_file(str(local), path.path)
+        self._invalidate_cache()
+
+    def saved_path(self) -> Path | FsPath:
         """The file this run saved (or would save) the model to."""
-        return Path(str(self._get_versioned_path(self.resolve_save_version())))
+        return self._as_path(self._get_versioned_path(self.resolve_save_version()))
 
     def promote(self, **fields: Any) -> str | None:
         """Marks the saved model usable and, with ``log_to_mlflow``, logs it to the active
@@ -298,7 +335,9 @@ class KerasModelDataset(LocalVersionedDataset):
         path = self.saved_path()
         uri = None
         if self._log_to_mlflow:
-            uri = log_model_to_mlflow(load_keras_model(path), source_file=path)
+            with local_copy(path) as local:
+                uri = log_model_to_mlflow(load_keras_model(local, where=str(path)),
+                                          source_file=local)
         write_status(path.parent, PROMOTED, mlflow_model_uri=uri, **fields)
         return uri
 

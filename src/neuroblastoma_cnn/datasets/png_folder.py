@@ -9,7 +9,9 @@ skipped (it could not draw its picture).
 
 from __future__ import annotations
 
+import io
 import logging
+import posixpath
 from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -18,11 +20,14 @@ import numpy as np
 from kedro.io.core import DatasetError, Version
 from PIL import Image
 
+from neuroblastoma_cnn.storage import FsPath, is_local
+
 from .local_versioned import LocalVersionedDataset
 
 logger = logging.getLogger(__name__)
 
 SUFFIX = ".png"
+EMPTY_MARK = ".empty"  # on object stores, where a folder exists only through its files
 
 
 def _safe_name(name: str) -> PurePosixPath:
@@ -32,7 +37,7 @@ def _safe_name(name: str) -> PurePosixPath:
     return path if path.suffix.lower() == SUFFIX else path.with_name(path.name + SUFFIX)
 
 
-def save_picture(picture: Any, path: Path) -> None:
+def save_picture(picture: Any, path: Path | FsPath) -> None:
     """Writes a PIL image or a uint8 ``[H, W, 3]`` array as PNG (folders made as needed)."""
     if isinstance(picture, np.ndarray):
         picture = Image.fromarray(picture)
@@ -40,7 +45,11 @@ def save_picture(picture: Any, path: Path) -> None:
         raise DatasetError(f"Cannot save {type(picture).__name__} as '{path}': expected a PIL "
                            "image or a uint8 array.")
     path.parent.mkdir(parents=True, exist_ok=True)
-    picture.save(path, format="PNG")
+    if is_local(path):
+        picture.save(path, format="PNG")
+        return
+    with path.open("wb") as out:
+        picture.save(out, format="PNG")
 
 
 class PngFolderDataset(LocalVersionedDataset):
@@ -52,19 +61,22 @@ class PngFolderDataset(LocalVersionedDataset):
         filepath: str,
         version: Version | None = None,
         metadata: dict[str, Any] | None = None,
+        credentials: dict[str, Any] | None = None,
+        fs_args: dict[str, Any] | None = None,
     ):
-        super().__init__(filepath, version, metadata)
+        super().__init__(filepath, version, metadata, credentials, fs_args)
 
-    @staticmethod
-    def _is_complete(path: str) -> bool:
-        return Path(path).is_dir()
+    def _is_complete(self, path: str) -> bool:
+        # Object stores have no empty folders: an empty version keeps a marker file there.
+        return bool(self._fs.isdir(path) or self._fs.exists(posixpath.join(path, EMPTY_MARK)))
 
     def load(self) -> dict[str, Callable[[], Any]]:
         root = self._load_path()
 
-        def opener(path: Path) -> Callable[[], Any]:
+        def opener(path: Path | FsPath) -> Callable[[], Any]:
             def open_png() -> Any:
-                with Image.open(path) as image:
+                source = path if is_local(path) else io.BytesIO(path.read_bytes())
+                with Image.open(source) as image:
                     image.load()
                     return image
 
@@ -85,6 +97,10 @@ class PngFolderDataset(LocalVersionedDataset):
             picture = item() if callable(item) else item
             if picture is None:  # the producer could not draw this one (and said why)
                 continue
-            save_picture(picture, root / names[name])
+            save_picture(picture, root / str(names[name]))
             saved += 1
+        if not self.is_local:
+            if not saved:
+                (root / EMPTY_MARK).write_text("")
+            self._invalidate_cache()
         logger.info("Saved %d pictures to '%s'", saved, root)

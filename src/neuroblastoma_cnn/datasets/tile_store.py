@@ -16,9 +16,12 @@ Layout of one store folder::
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import posixpath
 import shutil
+import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from kedro.io.core import DatasetError, Version
+
+from neuroblastoma_cnn.storage import FsPath, as_path, is_local
 
 from .local_versioned import LocalVersionedDataset
 
@@ -65,8 +70,8 @@ class TileStream:
 class TileStore:
     """Read access to a written store; loading it reads only the index, never the pixels."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def __init__(self, path: str | Path | FsPath):
+        self.path = as_path(path)
         meta_path = self.path / META_FILE
         if not meta_path.exists():
             raise DatasetError(
@@ -76,9 +81,10 @@ class TileStore:
         self.metadata: dict[str, Any] = json.loads(meta_path.read_text())
         if self.metadata.get("format") != STORE_FORMAT:
             raise DatasetError(f"'{meta_path}' does not describe a {STORE_FORMAT}.")
-        self.index: pd.DataFrame = pd.read_csv(
-            self.path / INDEX_FILE, keep_default_na=False, dtype=STRING_COLUMNS
-        )
+        with (self.path / INDEX_FILE).open("r") as index:
+            self.index: pd.DataFrame = pd.read_csv(
+                index, keep_default_na=False, dtype=STRING_COLUMNS
+            )
         self._shards: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
@@ -97,8 +103,13 @@ class TileStore:
         return tuple(self.metadata["tile_shape"])
 
     def _shard(self, shard: int) -> np.ndarray:
+        """Local shards are memory-mapped; a remote shard is downloaded once, when first read."""
         if shard not in self._shards:
-            self._shards[shard] = np.load(self.path / _shard_name(shard), mmap_mode="r")
+            path = self.path / _shard_name(shard)
+            if is_local(path):
+                self._shards[shard] = np.load(path, mmap_mode="r")
+            else:
+                self._shards[shard] = np.load(io.BytesIO(path.read_bytes()))
         return self._shards[shard]
 
     def get(self, tile_ids: Iterable[int] | None = None) -> np.ndarray:
@@ -143,9 +154,11 @@ def write_tile_store(
     The store is written to a temporary sibling folder and renamed at the end, so a failure
     never leaves a half-written store that later stages could mistake for a complete one.
     """
-    path = Path(path)
+    path = as_path(path)
     if path.exists():
         raise DatasetError(f"Refusing to overwrite existing tile store '{path}'.")
+    if not is_local(path):
+        return _write_remote(path, records, metadata, shard_size)
     tmp = path.with_name(path.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -202,6 +215,20 @@ def write_tile_store(
     return TileStore(path)
 
 
+def _write_remote(path: FsPath, records: Iterable[TileRecord],
+                  metadata: Mapping[str, Any] | None, shard_size: int) -> TileStore:
+    """Object stores have no rename: the store is written to a local temporary folder, its
+    shards and index uploaded, and ``store.json`` (what marks a store complete) uploaded last."""
+    with tempfile.TemporaryDirectory(prefix="tile-store-") as tmp:
+        local = write_tile_store(Path(tmp) / "store", records, metadata, shard_size).path
+        files = sorted(p.name for p in local.iterdir())
+        for name in [f for f in files if f != META_FILE] + [META_FILE]:
+            path.fs.put_file(str(local / name), (path / name).path)
+    path.invalidate()
+    logger.info("Uploaded the tile store to '%s'", path)
+    return TileStore(path)
+
+
 class TileStoreDataset(LocalVersionedDataset):
     """Kedro dataset for a tile store folder; versioned like any file dataset.
 
@@ -216,13 +243,15 @@ class TileStoreDataset(LocalVersionedDataset):
         shard_size: int = 512,
         version: Version | None = None,
         metadata: dict[str, Any] | None = None,
+        credentials: dict[str, Any] | None = None,
+        fs_args: dict[str, Any] | None = None,
     ):
         self._shard_size = shard_size
-        super().__init__(filepath, version, metadata)
+        super().__init__(filepath, version, metadata, credentials, fs_args)
 
-    @staticmethod
-    def _is_complete(path: str) -> bool:
-        return (Path(path) / META_FILE).exists()  # written last: a store without it is partial
+    def _is_complete(self, path: str) -> bool:
+        # written last: a store without it is partial
+        return bool(self._fs.exists(posixpath.join(path, META_FILE)))
 
     def _describe(self) -> dict[str, Any]:
         return {**super()._describe(), "shard_size": self._shard_size}
@@ -232,7 +261,8 @@ class TileStoreDataset(LocalVersionedDataset):
 
     def save(self, data: TileStream | TileStore | Iterable[TileRecord]) -> None:
         path = self._save_path()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if self.is_local:
+            path.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(data, TileStore):
             records: Iterable[TileRecord] = _copy_records(data)
             metadata = data.producer_metadata
@@ -242,7 +272,7 @@ class TileStoreDataset(LocalVersionedDataset):
         # A producer may ask for its shard size (e.g. the `ingestion.shard_size` parameter).
         shard_size = int(metadata.get("shard_size") or self._shard_size)
         write_tile_store(path, records, metadata, shard_size)
-
+        self._invalidate_cache()
 
 
 def _copy_records(store: TileStore) -> Iterator[TileRecord]:
