@@ -27,7 +27,7 @@ import numpy as np
 from matplotlib import colormaps
 from PIL import Image
 
-from neuroblastoma_cnn.imaging import TilingConfig
+from neuroblastoma_cnn.imaging import Decoded, TilingConfig
 from neuroblastoma_cnn.preprocessing import Preprocessing
 
 logger = logging.getLogger(__name__)
@@ -170,16 +170,18 @@ def overlay(
 
 def image_gradcam(
     cam: GradCam,
-    rgb: np.ndarray,
+    image: np.ndarray | Decoded,
     tiling: TilingConfig,
     class_index: int,
     fallback_tiles: int,
     scale: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Grad-CAM heatmap of a class over a whole image: ``(heat in [0, 1], covered)`` of shape
-    ``(round(H * scale), round(W * scale))``, built from the tiles a prediction uses."""
-    tiles, _ = tiling.tiles_or_fallback(rgb, fallback_tiles)
-    height, width = rgb.shape[:2]
+    ``(round(H * scale), round(W * scale))`` (``H, W`` native), built from the tiles a
+    prediction uses (``image`` decoded as :meth:`ImageChecks.decode_for` decodes it)."""
+    decoded = tiling.at_scale(image)
+    tiles, _ = tiling.tiles_or_fallback(decoded, fallback_tiles)
+    height, width = decoded.height, decoded.width
     tile_w, tile_h = tiling.footprint(width, height)
     shape = (max(1, round(height * scale)), max(1, round(width * scale)))
     return stitch(

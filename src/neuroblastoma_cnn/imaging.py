@@ -18,6 +18,15 @@ Decisions (see also ``conf/base/parameters_ingestion.yml``):
   ``min_tissue_fraction`` are dropped. ``tile_size: null`` makes the whole image one tile.
 - Resizing: Pillow ``BILINEAR``, which widens its kernel when shrinking (area-weighted, no
   aliasing), is used for every tile.
+- Decoding (``decoding``, recorded with the tiling): ``full`` decodes every pixel, computes
+  the tissue rule at native resolution and resizes each tile. ``reduced`` decodes no more pixels
+  than the model sees: the image is decoded at 1/r of its size, r the largest power of two that
+  keeps a tile at least ``input_size`` pixels a side (and divides tile size and stride, so that
+  every tile maps onto whole reduced pixels). JPEG is decoded at 1/2, 1/4 or 1/8 scale by
+  libjpeg's DCT scaling (Pillow draft mode); whatever reduction remains (other formats, r > 8)
+  is a box average (``Image.reduce``). The tissue rule and the tiles are then computed on the
+  reduced image; tile positions stay in native pixels. A record without ``decoding`` predates
+  the choice and means ``full``, so older models predict with the method they were trained on.
 """
 
 from __future__ import annotations
@@ -26,10 +35,10 @@ import io
 import logging
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, NamedTuple
+from typing import Annotated, Literal, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -53,6 +62,9 @@ SYSTEM_FILES = frozenset(
 
 PositiveInt = Annotated[int, Field(ge=1)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+DecodeMethod = Literal["full", "reduced"]
+#: JPEG formats Pillow can decode at 1/2, 1/4 or 1/8 scale (draft mode).
+DRAFT_FORMATS = ("JPEG", "MPO")
 
 
 class Reason:
@@ -84,6 +96,27 @@ class ImageRejected(DataError):
         self.reason = reason
         super().__init__(f"'{self.path}': {reason}")
 
+    def __reduce__(self) -> tuple[type[ImageRejected], tuple[str, str]]:
+        # Raised in worker processes too: pickled with both arguments, not the message alone.
+        return type(self), (self.path, self.reason)
+
+
+class Decoded(NamedTuple):
+    """An image decoded at ``1/scale`` of its native size; ``width`` and ``height`` are native
+    (after EXIF orientation), so tile positions and size checks do not depend on the scale."""
+
+    rgb: np.ndarray
+    scale: int
+    width: int
+    height: int
+    mode: str
+
+    @classmethod
+    def native(cls, rgb: np.ndarray, mode: str = "RGB") -> Decoded:
+        """Pixels already in memory, at native resolution."""
+        rgb = np.asarray(rgb)
+        return cls(rgb, 1, int(rgb.shape[1]), int(rgb.shape[0]), mode)
+
 
 class Tile(NamedTuple):
     """One tile: resized pixels, top-left corner at native resolution, tissue share."""
@@ -114,10 +147,28 @@ def _own_bomb_check() -> Iterator[None]:
 
 
 def decode_image(data: bytes, name: str, max_image_pixels: int) -> tuple[np.ndarray, str]:
-    """Decodes image bytes into 8-bit RGB with EXIF orientation applied.
+    """Decodes image bytes into 8-bit RGB at native resolution, EXIF orientation applied.
 
     Returns ``(rgb, source_mode)``; raises :class:`ImageRejected` with the reason otherwise.
     Works on bytes so that a file is read once for both its hash and its pixels.
+    """
+    decoded = decode_scaled(data, name, max_image_pixels, _no_reduction)
+    return decoded.rgb, decoded.mode
+
+
+def _no_reduction(width: int, height: int) -> int:
+    return 1
+
+
+def decode_scaled(
+    data: bytes, name: str, max_image_pixels: int, reduction: Callable[[int, int], int]
+) -> Decoded:
+    """Decodes image bytes into 8-bit RGB at ``1/reduction(width, height)`` of the native size.
+
+    ``reduction`` gets the native size from the header (a power of two; 1 = native). JPEG is
+    decoded at reduced scale by libjpeg (draft mode), so fewer pixels are ever made; the rest of
+    the reduction is a box average. The same bytes and reduction always give the same pixels.
+    Raises :class:`ImageRejected` with the reason.
     """
     if not data:
         raise ImageRejected(name, f"{Reason.EMPTY_FILE}: 0 bytes")
@@ -136,13 +187,47 @@ def decode_image(data: bytes, name: str, max_image_pixels: int) -> tuple[np.ndar
                 f"{Reason.BOMB}: {width}x{height} = {width * height} pixels is more than "
                 f"max_image_pixels = {max_image_pixels}",
             )
+        mode = image.mode
+        factor = int(reduction(width, height))
+        if factor < 1 or factor & (factor - 1):
+            raise ValueError(f"reduction must be a power of two >= 1, got {factor}")
+        done = _draft(image, factor, width, height)
         try:
             image.load()
         except Exception as exc:
             raise ImageRejected(name, f"{Reason.CORRUPT}: {exc}") from exc
-        mode = image.mode
+        stored = image.size
         image = _apply_orientation(image, name)
-        return to_rgb8(image, name), mode
+        if image.size != stored and image.size == stored[::-1]:
+            width, height = height, width  # a quarter turn: the native size turns too
+        rgb = to_rgb8(image, name)
+    if factor > done:
+        rgb = reduce_rgb(rgb, factor // done)
+    return Decoded(rgb, factor, width, height, mode)
+
+
+def _draft(image: Image.Image, factor: int, width: int, height: int) -> int:
+    """Asks a JPEG decoder for ``1/factor`` scale (at most 1/8); returns the scale it gives."""
+    if factor == 1 or image.format not in DRAFT_FORMATS:
+        return 1
+    if width // factor < 1 or height // factor < 1:
+        return 1  # smaller than the reduction: rejected as too small after decoding anyway
+    result = image.draft(image.mode, (width // factor, height // factor))
+    if result is None:
+        return 1
+    done = round(width / result[1][2])
+    if done < 1 or factor % done or image.size != (-(-width // done), -(-height // done)):
+        raise RuntimeError(f"JPEG draft gave scale 1/{done} for 1/{factor} ({image.size})")
+    return done
+
+
+def reduce_rgb(rgb: np.ndarray, factor: int) -> np.ndarray:
+    """Box-average reduction by an integer factor (a partial last block averages what it has),
+    so that reduced pixel ``(i, j)`` covers native pixels ``factor*i .. factor*(i+1) - 1``."""
+    if factor == 1:
+        return rgb
+    reduced = Image.fromarray(np.ascontiguousarray(rgb)).reduce(factor)
+    return np.asarray(reduced, dtype=np.uint8)
 
 
 def _apply_orientation(image: Image.Image, name: str) -> Image.Image:
@@ -217,28 +302,44 @@ class ImageChecks(BaseModel):
             )
 
     def decode(self, data: bytes, name: str, tile_size: int | None) -> tuple[np.ndarray, str]:
-        """Decodes and checks the size: ``(rgb, source_mode)`` or :class:`ImageRejected`.
-
-        An image must be at least ``min_image_size`` a side and, with tiles, hold one tile.
-        """
+        """Decodes at native resolution and checks the size: ``(rgb, source_mode)`` or
+        :class:`ImageRejected`. An image must be at least ``min_image_size`` a side and, with
+        tiles, hold one tile."""
         rgb, mode = decode_image(data, name, self.max_image_pixels)
         height, width = rgb.shape[:2]
+        self._check_size(name, width, height, tile_size)
+        return rgb, mode
+
+    def decode_for(self, data: bytes, name: str, tiling: TilingConfig) -> Decoded:
+        """Decodes as ``tiling`` records (full or reduced scale) and checks the native size."""
+        decoded = decode_scaled(data, name, self.max_image_pixels, tiling.reduction)
+        self._check_size(name, decoded.width, decoded.height, tiling.tile_size)
+        return decoded
+
+    def _check_size(self, name: str, width: int, height: int, tile_size: int | None) -> None:
         smallest = max(self.min_image_size, tile_size or 0)
         if width < smallest or height < smallest:
             what = (f" for one tile: image is {width}x{height}, tile_size is {tile_size}"
                     if smallest == tile_size
                     else f": image is {width}x{height}, min_image_size is {self.min_image_size}")
             raise ImageRejected(name, f"{Reason.TOO_SMALL}{what}")
-        return rgb, mode
 
-    def read(self, path: str | os.PathLike[str], name: str, tile_size: int | None) -> np.ndarray:
-        """Reads one file as ingestion would accept it (extension, content, size)."""
+    def read_bytes(self, path: str | os.PathLike[str], name: str) -> bytes:
+        """A file's bytes if its extension says image; :class:`ImageRejected` otherwise."""
         self.check_extension(name)
         try:
-            data = Path(path).read_bytes()
+            return Path(path).read_bytes()
         except OSError as exc:
             raise ImageRejected(name, f"{Reason.NOT_AN_IMAGE}: cannot read file ({exc})") from exc
-        return self.decode(data, name, tile_size)[0]
+
+    def read(self, path: str | os.PathLike[str], name: str, tile_size: int | None) -> np.ndarray:
+        """Reads one file at native resolution as ingestion would accept it (extension,
+        content, size)."""
+        return self.decode(self.read_bytes(path, name), name, tile_size)[0]
+
+    def read_for(self, path: str | os.PathLike[str], name: str, tiling: TilingConfig) -> Decoded:
+        """Reads one file as ingestion decodes it for ``tiling`` (prediction, Grad-CAM)."""
+        return self.decode_for(self.read_bytes(path, name), name, tiling)
 
 
 # ----------------------------------------------------------------------------- tissue and tiles
@@ -269,8 +370,12 @@ def resize_tile(tile: np.ndarray, input_size: int) -> np.ndarray:
 
 
 class TilingConfig(BaseModel):
-    """How an image becomes model inputs: grid, tissue rule, threshold, resize. The only tiling
-    API: ingestion, prediction and Grad-CAM all cut tiles through one of these."""
+    """How an image becomes model inputs: decoding scale, grid, tissue rule, threshold, resize.
+    The only tiling API: ingestion, prediction and Grad-CAM all cut tiles through one of these.
+
+    Its methods take a :class:`Decoded` image (from :meth:`ImageChecks.decode_for`) or a plain
+    native-resolution RGB array, which a ``reduced`` tiling first box-reduces (as it would a
+    PNG of those pixels)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
@@ -280,6 +385,9 @@ class TilingConfig(BaseModel):
     input_size: PositiveInt
     tissue_min_saturation: Annotated[float, Field(ge=0.0, lt=1.0)]
     tissue_white_level: Annotated[int, Field(ge=1, le=256)]
+    #: Not a parameter default (``ingestion.decoding`` is required): what a record written before
+    #: the field existed means, so that older models keep predicting as they were trained.
+    decoding: DecodeMethod = "full"
 
     @property
     def effective_stride(self) -> int | None:
@@ -305,47 +413,95 @@ class TilingConfig(BaseModel):
             for x in range(0, width - self.tile_size + 1, step)
         ]
 
+    def reduction(self, width: int, height: int) -> int:
+        """The decoding scale ``1/r`` for a ``width x height`` image: 1 with ``full``;
+        with ``reduced`` the largest power of two that keeps a tile at least ``input_size`` a
+        side and divides tile size and stride (tiles fall on whole reduced pixels)."""
+        if self.decoding == "full":
+            return 1
+        tile_w, tile_h = self.footprint(width, height)
+        factor = 1
+        while True:
+            step = 2 * factor
+            if tile_w // step < self.input_size or tile_h // step < self.input_size:
+                return factor
+            if self.tile_size is not None and (self.tile_size % step
+                                               or self.effective_stride % step):
+                return factor
+            factor = step
+
+    def at_scale(self, image: np.ndarray | Decoded) -> Decoded:
+        """The image at this tiling's decoding scale (a native array is box-reduced)."""
+        decoded = image if isinstance(image, Decoded) else Decoded.native(image)
+        factor = self.reduction(decoded.width, decoded.height)
+        if decoded.scale == factor:
+            return decoded
+        if factor < decoded.scale or factor % decoded.scale:
+            raise ValueError(f"An image decoded at 1/{decoded.scale} scale cannot be tiled at "
+                             f"1/{factor} (decoding: {self.decoding})")
+        return decoded._replace(rgb=reduce_rgb(decoded.rgb, factor // decoded.scale),
+                                scale=factor)
+
     def tissue_fraction(self, rgb: np.ndarray) -> float:
         """Share of tissue pixels in an RGB image or tile, in [0, 1]."""
-        mask = tissue_mask(rgb, min_saturation=self.tissue_min_saturation,
-                           white_level=self.tissue_white_level)
+        mask = self.tissue_mask(rgb)
         return float(mask.mean()) if mask.size else 0.0
 
-    def _windows(self, rgb: np.ndarray) -> Iterator[tuple[int, int, np.ndarray]]:
-        height, width = rgb.shape[:2]
-        size_x, size_y = self.footprint(width, height)
-        for x, y in self.positions(width, height):
-            yield x, y, rgb[y : y + size_y, x : x + size_x]
+    def tissue_mask(self, rgb: np.ndarray) -> np.ndarray:
+        """This tiling's tissue rule, pixel by pixel."""
+        return tissue_mask(rgb, min_saturation=self.tissue_min_saturation,
+                           white_level=self.tissue_white_level)
 
-    def score(self, rgb: np.ndarray) -> list[tuple[int, int, float]]:
+    def _window(self, image: Decoded, pixels: np.ndarray, x: int, y: int) -> np.ndarray:
+        """The pixels (or mask) of the tile at native ``(x, y)`` in an image at its scale."""
+        if self.tile_size is None:
+            return pixels
+        scale, side = image.scale, self.tile_size // image.scale
+        return pixels[y // scale : y // scale + side, x // scale : x // scale + side]
+
+    def _scored(self, image: Decoded) -> list[tuple[int, int, float]]:
+        # One mask for the whole image, counted per window: the same fractions as masking each
+        # window, without recomputing overlaps.
+        mask = self.tissue_mask(image.rgb)
+        scores = []
+        for x, y in self.positions(image.width, image.height):
+            window = self._window(image, mask, x, y)
+            fraction = np.count_nonzero(window) / window.size if window.size else 0.0
+            scores.append((x, y, float(fraction)))
+        return scores
+
+    def _tile_at(self, image: Decoded, x: int, y: int, fraction: float) -> Tile:
+        return Tile(resize_tile(self._window(image, image.rgb, x, y), self.input_size), x, y,
+                    fraction)
+
+    def score(self, image: np.ndarray | Decoded) -> list[tuple[int, int, float]]:
         """``(x, y, tissue_fraction)`` of every grid tile, kept or not, without resizing."""
-        return [(x, y, self.tissue_fraction(window)) for x, y, window in self._windows(rgb)]
+        return self._scored(self.at_scale(image))
 
-    def iter_tiles(self, rgb: np.ndarray) -> Iterator[Tile]:
+    def iter_tiles(self, image: np.ndarray | Decoded) -> Iterator[Tile]:
         """The kept tiles of one image, resized, one at a time."""
-        for x, y, window in self._windows(rgb):
-            fraction = self.tissue_fraction(window)
+        decoded = self.at_scale(image)
+        for x, y, fraction in self._scored(decoded):
             if fraction >= self.min_tissue_fraction:
-                yield Tile(resize_tile(window, self.input_size), x, y, fraction)
+                yield self._tile_at(decoded, x, y, fraction)
 
-    def tile(self, rgb: np.ndarray) -> list[Tile]:
+    def tile(self, image: np.ndarray | Decoded) -> list[Tile]:
         """Every kept tile of one image (what training saw for an image like this one)."""
-        return list(self.iter_tiles(rgb))
+        return list(self.iter_tiles(image))
 
-    def tiles_or_fallback(self, rgb: np.ndarray, fallback_tiles: int) -> tuple[list[Tile], bool]:
+    def tiles_or_fallback(
+        self, image: np.ndarray | Decoded, fallback_tiles: int
+    ) -> tuple[list[Tile], bool]:
         """The kept tiles; if none, the ``fallback_tiles`` with the most tissue (in grid order).
 
         Returns ``(tiles, mostly_background)``: a prediction for an image with little tissue
         is still made, but flagged.
         """
-        kept = self.tile(rgb)
+        decoded = self.at_scale(image)
+        scores = self._scored(decoded)
+        kept = [s for s in scores if s[2] >= self.min_tissue_fraction]
         if kept:
-            return kept, False
-        height, width = rgb.shape[:2]
-        size_x, size_y = self.footprint(width, height)
-        best = sorted(self.score(rgb), key=lambda s: (-s[2], s[1], s[0]))[:fallback_tiles]
+            return [self._tile_at(decoded, *s) for s in kept], False
+        best = sorted(scores, key=lambda s: (-s[2], s[1], s[0]))[:fallback_tiles]
         best.sort(key=lambda s: (s[1], s[0]))
-        return [
-            Tile(resize_tile(rgb[y : y + size_y, x : x + size_x], self.input_size), x, y, f)
-            for x, y, f in best
-        ], True
+        return [self._tile_at(decoded, *s) for s in best], True

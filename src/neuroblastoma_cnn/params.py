@@ -33,7 +33,13 @@ from pydantic import (
 )
 
 from neuroblastoma_cnn.errors import ParameterError
-from neuroblastoma_cnn.imaging import Fraction, ImageChecks, PositiveInt, TilingConfig
+from neuroblastoma_cnn.imaging import (
+    DecodeMethod,
+    Fraction,
+    ImageChecks,
+    PositiveInt,
+    TilingConfig,
+)
 
 NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0.0)]
@@ -81,6 +87,8 @@ class IngestionParams(TilingConfig, ImageChecks, Params):
 
     group_pattern: str | None
     shard_size: PositiveInt
+    decoding: DecodeMethod  # required here: TilingConfig's default only reads old records
+    workers: NonNegativeInt  # processes tiling images; 0 = one per CPU core, 1 = in-process
 
     @field_validator("group_pattern")
     @classmethod

@@ -13,6 +13,8 @@ is then a :class:`Preprocessing`.
 Layouts: :meth:`Preprocessing.to_dict` writes each value once (``record_version: 2``).
 :meth:`Preprocessing.from_dict` also reads the first layout (models saved before the record was
 typed), where the tiling values were written twice, at the top level and under ``ingestion``.
+A record without ``tiling.decoding`` (either layout) was written before reduced-scale decoding
+existed and is read as ``full``: such a model predicts from full-resolution decodes, as trained.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ _LEGACY_DEFAULTS: dict[str, Any] = {
     "input_size": 224,
     "tissue_min_saturation": 0.07,
     "tissue_white_level": 220,
+    "decoding": "full",  # reduced-scale decoding came later
 }
 _LEGACY_SUMMARY = ("input_size", "tile_size", "stride", "min_tissue_fraction")
 

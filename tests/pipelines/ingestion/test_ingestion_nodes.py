@@ -163,14 +163,16 @@ def test_tile_images_decodes_lazily_one_image_at_a_time(
     root = make_raw(tmp_path / "raw")
     manifest, _ = build_image_manifest(root, PARAMS)
     decoded: list[str] = []
-    original = nodes.decode_image
+    original = nodes.decode_scaled
 
-    def counting(data: bytes, name: str, max_image_pixels: int):  # type: ignore[no-untyped-def]
+    def counting(data: bytes, name: str, *args):  # type: ignore[no-untyped-def]
         decoded.append(name)
-        return original(data, name, max_image_pixels)
+        return original(data, name, *args)
 
-    monkeypatch.setattr(nodes, "decode_image", counting)
-    stream = tile_images(root, manifest, PARAMS)
+    monkeypatch.setattr(nodes, "decode_scaled", counting)
+    # one process (workers: 1): the serial path is lazy; the parallel one keeps a bounded
+    # look-ahead (tests/pipelines/ingestion/test_parallel_ingestion.py)
+    stream = tile_images(root, manifest, PARAMS.model_copy(update={"workers": 1}))
     assert decoded == []  # nothing is decoded until the store pulls tiles
     iterator = iter(stream)
     for _ in range(4):  # the 4 tiles of the first image

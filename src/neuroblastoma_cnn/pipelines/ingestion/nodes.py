@@ -8,6 +8,11 @@ Preprocessing`), and the trained model carries them on.
 
 Background-only images (no tile kept) stay in the manifest with ``n_tiles = 0`` (they are valid
 images) and are also listed in the rejected list, because they give no training tile.
+
+Both nodes decode images on ``workers`` processes (:func:`~neuroblastoma_cnn.parallel.
+ordered_map`): results are consumed in file order, so the manifest and the tile store are the
+same bytes as with one process, and only a few images are in flight at once, so memory does not
+grow with the number of images.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ import logging
 import os
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -26,7 +33,8 @@ import pandas as pd
 
 from neuroblastoma_cnn.datasets import TileStream
 from neuroblastoma_cnn.errors import DataError
-from neuroblastoma_cnn.imaging import ImageRejected, Reason, decode_image, is_hidden
+from neuroblastoma_cnn.imaging import ImageRejected, Reason, decode_scaled, is_hidden
+from neuroblastoma_cnn.parallel import ordered_map, resolve_workers
 from neuroblastoma_cnn.params import IngestionParams
 from neuroblastoma_cnn.preprocessing import Preprocessing
 
@@ -152,18 +160,33 @@ class _Scan:
 def inspect_image(data: bytes, name: str, settings: IngestionParams) -> dict[str, Any]:
     """Decodes and checks one image; returns its manifest fields or raises ImageRejected."""
     tiling = settings.tiling
-    rgb, mode = settings.image_checks.decode(data, name, tiling.tile_size)
-    height, width = rgb.shape[:2]
-    scores = tiling.score(rgb)
+    decoded = settings.image_checks.decode_for(data, name, tiling)
+    scores = tiling.score(decoded)
     kept = sum(fraction >= tiling.min_tissue_fraction for _, _, fraction in scores)
     return {
-        "width": width,
-        "height": height,
-        "mode": mode,
+        "width": decoded.width,
+        "height": decoded.height,
+        "mode": decoded.mode,
         "n_tiles": kept,
         "n_tiles_background": len(scores) - kept,
         "max_tissue_fraction": round(max((f for _, _, f in scores), default=0.0), 4),
     }
+
+
+def _inspect_file(
+    settings: IngestionParams, candidate: Candidate
+) -> tuple[str | None, int, dict[str, Any] | str]:
+    """One candidate on a worker: ``(sha256, bytes, manifest fields or rejection reason)``;
+    ``sha256`` is None when the file cannot be read."""
+    try:
+        data = candidate.path.read_bytes()
+    except OSError as exc:
+        return None, 0, f"{Reason.NOT_AN_IMAGE}: cannot read file ({exc})"
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        return digest, len(data), inspect_image(data, candidate.rel, settings)
+    except ImageRejected as exc:
+        return digest, len(data), exc.reason
 
 
 def build_image_manifest(
@@ -186,25 +209,20 @@ def build_image_manifest(
         )
     candidates, rejected = scan_raw_folder(root, settings)
 
-    # Decode each distinct content once; copies share the result (and its rejection).
+    # Copies of one content share the first copy's result (and its rejection).
     by_hash: dict[str, list[Candidate]] = defaultdict(list)
     results: dict[str, dict[str, Any] | str] = {}
     sizes: dict[str, int] = {}
-    for candidate in candidates:
-        try:
-            data = candidate.path.read_bytes()
-        except OSError as exc:
-            rejected.append((candidate.rel, f"{Reason.NOT_AN_IMAGE}: cannot read file ({exc})"))
-            continue
-        digest = hashlib.sha256(data).hexdigest()
-        by_hash[digest].append(candidate)
-        sizes[candidate.rel] = len(data)
-        if digest not in results:
-            try:
-                results[digest] = inspect_image(data, candidate.rel, settings)
-            except ImageRejected as exc:
-                results[digest] = exc.reason
-        del data
+    inspected = ordered_map(partial(_inspect_file, settings), candidates,
+                            resolve_workers(settings.workers))
+    with closing(inspected):
+        for candidate, (digest, size, result) in zip(candidates, inspected, strict=True):
+            if digest is None:
+                rejected.append((candidate.rel, str(result)))
+                continue
+            by_hash[digest].append(candidate)
+            sizes[candidate.rel] = size
+            results.setdefault(digest, result)
 
     rows: list[dict[str, Any]] = []
     for digest, copies in by_hash.items():
@@ -353,45 +371,67 @@ def tile_images(
     return TileStream(_tile_records(root, rows, params), metadata)
 
 
+@dataclass(frozen=True)
+class _ImageTiles:
+    """The kept tiles of one image (computed on a worker) and its grid size."""
+
+    tiles: np.ndarray  # uint8 [n, input_size, input_size, 3]
+    positions: list[tuple[int, int]]
+    fractions: list[float]
+    n_grid: int
+
+
+def _tile_file(root: Path, settings: IngestionParams, row: tuple[str, str, str, str]
+               ) -> _ImageTiles:
+    """Reads, verifies and tiles one manifest image (on a worker process)."""
+    image_path, _, _, sha256 = row
+    path = root / PurePosixPath(image_path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise RawDataChangedError(
+            f"'{path}' is in the image manifest but cannot be read ({exc}); "
+            "rerun the ingestion pipeline."
+        ) from exc
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise RawDataChangedError(
+            f"'{path}' changed since the image manifest was built (sha256 differs); "
+            "rerun the ingestion pipeline."
+        )
+    tiling = settings.tiling
+    decoded = decode_scaled(data, str(path), settings.max_image_pixels, tiling.reduction)
+    del data
+    kept = tiling.tile(decoded)
+    size = tiling.input_size
+    tiles = (np.stack([t.tile for t in kept]) if kept
+             else np.zeros((0, size, size, 3), np.uint8))
+    return _ImageTiles(tiles, [(t.x, t.y) for t in kept], [t.tissue_fraction for t in kept],
+                       len(tiling.positions(decoded.width, decoded.height)))
+
+
 def _tile_records(
     root: Path, rows: list[tuple[str, str, str, str]], settings: IngestionParams
 ) -> Callable[[], Iterator[tuple[np.ndarray, dict[str, Any]]]]:
-    tiling = settings.tiling
+    workers = resolve_workers(settings.workers)
 
     def records() -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
         kept: Counter[str] = Counter()
         dropped: Counter[str] = Counter()
-        for image_path, label, group, sha256 in rows:
-            path = root / PurePosixPath(image_path)
-            try:
-                data = path.read_bytes()
-            except OSError as exc:
-                raise RawDataChangedError(
-                    f"'{path}' is in the image manifest but cannot be read ({exc}); "
-                    "rerun the ingestion pipeline."
-                ) from exc
-            if hashlib.sha256(data).hexdigest() != sha256:
-                raise RawDataChangedError(
-                    f"'{path}' changed since the image manifest was built (sha256 differs); "
-                    "rerun the ingestion pipeline."
-                )
-            rgb, _ = decode_image(data, str(path), settings.max_image_pixels)
-            del data
-            n_kept = 0
-            for tile in tiling.iter_tiles(rgb):
-                n_kept += 1
-                yield tile.tile, {
-                    "image_path": image_path, "label": label, "group": group,
-                    "x": tile.x, "y": tile.y,
-                    "tissue_fraction": round(tile.tissue_fraction, 4),
-                }
-            height, width = rgb.shape[:2]
-            n_grid = len(tiling.positions(width, height))
-            kept[label] += n_kept
-            dropped[label] += n_grid - n_kept
+        tiled = ordered_map(partial(_tile_file, root, settings), rows, workers)
+        with closing(tiled):
+            for (image_path, label, group, _), image in zip(rows, tiled, strict=True):
+                for tile, (x, y), fraction in zip(image.tiles, image.positions, image.fractions,
+                                                  strict=True):
+                    yield tile, {
+                        "image_path": image_path, "label": label, "group": group,
+                        "x": x, "y": y, "tissue_fraction": round(fraction, 4),
+                    }
+                kept[label] += len(image.positions)
+                dropped[label] += image.n_grid - len(image.positions)
         logger.info(
-            "Tiled %d images: %d tiles kept, %d dropped as background; per class kept/dropped: %s",
-            len(rows), sum(kept.values()), sum(dropped.values()),
+            "Tiled %d images on %d worker(s): %d tiles kept, %d dropped as background; per "
+            "class kept/dropped: %s", len(rows), workers, sum(kept.values()),
+            sum(dropped.values()),
             ", ".join(f"{c} {kept[c]}/{dropped[c]}" for c in sorted(set(kept) | set(dropped))),
         )
 

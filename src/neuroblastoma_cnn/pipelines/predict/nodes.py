@@ -18,7 +18,9 @@ Decisions:
 - ``low_confidence``: the top image probability is below ``min_confidence``.
 - Images are decoded and tiled by ``workers`` threads while the model predicts batches of
   ``batch_size`` tiles (tiles of several images share a batch; the last batch is padded so every
-  call has the same shape).
+  call has the same shape). Threads suffice: Pillow decodes and resizes, NumPy masks and
+  TensorFlow predicts with the GIL released. Decoding follows the record's ``decoding``
+  (``reduced``: no more pixels than the model sees), as ingestion did.
 """
 
 from __future__ import annotations
@@ -26,9 +28,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path, PurePosixPath
@@ -40,7 +41,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from neuroblastoma_cnn.errors import DataError
 from neuroblastoma_cnn.gradcam import GradCam, image_gradcam, overlay
-from neuroblastoma_cnn.imaging import ImageRejected, TilingConfig, is_hidden
+from neuroblastoma_cnn.imaging import Decoded, ImageRejected, TilingConfig, decode_scaled, is_hidden
+from neuroblastoma_cnn.parallel import ordered_map
 from neuroblastoma_cnn.params import PredictParams
 from neuroblastoma_cnn.predictions import (
     FLAG_COLUMNS,
@@ -107,20 +109,21 @@ def list_image_files(root: str | os.PathLike[str]) -> list[tuple[str, Path]]:
     return sorted(found)
 
 
-def decode_for_prediction(path: Path, name: str, preprocessing: Preprocessing) -> np.ndarray:
-    """Reads an image as ingestion did for the model's training images; raises
-    :class:`ImageRejected` for a file it would have rejected (extension, content, size)."""
-    return preprocessing.image_checks.read(path, name, preprocessing.tiling.tile_size)
+def decode_for_prediction(path: Path, name: str, preprocessing: Preprocessing) -> Decoded:
+    """Reads an image as ingestion did for the model's training images (the record's decoding
+    scale); raises :class:`ImageRejected` for a file it would have rejected (extension,
+    content, size)."""
+    return preprocessing.image_checks.read_for(path, name, preprocessing.tiling)
 
 
 def select_tiles(
-    rgb: np.ndarray, tiling: TilingConfig, fallback_tiles: int
+    image: np.ndarray | Decoded, tiling: TilingConfig, fallback_tiles: int
 ) -> tuple[np.ndarray, list[tuple[int, int]], list[float], bool]:
     """The tiles training would keep; if none, the ``fallback_tiles`` with the most tissue.
 
     Returns ``(tiles, positions, tissue_fractions, mostly_background)``.
     """
-    tiles, background = tiling.tiles_or_fallback(rgb, fallback_tiles)
+    tiles, background = tiling.tiles_or_fallback(image, fallback_tiles)
     return (np.stack([t.tile for t in tiles]), [(t.x, t.y) for t in tiles],
             [t.tissue_fraction for t in tiles], background)
 
@@ -129,12 +132,12 @@ def prepare_image(
     path: Path, name: str, preprocessing: Preprocessing, fallback_tiles: int
 ) -> PreparedImage:
     """Decodes and tiles one file exactly as training did; raises :class:`ImageRejected`."""
-    rgb = decode_for_prediction(path, name, preprocessing)
+    decoded = decode_for_prediction(path, name, preprocessing)
     tiles, positions, fractions, background = select_tiles(
-        rgb, preprocessing.tiling, fallback_tiles
+        decoded, preprocessing.tiling, fallback_tiles
     )
-    height, width = rgb.shape[:2]
-    return PreparedImage(name, tiles, positions, fractions, background, width, height)
+    return PreparedImage(name, tiles, positions, fractions, background, decoded.width,
+                         decoded.height)
 
 
 def _prepare_or_reject(
@@ -156,29 +159,7 @@ def _prepared_in_order(
     with a bounded look-ahead so memory does not grow with the number of files."""
     job = partial(_prepare_or_reject, preprocessing=preprocessing,
                   fallback_tiles=settings.background_fallback_tiles)
-    if settings.workers == 1:
-        for name, path in files:
-            yield job(name, path)
-        return
-    remaining = iter(files)
-    with ThreadPoolExecutor(settings.workers, thread_name_prefix="prepare") as pool:
-        pending: deque[Future[PreparedImage | Rejection]] = deque(
-            pool.submit(job, name, path) for name, path in _take(remaining, 2 * settings.workers)
-        )
-        while pending:
-            done = pending.popleft().result()
-            for name, path in _take(remaining, 1):
-                pending.append(pool.submit(job, name, path))
-            yield done
-
-
-def _take(iterator: Iterator[tuple[str, Path]], n: int) -> list[tuple[str, Path]]:
-    out = []
-    for item in iterator:
-        out.append(item)
-        if len(out) == n:
-            break
-    return out
+    return ordered_map(lambda item: job(*item), files, settings.workers, processes=False)
 
 
 # ----------------------------------------------------------------------------- many images
@@ -359,21 +340,38 @@ def _draw_overlay(
 ) -> Any:
     name = str(row["file"])
     try:
-        rgb = decode_for_prediction(path, name, preprocessing)
-        height, width = rgb.shape[:2]
+        checks = preprocessing.image_checks
+        data = checks.read_bytes(path, name)
+        decoded = checks.decode_for(data, name, preprocessing.tiling)  # the predicted tiles
         side = settings.gradcam_max_side
-        scale = min(1.0, side / max(height, width)) if side else 1.0
+        scale = min(1.0, side / max(decoded.height, decoded.width)) if side else 1.0
         class_index = preprocessing.classes.index(str(row["predicted"]))
-        heat, covered = image_gradcam(cam, rgb, preprocessing.tiling, class_index,
+        heat, covered = image_gradcam(cam, decoded, preprocessing.tiling, class_index,
                                       settings.background_fallback_tiles, scale)
-        if heat.shape != rgb.shape[:2]:
-            rgb = np.asarray(Image.fromarray(rgb).resize(heat.shape[::-1],
-                                                         Image.Resampling.BILINEAR))
+        rgb = _display_pixels(data, name, decoded, heat.shape, checks.max_image_pixels)
         picture = overlay(rgb, heat, covered, alpha=settings.gradcam_alpha)
         return _with_caption(picture, _caption(row))
     except Exception as exc:
         logger.warning("No Grad-CAM overlay for '%s': %s", name, exc)
         return None
+
+
+def _display_pixels(
+    data: bytes, name: str, decoded: Decoded, shape: tuple[int, ...], max_image_pixels: int
+) -> np.ndarray:
+    """The picture under a heatmap of ``shape``: the tiling's decode if it has pixels enough,
+    else the file decoded again at the largest power-of-two reduction that has them."""
+    height, width = int(shape[0]), int(shape[1])
+    rgb = decoded.rgb
+    if rgb.shape[0] < height or rgb.shape[1] < width:
+        factor = decoded.scale
+        while factor > 1 and (decoded.width // factor < width
+                              or decoded.height // factor < height):
+            factor //= 2
+        rgb = decode_scaled(data, name, max_image_pixels, lambda w, h: factor).rgb
+    if rgb.shape[:2] != (height, width):
+        rgb = np.asarray(Image.fromarray(rgb).resize((width, height), Image.Resampling.BILINEAR))
+    return rgb
 
 
 def _caption(row: Mapping[str, Any]) -> str:
