@@ -16,9 +16,11 @@ from kedro.pipeline import Pipeline
 from neuroblastoma_cnn.pipelines import (
     augmentation,
     evaluation,
+    features,
     ingestion,
     predict,
     splitting,
+    study,
     training,
 )
 
@@ -37,11 +39,30 @@ def model_pipeline(model: str) -> Pipeline:
     )
 
 
+def features_pipeline(model: str, in_run: bool = False) -> Pipeline:
+    """CNN features + scikit-learn heads for one model, in the model's namespace.
+
+    ``in_run``: on the model trained in the same run (`<model>.model`); otherwise on the model
+    `params:features.extractors.<model>` selects among `trained_models` (latest by default).
+    """
+    parameters = {"params:features.extraction": "params:features.extraction",
+                  "params:features.heads": "params:features.heads",
+                  "params:evaluation": "params:evaluation"}
+    inputs = {"tiles", "split_table"}
+    if not in_run:
+        parameters["params:extractor"] = f"params:features.extractors.{model}"
+        inputs.add("trained_models")
+    return Pipeline(features.create_pipeline(in_run=in_run), namespace=model, inputs=inputs,
+                    parameters=parameters)
+
+
 def register_pipelines() -> dict[str, Pipeline]:
     """`ingestion`, `splitting`, `augmentation`, `data_processing`, `<model>` (model half only),
     `train_<model>` (raw images to a logged model) for each model, `__default__` (all of
     those), and `predict` (new images with a trained model; not in `__default__`, since it
-    needs a trained model and images to classify)."""
+    needs a trained model and images to classify). `<model>_features` (CNN features +
+    scikit-learn heads on a trained model) and `train_<model>_features` (raw images to CNN to
+    heads in one run) are not in `__default__` either: an extra technique, run on demand."""
     pipelines: dict[str, Pipeline] = {
         "ingestion": ingestion.create_pipeline(),
         "splitting": splitting.create_pipeline(),
@@ -54,7 +75,13 @@ def register_pipelines() -> dict[str, Pipeline]:
         half = model_pipeline(model)
         pipelines[model] = half
         pipelines[f"train_{model}"] = data + half
+        pipelines[f"{model}_features"] = features_pipeline(model)
+        pipelines[f"train_{model}_features"] = data + half + features_pipeline(model, in_run=True)
         everything += half
     pipelines["__default__"] = everything
     pipelines["predict"] = predict.create_pipeline()
+    # Studies train many models with the training and evaluation functions (not in __default__).
+    pipelines["study"] = study.create_pipeline(study.ProjectSteps(
+        training.nodes.train_model, evaluation.nodes.predict_split_tiles,
+        evaluation.nodes.aggregate_image_predictions, evaluation.nodes.compute_test_metrics))
     return pipelines

@@ -1,5 +1,6 @@
 """Studies: a study's experiments as resumable, parallel trials compared with paired statistics."""
 
 from .pipeline import create_pipeline
+from .trial import ProjectSteps
 
-__all__ = ["create_pipeline"]
+__all__ = ["ProjectSteps", "create_pipeline"]

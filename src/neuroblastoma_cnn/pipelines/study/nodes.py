@@ -124,5 +124,11 @@ def summarize_study(study_trials: pd.DataFrame, plan: StudyPlan
         figure = st.plot_variants(done.assign(variant="search", repeat=done["trial"]),
                                   results.METRIC, title=f"Study {plan.name}: complete trials")
     best, why = results.best_overrides(study_trials, summary, plan)
-    logger.info("Study '%s' summary:\n%s", plan.name, report)
+    if plan.mode == "grid":
+        for row in summary.to_dict("records"):
+            logger.info("Study '%s' %s: test macro-F1 %.3f ± %.3f over %d repeat(s)%s", plan.name,
+                        row["variant"], row["mean"], row["sd"], row["n"],
+                        "" if row["baseline"] else f", {row['mean_diff']:+.3f} vs baseline "
+                        f"(Wilcoxon p {row['p_value']:.3f})")
+    logger.info("Study '%s' best parameters: %s", plan.name, why)
     return summary, report, figure, results.best_parameters_yaml(plan, best, why)

@@ -116,7 +116,7 @@ class KerasTrial:
             objective=float(history["val_macro_f1"].max()),
             metrics={"f1_macro": float(metrics["f1_macro"]),
                      "accuracy": float(metrics["accuracy"]),
-                     "f1_weighted": float(metrics["f1_weighted"]),
+                     "weighted_f1": float(metrics["f1_weighted"]),
                      "macro_f1_ci_low": float(metrics["macro_f1_ci"]["low"]),
                      "macro_f1_ci_high": float(metrics["macro_f1_ci"]["high"]),
                      **per_class},
