@@ -10,6 +10,7 @@ import keras
 
 from neuroblastoma_cnn.errors import ModelError, ParameterError
 
+from . import resnet34, resnet50
 from .resnet34 import build_resnet34
 from .resnet50 import (
     WeightsUnavailableError,
@@ -30,6 +31,7 @@ __all__ = [
     "build_model",
     "build_resnet34",
     "build_resnet50",
+    "features_and_head",
     "set_trainable_top_blocks",
 ]
 
@@ -56,3 +58,18 @@ def build_model(architecture: str, input_size: int, num_classes: int, **params: 
             f"Accepted: {', '.join(accepted)}."
         )
     return builder(input_size=input_size, num_classes=num_classes, **params)
+
+
+def features_and_head(model: keras.Model) -> tuple[keras.Model, keras.Model]:
+    """(image -> pooled penultimate features, features -> probabilities) of either ResNet built
+    here, sharing its layers: ResNet50's ``head_pool`` or ResNet34's ``avg_pool`` features
+    (the scikit-learn heads' input)."""
+    names = {layer.name for layer in model.layers}
+    if resnet50.FEATURES_LAYER in names:
+        return resnet50.backbone_and_head(model)
+    if resnet34.FEATURES_LAYER in names:
+        return resnet34.backbone_and_head(model)
+    raise ModelError(
+        f"Model '{model.name}' has no pooled-feature layer ('{resnet50.FEATURES_LAYER}' or "
+        f"'{resnet34.FEATURES_LAYER}'): it was not built by this project's ResNet builders."
+    )

@@ -28,7 +28,7 @@ from neuroblastoma_cnn.datasets.sklearn_heads import (
 from neuroblastoma_cnn.errors import ModelError
 from neuroblastoma_cnn.preprocessing import preprocessing_of
 
-from . import backbone_and_head
+from . import features_and_head
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class HeadClassifier:
     """
 
     def __init__(self, model: Any, bundle: Mapping[str, Any], heads_source: str = ""):
-        self.backbone, _ = backbone_and_head(model)
+        self.backbone, _ = features_and_head(model)
         check_head_extractor(bundle, extractor_identity(model, self.feature_dim))
         self.model = model
         self.bundle = dict(bundle)
@@ -89,7 +89,7 @@ def find_head(models_dir: str | Path, model: Any, head: str) -> tuple[dict[str, 
     identity matches the model wins, so predicting with an older model version finds the heads
     fitted on it. Errors say what exists and what to run.
     """
-    backbone, _ = backbone_and_head(model)
+    backbone, _ = features_and_head(model)
     identity = extractor_identity(model, int(backbone.output_shape[-1]))
     arch = identity["architecture"]
     folder = Path(models_dir) / str(arch) / HEADS_FILE

@@ -15,6 +15,10 @@ from keras import layers
 # (filters, blocks) of the four stages conv2_x .. conv5_x in Table 1 of He et al. 2016.
 STAGES: tuple[tuple[int, int], ...] = ((64, 3), (128, 4), (256, 6), (512, 3))
 BN_EPSILON = 1.001e-5  # as keras.applications' ResNets
+# The head: pooled penultimate features -> dropout -> classifier (names the helpers rely on).
+FEATURES_LAYER = "avg_pool"
+DROPOUT_LAYER = "dropout"
+DENSE_LAYER = "predictions"
 
 
 class _Init:
@@ -127,8 +131,28 @@ def build_resnet34(
             x = _basic_block(x, filters=filters, stride=stride, name=f"conv{stage}_block{block}",
                              init=init, reg=reg)
 
-    x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
-    x = layers.Dropout(dropout, seed=seed, name="dropout")(x)
+    x = layers.GlobalAveragePooling2D(name=FEATURES_LAYER)(x)
+    x = layers.Dropout(dropout, seed=seed, name=DROPOUT_LAYER)(x)
     outputs = layers.Dense(num_classes, activation="softmax", kernel_initializer=init.glorot(),
-                           kernel_regularizer=reg, name="predictions")(x)
+                           kernel_regularizer=reg, name=DENSE_LAYER)(x)
     return keras.Model(inputs, outputs, name="resnet34")
+
+
+def backbone_and_head(model: keras.Model) -> tuple[keras.Model, keras.Model]:
+    """Splits a ``build_resnet34`` model into (image -> pooled features, features -> probabilities),
+    as ``resnet50.backbone_and_head`` does for ResNet50: the features of scikit-learn heads.
+
+    Both share their layers, hence their weights, with ``model``.
+    """
+    names = {layer.name for layer in model.layers}
+    missing = {FEATURES_LAYER, DROPOUT_LAYER, DENSE_LAYER} - names
+    if missing:
+        raise ValueError(
+            f"Model '{model.name}' was not built by build_resnet34: no layer(s) {sorted(missing)}."
+        )
+    features = model.get_layer(FEATURES_LAYER).output
+    backbone = keras.Model(model.inputs, features, name=f"{model.name}_features")
+    head_input = keras.Input(shape=tuple(features.shape[1:]), name="features")
+    x = model.get_layer(DROPOUT_LAYER)(head_input)
+    head = keras.Model(head_input, model.get_layer(DENSE_LAYER)(x), name=f"{model.name}_head")
+    return backbone, head

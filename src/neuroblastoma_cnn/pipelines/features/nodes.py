@@ -86,12 +86,12 @@ _SPLITS: weakref.WeakKeyDictionary[Any, tuple[Any, Any]] = weakref.WeakKeyDictio
 
 
 def _feature_split(model: Any) -> tuple[Any, Any]:
-    """``backbone_and_head`` once per model: a new Keras model traces its predict function
+    """``features_and_head`` once per model: a new Keras model traces its predict function
     again (seconds for a ResNet), which would dominate repeated extractions of small sets."""
-    from neuroblastoma_cnn.models import backbone_and_head  # noqa: PLC0415  (lazy: Keras)
+    from neuroblastoma_cnn.models import features_and_head  # noqa: PLC0415  (lazy: Keras)
 
     if model not in _SPLITS:
-        _SPLITS[model] = backbone_and_head(model)
+        _SPLITS[model] = features_and_head(model)
     return _SPLITS[model]
 
 
@@ -139,7 +139,11 @@ def extract_feature_table(
     columns = {f"{FEATURE_PREFIX}{i}": features[:, i] for i in range(features.shape[1])}
     parts = [out, pd.DataFrame(columns)]
     if not str(identity["source"]).startswith("untrained"):  # a random head says nothing
-        prob = np.asarray(head.predict(features, batch_size=1024, verbose=0), dtype=np.float64)
+        # predict_on_batch per chunk: Keras' NumPy batching in predict() makes TF print a native
+        # notice under op determinism.
+        chunks = np.array_split(features, max(1, len(features) // 1024))
+        prob = np.concatenate([np.asarray(head.predict_on_batch(chunk), dtype=np.float64)
+                               for chunk in chunks])
         parts.append(pd.DataFrame({f"{CNN_PREFIX}{pt.PROB_PREFIX}{c}": prob[:, i]
                                    for i, c in enumerate(classes)}))
     table = pd.concat(parts, axis=1)
