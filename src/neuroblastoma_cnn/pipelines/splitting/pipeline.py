@@ -27,7 +27,7 @@ def create_pipeline(**kwargs: Any) -> Pipeline:
             ),
             Node(
                 summarise_split,
-                inputs="split_table",
+                inputs=["split_table", "params:splitting"],
                 outputs="split_summary",
                 name="summarise_split",
             ),
