@@ -7,9 +7,11 @@ runtime parameters, exactly as `kedro run --env=demo --params demo.url=...,demo.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
+import mlflow.tracking._tracking_service.utils as tracking_utils
 import pytest
 import yaml
 from _kather_like import ARCHIVE_NAME, SLIDE, TOP, make_kather_like, refused_url, serve, zip_folder
@@ -19,6 +21,7 @@ from kedro.framework.cli.utils import _split_params
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 from kedro.io.core import DatasetError
+from mlflow.tracking import fluent
 
 from neuroblastoma_cnn.datasets.remote_archive import ArchiveError
 from neuroblastoma_cnn.pipelines.ingestion.nodes import build_image_manifest
@@ -49,8 +52,22 @@ def demo_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    _restore_mlflow_globals_after_test(monkeypatch)
     monkeypatch.chdir(project)
     return project
+
+
+def _restore_mlflow_globals_after_test(monkeypatch: pytest.MonkeyPatch) -> None:
+    """kedro-mlflow points MLflow's process-wide tracking URI and active experiment (module
+    globals and the MLFLOW_* variables it sets for subprocesses) at this project's store; later
+    tests must not inherit an experiment id from a store that is gone."""
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        if name in os.environ:
+            monkeypatch.setenv(name, os.environ[name])
+        else:
+            monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(tracking_utils, "_tracking_uri", tracking_utils._tracking_uri)
+    monkeypatch.setattr(fluent, "_active_experiment_id", fluent._active_experiment_id)
 
 
 def cli_params(text: str) -> dict[str, Any]:
