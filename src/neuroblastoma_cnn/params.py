@@ -45,8 +45,8 @@ NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0.0)]
 OpenFraction = Annotated[float, Field(ge=0.0, lt=1.0)]  # [0, 1)
 
-Optimizer = Literal["sgd", "sgd_momentum", "rmsprop", "adagrad", "adam"]
-Monitor = Literal["val_macro_f1", "val_loss", "val_accuracy"]
+Optimizer = Literal["sgd", "sgd_momentum", "rmsprop", "adagrad", "adam", "adamw"]
+Monitor = Literal["val_macro_f1", "val_image_macro_f1", "val_loss", "val_accuracy"]
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 MONITORS: tuple[str, ...] = get_args(Monitor)
 
@@ -237,8 +237,33 @@ class PlateauSchedule(Params):
     patience: PositiveInt
 
 
-Schedule = Annotated[CosineSchedule | ExponentialSchedule | PlateauSchedule,
-                     Field(discriminator="type")]
+class WarmupCosineSchedule(Params):
+    """Linear warm-up from 0 for ``warmup_epochs``, then cosine decay to 0 at the last epoch:
+    large early steps on random weights (and on BatchNorm statistics that are not yet
+    settled) destabilise training from scratch."""
+
+    type: Literal["warmup_cosine"]
+    warmup_epochs: NonNegativeInt
+
+
+Schedule = Annotated[CosineSchedule | ExponentialSchedule | PlateauSchedule
+                     | WarmupCosineSchedule, Field(discriminator="type")]
+
+
+class OnlineAugmentationParams(Params):
+    """``<model>.training.online_augmentation``: transforms drawn afresh for every training
+    batch (see :mod:`neuroblastoma_cnn.online_augmentation`); a strength of 0 is off."""
+
+    enabled: bool
+    dihedral: bool
+    stain_jitter: OpenFraction
+    stain_space: Literal["hed", "od"]
+    brightness: Annotated[float, Field(ge=0.0, le=1.0)]
+    contrast: OpenFraction
+    saturation: OpenFraction
+    scale: OpenFraction
+    translate: Annotated[float, Field(ge=0.0, lt=0.5)]
+    crop: OpenFraction
 
 
 class TrainingParams(Params):
@@ -247,12 +272,26 @@ class TrainingParams(Params):
     optimizer: Optimizer
     learning_rate: PositiveFloat
     momentum: OpenFraction
+    #: Decoupled weight decay (Loshchilov & Hutter), applied by the optimiser; 0 = none.
+    weight_decay: Annotated[float, Field(ge=0.0, lt=1.0)]
     schedule: Schedule | None
+    label_smoothing: OpenFraction
     epochs: PositiveInt
+    #: Batches per epoch; null = one pass over the training tiles.
+    steps_per_epoch: PositiveInt | None
     batch_size: PositiveInt
+    #: ``shuffle``: every training tile once per epoch; ``balanced``: classes drawn equally often.
+    sampling: Literal["shuffle", "balanced"]
+    online_augmentation: OnlineAugmentationParams
+    #: Stain normalisation fitted on the training tiles, stored with the model; null = none.
+    stain_normalisation: Literal["macenko", "reinhard"] | None
     class_weights: bool
     monitor: Monitor
+    #: The best epoch is chosen on the mean of ``monitor`` over this many epochs (1 = as is).
+    monitor_window: PositiveInt
     early_stopping_patience: PositiveInt | None
+    #: Training images shown in the grid of what the network sees (one batch or more).
+    input_grid_samples: PositiveInt
     seed: NonNegativeInt
     deterministic: bool
     in_memory_limit_mb: PositiveFloat
@@ -286,6 +325,8 @@ class EvaluationParams(Params):
     seed: NonNegativeInt
     in_memory_limit_mb: PositiveFloat
     misclassified_per_class: PositiveInt
+    #: Also predict with test-time augmentation (mean over the 8 symmetries), reported beside.
+    tta: bool
 
 
 class PredictParams(Params):
@@ -300,6 +341,8 @@ class PredictParams(Params):
     gradcam: bool
     gradcam_max_side: PositiveInt | None
     gradcam_alpha: Fraction
+    #: Also predict with test-time augmentation (mean over the 8 symmetries), in extra columns.
+    tta: bool
 
 
 #: Top-level groups and their models; every ``<model>`` group has ``model`` and ``training``.

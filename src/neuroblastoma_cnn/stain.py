@@ -258,3 +258,26 @@ def normalise_tiles(tiles: np.ndarray, reference: Mapping[str, Any] | None) -> n
     check_stain_reference(reference)
     batch = np.asarray(tiles)
     return np.stack([normalise_stain(t, reference) for t in batch]) if len(batch) else batch
+
+
+class NormalisedTiles:
+    """A tile store seen through a stain reference: ``get`` returns normalised tiles, everything
+    else (index, rows, metadata, tile_shape) is the store's. Lets the tf.data input, evaluation
+    and Grad-CAM read tiles as the model saw them in training without a second store on disk.
+    """
+
+    def __init__(self, store: Any, reference: Mapping[str, Any]):
+        check_stain_reference(reference)
+        self._store = store
+        self.reference = dict(reference)
+
+    def get(self, ids: Any) -> np.ndarray:
+        return normalise_tiles(self._store.get(ids), self.reference)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+def as_seen_by_model(store: Any, reference: Mapping[str, Any] | None) -> Any:
+    """``store`` itself without a reference, else its :class:`NormalisedTiles` view."""
+    return store if not reference else NormalisedTiles(store, reference)

@@ -101,3 +101,19 @@ def test_normalise_tiles_is_per_tile_and_a_no_op_without_reference():
     out = stain.normalise_tiles(tiles, reference)
     assert out.shape == tiles.shape and out.dtype == np.uint8
     assert np.array_equal(out[1], stain.normalise_stain(tiles[1], reference))
+
+
+def test_normalised_view_of_a_store_normalises_get_and_passes_the_rest():
+    class Store:
+        tile_shape = (64, 64, 3)
+        tiles = np.stack([synthetic_slide(H_E_SHIFTED, 1.4, seed=s) for s in range(2)])
+
+        def get(self, ids):
+            return self.tiles[list(ids)]
+
+    store = Store()
+    assert stain.as_seen_by_model(store, None) is store
+    reference = stain.fit_stain_reference([synthetic_slide(H_E, 1.0)], "macenko")
+    view = stain.as_seen_by_model(store, reference)
+    assert view.tile_shape == (64, 64, 3)
+    assert np.array_equal(view.get([1]), stain.normalise_tiles(store.tiles[[1]], reference))

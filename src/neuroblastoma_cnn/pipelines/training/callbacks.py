@@ -20,15 +20,23 @@ logger = logging.getLogger("neuroblastoma_cnn.pipelines.training.nodes")
 
 class ValidationReport(keras.callbacks.Callback):
     """Validation loss, accuracy, macro-F1 and the number of classes predicted, from one predict
-    pass per epoch (Keras' own validation would predict the validation set a second time);
-    appends one history row per epoch and logs one line.
+    pass per epoch over *all* validation tiles (Keras' own validation would predict the
+    validation set a second time); appends one history row per epoch and logs one line.
+
+    With ``val_images`` (the image of each validation tile) it also gives
+    ``val_image_macro_f1``: macro-F1 of the images, each predicted by the mean of its tiles'
+    probabilities, as the test is scored. With ``window`` > 1 it adds ``monitor_smoothed``, the
+    mean of ``monitor`` over the last ``window`` epochs, for choosing the epoch on a steadier
+    signal than one noisy validation pass.
 
     It must come before ``EarlyStopping`` in the callback list: it puts the values EarlyStopping
     monitors into the epoch's logs.
     """
 
     def __init__(self, val_inputs: Any, val_labels: np.ndarray, num_classes: int, stage: str,
-                 total_epochs: int, history: list[dict[str, Any]]):
+                 total_epochs: int, history: list[dict[str, Any]], *,
+                 val_images: np.ndarray | None = None, monitor: str = "val_macro_f1",
+                 window: int = 1):
         super().__init__()
         if isinstance(val_inputs, np.ndarray):
             # Keras' own batching of arrays uses a parallel tf.data map, which TF rewrites (and
@@ -39,6 +47,9 @@ class ValidationReport(keras.callbacks.Callback):
         self.num_classes, self.stage, self.total_epochs = num_classes, stage, total_epochs
         self.history = history
         self.started = 0.0
+        self.val_images = None if val_images is None else np.asarray(val_images)
+        self.monitor, self.window = monitor, max(1, int(window))
+        self.monitored: list[float] = []
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self.started = time.perf_counter()
@@ -53,6 +64,11 @@ class ValidationReport(keras.callbacks.Callback):
         logs["val_accuracy"] = float((pred == labels).mean())
         logs["val_macro_f1"] = float(f1_score(labels, pred, average="macro",
                                               labels=range(self.num_classes), zero_division=0))
+        if self.val_images is not None:
+            logs["val_image_macro_f1"] = self._image_macro_f1(prob)
+        self.monitored.append(float(logs[self.monitor]))
+        if self.window > 1:
+            logs["monitor_smoothed"] = float(np.mean(self.monitored[-self.window:]))
         seconds = time.perf_counter() - self.started
         row = {
             "epoch": len(self.history) + 1,
@@ -62,13 +78,27 @@ class ValidationReport(keras.callbacks.Callback):
             "val_loss": logs["val_loss"],
             "val_accuracy": logs["val_accuracy"],
             "val_macro_f1": logs["val_macro_f1"],
+            "val_image_macro_f1": logs.get("val_image_macro_f1", np.nan),
+            "monitor_smoothed": logs.get("monitor_smoothed", np.nan),
             "val_predicted_classes": len(np.unique(pred)),
             "learning_rate": float(np.asarray(self.model.optimizer.learning_rate)),
             "seconds": seconds,
         }
         self.history.append(row)
         logger.info(
-            "%s epoch %d/%d  loss %.4f  acc %.3f  val_loss %.4f  val_macro_f1 %.3f  %.1fs",
-            self.stage, epoch + 1, self.total_epochs, row["loss"], row["accuracy"],
-            row["val_loss"], row["val_macro_f1"], seconds,
+            "%s epoch %d/%d  loss %.4f  acc %.3f  val_loss %.4f  val_acc %.3f  val_macro_f1 %.3f"
+            "%s  %.1fs", self.stage, epoch + 1, self.total_epochs, row["loss"], row["accuracy"],
+            row["val_loss"], row["val_accuracy"], row["val_macro_f1"],
+            "" if self.val_images is None else f"  images {row['val_image_macro_f1']:.3f}",
+            seconds,
         )
+
+    def _image_macro_f1(self, prob: np.ndarray) -> float:
+        """Macro-F1 of the images, each the mean of its tiles' probabilities."""
+        images, index = np.unique(self.val_images, return_inverse=True)
+        sums = np.zeros((len(images), prob.shape[1]))
+        np.add.at(sums, index, prob)
+        truth = np.zeros(len(images), dtype=int)
+        truth[index] = self.val_labels
+        return float(f1_score(truth, sums.argmax(axis=1), average="macro",
+                              labels=range(self.num_classes), zero_division=0))

@@ -2,7 +2,7 @@
 
 from kedro.pipeline import Node, Pipeline
 
-from .nodes import history_metrics, train_model
+from .nodes import history_metrics, plot_training_input, train_model
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -15,6 +15,13 @@ def create_pipeline(**kwargs) -> Pipeline:
                         "params:training"],
                 outputs=["model", "training_history"],
                 name="train_model",
+                tags=["model"],
+            ),
+            Node(
+                plot_training_input,
+                inputs=["augmented_train_tiles", "tiles", "split_table", "params:training"],
+                outputs="training_input_plot",
+                name="plot_training_input",
                 tags=["model"],
             ),
             Node(
