@@ -86,6 +86,8 @@ class IngestionParams(TilingConfig, ImageChecks, Params):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     group_pattern: str | None
+    max_images_per_class: PositiveInt | None  # a seeded random subset per class; None = all
+    subset_seed: NonNegativeInt
     shard_size: PositiveInt
     decoding: DecodeMethod  # required here: TilingConfig's default only reads old records
     workers: NonNegativeInt  # processes tiling images; 0 = one per CPU core, 1 = in-process

@@ -74,6 +74,38 @@ def _entries(folder: Path) -> list[os.DirEntry[str]]:
         return sorted(it, key=lambda entry: entry.name)
 
 
+def subset_per_class(
+    candidates: list[Candidate], max_per_class: int | None, seed: int
+) -> list[Candidate]:
+    """At most ``max_per_class`` candidates of each class, drawn at random with ``seed``.
+
+    Why before decoding: the point is a quick run on a large set, so the files left out are
+    never read. The draw depends only on the seed and the sorted file list, and the kept files
+    stay in scan order.
+    """
+    if max_per_class is None:
+        return candidates
+    by_class: dict[str, list[int]] = defaultdict(list)
+    for i, candidate in enumerate(candidates):
+        by_class[candidate.label].append(i)
+    rng = np.random.default_rng(seed)
+    keep: set[int] = set()
+    for label in sorted(by_class):
+        members = sorted(by_class[label], key=lambda i: candidates[i].rel)
+        if len(members) > max_per_class:
+            members = [members[j] for j in rng.choice(len(members), max_per_class,
+                                                      replace=False)]
+        keep.update(members)
+    if len(keep) < len(candidates):
+        logger.info(
+            "ingestion.max_images_per_class = %d (seed %d): using %d of %d image files; per "
+            "class: %s", max_per_class, seed, len(keep), len(candidates),
+            ", ".join(f"{label} {min(len(ids), max_per_class)}/{len(ids)}"
+                      for label, ids in sorted(by_class.items())),
+        )
+    return [c for i, c in enumerate(candidates) if i in keep]
+
+
 def scan_raw_folder(
     root: Path, settings: IngestionParams
 ) -> tuple[list[Candidate], list[tuple[str, str]]]:
@@ -208,6 +240,8 @@ def build_image_manifest(
             f"(extensions {', '.join(extensions)})."
         )
     candidates, rejected = scan_raw_folder(root, settings)
+    candidates = subset_per_class(candidates, settings.max_images_per_class,
+                                  settings.subset_seed)
 
     # Copies of one content share the first copy's result (and its rejection).
     by_hash: dict[str, list[Candidate]] = defaultdict(list)
@@ -316,6 +350,15 @@ def _nothing_usable_message(
 
 
 def _warn_about_layout(manifest: pd.DataFrame, settings: IngestionParams) -> None:
+    # A group (slide, patient) may hold images of several classes; each image keeps its one
+    # label and splitting keeps the group whole (see pipelines/splitting).
+    n_labels = manifest.groupby("group")["label"].nunique()
+    spanning = sorted(map(str, n_labels.index[n_labels > 1]))
+    if spanning:
+        logger.info(
+            "%d of %d groups hold images of several classes (e.g. %s); each stays whole in one "
+            "split", len(spanning), len(n_labels), ", ".join(spanning[:3]),
+        )
     if manifest["label"].nunique() < 2:
         logger.warning(
             "Only one class has usable images (%s); a classifier needs at least two",
