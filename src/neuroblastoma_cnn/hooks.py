@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from kedro.framework.hooks import hook_impl
 from kedro.framework.project import pipelines
 from kedro.io.core import AbstractVersionedDataset
 
-from neuroblastoma_cnn import error_display, lineage, preflight, promotion
+from neuroblastoma_cnn import error_display, lineage, preflight, privacy, promotion
 from neuroblastoma_cnn.datasets.image_folder import ImageFolderDataset
 from neuroblastoma_cnn.datasets.keras_model import KerasModelDataset
 from neuroblastoma_cnn.errors import DataError, ModelError
@@ -67,7 +68,7 @@ class MlflowRunTagsHook:
     def _set_tag(key: str, value: str) -> bool:
         if mlflow.active_run() is None:
             return False
-        mlflow.set_tag(key, value)
+        mlflow.set_tag(key, privacy.scrub_text(str(value)))  # no patient id in clear
         return True
 
     @hook_impl
@@ -158,9 +159,26 @@ class ProjectMlflowStoreHook:
             return
         server = conf.get("server") or {}
         uri = server.get("mlflow_tracking_uri")
+        shared = os.environ.get("MLFLOW_TRACKING_URI")
+        if shared:  # a shared server (kedro-mlflow itself would keep mlflow.yml's URI)
+            conf = _without_local_artifact_location(conf)
+            loader["mlflow"] = {**conf, "server": {**server, "mlflow_tracking_uri": shared}}
+            return
         absolute = project_sqlite_uri(uri, Path(context.project_path))
         if absolute != uri:
             loader["mlflow"] = {**conf, "server": {**server, "mlflow_tracking_uri": absolute}}
+
+
+def _without_local_artifact_location(conf: dict[str, Any]) -> dict[str, Any]:
+    """mlflow.yml without the experiment's local ``artifact_location``: with a tracking server
+    the server decides where artifacts go (``--serve-artifacts``), not a local folder."""
+    tracking = dict(conf.get("tracking") or {})
+    experiment = dict(tracking.get("experiment") or {})
+    kwargs = dict(experiment.get("create_experiment_kwargs") or {})
+    kwargs.pop("artifact_location", None)
+    experiment["create_experiment_kwargs"] = kwargs
+    tracking["experiment"] = experiment
+    return {**conf, "tracking": tracking}
 
 
 # ----------------------------------------------------------------------------- fail fast

@@ -11,6 +11,7 @@ from neuroblastoma_cnn.hooks import (
     ProjectMlflowStoreHook,
 )
 from neuroblastoma_cnn.params import TypedParamsMlflowHook
+from neuroblastoma_cnn.privacy import PrivacyHook
 from neuroblastoma_cnn.quiet import QuietRunHook
 
 HOOKS = (
@@ -22,6 +23,7 @@ HOOKS = (
     ProjectMlflowStoreHook(),
     TypedParamsMlflowHook(),  # kedro-mlflow logs typed parameter groups as plain values
     QuietRunHook(),
+    PrivacyHook(),            # patient ids pseudonymised in whatever reaches MLflow
 )
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader

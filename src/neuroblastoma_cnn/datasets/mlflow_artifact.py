@@ -10,6 +10,8 @@ MLflow artifact are the same version of the same artifact.
 from __future__ import annotations
 
 import logging
+import shutil
+from pathlib import Path
 from typing import Any
 
 from kedro.io.core import (
@@ -19,6 +21,8 @@ from kedro.io.core import (
     Version,
     parse_dataset_definition,
 )
+
+from neuroblastoma_cnn import privacy
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +41,7 @@ class MlflowArtifactDataset(AbstractVersionedDataset[Any, Any]):
         artifact_path: str | None = None,
         version: Version | None = None,
         metadata: dict[str, Any] | None = None,
+        tissue_images: bool = False,
     ):
         config = dict(dataset)
         if config.pop("versioned", None) is not None:
@@ -50,6 +55,7 @@ class MlflowArtifactDataset(AbstractVersionedDataset[Any, Any]):
             dataset_args["version"] = version
         self._dataset: AbstractDataset = dataset_class(**dataset_args)
         self._artifact_path = artifact_path
+        self._tissue_images = tissue_images  # kept off the tracker by mlflow_privacy
         self.metadata = metadata
         filepath = getattr(self._dataset, "_filepath", None)
         if filepath is None:
@@ -72,7 +78,14 @@ class MlflowArtifactDataset(AbstractVersionedDataset[Any, Any]):
             saved = self._dataset._get_versioned_path(self._dataset.resolve_save_version())
         else:
             saved = self._filepath
-        mlflow.log_artifact(str(saved), self._artifact_path)
+        # Group ids scrubbed (a pseudonymised copy is logged), tissue pictures maybe withheld.
+        to_log, scratch = privacy.artifact_to_log(Path(str(saved)), data, self._tissue_images)
+        try:
+            if to_log is not None:
+                mlflow.log_artifact(str(to_log), self._artifact_path)
+        finally:
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
 
     def _exists(self) -> bool:
         return self._dataset.exists()
