@@ -21,6 +21,10 @@ Decisions:
   call has the same shape). Threads suffice: Pillow decodes and resizes, NumPy masks and
   TensorFlow predicts with the GIL released. Decoding follows the record's ``decoding``
   (``reduced``: no more pixels than the model sees), as ingestion did.
+- A model trained with stain normalisation carries its reference in the record: new tiles (and
+  Grad-CAM's) are normalised with it, as the training tiles were.
+- ``tta``: each tile is also predicted under the eight exact symmetries; the mean goes into
+  extra columns (``tta_predicted``, ``tta_confidence``) beside the plain prediction.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from PIL import Image, ImageDraw, ImageFont
 from neuroblastoma_cnn.errors import DataError
 from neuroblastoma_cnn.gradcam import GradCam, image_gradcam, overlay
 from neuroblastoma_cnn.imaging import Decoded, ImageRejected, TilingConfig, decode_scaled, is_hidden
+from neuroblastoma_cnn.online_augmentation import N_DIHEDRAL, dihedral_numpy
 from neuroblastoma_cnn.parallel import ordered_map
 from neuroblastoma_cnn.params import PredictParams
 from neuroblastoma_cnn.predictions import (
@@ -51,10 +56,13 @@ from neuroblastoma_cnn.predictions import (
     probability_column,
 )
 from neuroblastoma_cnn.preprocessing import Preprocessing, preprocessing_of
+from neuroblastoma_cnn.stain import normalise_tiles
 
 logger = logging.getLogger(__name__)
 
 OVERLAY_SUFFIX = ".png"
+#: Prefix of the test-time-augmented columns (``predict.tta``): beside the plain ones.
+TTA_PREFIX = "tta_"
 
 
 def model_source(model: Any) -> str:
@@ -136,6 +144,7 @@ def prepare_image(
     tiles, positions, fractions, background = select_tiles(
         decoded, preprocessing.tiling, fallback_tiles
     )
+    tiles = normalise_tiles(tiles, preprocessing.stain_reference)  # as in training, if at all
     return PreparedImage(name, tiles, positions, fractions, background, decoded.width,
                          decoded.height)
 
@@ -171,9 +180,11 @@ class _Batcher:
 
     model: Any
     batch_size: int
+    tta: bool = False
     pending: list[np.ndarray] = field(default_factory=list)
     n_pending: int = 0
     results: list[np.ndarray] = field(default_factory=list)
+    tta_results: list[np.ndarray] = field(default_factory=list)
 
     def add(self, tiles: np.ndarray) -> None:
         self.pending.append(tiles)
@@ -194,9 +205,21 @@ class _Batcher:
             return np.zeros((0, 0))
         return np.concatenate(self.results)
 
+    def finish_tta(self) -> np.ndarray:
+        """The test-time-augmented probabilities (after :meth:`finish`)."""
+        return np.concatenate(self.tta_results) if self.tta_results else np.zeros((0, 0))
+
     def _run(self, batch: np.ndarray, keep: int | None = None) -> None:
         prob = np.asarray(self.model.predict_on_batch(batch.astype(np.float32)), np.float64)
         self.results.append(prob if keep is None else prob[:keep])
+        if self.tta:
+            count = N_DIHEDRAL if batch.shape[1] == batch.shape[2] else 4
+            total = prob.copy()  # symmetry 0 is the identity
+            for k in range(1, count):
+                variant = dihedral_numpy(batch, k).astype(np.float32)
+                total += np.asarray(self.model.predict_on_batch(variant), np.float64)
+            total /= count
+            self.tta_results.append(total if keep is None else total[:keep])
 
 
 def predict_files(
@@ -218,7 +241,7 @@ def predict_files(
     source = model_source(model)
     classes = list(preprocessing.classes)
     prob_cols = [probability_column(c) for c in classes]
-    batcher = _Batcher(model, settings.batch_size)
+    batcher = _Batcher(model, settings.batch_size, tta=settings.tta)
     outcomes: list[PreparedImage | Rejection] = []
     tile_meta: dict[str, list[Any]] = {"file": [], "x": [], "y": [], "tissue_fraction": []}
     started = time.perf_counter()
@@ -238,6 +261,10 @@ def predict_files(
     tiles = pd.DataFrame(tile_meta)
     for i, column in enumerate(prob_cols):
         tiles[column] = prob[:, i] if len(tiles) else pd.Series(dtype=float)
+    if settings.tta:
+        tta = batcher.finish_tta()
+        for i, column in enumerate(prob_cols):
+            tiles[TTA_PREFIX + column] = tta[:, i] if len(tiles) else pd.Series(dtype=float)
     images = (
         aggregate_image_probabilities(tiles.assign(image_path=tiles["file"], label="", group=""))
         .set_index("image_path")
@@ -245,6 +272,8 @@ def predict_files(
     )
     rows = [_prediction_row(o, images, classes, settings, source) for o in outcomes]
     predictions = pd.DataFrame(rows, columns=prediction_columns(classes))
+    if settings.tta:
+        _add_tta_columns(predictions, tiles, classes)
     for column in FLAG_COLUMNS:
         predictions[column] = predictions[column].astype(bool)
     for column in ("n_tiles", "width", "height"):  # integers, empty for rejected files
@@ -276,6 +305,24 @@ def _prediction_row(
         "mostly_background": outcome.mostly_background, "rejected": False, "reason": "",
         "width": outcome.width, "height": outcome.height, "model": source,
     }
+
+
+def _add_tta_columns(predictions: pd.DataFrame, tiles: pd.DataFrame, classes: list[str]) -> None:
+    """``tta_predicted`` and ``tta_confidence`` (mean over the symmetries of each tile, then
+    over the image's tiles) after the plain columns; empty for rejected files."""
+    columns = [TTA_PREFIX + probability_column(c) for c in classes]
+    means = tiles.groupby("file", sort=False)[columns].mean() if len(tiles) else None
+    predicted, confidence = [], []
+    for file, rejected in zip(predictions["file"], predictions["rejected"], strict=True):
+        if rejected or means is None or file not in means.index:
+            predicted.append("")
+            confidence.append(np.nan)
+            continue
+        prob = means.loc[file].to_numpy(dtype=float)
+        predicted.append(classes[int(prob.argmax())])
+        confidence.append(float(prob.max()))
+    predictions[TTA_PREFIX + "predicted"] = predicted
+    predictions[TTA_PREFIX + "confidence"] = confidence
 
 
 def _log_summary(predictions: pd.DataFrame, n_tiles: int, seconds: float, source: str) -> None:
@@ -323,7 +370,9 @@ def gradcam_overlays(
         return {}
     preprocessing = preprocessing_of(model)
     paths = dict(files)
-    cam = GradCam(model, batch_size=settings.batch_size)
+    cam: Any = GradCam(model, batch_size=settings.batch_size)
+    if preprocessing.stain_reference:
+        cam = _StainedCam(cam, preprocessing.stain_reference)
     jobs: dict[str, Callable[[], Any]] = {}
     for row in predictions[~predictions["rejected"].astype(bool)].to_dict("records"):
         if row["file"] not in paths:
@@ -332,6 +381,19 @@ def gradcam_overlays(
             _draw_overlay, paths[row["file"]], row, cam, preprocessing, settings
         )
     return jobs
+
+
+class _StainedCam:
+    """A Grad-CAM whose tiles pass through the model's stain reference first, as in training."""
+
+    def __init__(self, cam: GradCam, reference: Mapping[str, Any]):
+        self._cam, self._reference = cam, reference
+
+    def tile_maps(self, tiles: np.ndarray, class_index: int) -> Any:
+        return self._cam.tile_maps(normalise_tiles(tiles, self._reference), class_index)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cam, name)
 
 
 def _draw_overlay(
