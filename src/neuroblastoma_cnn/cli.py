@@ -68,6 +68,10 @@ main_group.add_command(prune)  # old data and model versions (see neuroblastoma_
                    f"({DEFAULTS_NOTE})")
 @click.option("--version", "model_version", metavar="VERSION",
               help="a saved version of the architecture's model (default: latest)")
+@click.option("--head", metavar="NAME",
+              help="classify the model's features with this scikit-learn head (svm, tree, "
+                   "logreg, hgb) fitted by `kedro run --pipeline=<model>_features`; refused "
+                   "unless fitted on this very model")
 @click.option("--models-dir", default=MODELS_DIR, show_default=True, metavar="DIR",
               help="where trained models are saved (the catalog's trained_models path)")
 @click.option("--tracking-uri", metavar="URI",
@@ -141,7 +145,7 @@ def _params(options: dict[str, Any]) -> Any:
     from neuroblastoma_cnn.params import PredictParams, base_group  # noqa: PLC0415  (lazy)
 
     overrides = {
-        "model": options["model"], "version": options["model_version"],
+        "model": options["model"], "version": options["model_version"], "head": options["head"],
         "batch_size": options["batch_size"], "workers": options["workers"],
         "min_confidence": options["min_confidence"],
         "background_fallback_tiles": options["fallback_tiles"],
@@ -159,6 +163,9 @@ def _conf_base() -> Path | None:
 
 
 def _check_outputs(options: dict[str, Any]) -> None:
+    if options["gradcam"] and options["head"]:
+        raise CommandUsageError("--gradcam shows where the CNN's own classifier looked; it "
+                                "cannot explain a --head: drop one of them.")
     for option, value in (("--out", options["out"]), ("--tiles-out", options["tiles_out"])):
         if value and Path(value).exists() and not options["overwrite"]:
             raise CommandUsageError(f"{option} '{value}' exists; pass --overwrite to replace it.")
@@ -227,6 +234,10 @@ def _predict(options: dict[str, Any]) -> int:
         raise CommandUsageError(f"no files found in {', '.join(paths)}")
     _configure_mlflow(params.model, options["tracking_uri"])
     model = TrainedModels(options["models_dir"]).load(params.model, params.version)
+    if params.head is not None:  # extractor + scikit-learn head, refused unless fitted on it
+        from neuroblastoma_cnn.models.feature_heads import head_classifier  # noqa: PLC0415
+
+        model = head_classifier(options["models_dir"], model, params.head)
     predictions = _classify(files, model, params, options)
     not_drawn = _draw(files, short_names, model, predictions, params, options)
     rejected = predictions[predictions["rejected"]]

@@ -345,6 +345,9 @@ class PredictParams(Params):
     gradcam_alpha: Fraction
     #: Also predict with test-time augmentation (mean over the 8 symmetries), in extra columns.
     tta: bool
+    #: A scikit-learn head fitted on the model's features (`kedro run --pipeline=<model>_features`)
+    #: that classifies them instead of the model's softmax; None = the model's own softmax.
+    head: Annotated[str, Field(min_length=1)] | None
 
 
 #: Top-level groups and their models; every ``<model>`` group has ``model`` and ``training``.

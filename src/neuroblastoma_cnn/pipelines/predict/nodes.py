@@ -368,6 +368,10 @@ def gradcam_overlays(
     if not settings.gradcam:
         logger.info("Grad-CAM overlays off (predict.gradcam: false)")
         return {}
+    if getattr(model, "bundle", None) is not None:
+        logger.info("Grad-CAM overlays not drawn: they would show the CNN's own classifier, not "
+                    "the head that classified (%s)", model_source(model))
+        return {}
     preprocessing = preprocessing_of(model)
     paths = dict(files)
     cam: Any = GradCam(model, batch_size=settings.batch_size)
@@ -466,6 +470,12 @@ def select_prediction_model(models: Any, params: PredictParams) -> Any:
     """Loads the model the parameters name (``model``, ``version``); its record is checked as it
     is loaded, before any image is read."""
     model = models.load(params.model, params.version)
+    if params.head is not None:  # extractor + scikit-learn head, refused unless fitted on it
+        from neuroblastoma_cnn.models.feature_heads import (  # noqa: PLC0415  (lazy: Keras)
+            head_classifier,
+        )
+
+        model = head_classifier(models.models_dir, model, params.head)
     preprocessing = preprocessing_of(model)
     tiling = preprocessing.tiling
     logger.info(
