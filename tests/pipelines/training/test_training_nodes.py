@@ -152,3 +152,12 @@ def test_a_later_stage_must_beat_the_earlier_best(stores) -> None:
                            baseline=-1.0, **common)
     assert kept == pytest.approx(max(row["val_macro_f1"] for row in history[2:]))
     assert any(not np.array_equal(a, b) for a, b in zip(before, model.get_weights(), strict=True))
+
+
+def test_history_metrics_leave_out_a_column_with_no_finite_value() -> None:
+    """kedro-mlflow refuses an empty metric history, which used to stop the run after training."""
+    history = pd.DataFrame({"epoch": [1, 2], "loss": [0.9, 0.7],
+                            "val_macro_f1": [float("nan"), float("nan")]})
+    metrics = nodes.history_metrics(history)
+    assert "val_macro_f1" not in metrics
+    assert [p["value"] for p in metrics["loss"]] == [0.9, 0.7]

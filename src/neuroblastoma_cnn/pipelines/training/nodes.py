@@ -449,10 +449,13 @@ def history_metrics(history: pd.DataFrame) -> dict[str, list[dict[str, float]]]:
     """Per-epoch history in the form MLflow's metric history takes: {name: [{value, step}]}."""
     out: dict[str, list[dict[str, float]]] = {}
     for column in HISTORY_METRICS:
-        if column in history:
-            out[column] = [
-                {"value": float(v), "step": int(s)}
-                for v, s in zip(history[column], history["epoch"], strict=True)
-                if np.isfinite(v)
-            ]
+        if column not in history:
+            continue
+        points = [
+            {"value": float(v), "step": int(s)}
+            for v, s in zip(history[column], history["epoch"], strict=True)
+            if np.isfinite(v)
+        ]
+        if points:  # kedro-mlflow refuses an empty history (e.g. a column never computed)
+            out[column] = points
     return out
