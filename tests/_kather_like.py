@@ -44,14 +44,18 @@ def make_kather_like(
     tiles_per_image: int,
     downscale: int = 4,
     classes: tuple[str, ...] = ("Benign", "InSitu", "Invasive", "Normal"),
+    folder_names: tuple[str, ...] | None = None,
 ) -> Path:
     """Writes ``dest/<TOP>/<NN_CLASS>/<tile>.tif``; returns ``dest``.
 
-    Source image ``i`` of every class goes to slide ``i % n_slides + 1``, so each slide holds
-    tiles of every class (as Kather's slides do) and a slide's tiles never have one label only.
+    Class folders are ``01_BENIGN``... after the BACH classes, or ``folder_names`` (e.g.
+    Kather's own ``01_TUMOR``... where a test needs the demo catalog's folder names; the tissue
+    is then BACH's, not what the name says). Source image ``i`` of every class goes to slide
+    ``i % n_slides + 1``, so each slide holds tiles of every class (as Kather's slides do).
     """
-    for number, name in enumerate(classes, start=1):
-        folder = dest / TOP / f"{number:02d}_{name.upper()}"
+    names = folder_names or tuple(f"{n:02d}_{c.upper()}" for n, c in enumerate(classes, 1))
+    for number, (name, folder_name) in enumerate(zip(classes, names, strict=True), start=1):
+        folder = dest / TOP / folder_name
         folder.mkdir(parents=True, exist_ok=True)
         sources = sorted((bach / "images" / name).glob("*.jpg"))[:images_per_class]
         if len(sources) < images_per_class:
