@@ -9,6 +9,12 @@ Both fit the same architecture from the same initial weights; the first epoch (g
 is left out of the images/s figures. Prints one JSON line.
 
     python benchmarks/bench_training.py --tiles 512 --size 96 --epochs 3
+    python benchmarks/bench_training.py --online-augmentation   # the recipe's input pipeline
+
+``--online-augmentation``: the pipeline side is the recipe's training input instead (endless
+balanced sampling, every online transform on at the strengths of parameters_training.yml, a
+fixed number of steps per epoch as many as one pass), so the ratio shows what the augmentation
+costs.
 """
 
 from __future__ import annotations
@@ -29,8 +35,25 @@ from timing import EpochTimer
 
 from neuroblastoma_cnn.datasets import write_tile_store
 from neuroblastoma_cnn.models import build_model
+from neuroblastoma_cnn.params import TrainingParams, base_group
 from neuroblastoma_cnn.pipelines.training import nodes
 from neuroblastoma_cnn.tf_input import make_tf_dataset
+
+
+def pipeline_input(store: object, y: np.ndarray, args: argparse.Namespace
+                   ) -> tuple[object, int | None]:
+    """The training input train_model builds: the study's shuffled pass, or with
+    ``--online-augmentation`` the recipe's endless stream (and its steps per epoch)."""
+    ids = store.index["tile_id"].tolist()
+    if not args.online_augmentation:
+        return make_tf_dataset(store, ids, y, args.batch_size, shuffle=True, seed=0,
+                               in_memory_limit_mb=2048), None
+    training = base_group("resnet34.training", sampling="balanced", seed=0,
+                          batch_size=args.batch_size)
+    training["online_augmentation"] = {**training["online_augmentation"], "enabled": True}
+    recipe = TrainingParams.parse(training, "resnet34.training")
+    return (nodes.training_stream(store, ids, y, args.batch_size, recipe),
+            -(-args.tiles // args.batch_size))
 
 
 def main() -> None:
@@ -44,6 +67,8 @@ def main() -> None:
     parser.add_argument("--deterministic", action="store_true",
                         help="enable TF op determinism (global: applies to both sides), as "
                         "the pipeline's default `deterministic: true` does")
+    parser.add_argument("--online-augmentation", action="store_true",
+                        help="time the recipe's input: balanced sampling + online augmentation")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.deterministic:
@@ -75,8 +100,7 @@ def main() -> None:
 
     # Pipeline: tile store -> tf.data -> fit_stage (the code train_model runs).
     model = fresh_model()
-    train = make_tf_dataset(store, store.index["tile_id"].tolist(), y, args.batch_size,
-                            shuffle=True, seed=0, in_memory_limit_mb=2048)
+    train, steps = pipeline_input(store, y, args)
     history: list[dict] = []
     timer = EpochTimer()
     val_x = x[: args.batch_size].astype("float32")
@@ -90,7 +114,7 @@ def main() -> None:
     nodes.fit_stage(model, train, val_x, y[: args.batch_size], epochs=args.epochs,
                     optimizer=keras.optimizers.SGD(0.01), num_classes=args.classes,
                     monitor="val_macro_f1", patience=None, class_weight=None, stage="bench",
-                    history=history)
+                    history=history, steps_per_epoch=steps)
     # fit_stage's epoch time includes its one-batch validation predict; subtract it.
     validation = [row["seconds"] for row in history]
     pipe_times = timer.times
@@ -106,6 +130,7 @@ def main() -> None:
         "epochs": args.epochs,
         "batch_size": args.batch_size,
         "deterministic": args.deterministic,
+        "online_augmentation": args.online_augmentation,
         "baseline_images_per_s": round(rate(base_times), 2),
         "pipeline_images_per_s": round(rate(pipe_times), 2),
         "ratio": round(rate(pipe_times) / rate(base_times), 3),
