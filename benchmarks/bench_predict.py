@@ -3,14 +3,17 @@
 An untrained ResNet34 at ``--input-size`` px with a preprocessing record (tiles ``--tile-size``,
 stride = tile size, the base ingestion parameters otherwise) is saved and loaded the way the
 pipeline loads models: weights do not change the cost of a forward pass, so nothing is trained.
+The same network is saved once per ``--decodings`` method (``full``: the records of models
+trained before reduced decoding; ``reduced``), so both are measured in the same run.
 
 Measured in one process, on the same files and the same model:
 
-1. ``decode`` / ``tiling``: the preprocessing alone, single-threaded (the breakdown); its tiles
-   are kept in memory for the baselines.
-2. ``pipeline``: ``predict_files`` (decode + tissue tiling + resize on worker threads, batched
-   inference, aggregation), excluding start-up (imports, model load, first-call tracing).
-3. ``bare model.predict``: one ``model.predict`` over all preloaded tiles (float32).
+1. ``decode`` / ``tiling``: the preprocessing alone, single-threaded (the breakdown), per
+   method; its tiles are kept in memory for the baselines.
+2. ``pipeline <method>``: ``predict_files`` (decode + tissue tiling + resize on worker threads,
+   batched inference, aggregation), excluding start-up (imports, model load, first-call tracing).
+3. ``bare model.predict``: one ``model.predict`` over all preloaded tiles (float32) of the last
+   method.
 4. ``bare predict_on_batch``: the inference call the pipeline makes, on preloaded batches.
 
 2 to 4 run in ``--repeats`` interleaved rounds; the best round of each is the headline (on a
@@ -42,11 +45,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import numpy as np  # noqa: E402
-import yaml  # noqa: E402
 
 from neuroblastoma_cnn.datasets import TrainedModels, save_keras_model  # noqa: E402
 from neuroblastoma_cnn.models import build_model  # noqa: E402
-from neuroblastoma_cnn.params import PredictParams, base_group  # noqa: E402
+from neuroblastoma_cnn.params import IngestionParams, PredictParams, base_group  # noqa: E402
 from neuroblastoma_cnn.pipelines.predict.nodes import (  # noqa: E402
     decode_for_prediction,
     gradcam_overlays,
@@ -54,24 +56,27 @@ from neuroblastoma_cnn.pipelines.predict.nodes import (  # noqa: E402
     predict_files,
     select_tiles,
 )
-from neuroblastoma_cnn.preprocessing import preprocessing_of  # noqa: E402
+from neuroblastoma_cnn.preprocessing import Preprocessing, preprocessing_of  # noqa: E402
 
 CLI = Path(sys.executable).with_name("neuroblastoma-cnn")
 
 
-def make_model(folder: Path, input_size: int, tile_size: int, classes: list[str]) -> Path:
-    """Saves an untrained ResNet34 with the record training would give it; returns its path."""
-    params = yaml.safe_load((ROOT / "conf/base/parameters_ingestion.yml").read_text())["ingestion"]
-    params.update(tile_size=tile_size, stride=tile_size, input_size=input_size)
+def make_models(folder: Path, input_size: int, tile_size: int, classes: list[str],
+                decodings: list[str]) -> dict[str, Path]:
+    """Saves one untrained ResNet34 with the record training would give it, once per decoding
+    method; returns ``{method: path}``."""
     model = build_model("resnet34", input_size, len(classes), seed=0)
-    model.preprocessing = {
-        "classes": classes, "input_size": input_size, "tile_size": tile_size,
-        "stride": tile_size, "min_tissue_fraction": params["min_tissue_fraction"],
-        "ingestion": params, "architecture": "resnet34",
-    }
-    path = folder / "resnet34_untrained.keras"
-    save_keras_model(model, path)
-    return path
+    paths = {}
+    for decoding in decodings:
+        ingestion = IngestionParams.parse(base_group(
+            "ingestion", tile_size=tile_size, stride=tile_size, input_size=input_size,
+            decoding=decoding), "ingestion")
+        model.preprocessing = Preprocessing(
+            classes=classes, image_checks=ingestion.image_checks, tiling=ingestion.tiling,
+            architecture="resnet34")
+        paths[decoding] = folder / f"resnet34_untrained_{decoding}.keras"
+        save_keras_model(model, paths[decoding])
+    return paths
 
 
 def timed(seconds: list[float], command: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -96,28 +101,34 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3,
                         help="interleaved rounds of pipeline and baselines (best is reported)")
     parser.add_argument("--startup-repeats", type=int, default=3)
+    parser.add_argument("--decodings", nargs="+", default=["full", "reduced"],
+                        choices=["full", "reduced"])
     args = parser.parse_args()
     load_at_start = os.getloadavg()[0]
     files = list_image_files(args.images)[: args.limit]
     classes = sorted(p.name for p in args.images.iterdir() if p.is_dir()) or ["a", "b"]
     tmp = Path(tempfile.mkdtemp(prefix="bench_predict_"))
-    model_path = make_model(tmp, args.input_size, args.tile_size, classes)
+    paths = make_models(tmp, args.input_size, args.tile_size, classes, args.decodings)
     started = time.perf_counter()
-    model = TrainedModels(tmp).load(str(model_path))
-    load_s = time.perf_counter() - started
+    models = {decoding: TrainedModels(tmp).load(str(path)) for decoding, path in paths.items()}
+    load_s = (time.perf_counter() - started) / len(models)
     settings = {"batch_size": args.batch_size, "workers": args.workers, "gradcam": False}
     params = PredictParams.parse(base_group("predict", **settings), "predict")
     warm = np.zeros((args.batch_size, args.input_size, args.input_size, 3), np.float32)
-    model.predict_on_batch(warm)  # tracing: start-up, not throughput
-    model.predict(warm, batch_size=args.batch_size, verbose=0)
+    for model in models.values():
+        model.predict_on_batch(warm)  # tracing: start-up, not throughput
+        model.predict(warm, batch_size=args.batch_size, verbose=0)
 
-    decode_s, tiling_s, tiles = _breakdown(files, model)
-    seconds, predictions, tile_table = _rounds(files, model, params, tiles, args)
-    n_images, n_tiles = int((~predictions["rejected"]).sum()), len(tile_table)
-    gradcam_s = _gradcam_seconds(files, model, predictions, params, args.gradcam)
-    help_s, first_s, import_s = _startup(files, model_path, tmp, args.startup_repeats)
-    _report(args, load_at_start, seconds, n_images, n_tiles, predictions, decode_s, tiling_s,
-            len(files), gradcam_s, load_s, help_s, first_s, import_s)
+    breakdown = {decoding: _breakdown(files, model) for decoding, model in models.items()}
+    tiles = breakdown[args.decodings[-1]][2]
+    seconds, tables = _rounds(files, models, params, tiles, args)
+    predictions = tables[args.decodings[-1]][0]
+    last = models[args.decodings[-1]]
+    gradcam_s = _gradcam_seconds(files, last, predictions, params, args.gradcam)
+    help_s, first_s, import_s = _startup(files, paths[args.decodings[-1]], tmp,
+                                         args.startup_repeats)
+    _report(args, load_at_start, seconds, tables, breakdown, len(files), gradcam_s, load_s,
+            help_s, first_s, import_s)
 
 
 def _breakdown(files: list, model) -> tuple[float, float, np.ndarray]:
@@ -135,16 +146,20 @@ def _breakdown(files: list, model) -> tuple[float, float, np.ndarray]:
     return decode_s, tiling_s, np.concatenate(chunks).astype(np.float32)
 
 
-def _rounds(files: list, model, params, tiles: np.ndarray, args) -> tuple:
+def _rounds(files: list, models: dict, params, tiles: np.ndarray, args) -> tuple:
     """Rounds, interleaved so that a busy spell of a shared machine hits every contender:
-    1. the pipeline's function from files; 2. model.predict and 3. predict_on_batch on the
-    preloaded tiles. Best and median of the rounds are reported."""
-    seconds: dict[str, list[float]] = {"pipeline": [], "bare model.predict": [],
-                                       "bare predict_on_batch": []}
+    1. the pipeline's function from files, per decoding method; 2. model.predict and
+    3. predict_on_batch on the preloaded tiles (of the last method). Best and median of the
+    rounds are reported."""
+    seconds: dict[str, list[float]] = {f"pipeline {d}": [] for d in models}
+    seconds.update({"bare model.predict": [], "bare predict_on_batch": []})
+    tables: dict[str, tuple] = {}
+    model = models[args.decodings[-1]]
     for _ in range(args.repeats):
-        started = time.perf_counter()
-        predictions, tile_table = predict_files(files, model, params)
-        seconds["pipeline"].append(time.perf_counter() - started)
+        for decoding, each in models.items():
+            started = time.perf_counter()
+            tables[decoding] = predict_files(files, each, params)
+            seconds[f"pipeline {decoding}"].append(time.perf_counter() - started)
         started = time.perf_counter()
         bare = model.predict(tiles, batch_size=args.batch_size, verbose=0)
         seconds["bare model.predict"].append(time.perf_counter() - started)
@@ -152,9 +167,10 @@ def _rounds(files: list, model, params, tiles: np.ndarray, args) -> tuple:
         for i in range(0, len(tiles), args.batch_size):
             model.predict_on_batch(tiles[i : i + args.batch_size])
         seconds["bare predict_on_batch"].append(time.perf_counter() - started)
+    tile_table = tables[args.decodings[-1]][1]
     assert len(tiles) == len(tile_table), (len(tiles), len(tile_table))
     np.testing.assert_allclose(bare, tile_table.filter(like="prob_").to_numpy(), atol=1e-4)
-    return seconds, predictions, tile_table
+    return seconds, tables
 
 
 def _gradcam_seconds(files: list, model, predictions, params, n: int) -> float | None:
@@ -186,40 +202,55 @@ def _startup(files: list, model_path: Path, tmp: Path, repeats: int) -> tuple:
     return help_s, first_s, import_s
 
 
-def _report(args, load_at_start, seconds, n_images, n_tiles, predictions, decode_s, tiling_s,
-            n_files, gradcam_s, load_s, help_s, first_s, import_s) -> None:
-    best = {k: n_tiles / min(v) for k, v in seconds.items()}
-    median = {k: n_tiles / statistics.median(v) for k, v in seconds.items()}
-    pipeline_s = min(seconds["pipeline"])
+def _report(args, load_at_start, seconds, tables, breakdown, n_files, gradcam_s, load_s,
+            help_s, first_s, import_s) -> None:
+    last = args.decodings[-1]
+    predictions = tables[last][0]
+    n_images = int((~predictions["rejected"]).sum())
+    n_tiles = {k: len(tables[k.split()[-1]][1]) if k.startswith("pipeline")
+               else len(tables[last][1]) for k in seconds}
+    best = {k: n_tiles[k] / min(v) for k, v in seconds.items()}
+    median = {k: n_tiles[k] / statistics.median(v) for k, v in seconds.items()}
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-                   f"load average at start {load_at_start:.1f}",
-        "images": n_images, "tiles": n_tiles, "rejected": int(predictions["rejected"].sum()),
+                   f"load average at start {load_at_start:.1f}, at end {os.getloadavg()[0]:.1f}",
+        "images": n_images,
+        "tiles": {d: len(tables[d][1]) for d in args.decodings},
+        "rejected": int(predictions["rejected"].sum()),
         "input_size": args.input_size, "tile_size": args.tile_size,
         "batch_size": args.batch_size, "workers": args.workers, "repeats": args.repeats,
-        "pipeline_s": round(pipeline_s, 2),
-        "pipeline_images_per_s": round(n_images / pipeline_s, 2),
         **{f"{k} tiles/s (best, median)": f"{best[k]:.1f}, {median[k]:.1f}" for k in seconds},
-        "ratio_vs_model_predict (best, median)":
-            f"{best['pipeline'] / best['bare model.predict']:.3f}, "
-            f"{median['pipeline'] / median['bare model.predict']:.3f}",
-        "ratio_vs_predict_on_batch (best, median)":
-            f"{best['pipeline'] / best['bare predict_on_batch']:.3f}, "
-            f"{median['pipeline'] / median['bare predict_on_batch']:.3f}",
-        "decode_ms_per_image (1 thread)": round(1000 * decode_s / n_files, 1),
-        "tiling_ms_per_image (1 thread)": round(1000 * tiling_s / n_files, 1),
+    }
+    for decoding in args.decodings:
+        key = f"pipeline {decoding}"
+        result[f"ratio {decoding} vs model.predict (best, median)"] = (
+            f"{best[key] / best['bare model.predict']:.3f}, "
+            f"{median[key] / median['bare model.predict']:.3f}")
+        result[f"ratio {decoding} vs predict_on_batch (best, median)"] = (
+            f"{best[key] / best['bare predict_on_batch']:.3f}, "
+            f"{median[key] / median['bare predict_on_batch']:.3f}")
+        result[f"pipeline {decoding} images/s (best)"] = round(
+            n_images / min(seconds[key]), 2)
+        decode_s, tiling_s, _ = breakdown[decoding]
+        result[f"{decoding}: decode, tiling ms per image (1 thread)"] = [
+            round(1000 * decode_s / n_files, 1), round(1000 * tiling_s / n_files, 1)]
+    result.update({
         "inference_ms_per_image (best predict_on_batch)":
             round(1000 * min(seconds["bare predict_on_batch"]) / n_images, 1),
         "gradcam_s_per_image": None if gradcam_s is None else round(gradcam_s, 3),
         "model_load_s": round(load_s, 2),
-        "cli_help_s (median)": round(statistics.median(help_s), 2),
-        "cli_first_prediction_s (median)": round(statistics.median(first_s), 2),
-        "import_tensorflow_s (median)": round(statistics.median(import_s), 2),
-    }
+        "cli_help_s (median)": _median(help_s),
+        "cli_first_prediction_s (median)": _median(first_s),
+        "import_tensorflow_s (median)": _median(import_s),
+    })
     width = max(map(len, result))
     for key, value in result.items():
         print(f"{key:<{width}}  {value}")
     print(json.dumps(result))
+
+
+def _median(values: list[float]) -> float | None:
+    return round(statistics.median(values), 2) if values else None
 
 
 if __name__ == "__main__":

@@ -34,9 +34,9 @@ from __future__ import annotations
 import io
 import logging
 import os
+import threading
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Literal, NamedTuple
 
@@ -135,15 +135,42 @@ def is_hidden(name: str) -> bool:
 # ----------------------------------------------------------------------------- decoding
 
 
-@contextmanager
-def _own_bomb_check() -> Iterator[None]:
-    """Turns off Pillow's global pixel limit: we apply ``max_image_pixels`` ourselves."""
-    previous = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
-    try:
-        yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = previous
+class _DecodingGlobals:
+    """Pillow's global pixel limit off (we apply ``max_image_pixels`` ourselves) and warnings
+    silenced (e.g. "Corrupt EXIF data": orientation is handled) while any image decodes.
+
+    Both are process-wide state, and prediction decodes on several threads: entering and
+    leaving ``catch_warnings`` per thread would restore another thread's state (leaving
+    warnings off for good), so the first decode to start sets them and the last to end
+    restores them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._active = 0
+        self._previous_limit: int | None = None
+        self._warnings: warnings.catch_warnings | None = None
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._active == 0:
+                self._warnings = warnings.catch_warnings()
+                self._warnings.__enter__()
+                warnings.simplefilter("ignore")
+                self._previous_limit = Image.MAX_IMAGE_PIXELS
+                Image.MAX_IMAGE_PIXELS = None
+            self._active += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._active -= 1
+            if self._active == 0:
+                Image.MAX_IMAGE_PIXELS = self._previous_limit
+                if self._warnings is not None:
+                    self._warnings.__exit__(None, None, None)
+                self._warnings = None
+
+
+_decoding_globals = _DecodingGlobals()
 
 
 def decode_image(data: bytes, name: str, max_image_pixels: int) -> tuple[np.ndarray, str]:
@@ -172,8 +199,7 @@ def decode_scaled(
     """
     if not data:
         raise ImageRejected(name, f"{Reason.EMPTY_FILE}: 0 bytes")
-    with _own_bomb_check(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # e.g. "Corrupt EXIF data": orientation handled below
+    with _decoding_globals:
         try:
             image = Image.open(io.BytesIO(data), formats=list(IMAGE_FORMATS))
         except Exception as exc:

@@ -40,10 +40,10 @@ def resolve_workers(workers: int) -> int:
 def _process_pool(workers: int, preload: str | None) -> ProcessPoolExecutor:
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-    if preload and context.get_start_method() == "forkserver":
-        # Import the task's module once in the fork server rather than in every worker (only
-        # takes effect before the server first starts).
-        context.set_forkserver_preload([preload])
+    if context.get_start_method() == "forkserver":
+        # The main module and the task's module are imported once, in the fork server, rather
+        # than in every worker (this only takes effect before the server first starts).
+        context.set_forkserver_preload(["__main__", *([preload] if preload else [])])
     return ProcessPoolExecutor(workers, mp_context=context)
 
 

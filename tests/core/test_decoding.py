@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import io
 import pickle
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -224,3 +226,16 @@ def test_reduced_reading_a_file_and_its_bytes_agree(tmp_path: Path) -> None:
     from_bytes = CHECKS.decode_for(path.read_bytes(), "a.jpg", reduced)
     np.testing.assert_array_equal(from_path.rgb, from_bytes.rgb)
     assert from_path.scale == 4
+
+
+def test_decoding_on_threads_leaves_warnings_and_pillow_limit_as_they_were() -> None:
+    """Prediction decodes on threads: Pillow's pixel limit and the warning filters are
+    process-wide, and must be as before once every decode has ended."""
+    filters, limit = list(warnings.filters), Image.MAX_IMAGE_PIXELS
+    data = encode(smooth_tissue(256, 256), "JPEG")
+    with ThreadPoolExecutor(4) as pool:
+        decoded = list(pool.map(lambda _: decode_scaled(data, "a.jpg", 10**7, lambda w, h: 2),
+                                range(60)))
+    assert all(np.array_equal(d.rgb, decoded[0].rgb) for d in decoded)
+    assert warnings.filters == filters
+    assert limit == Image.MAX_IMAGE_PIXELS

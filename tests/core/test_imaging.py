@@ -21,7 +21,9 @@ from neuroblastoma_cnn.imaging import (
 
 PINK = (200, 110, 190)  # eosin/haematoxylin-like: saturated, not bright
 WHITE = (245, 245, 245)
-TILING = params("ingestion").tiling  # the base rule: saturation 0.07, white level 220
+# the base rule (saturation 0.07, white level 220) at full resolution; reduced-scale decoding
+# is tested in test_decoding.py
+TILING = params("ingestion", decoding="full").tiling
 
 
 def tiling(**overrides: object) -> TilingConfig:
