@@ -139,6 +139,15 @@ def test_test_tiles_may_not_fit_the_heads():
         n.fit_heads(table, split_table, params(fit_splits=["train", "test"]))
 
 
+def test_a_fold_without_a_class_to_fit_on_is_a_clear_error():
+    table, split_table = feature_table(groups_per_class=3)  # one training group per class
+    with pytest.raises(DataError, match=r"leaves no patient of class\(es\) \['\w+'") as caught:
+        n.fit_heads(table, split_table, params())
+    assert "fit_splits: [train, validation]" in caught.value.one_line()
+    bundles, _ = n.fit_heads(table, split_table, params(fit_splits=["train", "validation"]))
+    assert set(bundles) == {"svm", "tree", "logreg", "hgb"}
+
+
 def test_too_few_groups_for_the_folds_is_a_clear_error():
     table, split_table = feature_table(groups_per_class=3)
     cv = {"strategy": "stratified_group_kfold", "n_splits": 5, "shuffle": True, "seed": 0}
@@ -287,6 +296,7 @@ def test_heads_beat_chance_on_separable_features():
 def test_heads_are_logged_as_mlflow_child_runs(tmp_path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.chdir(tmp_path)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment("features_heads_test")  # not whatever an earlier test left active
     table, split_table = feature_table()
     p = params()
     p["classifiers"] = {k: p["classifiers"][k] for k in ("svm", "tree")}

@@ -111,7 +111,8 @@ Folds = list[tuple[np.ndarray, np.ndarray]]
 
 
 def group_folds(
-    labels: np.ndarray, groups: Sequence[Any], folds: Sequence[int] | None, cv: CvParams
+    labels: np.ndarray, groups: Sequence[Any], folds: Sequence[int] | None, cv: CvParams,
+    classes: Sequence[str] | None = None,
 ) -> Folds:
     """Cross-validation folds over whole groups, as ``(train_rows, test_rows)`` index pairs.
 
@@ -156,6 +157,14 @@ def group_folds(
         if len(train) == 0 or len(test) == 0:
             raise DataError(f"CV fold {i} is empty on one side.",
                             hint="add patients, or lower the number of folds")
+        lacking = sorted(set(labels.tolist()) - set(labels[train].tolist()))
+        if lacking:  # a head cannot learn (nor calibrate for) a class it never sees
+            names = [classes[k] for k in lacking] if classes is not None else lacking
+            raise DataError(
+                f"CV fold {i} leaves no patient of class(es) {names} to fit on: grouped "
+                "CV needs every class among each fold's training groups.",
+                hint="fit on more groups (features.heads.fit_splits: [train, validation]), use "
+                     "fewer folds, or add patients")
     return out
 
 

@@ -226,7 +226,7 @@ def fit_heads(
                  f"`kedro run --pipeline={arch}_features`")
     x = rows[columns].to_numpy(dtype=np.float32)
     y = _encode(rows["label"], classes)
-    folds = group_folds(y, rows["group"].to_numpy(), rows["fold"].to_numpy(), p.cv)
+    folds = group_folds(y, rows["group"].to_numpy(), rows["fold"].to_numpy(), p.cv, classes)
     logger.info("Fitting %d head(s) on %d tiles (%d groups, %d features), %d grouped CV folds",
                 len(p.classifiers), len(rows), rows["group"].nunique(), len(columns), len(folds))
     bundles: dict[str, dict[str, Any]] = {}

@@ -1,0 +1,137 @@
+"""End to end in the tiny environment: raw BACH tissue -> CNN -> features -> scikit-learn heads,
+for both ResNets, then prediction with extractor + head on the test images."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from neuroblastoma_cnn.datasets import load_keras_model
+from neuroblastoma_cnn.datasets.sklearn_heads import load_heads
+from neuroblastoma_cnn.errors import ModelError
+from neuroblastoma_cnn.models.feature_heads import extractor_identity
+from neuroblastoma_cnn.pipelines.features.nodes import ATTRS, CNN_PREDICTOR, feature_columns
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+HEADS = ["svm", "tree", "logreg", "hgb"]
+
+
+def _latest(path: Path) -> Path:
+    versions = sorted(p for p in path.iterdir() if p.is_dir())
+    assert versions, f"no version of {path}"
+    return versions[-1] / path.name
+
+
+def _runs(project: Path, run_name: str) -> list[mlflow.entities.Run]:
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    return mlflow.search_runs(experiment_names=["neuroblastoma_cnn_tiny"],
+                              filter_string=f"attributes.run_name = '{run_name}'",
+                              output_format="list")
+
+
+def _check_features_run(project: Path, model_name: str, run_name: str, trained: bool) -> None:
+    table = pd.read_parquet(_latest(project / f"data/04_feature/{model_name}/features.parquet"))
+    split = pd.read_csv(_latest(project / "data/05_model_input/split_table.csv"))
+    assert sorted(table["tile_id"]) == sorted(split["tile_id"])  # train, validation and test
+    identity = table.attrs[ATTRS]["extractor"]
+    assert identity["architecture"] == model_name
+    assert len(feature_columns(table)) == identity["feature_dim"]
+    heads = load_heads(_latest(project / f"data/06_models/{model_name}/heads.pkl"))
+    assert sorted(heads) == sorted(HEADS)
+    for bundle in heads.values():
+        assert bundle["extractor"] == identity
+
+    comparison = pd.read_csv(_latest(project / f"data/08_reporting/{model_name}/"
+                                     "heads_comparison.csv"))
+    expected = ([CNN_PREDICTOR] if trained else []) + HEADS
+    assert list(comparison["predictor"]) == expected
+    assert (comparison["f1_macro_low"] <= comparison["f1_macro"] + 1e-12).all()
+    test_images = set(split.loc[split["split"] == "test", "image_path"])
+    images = pd.read_csv(_latest(project / f"data/07_model_output/{model_name}/"
+                                 "heads_image_predictions.csv"))
+    for _, rows in images.groupby("predictor"):
+        assert set(rows["image_path"]) == test_images
+
+    runs = _runs(project, run_name)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    parent = runs[0]
+    assert f"{model_name}.svm.test_f1_macro" in parent.data.metrics
+    children = mlflow.search_runs(
+        experiment_ids=[parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'", output_format="list")
+    assert sorted(c.data.tags["head"] for c in children) == sorted(HEADS)
+    for child in children:
+        assert child.data.tags["extractor_weights_sha256"] == identity["weights_sha256"]
+        assert child.data.tags["extractor_model"]
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id,
+                                                                      f"{model_name}/heads")}
+    assert f"{model_name}/heads/heads_comparison.csv" in artifacts
+
+
+@pytest.mark.parametrize("model_name", ["resnet34", "resnet50"])
+def test_raw_images_to_cnn_to_heads_in_one_run(kedro_project: Path, run_kedro, model_name: str):
+    run_kedro(f"train_{model_name}_features")
+    _check_features_run(kedro_project, model_name, f"train_{model_name}_features", trained=True)
+
+    # The heads were fitted on the model this run trained, and its softmax is the evaluation's.
+    model = load_keras_model(_latest(kedro_project / f"data/06_models/{model_name}/model.keras"))
+    heads = load_heads(_latest(kedro_project / f"data/06_models/{model_name}/heads.pkl"))
+    identity = extractor_identity(model, heads["svm"]["feature_dim"])
+    assert heads["svm"]["extractor"]["weights_sha256"] == identity["weights_sha256"]
+    cnn = pd.read_csv(_latest(kedro_project / f"data/07_model_output/{model_name}/"
+                              "image_predictions.csv")).set_index("image_path")
+    ours = pd.read_csv(_latest(kedro_project / f"data/07_model_output/{model_name}/"
+                               "heads_image_predictions.csv"))
+    ours = ours[ours["predictor"] == CNN_PREDICTOR].set_index("image_path").loc[cnn.index]
+    prob = [c for c in cnn.columns if c.startswith("prob_")]
+    np.testing.assert_allclose(ours[prob].to_numpy(), cnn[prob].to_numpy(), atol=1e-5)
+    metrics = json.loads(_latest(kedro_project / f"data/08_reporting/{model_name}/"
+                                 "heads_test_metrics.json").read_text())
+    assert set(metrics) == {CNN_PREDICTOR, *HEADS}
+
+
+def test_features_on_the_latest_model_and_on_an_untrained_resnet50(kedro_project: Path,
+                                                                   run_kedro):
+    with pytest.raises(Exception, match="kedro run --pipeline=train_resnet34"):
+        run_kedro("resnet34_features")  # nothing trained yet
+    run_kedro("train_resnet34")
+    run_kedro("resnet34_features")
+    _check_features_run(kedro_project, "resnet34", "resnet34_features", trained=True)
+
+    run_kedro("resnet50_features", runtime_params={
+        "features": {"extractors": {"resnet50": {"source": "untrained", "weights": None}}}})
+    _check_features_run(kedro_project, "resnet50", "resnet50_features", trained=False)
+
+
+def test_predict_with_a_head_equals_the_evaluation(kedro_project: Path, run_kedro):
+    run_kedro("train_resnet34_features")
+    split = pd.read_csv(_latest(kedro_project / "data/05_model_input/split_table.csv"))
+    test_images = sorted(split.loc[split["split"] == "test", "image_path"].unique())
+    raw, folder = kedro_project / "data/01_raw/images", kedro_project / "data/01_raw/predict"
+    for name in test_images:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(raw / name, folder / name)
+
+    run_kedro("predict", runtime_params={"predict": {"head": "svm"}})
+    predictions = pd.read_csv(_latest(kedro_project / "data/07_model_output/predictions.csv"))
+    predictions = predictions.set_index("file").loc[test_images]
+    assert predictions["model"].str.contains("head svm").all()
+    evaluated = pd.read_csv(_latest(kedro_project / "data/07_model_output/resnet34/"
+                                    "heads_image_predictions.csv"))
+    evaluated = evaluated[evaluated["predictor"] == "svm"].set_index("image_path").loc[test_images]
+    prob = [c for c in evaluated.columns if c.startswith("prob_")]
+    np.testing.assert_allclose(predictions[prob].to_numpy(), evaluated[prob].to_numpy(),
+                               atol=1e-4)
+    assert list(predictions["predicted"]) == list(evaluated["predicted"])
+
+    # A retrained model: its heads do not exist yet, so predict refuses the old ones.
+    run_kedro("train_resnet34", runtime_params={"resnet34": {"training": {"seed": 7}}})
+    with pytest.raises(ModelError, match="none was fitted on the features of model"):
+        run_kedro("predict", runtime_params={"predict": {"head": "svm"}})
