@@ -83,7 +83,7 @@ def test_train_pipeline_logs_an_evaluated_model(kedro_project: Path, run_kedro, 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, model_name)}
     for name in ("confusion_matrix.png", "confusion_matrix.csv", "classification_report.csv",
                  "training_curves.png", "roc_curves.png", "test_metrics.json",
-                 "misclassified_gallery.png"):
+                 "misclassified_gallery.png", "training_input.png"):
         assert f"{model_name}/{name}" in artifacts, f"{name} missing from {sorted(artifacts)}"
 
     data_artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "data")}
