@@ -56,7 +56,7 @@ def test_no_defaults_in_code_every_field_is_required() -> None:
     ("resnet34.training.epochs", -1, "resnet34.training.epochs = -1: must be >= 1"),
     ("resnet34.training.optimizer", "adamm",
      "resnet34.training.optimizer = 'adamm': must be 'sgd', 'sgd_momentum', 'rmsprop', "
-     "'adagrad' or 'adam'"),
+     "'adagrad', 'adam'"),
     ("resnet34.training.monitor", "val_f1", "resnet34.training.monitor = 'val_f1': must be"),
     ("resnet34.training.lerning_rate", 0.1,
      "resnet34.training.lerning_rate = 0.1: unknown key, did you mean 'learning_rate'?"),
