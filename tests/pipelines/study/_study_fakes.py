@@ -13,6 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import optuna
+from optuna.trial import TrialState
+
 from neuroblastoma_cnn.pipelines.study import config
 from neuroblastoma_cnn.pipelines.study.engine import TrialContext, TrialOutcome, TrialSpec
 
@@ -36,7 +39,7 @@ def study_params(storage: str, **studies: Any) -> dict[str, Any]:
         "model": "m",
         "seed": 0,
         "validation_fraction": 0.2,
-        "heartbeat_seconds": 1,
+        "heartbeat_seconds": 2,
         "max_retries": 2,
         "studies": studies or {
             "dropout": {"mode": "grid", "vary": {"model.dropout": [0.0, 0.25, 0.5]},
@@ -46,7 +49,7 @@ def study_params(storage: str, **studies: Any) -> dict[str, Any]:
 
 
 def grid_plan(storage: str, values: tuple = (0.0, 0.25, 0.5), repeats: int = 3,
-              heartbeat: int = 1) -> config.StudyPlan:
+              heartbeat: int = 2) -> config.StudyPlan:
     params = study_params(storage, dropout={
         "mode": "grid", "vary": {"model.dropout": list(values)},
         "baseline": {"model.dropout": values[0]}, "repeats": repeats})
@@ -84,6 +87,22 @@ class LoggingObjective:
         return TrialOutcome(objective=score, metrics={
             "f1_macro": score, "accuracy": score - 0.05, "f1_A": score + 0.1, "f1_B": score - 0.1,
         })
+
+
+class SupersededObjective(LoggingObjective):
+    """Trial ``on_trial`` is failed behind its back while it runs, as a worker that missed its
+    heartbeats would be by another worker's stale check; it then finishes normally."""
+
+    def __init__(self, log: Path, storage: str, study_name: str, on_trial: int):
+        super().__init__(log)
+        self.storage, self.study_name, self.on_trial = storage, study_name, on_trial
+
+    def __call__(self, spec: TrialSpec, context: TrialContext) -> TrialOutcome:
+        if spec.number == self.on_trial:
+            study = optuna.load_study(study_name=self.study_name, storage=self.storage)
+            trial = next(t for t in study.get_trials() if t.number == spec.number)
+            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        return super().__call__(spec, context)
 
 
 def read_log(log: Path) -> list[dict[str, Any]]:

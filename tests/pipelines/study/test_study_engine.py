@@ -17,6 +17,7 @@ import yaml
 from _study_fakes import (
     MODEL_PARAMS,
     LoggingObjective,
+    SupersededObjective,
     grid_plan,
     read_log,
     search_objective,
@@ -27,6 +28,7 @@ from optuna.trial import TrialState
 
 from neuroblastoma_cnn.errors import DataError
 from neuroblastoma_cnn.pipelines.study import config, engine, results, tracking
+from neuroblastoma_cnn.pipelines.study.engine import ATTR_METRICS
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -176,6 +178,22 @@ def test_a_failing_trial_stops_the_run_and_is_retried_on_resume(tmp_path):
     log = tmp_path / "log.jsonl"
     engine.run_workers(engine.WorkerConfig(plan, name, LoggingObjective(log)), 1)
     assert _runs_per_point(log, "end") == collections.Counter(engine.grid_points(plan))
+
+
+def test_a_trial_taken_over_as_stale_is_not_counted(tmp_path):
+    plan = grid_plan(f"sqlite:///{tmp_path / 'study.db'}", values=(0.0, 0.5), repeats=2)
+    _, name = _start(plan)
+    log = tmp_path / "log.jsonl"
+    engine.run_workers(engine.WorkerConfig(
+        plan, name, SupersededObjective(log, plan.storage, name, on_trial=1)), 1)
+    study = engine.load_existing(plan, name)
+    assert study.get_trials()[1].state == TrialState.FAIL
+    assert ATTR_METRICS not in study.get_trials()[1].user_attrs  # its result was dropped
+    trials, summary = _summary(plan, name)
+    assert trials["counted"].sum() == 4 and summary["n"].tolist() == [2, 2]
+    again = [t for t in study.get_trials() if t.number > 1 and t.state == TrialState.COMPLETE
+             and engine.point_of(t) == engine.point_of(study.get_trials()[1])]
+    assert len(again) == 1  # run again once, counted once
 
 
 def test_search_samples_prunes_and_exports_best_parameters(tmp_path):

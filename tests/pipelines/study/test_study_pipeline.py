@@ -60,17 +60,20 @@ def _states(study: optuna.Study | None) -> collections.Counter:
 def _start_and_kill(project: Path) -> tuple[set[int], int]:
     """Starts the dropout study and kill -9s the whole `kedro run` while a trial runs (after
     one finished); returns the finished trial numbers and the killed one."""
-    process = subprocess.Popen(
-        [KEDRO, "run", "--env=tiny", "--pipeline=study",
-         f"--params=study.name=dropout,{ONE_EPOCH}"],
-        cwd=project, env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True)
+    log = project / "killed_run.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [KEDRO, "run", "--env=tiny", "--pipeline=study",
+             f"--params=study.name=dropout,{ONE_EPOCH}"],
+            cwd=project, env=run_env(), stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True)
     deadline = time.monotonic() + 600
     while True:
         states = _states(_study(project, "dropout-"))
         if states[TrialState.COMPLETE] >= 1 and states[TrialState.RUNNING] == 1:
             break
-        assert process.poll() is None, "the study ended before it could be killed"
+        assert process.poll() is None, f"the study ended before it could be killed:\n" \
+                                       f"{log.read_text()[-4000:]}"
         assert time.monotonic() < deadline, f"no running trial to kill: {states}"
         time.sleep(0.5)
     os.killpg(process.pid, signal.SIGKILL)

@@ -114,6 +114,11 @@ class TrialContext:
 TrialFunction = Callable[[TrialSpec, TrialContext], TrialOutcome]
 
 
+class TrialSuperseded(RuntimeError):
+    """A trial finished after another worker had already failed it as stale and queued it
+    again (a heartbeat that came too late): its result is not recorded."""
+
+
 # --------------------------------------------------------------------------- storage
 
 
@@ -327,6 +332,13 @@ class Objective:
             run.finish("FAILED")
             raise
         seconds = time.perf_counter() - started
+        if trial.study._storage.get_trial(trial._trial_id).state != TrialState.RUNNING:
+            # Another worker took this trial for a dead one (its heartbeat came too late) and
+            # queued it again: this result is dropped, the retry's counts.
+            run.set_tags({"study.state": "superseded", "study.counted": "false"})
+            run.finish("KILLED")
+            raise TrialSuperseded(f"Trial {spec.number} was marked failed by another worker "
+                                  "while it ran; its retry counts instead")
         metrics = {k: float(v) for k, v in outcome.metrics.items()}
         trial.set_user_attr(ATTR_METRICS, metrics)
         trial.set_user_attr("seconds", seconds)
@@ -429,7 +441,17 @@ def run_worker(config: WorkerConfig, worker: int = 0) -> int:
                 left["start"] += 1
         if left["start"] > 0:
             before = len(study.get_trials(deepcopy=False))
-            study.optimize(objective, callbacks=[_StopWhenCovered(plan)], gc_after_trial=True)
+            try:
+                study.optimize(objective, callbacks=[_StopWhenCovered(plan)],
+                               gc_after_trial=True)
+            except ValueError as exc:
+                # Optuna refuses to record a trial another worker already failed as stale
+                # (see TrialSuperseded): nothing is counted, the retry is queued; go on.
+                if not str(exc).startswith("Cannot tell a FAIL trial"):
+                    raise
+                logger.warning("A trial of this worker was taken over as stale by another "
+                               "worker (heartbeat too late: raise study.heartbeat_seconds on a "
+                               "busy machine); its retry counts instead.")
             ran += len(study.get_trials(deepcopy=False)) - before
             continue
         if left["running"] > 0:
