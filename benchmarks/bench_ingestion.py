@@ -18,7 +18,9 @@ Variants (``build_image_manifest`` + ``tile_images`` + ``write_tile_store``, as 
 
 Peak memory: the variant's main process (``ru_maxrss``) and, sampled every 50 ms from /proc,
 the proportional set size (PSS: shared pages split between the processes sharing them) of the
-main process and all its descendants (fork server, workers) together.
+main process and all its descendants (fork server, workers) together. CPU: the CPU seconds of
+all those processes per image (sampled the same way), which a shared machine's load does not
+change much, unlike wall time.
 
     .venv/bin/python benchmarks/bench_ingestion.py [RAW] [--tile-size 512] [--input-size 224]
         [--limit N] [--workers 2] [--rounds 2] [--before-src /tmp/before/src]
@@ -96,13 +98,27 @@ def _pss_kb(pid: int) -> int:
     return 0
 
 
+def _cpu_ticks(pid: int) -> int:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime + stime
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 class TreeMemory:
-    """Peak PSS of this process and all its descendants, sampled in a thread (Linux)."""
+    """Peak PSS of this process and all its descendants, and their CPU time, sampled in a
+    thread (Linux; a worker's CPU is its last sample, within ``every_s`` of its end)."""
 
     def __init__(self, every_s: float = 0.05):
         self.every_s, self.peak_kb = every_s, 0
+        self.cpu_ticks: dict[int, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @property
+    def cpu_s(self) -> float:
+        return sum(self.cpu_ticks.values()) / os.sysconf("SC_CLK_TCK")
 
     def __enter__(self) -> TreeMemory:
         self._thread.start()
@@ -114,8 +130,10 @@ class TreeMemory:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            total = sum(_pss_kb(pid) for pid in _descendants(os.getpid()))
-            self.peak_kb = max(self.peak_kb, total)
+            pids = _descendants(os.getpid())
+            self.peak_kb = max(self.peak_kb, sum(_pss_kb(pid) for pid in pids))
+            for pid in pids:
+                self.cpu_ticks[pid] = max(self.cpu_ticks.get(pid, 0), _cpu_ticks(pid))
             self._stop.wait(self.every_s)
 
 
@@ -184,6 +202,7 @@ def child(args: argparse.Namespace) -> None:
             result = run_pipeline(args.raw, spec["overrides"], spec.get("before_src"))
     result["main_peak_mb"] = peak_mb(resource.RUSAGE_SELF)
     result["tree_peak_mb"] = memory.peak_kb / 1024
+    result["cpu_s"] = memory.cpu_s
     print(json.dumps(result))
 
 
@@ -277,6 +296,10 @@ def summarise(runs: dict[str, list[dict[str, Any]]],
             "wall_s best": round(best, 1),
             "manifest_s best": round(min(r["manifest_s"] for r in results), 1),
             "speed vs full x1": round(reference / best, 2),
+            # CPU seconds of every process, per image: what the variant costs whatever the
+            # load of a shared machine
+            "cpu_s per image (median)": round(
+                statistics.median(r["cpu_s"] for r in results) / images, 3),
             "peak_mb main (rss), all processes (pss)": [round(main_mb), round(tree_mb)],
         }
     return table

@@ -39,6 +39,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,13 +122,13 @@ def main() -> None:
 
     breakdown = {decoding: _breakdown(files, model) for decoding, model in models.items()}
     tiles = breakdown[args.decodings[-1]][2]
-    seconds, tables = _rounds(files, models, params, tiles, args)
+    seconds, cpu, tables = _rounds(files, models, params, tiles, args)
     predictions = tables[args.decodings[-1]][0]
     last = models[args.decodings[-1]]
     gradcam_s = _gradcam_seconds(files, last, predictions, params, args.gradcam)
     help_s, first_s, import_s = _startup(files, paths[args.decodings[-1]], tmp,
                                          args.startup_repeats)
-    _report(args, load_at_start, seconds, tables, breakdown, len(files), gradcam_s, load_s,
+    _report(args, load_at_start, seconds, cpu, tables, breakdown, len(files), gradcam_s, load_s,
             help_s, first_s, import_s)
 
 
@@ -150,27 +151,36 @@ def _rounds(files: list, models: dict, params, tiles: np.ndarray, args) -> tuple
     """Rounds, interleaved so that a busy spell of a shared machine hits every contender:
     1. the pipeline's function from files, per decoding method; 2. model.predict and
     3. predict_on_batch on the preloaded tiles (of the last method). Best and median of the
-    rounds are reported."""
+    rounds are reported, in wall time and in CPU time of this process."""
     seconds: dict[str, list[float]] = {f"pipeline {d}": [] for d in models}
     seconds.update({"bare model.predict": [], "bare predict_on_batch": []})
+    cpu: dict[str, list[float]] = {k: [] for k in seconds}
     tables: dict[str, tuple] = {}
     model = models[args.decodings[-1]]
-    for _ in range(args.repeats):
-        for decoding, each in models.items():
-            started = time.perf_counter()
-            tables[decoding] = predict_files(files, each, params)
-            seconds[f"pipeline {decoding}"].append(time.perf_counter() - started)
-        started = time.perf_counter()
-        bare = model.predict(tiles, batch_size=args.batch_size, verbose=0)
-        seconds["bare model.predict"].append(time.perf_counter() - started)
-        started = time.perf_counter()
+    results: dict[str, Any] = {}
+
+    def clock(name: str, work: Any) -> None:
+        started, cpu_started = time.perf_counter(), time.process_time()
+        results[name] = work()
+        seconds[name].append(time.perf_counter() - started)
+        cpu[name].append(time.process_time() - cpu_started)
+
+    def bare_batches() -> None:
         for i in range(0, len(tiles), args.batch_size):
             model.predict_on_batch(tiles[i : i + args.batch_size])
-        seconds["bare predict_on_batch"].append(time.perf_counter() - started)
+
+    for _ in range(args.repeats):
+        for decoding, each in models.items():
+            clock(f"pipeline {decoding}", lambda each=each: predict_files(files, each, params))
+            tables[decoding] = results[f"pipeline {decoding}"]
+        clock("bare model.predict",
+              lambda: model.predict(tiles, batch_size=args.batch_size, verbose=0))
+        clock("bare predict_on_batch", bare_batches)
     tile_table = tables[args.decodings[-1]][1]
     assert len(tiles) == len(tile_table), (len(tiles), len(tile_table))
-    np.testing.assert_allclose(bare, tile_table.filter(like="prob_").to_numpy(), atol=1e-4)
-    return seconds, tables
+    np.testing.assert_allclose(results["bare model.predict"],
+                               tile_table.filter(like="prob_").to_numpy(), atol=1e-4)
+    return seconds, cpu, tables
 
 
 def _gradcam_seconds(files: list, model, predictions, params, n: int) -> float | None:
@@ -202,7 +212,7 @@ def _startup(files: list, model_path: Path, tmp: Path, repeats: int) -> tuple:
     return help_s, first_s, import_s
 
 
-def _report(args, load_at_start, seconds, tables, breakdown, n_files, gradcam_s, load_s,
+def _report(args, load_at_start, seconds, cpu, tables, breakdown, n_files, gradcam_s, load_s,
             help_s, first_s, import_s) -> None:
     last = args.decodings[-1]
     predictions = tables[last][0]
@@ -229,6 +239,11 @@ def _report(args, load_at_start, seconds, tables, breakdown, n_files, gradcam_s,
         result[f"ratio {decoding} vs predict_on_batch (best, median)"] = (
             f"{best[key] / best['bare predict_on_batch']:.3f}, "
             f"{median[key] / median['bare predict_on_batch']:.3f}")
+        # CPU seconds per tile (all threads of the process): on a machine shared with other
+        # jobs, the share of CPU work that is inference does not depend on their load.
+        result[f"cpu ratio {decoding} vs model.predict (median)"] = round(
+            (statistics.median(cpu["bare model.predict"]) / n_tiles["bare model.predict"])
+            / (statistics.median(cpu[key]) / n_tiles[key]), 3)
         result[f"pipeline {decoding} images/s (best)"] = round(
             n_images / min(seconds[key]), 2)
         decode_s, tiling_s, _ = breakdown[decoding]
