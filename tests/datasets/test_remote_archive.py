@@ -194,3 +194,21 @@ def test_malformed_md5_is_a_parameter_error(md5, tmp_path: Path) -> None:
 def test_raw_data_is_read_only(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="read-only"):
         dataset(tmp_path, refused_url(), "0" * 32).save(tmp_path)
+
+
+def test_entry_naming_a_missing_folder_of_a_verified_copy_leaves_the_copy_alone(
+    served_zip, tmp_path: Path
+) -> None:
+    www, md5, n_tiles = served_zip
+    raw = tmp_path / "01_raw"
+    raw.mkdir()
+    (raw / ARCHIVE_NAME).write_bytes((www / ARCHIVE_NAME).read_bytes())
+    root = dataset(raw, refused_url(), md5).load()
+    marker = (raw / "kather_2016" / MARKER).stat().st_mtime_ns
+    other = RemoteArchiveDataset(url=refused_url(), md5=md5, filepath=str(raw / ARCHIVE_NAME),
+                                 path=str(raw / "kather_2016"), image_root=f"{TOP}/01_TUMOR")
+    assert not other.exists()
+    with pytest.raises(ArchiveError, match=rf"has no folder '{TOP}/01_TUMOR'"):
+        other.load()
+    assert (raw / "kather_2016" / MARKER).stat().st_mtime_ns == marker  # not unpacked again
+    assert len(list(root.rglob("*.tif"))) == n_tiles

@@ -101,11 +101,16 @@ class RemoteArchiveDataset(AbstractDataset[Any, Path]):
     def load(self) -> Path:
         md5 = self._md5()
         root = self._root(self._path)
-        if self._verified(md5):
+        if not self._verified(md5):
+            archive = self._download(md5)
+            self._unpack(archive, md5)
+        else:
             logger.info("Using the verified copy of '%s' in '%s'", self._url, self._path)
-            return root
-        archive = self._download(md5)
-        self._unpack(archive, md5)
+        if not root.is_dir():  # a verified copy is complete: the entry names a wrong folder
+            raise ArchiveError(
+                f"The verified copy of '{self._url}' in '{self._path}' has no folder "
+                f"'{self._image_root}'; check image_root in the catalog"
+            )
         return root
 
     def save(self, data: Any) -> None:
@@ -117,7 +122,7 @@ class RemoteArchiveDataset(AbstractDataset[Any, Path]):
     def _exists(self) -> bool:
         """True only for a verified unpacked copy: checking never downloads."""
         try:
-            return self._verified(self._md5())
+            return self._verified(self._md5()) and self._root(self._path).is_dir()
         except ParameterError:
             return False
 
@@ -147,13 +152,13 @@ class RemoteArchiveDataset(AbstractDataset[Any, Path]):
         return folder / self._image_root if self._image_root else folder
 
     def _verified(self, md5: str) -> bool:
-        """Whether ``path`` holds a complete unpack of the archive with this MD5."""
+        """Whether ``path`` holds a complete unpack of the archive with this MD5 (the marker is
+        written last, just before the folder is renamed into place)."""
         try:
             marker = json.loads((self._path / MARKER).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return False
-        return (isinstance(marker, dict) and marker.get("md5") == md5
-                and self._root(self._path).is_dir())
+        return isinstance(marker, dict) and marker.get("md5") == md5
 
     def _place_by_hand(self, md5: str) -> str:
         return (f"download it by other means and place it at '{self._archive.resolve()}' "
