@@ -79,9 +79,12 @@ def main() -> None:
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="demo-kather-like-"))
     images = -(-args.tiles_per_class // args.tiles_per_image)
+    # Folders named like Kather's first four (Benign -> 01_TUMOR, ...): the demo's predict
+    # entry reads 01_TUMOR. The tissue is BACH's whatever the name says.
     tree = make_kather_like(workdir / "tree", args.bach, images_per_class=images,
                             n_slides=args.slides, tiles_per_image=args.tiles_per_image,
-                            downscale=args.downscale)
+                            downscale=args.downscale,
+                            folder_names=("01_TUMOR", "02_STROMA", "03_COMPLEX", "04_LYMPHO"))
     project = make_project(workdir)
     md5 = zip_folder(tree, project / "data" / "01_raw" / ARCHIVE_NAME)
     shutil.rmtree(tree)
