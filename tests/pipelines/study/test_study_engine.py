@@ -150,6 +150,14 @@ def test_resume_after_kill_runs_only_unfinished_trials(tmp_path):
             for r in finished} == set(points)
     assert all("test_f1_macro" in r.data.metrics and "model.dropout" in r.data.params
                for r in finished)
+    # a worker killed between creating its run and recording it in the trial leaves a run
+    # only its tags tie to the trial: the final sweep finds and closes it
+    client = MlflowClient(tracking_uri=target.uri)
+    orphan = client.create_run(target.experiment_id, tags={
+        tracking.PARENT_TAG: target.parent_run_id, "study.optuna_study": name,
+        "study.trial": "2"})
+    assert engine.close_orphan_runs(study, target) == 1
+    assert client.get_run(orphan.info.run_id).info.status == "KILLED"
 
 
 def test_two_workers_share_one_storage(tmp_path):

@@ -310,7 +310,8 @@ class Objective:
         trial.set_user_attr(ATTR_OVERRIDES, spec.overrides)
         run = tracking.start_trial_run(
             self.target, f"{spec.study} {spec.variant} r{spec.repeat}",
-            {"study.name": spec.study, "study.variant": spec.variant,
+            {"study.name": spec.study, "study.optuna_study": trial.study.study_name,
+             "study.variant": spec.variant,
              "study.repeat": spec.repeat, "study.trial": spec.number,
              "study.worker": self.worker},
         )
@@ -546,12 +547,25 @@ def trial_rows(study: optuna.Study, plan: StudyPlan) -> list[dict[str, Any]]:
     return rows
 
 
-def close_orphan_runs(study: optuna.Study, uri: str) -> None:
-    """Ends the MLflow runs of failed attempts still marked RUNNING (a killed worker's)."""
-    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
-        run_id = t.user_attrs.get(ATTR_RUN)
-        if run_id:
-            tracking.close_run(uri, run_id, "KILLED", {"study.counted": "false"})
+def close_orphan_runs(study: optuna.Study, target: tracking.TrackingTarget) -> int:
+    """Ends the child runs a killed worker left RUNNING (also one killed before it could record
+    its run id in the trial): found by their tags, matched to the trial they belong to."""
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    closed = 0
+    for run in tracking.child_runs(target.uri, target.experiment_id, target.parent_run_id):
+        tags = run.data.tags
+        if run.info.status != "RUNNING" or tags.get("study.optuna_study") != study.study_name:
+            continue
+        trial = trials.get(int(tags.get("study.trial", -1)))
+        if trial is not None and trial.state in (TrialState.RUNNING, TrialState.WAITING):
+            continue  # still running somewhere
+        if trial is not None and trial.state == TrialState.COMPLETE and \
+                trial.user_attrs.get(ATTR_RUN) == run.info.run_id:
+            tracking.close_run(target.uri, run.info.run_id, "FINISHED")  # killed after its tell
+        else:
+            tracking.close_run(target.uri, run.info.run_id, "KILLED", {"study.counted": "false"})
+        closed += 1
+    return closed
 
 
 def check_complete(study: optuna.Study, plan: StudyPlan) -> None:

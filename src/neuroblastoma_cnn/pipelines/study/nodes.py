@@ -99,8 +99,10 @@ def run_study_trials(
                           plan.validation_fraction)
     engine.run_workers(engine.WorkerConfig(plan, name, trial_fn, target), plan.workers)
     engine.check_complete(study, plan)
-    if active is not None:
-        engine.close_orphan_runs(study, active.uri)
+    if target is not None:
+        closed = engine.close_orphan_runs(study, target)
+        if closed:
+            logger.info("Closed %d MLflow child run(s) left open by stopped workers.", closed)
     rows = engine.trial_rows(study, plan)
     if not rows:
         raise ParameterError(f"Study '{plan.name}' has no trials yet.",
