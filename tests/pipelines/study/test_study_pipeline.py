@@ -68,9 +68,12 @@ def _start_and_kill(project: Path) -> tuple[set[int], int]:
             cwd=project, env=run_env(), stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True)
     deadline = time.monotonic() + 600
-    while True:
-        states = _states(_study(project, "dropout-"))
-        if states[TrialState.COMPLETE] >= 1 and states[TrialState.RUNNING] == 1:
+    while True:  # kill once a trial finished and the next one has its MLflow run (training)
+        study = _study(project, "dropout-")
+        states = _states(study)
+        if states[TrialState.COMPLETE] >= 1 and any(
+                t.state == TrialState.RUNNING and t.user_attrs.get("mlflow_run_id")
+                for t in study.get_trials()):
             break
         assert process.poll() is None, f"the study ended before it could be killed:\n" \
                                        f"{log.read_text()[-4000:]}"
