@@ -29,11 +29,12 @@ from .trial import KerasTrial, ProjectSteps, parse_trial_params
 logger = logging.getLogger(__name__)
 
 
-def prepare_study(study: dict[str, Any], parameters: dict[str, Any]) -> StudyPlan:
-    """The study named by ``study.name``, resolved against its model's parameters; every
-    variant's parameters (or, for a search, the ends of every range and every choice) are
-    validated as the training node's own, and the storage is opened once."""
-    plan = resolve_study(study, parameters)
+def prepare_study(study: dict[str, Any], **models: dict[str, Any]) -> StudyPlan:
+    """The study named by ``study.name``, resolved against its model's parameters (``models``:
+    each model's block, ``params:<model>``); every variant's parameters (or, for a search, the
+    ends of every range and every choice) are validated as the training node's own, and the
+    storage is opened once."""
+    plan = resolve_study(study, models)
     for label, overrides in _parameter_cases(plan):
         try:
             parse_trial_params(plan.params_for(overrides), plan.model, 0)

@@ -7,7 +7,7 @@ other). Not part of ``__default__``: a study trains many models.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pandas as pd
 from kedro.pipeline import Node, Pipeline
@@ -22,15 +22,18 @@ from .trial import ProjectSteps
 TAGS = ["model", "study"]
 
 
-def create_pipeline(steps: ProjectSteps | None = None, **kwargs) -> Pipeline:
-    """``steps``: the project's training and evaluation functions (required to run trials)."""
+def create_pipeline(steps: ProjectSteps | None = None, models: Sequence[str] = (),
+                    **kwargs) -> Pipeline:
+    """``steps``: the project's training and evaluation functions (required to run trials);
+    ``models``: the models whose parameter blocks (``params:<model>``) studies may vary."""
     if steps is None:
         raise ValueError("The study pipeline needs the project's training and evaluation "
                          "functions: build it through pipeline_registry.register_pipelines().")
     return Pipeline(
         [
-            Node(prepare_study, inputs=["params:study", "parameters"], outputs="study_plan",
-                 name="prepare_study"),
+            Node(prepare_study,
+                 inputs={"study": "params:study", **{m: f"params:{m}" for m in models}},
+                 outputs="study_plan", name="prepare_study"),
             Node(_with_steps(steps),
                  inputs=["study_plan", "augmented_train_tiles", "tiles", "split_table",
                          "params:evaluation"],
