@@ -83,5 +83,6 @@ def register_pipelines() -> dict[str, Pipeline]:
     # Studies train many models with the training and evaluation functions (not in __default__).
     pipelines["study"] = study.create_pipeline(study.ProjectSteps(
         training.nodes.train_model, evaluation.nodes.predict_split_tiles,
-        evaluation.nodes.aggregate_image_predictions, evaluation.nodes.compute_test_metrics))
+        evaluation.nodes.aggregate_image_predictions, evaluation.nodes.compute_test_metrics),
+        models=MODELS)
     return pipelines
