@@ -173,6 +173,12 @@ def test_bad_study_is_one_line_before_training(project: Path):
     output = result.stdout + result.stderr
     assert "Unknown study 'dropuot'" in output and "Traceback" not in output
     assert "Trial 0" not in output
+    # the project command runs the same pipeline: the same one-line error, exit code 2
+    command = subprocess.run([str(Path(KEDRO).with_name("neuroblastoma-cnn")), "study",
+                              "dropuot", "--env", "tiny"], cwd=project, env=run_env(),
+                             capture_output=True, text=True, timeout=300, check=False)
+    assert command.returncode == 2
+    assert "neuroblastoma-cnn: error: Unknown study 'dropuot'" in command.stderr
 
 
 SHIPPED = sorted(base_parameters()["study"]["studies"])
