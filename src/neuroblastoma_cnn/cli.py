@@ -23,6 +23,7 @@ import click
 
 from neuroblastoma_cnn.errors import ParameterError, ProjectError
 from neuroblastoma_cnn.prune import prune
+from neuroblastoma_cnn.study_command import study
 
 EXIT_OK = 0
 EXIT_REJECTED = 1
@@ -56,6 +57,7 @@ def main_group() -> None:
 
 
 main_group.add_command(prune)  # old data and model versions (see neuroblastoma_cnn.prune)
+main_group.add_command(study)  # kedro run --pipeline=study (see neuroblastoma_cnn.study_command)
 
 
 @main_group.command(
