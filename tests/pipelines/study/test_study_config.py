@@ -11,7 +11,9 @@ from _study_fakes import MODEL_PARAMS, study_params
 from kedro.config import OmegaConfigLoader
 
 from neuroblastoma_cnn.errors import DataError, ParameterError
+from neuroblastoma_cnn.params import base_parameters
 from neuroblastoma_cnn.pipelines.study import config, engine
+from neuroblastoma_cnn.pipelines.study.nodes import prepare_study
 
 PROJECT = Path(__file__).resolve().parents[3]
 
@@ -125,3 +127,17 @@ def test_shipped_yaml_parses_as_plain_yaml():
     # the shipped file stays readable by any YAML tool (no OmegaConf-only syntax)
     data = yaml.safe_load((PROJECT / "conf/base/parameters_study.yml").read_text())
     assert data["study"]["workers"] == 1
+
+
+def test_a_value_the_model_refuses_stops_before_training(tmp_path):
+    params = base_parameters()
+    study = dict(params["study"], name="bad", storage=f"sqlite:///{tmp_path / 's.db'}")
+    study["studies"] = {"bad": {"mode": "grid", "baseline": "optimizer=sgd",
+                                "vary": {"training.optimizer": ["sgd", "sgdx"]}}}
+    with pytest.raises(ParameterError, match=r"variant optimizer=sgdx.*sgdx") as info:
+        prepare_study(study, resnet34=params["resnet34"], resnet50=params["resnet50"])
+    assert "\n" not in info.value.one_line()
+    study["studies"]["bad"]["vary"] = {"training.optimizer": ["sgd", "adam"]}
+    plan = prepare_study(study, resnet34=params["resnet34"], resnet50=params["resnet50"])
+    assert plan.variant_names == ["optimizer=sgd", "optimizer=adam"]
+    assert (tmp_path / "s.db").exists()  # the storage was opened before any training
