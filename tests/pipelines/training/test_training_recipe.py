@@ -128,3 +128,17 @@ def test_input_grid_shows_the_first_training_inputs(stores) -> None:
     assert np.array_equal(shown[0].images[0].get_array(),
                           np.clip(first[0], 0, 255).astype(np.uint8))
     assert shown[0].get_title() in CLASSES
+
+
+def test_mixed_bfloat16_computes_in_bf16_with_float32_output_and_restores_policy(stores) -> None:
+    train, tiles, split = stores
+    training = params("resnet34.training", **{**RECIPE, "precision": "mixed_bfloat16",
+                                              "epochs": 1})
+    model, _ = nodes.train_model(train, tiles, split, params("resnet34.model"), training,
+                                 build=small_cnn)
+    conv = next(layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D))
+    assert conv.dtype_policy.compute_dtype == "bfloat16"
+    assert conv.dtype_policy.variable_dtype == "float32"
+    out = model.predict(tiles.get([0, 1]).astype(np.float32), verbose=0)
+    assert out.dtype == np.float32 and np.allclose(out.sum(axis=1), 1.0, atol=1e-5)
+    assert keras.mixed_precision.global_policy().name == "float32"

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -403,14 +404,34 @@ def train_model(
     logger.info("Training %s on %d tiles (%d classes), validating on %d tiles",
                 model_params.architecture, len(data.train_ids), len(data.classes),
                 len(data.y_val))
-    model = build(model_params.architecture, input_size=input_size,
-                  num_classes=len(data.classes), seed=p.seed, **model_params.builder_kwargs())
+    with _precision(p.precision):
+        model = build(model_params.architecture, input_size=input_size,
+                      num_classes=len(data.classes), seed=p.seed,
+                      **model_params.builder_kwargs())
+    if p.precision != "float32":
+        # Probabilities in float32: bfloat16 would round them to 3 digits, and MLflow's
+        # signature and NumPy consumers expect a standard float type.
+        model.layers[-1].dtype_policy = "float32"
     train = train_transfer if model_params.transfer else train_from_scratch
     history = train(model, data)
     model.preprocessing = Preprocessing.from_store(tiles).model_copy(
         update={"architecture": model_params.architecture,
                 "stain_reference": data.stain_reference})
     return model, pd.DataFrame(history)
+
+
+@contextmanager
+def _precision(policy: str) -> Iterator[None]:
+    """Keras' global dtype policy while a model is built (layers keep the policy they were
+    built with), restored afterwards so that later models in the process are unaffected."""
+    import keras  # noqa: PLC0415  (lazy: see the module docstring)
+
+    previous = keras.mixed_precision.global_policy().name
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
 
 
 def plot_training_input(augmented_train_tiles: TileStore, tiles: TileStore,
