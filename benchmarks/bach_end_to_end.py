@@ -145,6 +145,9 @@ def main() -> None:
                         help="YAML parameters merged over the defaults (repeatable)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="one parameter, YAML value (repeatable; after --config)")
+    parser.add_argument("--augment", action="store_true",
+                        help="with --reuse: run the augmentation pipeline again first (its "
+                        "parameters changed, e.g. the study's target_per_class)")
     parser.add_argument("--label", default="", help="a name for this run in the output")
     args = parser.parse_args()
 
@@ -172,6 +175,8 @@ def main() -> None:
     conf_local.mkdir(exist_ok=True)
     (conf_local / "parameters_bench.yml").write_text(yaml.safe_dump(local, sort_keys=False))
 
+    if args.reuse and args.augment:
+        run(project, "augmentation", args.env, f"{args.label}-augmentation")
     for i, model in enumerate(args.models):
         first = i == 0 and not args.reuse
         label = f"{args.label}-{model}" if args.label else ""
