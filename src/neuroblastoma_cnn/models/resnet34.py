@@ -12,6 +12,8 @@ from collections.abc import Iterator
 import keras
 from keras import layers
 
+from neuroblastoma_cnn.models.split import split_at_features
+
 # (filters, blocks) of the four stages conv2_x .. conv5_x in Table 1 of He et al. 2016.
 STAGES: tuple[tuple[int, int], ...] = ((64, 3), (128, 4), (256, 6), (512, 3))
 BN_EPSILON = 1.001e-5  # as keras.applications' ResNets
@@ -144,15 +146,4 @@ def backbone_and_head(model: keras.Model) -> tuple[keras.Model, keras.Model]:
 
     Both share their layers, hence their weights, with ``model``.
     """
-    names = {layer.name for layer in model.layers}
-    missing = {FEATURES_LAYER, DROPOUT_LAYER, DENSE_LAYER} - names
-    if missing:
-        raise ValueError(
-            f"Model '{model.name}' was not built by build_resnet34: no layer(s) {sorted(missing)}."
-        )
-    features = model.get_layer(FEATURES_LAYER).output
-    backbone = keras.Model(model.inputs, features, name=f"{model.name}_features")
-    head_input = keras.Input(shape=tuple(features.shape[1:]), name="features")
-    x = model.get_layer(DROPOUT_LAYER)(head_input)
-    head = keras.Model(head_input, model.get_layer(DENSE_LAYER)(x), name=f"{model.name}_head")
-    return backbone, head
+    return split_at_features(model, "build_resnet34", FEATURES_LAYER, DROPOUT_LAYER, DENSE_LAYER)

@@ -34,6 +34,7 @@ import tensorflow as tf
 from keras import layers
 
 from neuroblastoma_cnn.errors import ModelError
+from neuroblastoma_cnn.models.split import split_at_features
 
 logger = logging.getLogger(__name__)
 
@@ -224,18 +225,7 @@ def backbone_and_head(model: keras.Model) -> tuple[keras.Model, keras.Model]:
     Both share their layers, hence their weights, with ``model``: training the head trains
     ``model``'s head.
     """
-    names = {layer.name for layer in model.layers}
-    missing = {FEATURES_LAYER, DROPOUT_LAYER, DENSE_LAYER} - names
-    if missing:
-        raise ValueError(
-            f"Model '{model.name}' was not built by build_resnet50: no layer(s) {sorted(missing)}."
-        )
-    features = model.get_layer(FEATURES_LAYER).output
-    backbone = keras.Model(model.inputs, features, name=f"{model.name}_features")
-    head_input = keras.Input(shape=tuple(features.shape[1:]), name="features")
-    x = model.get_layer(DROPOUT_LAYER)(head_input)
-    head = keras.Model(head_input, model.get_layer(DENSE_LAYER)(x), name=f"{model.name}_head")
-    return backbone, head
+    return split_at_features(model, "build_resnet50", FEATURES_LAYER, DROPOUT_LAYER, DENSE_LAYER)
 
 
 def set_trainable_top_blocks(model: keras.Model, n_blocks: int) -> list[str]:
