@@ -42,6 +42,9 @@ def summarize(trials: pd.DataFrame, plan: StudyPlan) -> pd.DataFrame:
         return ranked[[c for c in keep if c in ranked]].reset_index(drop=True)
     table = st.summarize_trials(done, plan.baseline, METRIC, order=plan.variant_names,
                                 extra_metrics=["accuracy", *class_f1_columns(done), "objective"])
+    if "diverged" in done:
+        table["diverged"] = [int(done.loc[done["variant"] == v, "diverged"].fillna(0).sum())
+                             for v in table["variant"]]
     table.insert(0, "study", plan.name)
     overrides = {v.name: v.set for v in plan.variants}
     table.insert(2, "parameters", [", ".join(f"{k}={val}" for k, val in
@@ -81,6 +84,11 @@ def summary_text(trials: pd.DataFrame, summary: pd.DataFrame, plan: StudyPlan,
             f"{2 / 2 ** plan.repeats:.3g}. Rank-biserial: +1 when the variant beats the baseline "
             "on every repeat, -1 when it loses on every one. W/L: repeats won / lost.",
         ]
+        if "diverged" in summary and summary["diverged"].sum() > 0:
+            lines += ["", "Diverged trials (non-finite outputs, scored as predicting the first "
+                      "class): " + ", ".join(f"{r['variant']} {int(r['diverged'])}"
+                                             for r in summary.to_dict("records")
+                                             if r["diverged"]) + "."]
     else:
         top = summary.head(10)
         lines += [f"Search: {plan.n_trials} trials, TPE sampler, median pruning on validation "

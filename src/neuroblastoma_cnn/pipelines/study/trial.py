@@ -18,11 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from neuroblastoma_cnn import metrics as m
 from neuroblastoma_cnn.datasets.tile_store import TileStore
 from neuroblastoma_cnn.params import EvaluationParams, ModelParams, TrainingParams
+from neuroblastoma_cnn.predictions import PROB_PREFIX, probability_columns
 
 from .engine import TrialContext, TrialOutcome, TrialSpec
 from .repeats import repeat_split_table, training_tile_ids
@@ -106,6 +108,13 @@ class KerasTrial:
             tile_predictions = self.steps.predict(model, tiles, table, self.evaluation)
         finally:
             clear_keras_session()
+        tile_predictions, diverged = finite_predictions(tile_predictions)
+        if diverged:
+            logger.warning("Trial %d (%s, repeat %d): the model's outputs are not finite for %d "
+                           "test tiles (training diverged); they count as uniform "
+                           "probabilities, i.e. predicted as the first class.", spec.number,
+                           spec.variant, spec.repeat, diverged)
+            context.run.set_tags({"study.diverged": "true"})
         images = self.steps.aggregate(tile_predictions)
         metrics, _, report, counts, normalized = self.steps.evaluate(images, tile_predictions,
                                                                      self.evaluation)
@@ -119,8 +128,26 @@ class KerasTrial:
                      "weighted_f1": float(metrics["f1_weighted"]),
                      "macro_f1_ci_low": float(metrics["macro_f1_ci"]["low"]),
                      "macro_f1_ci_high": float(metrics["macro_f1_ci"]["high"]),
+                     "diverged": float(diverged > 0),
                      **per_class},
         )
+
+
+def finite_predictions(tile_predictions: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """Tiles whose probabilities are not finite (a diverged model outputs NaN) get uniform
+    probabilities, so the argmax picks the first class, as the training's own validation
+    score did when it chose the epoch; returns the table and how many tiles were affected.
+    A diverged variant is then scored for what it is, a model that learnt nothing, instead
+    of stopping the study."""
+    columns = probability_columns(tile_predictions)
+    values = tile_predictions[columns].to_numpy(dtype=float)
+    bad = ~np.isfinite(values).all(axis=1)
+    if not bad.any():
+        return tile_predictions, 0
+    out = tile_predictions.copy()
+    out.loc[bad, columns] = 1.0 / len(columns)
+    out.loc[bad, "predicted"] = columns[0][len(PROB_PREFIX):]
+    return out, int(bad.sum())
 
 
 def _log_trial(context: TrialContext, history: pd.DataFrame, metrics: dict[str, Any],
