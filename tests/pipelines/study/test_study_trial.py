@@ -18,11 +18,15 @@ from neuroblastoma_cnn.pipelines.study.trial import (
 
 def test_non_finite_outputs_count_as_the_first_class():
     tiles = pd.DataFrame({"tile_id": [0, 1, 2], "prob_A": [0.2, np.nan, 0.6],
-                          "prob_B": [0.8, np.nan, np.inf], "predicted": ["B", "A", "A"]})
+                          "prob_B": [0.8, np.nan, np.inf], "predicted": ["B", "A", "A"],
+                          "tta_prob_A": [0.1, 0.5, np.nan], "tta_prob_B": [0.9, 0.5, 0.1],
+                          "tta_predicted": ["B", "A", "B"]})
     out, bad = finite_predictions(tiles)
     assert bad == 2
     assert out.loc[1, ["prob_A", "prob_B"]].tolist() == [0.5, 0.5]
     assert out["predicted"].tolist() == ["B", "A", "A"]
+    assert out.loc[2, ["tta_prob_A", "tta_prob_B"]].tolist() == [0.5, 0.5]
+    assert out["tta_predicted"].tolist() == ["B", "A", "A"]
     assert tiles.loc[1, "prob_A"] != tiles.loc[1, "prob_A"]  # the input is left as it was
     same, none = finite_predictions(out)
     assert none == 0 and same is out

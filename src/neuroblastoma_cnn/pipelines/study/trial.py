@@ -24,7 +24,7 @@ import pandas as pd
 from neuroblastoma_cnn import metrics as m
 from neuroblastoma_cnn.datasets.tile_store import TileStore
 from neuroblastoma_cnn.params import EvaluationParams, ModelParams, TrainingParams
-from neuroblastoma_cnn.predictions import PROB_PREFIX, probability_columns
+from neuroblastoma_cnn.predictions import PROB_PREFIX
 
 from .engine import TrialContext, TrialOutcome, TrialSpec
 from .repeats import repeat_split_table, training_tile_ids
@@ -138,16 +138,23 @@ def finite_predictions(tile_predictions: pd.DataFrame) -> tuple[pd.DataFrame, in
     probabilities, so the argmax picks the first class, as the training's own validation
     score did when it chose the epoch; returns the table and how many tiles were affected.
     A diverged variant is then scored for what it is, a model that learnt nothing, instead
-    of stopping the study."""
-    columns = probability_columns(tile_predictions)
-    values = tile_predictions[columns].to_numpy(dtype=float)
-    bad = ~np.isfinite(values).all(axis=1)
-    if not bad.any():
-        return tile_predictions, 0
-    out = tile_predictions.copy()
-    out.loc[bad, columns] = 1.0 / len(columns)
-    out.loc[bad, "predicted"] = columns[0][len(PROB_PREFIX):]
-    return out, int(bad.sum())
+    of stopping the study. Every ``<prefix>prob_<class>`` group is treated (plain and
+    test-time-augmented predictions), with its ``<prefix>predicted`` column."""
+    groups: dict[str, list[str]] = {}
+    for column in map(str, tile_predictions.columns):
+        if PROB_PREFIX in column:
+            groups.setdefault(column[:column.index(PROB_PREFIX)], []).append(column)
+    out, affected = tile_predictions, np.zeros(len(tile_predictions), dtype=bool)
+    for prefix, columns in groups.items():
+        bad = ~np.isfinite(out[columns].to_numpy(dtype=float)).all(axis=1)
+        if not bad.any():
+            continue
+        out = out.copy() if out is tile_predictions else out
+        out.loc[bad, columns] = 1.0 / len(columns)
+        if f"{prefix}predicted" in out:
+            out.loc[bad, f"{prefix}predicted"] = columns[0][len(prefix) + len(PROB_PREFIX):]
+        affected |= bad
+    return out, int(affected.sum())
 
 
 def _log_trial(context: TrialContext, history: pd.DataFrame, metrics: dict[str, Any],
