@@ -64,6 +64,21 @@ def make_bach_subset(
     return dest
 
 
+@pytest.fixture(autouse=True)
+def _own_mlflow_tracking_uri() -> Any:
+    """Each test starts with the tracking URI the shell gave and leaves it so.
+
+    ``mlflow.set_tracking_uri`` (called by tests and by kedro-mlflow in in-process runs) also
+    exports ``MLFLOW_TRACKING_URI``, which every later ``kedro run`` subprocess would inherit and
+    obey: training runs then log into an earlier test's store.
+    """
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    mlflow.set_tracking_uri(before)  # None unsets the variable too
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
 @pytest.fixture(scope="session")
 def bach_subset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A read-only-by-convention folder of real tissue: 4 classes x 3 patients x 2 images."""

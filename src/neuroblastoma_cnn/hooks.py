@@ -149,6 +149,9 @@ class ProjectMlflowStoreHook:
     Runs before kedro-mlflow reads mlflow.yml (tryfirst) and hands it the absolute URI.
     """
 
+    def __init__(self) -> None:
+        self._from_project_conf: set[str] = set()
+
     @hook_impl(tryfirst=True)
     def after_context_created(self, context: Any) -> None:
         loader = context.config_loader
@@ -160,11 +163,15 @@ class ProjectMlflowStoreHook:
         server = conf.get("server") or {}
         uri = server.get("mlflow_tracking_uri")
         shared = os.environ.get("MLFLOW_TRACKING_URI")
-        if shared:  # a shared server (kedro-mlflow itself would keep mlflow.yml's URI)
+        # mlflow.set_tracking_uri exports the variable itself: a URI this process took from
+        # mlflow.yml in an earlier session (a notebook, a test) is not the user's choice.
+        if shared and shared not in self._from_project_conf:
             conf = _without_local_artifact_location(conf)
             loader["mlflow"] = {**conf, "server": {**server, "mlflow_tracking_uri": shared}}
             return
         absolute = project_sqlite_uri(uri, Path(context.project_path))
+        if isinstance(absolute, str):
+            self._from_project_conf.add(absolute)
         if absolute != uri:
             loader["mlflow"] = {**conf, "server": {**server, "mlflow_tracking_uri": absolute}}
 
