@@ -107,10 +107,12 @@ def predict(**options: Any) -> int:
     """
     if options["quiet"] and options["verbose"]:
         raise click.UsageError("--quiet and --verbose exclude each other")
-    logging.basicConfig(
-        level=logging.INFO if options["verbose"] else logging.WARNING, stream=sys.stderr,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    level = logging.INFO if options["verbose"] else logging.WARNING
+    # force: Kedro configures logging when it is imported inside a project (conf/logging.yml:
+    # a rich handler on stdout, this package at INFO), which would mix log lines into the CSV.
+    logging.basicConfig(level=level, stream=sys.stderr, force=True,
+                        format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger(__package__).setLevel(level)
     if not options["verbose"]:  # the summary below says what the pipeline's warnings would
         logging.getLogger("neuroblastoma_cnn.pipelines.predict").setLevel(logging.ERROR)
     return _predict(options)
