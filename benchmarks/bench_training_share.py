@@ -101,13 +101,18 @@ def main() -> None:
     parser.add_argument("--input-size", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--decoding", default="reduced", choices=["full", "reduced"])
+    parser.add_argument("--group-pattern", default=None,
+                        help=r"e.g. '^(?P<group>[a-z]+\d\d)\d' (BACH's blocks of ten)")
     args = parser.parse_args()
     load = os.getloadavg()[0]
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bach-share-"))
     project = make_project(workdir, args.images)
-    params = {"ingestion.tile_size": args.tile_size, "ingestion.stride": args.tile_size,
-              "ingestion.input_size": args.input_size, "ingestion.decoding": args.decoding,
-              "resnet34.training.epochs": args.epochs}
+    # Nested, as `kedro run --params` gives them: the parameter models refuse dotted keys.
+    ingestion = {"tile_size": args.tile_size, "stride": args.tile_size,
+                 "input_size": args.input_size, "decoding": args.decoding}
+    if args.group_pattern:
+        ingestion["group_pattern"] = args.group_pattern
+    params = {"ingestion": ingestion, "resnet34": {"training": {"epochs": args.epochs}}}
     started, ended, starts, fits = run(project, params)
 
     bounds = [t for _, t in starts] + [ended]
@@ -124,8 +129,8 @@ def main() -> None:
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, load average at start "
                    f"{load:.1f}, at end {os.getloadavg()[0]:.1f}",
-        "decoding": args.decoding, "epochs": args.epochs, "tile_size": args.tile_size,
-        "input_size": args.input_size,
+        "decoding": args.decoding, "group_pattern": args.group_pattern, "epochs": args.epochs,
+        "tile_size": args.tile_size, "input_size": args.input_size,
         "run_s": round(total_s, 1), "ingestion_s": round(ingestion_s, 1),
         "before_first_node_s (MLflow set-up)": round(setup_s, 1),
         "model.fit_s": round(fits.seconds, 1), "fit_calls": fits.calls,
