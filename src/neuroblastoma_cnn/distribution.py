@@ -16,24 +16,40 @@ Rules (also in conf/base/parameters_training.yml):
 - ``jit_compile: auto``: XLA on GPU only (on CPU it mostly adds compile time).
 - ``batch_size`` is the *global* batch (split over replicas); with ``scale_learning_rate`` the
   learning rate grows linearly with the number of replicas (Goyal et al., 2017).
+
+Resume: each training stage keeps, in a run folder (:func:`run_folder`), Keras'
+``BackupAndRestore`` checkpoint (weights, optimizer) and, per epoch, what Keras does not save:
+the best-epoch bookkeeping, the history rows and the layers' random-number states
+(:func:`epoch_state_callback`); a finished stage leaves its result (:func:`save_stage_result`),
+a finished run removes the folder. A run restarted with the same parameters and data resumes
+from its last finished epoch.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import shutil
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
+
+import numpy as np
 
 from neuroblastoma_cnn.errors import ParameterError
 
 logger = logging.getLogger(__name__)
 
-DISTRIBUTIONS = ("auto", "one_device", "mirrored", "multi_worker")
-PRECISIONS = ("auto", "float32", "mixed_float16")
+#: The parameter types (``params.TrainingParams`` uses them: one list of choices).
+Distribution = Literal["auto", "one_device", "mirrored", "multi_worker"]
+Precision = Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"]
+JitCompile = Literal["auto"] | bool
+DISTRIBUTIONS: tuple[str, ...] = get_args(Distribution)
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 
 @dataclass(frozen=True)
@@ -41,7 +57,7 @@ class Plan:
     """What training will use: strategy name, dtype policy, XLA, number of workers."""
 
     strategy: str  # one_device | mirrored | multi_worker
-    precision: str  # float32 | mixed_float16
+    precision: str  # float32 | mixed_float16 | mixed_bfloat16
     jit_compile: bool
     workers: int = 1
 
@@ -84,15 +100,39 @@ def current_plan(distribution: str, precision: str, jit_compile: bool | str) -> 
                 tf_config=os.environ.get("TF_CONFIG"))
 
 
+_STRATEGIES: dict[str, Any] = {}
+
+
 def make_strategy(chosen: Plan) -> Any:
-    """The ``tf.distribute`` strategy of a plan (create it before any other TF op)."""
+    """The ``tf.distribute`` strategy of a plan (create it before any other TF op). One per
+    process and kind: a second ``MultiWorkerMirroredStrategy`` cannot join the cluster again."""
     import tensorflow as tf  # noqa: PLC0415  (lazy: TensorFlow loads only to train)
 
-    if chosen.strategy == "multi_worker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    if chosen.strategy == "mirrored":
-        return tf.distribute.MirroredStrategy()
-    return tf.distribute.get_strategy()
+    if chosen.strategy not in ("multi_worker", "mirrored"):
+        return tf.distribute.get_strategy()
+    if chosen.strategy not in _STRATEGIES:
+        _STRATEGIES[chosen.strategy] = (
+            tf.distribute.MultiWorkerMirroredStrategy() if chosen.strategy == "multi_worker"
+            else tf.distribute.MirroredStrategy())
+    return _STRATEGIES[chosen.strategy]
+
+
+def worker_index(tf_config: str | None = None) -> int | None:
+    """This process's index among the workers of ``TF_CONFIG`` (the chief, if any, first);
+    None without a cluster."""
+    raw = os.environ.get("TF_CONFIG") if tf_config is None else tf_config
+    if not raw:
+        return None
+    config = json.loads(raw)
+    task = config.get("task", {})
+    after_chief = "chief" in config.get("cluster", {}) and task.get("type") == "worker"
+    return int(task.get("index", 0)) + int(after_chief)
+
+
+def is_chief(tf_config: str | None = None) -> bool:
+    """True for the process that writes outputs: the only one, the ``chief`` task, or worker 0
+    of a cluster without a chief (TensorFlow's convention)."""
+    return worker_index(tf_config) in (None, 0)
 
 
 def precision_policy(chosen: Plan) -> Any:
@@ -138,15 +178,171 @@ def backup_folder(root: str | Path, model_name: str) -> Path:
     return Path(root) / ".backup" / model_name
 
 
-def backup_callback(folder: Path) -> Any:
+def default_backup_root() -> Path:
+    """The project's ``data`` folder (git-ignored) when run from the project, else the
+    system's temporary folder: never a stray ``data`` folder wherever a script runs."""
+    data = Path("data")
+    return data if data.is_dir() else Path(tempfile.gettempdir()) / "neuroblastoma_cnn"
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short hash of what defines a run (parameters, data): a restarted run finds its own
+    backup, and a run with anything changed (a study's next trial) never resumes another's."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(repr(part).encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+def run_folder(root: str | Path, model_name: str, run_key: str,
+               tf_config: str | None = None) -> Path:
+    """``<root>/.backup/<model>/<run_key>``, one sub-folder per worker of a cluster (workers
+    must not write the same files)."""
+    folder = backup_folder(root, model_name) / run_key
+    index = worker_index(tf_config)
+    return folder if index is None else folder / f"worker-{index}"
+
+
+def backup_callback(folder: Path, delete_checkpoint: bool = True) -> Any:
     """Saves the training state at every epoch end; a restarted run resumes from it."""
     import keras  # noqa: PLC0415  (lazy: TensorFlow loads only to train)
 
     folder.mkdir(parents=True, exist_ok=True)
     return keras.callbacks.BackupAndRestore(str(folder), save_freq="epoch",
-                                            delete_checkpoint=True)
+                                            delete_checkpoint=delete_checkpoint)
 
 
 def clear_backup(folder: Path) -> None:
     """A finished run leaves no backup behind."""
     shutil.rmtree(folder, ignore_errors=True)
+
+
+def clear_run(folder: Path) -> None:
+    """Removes a run's backup, then its parent folders up to ``.backup`` while they are empty
+    (other runs' folders stay)."""
+    clear_backup(folder)
+    for parent in folder.parents:
+        try:
+            parent.rmdir()
+        except OSError:
+            break
+        if parent.name == ".backup":
+            break
+
+
+def resumed_epoch(folder: Path | None) -> int:
+    """Epochs a stage's backup has finished (0 without one): known before ``fit`` starts, so
+    the training input can begin at the resumed epoch's batches."""
+    if folder is None:
+        return 0
+    metadata = folder / "training_metadata.json"  # written by Keras' BackupAndRestore
+    if not metadata.is_file():
+        return 0
+    return int(json.loads(metadata.read_text())["epoch"])
+
+
+# ------------------------------------------------------------------ what Keras does not save
+
+
+def rng_states(model: Any) -> list[np.ndarray]:
+    """The states of the layers' seed generators (dropout masks...): not in Keras' weights
+    files, yet a resumed run must draw what the uninterrupted one drew."""
+    return [np.asarray(generator.state.numpy())
+            for layer in model._flatten_layers()
+            for generator in getattr(layer, "_seed_generators", [])]
+
+
+def set_rng_states(model: Any, states: list[np.ndarray]) -> None:
+    generators = [generator for layer in model._flatten_layers()
+                  for generator in getattr(layer, "_seed_generators", [])]
+    if len(generators) != len(states):
+        raise ValueError(f"{len(states)} saved random states for {len(generators)} generators")
+    for generator, state in zip(generators, states, strict=True):
+        generator.state.assign(state)
+
+
+def _write_npz(path: Path, arrays: list[np.ndarray]) -> None:
+    """Written beside, then renamed: a kill mid-write leaves the previous file whole."""
+    partial = path.with_name(path.name + ".partial.npz")
+    np.savez(partial, *arrays)
+    os.replace(partial, path)
+
+
+def _read_npz(path: Path) -> list[np.ndarray]:
+    with np.load(path) as stored:
+        return [stored[f"arr_{i}"] for i in range(len(stored.files))]
+
+
+def _write_json(path: Path, value: Any) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(value))
+    os.replace(partial, path)
+
+
+def epoch_state_callback(folder: Path, get_state: Callable[[], dict[str, Any]],
+                         set_state: Callable[[dict[str, Any]], None],
+                         best_weights: Callable[[], tuple[int, list[np.ndarray] | None]],
+                         set_best_weights: Callable[[list[np.ndarray]], None]) -> Any:
+    """Per epoch, what ``BackupAndRestore`` leaves out: ``get_state()`` (JSON: history rows,
+    best-epoch bookkeeping), the random states and the best epoch's weights; restored at the
+    start of a resumed ``fit``. Put it after the callbacks whose state it saves and before
+    ``BackupAndRestore``, so that the state of every epoch that checkpoint holds exists."""
+    import keras  # noqa: PLC0415  (lazy: TensorFlow loads only to train)
+
+    class EpochState(keras.callbacks.Callback):
+        def on_train_begin(self, logs: dict | None = None) -> None:
+            done = resumed_epoch(folder)
+            if not done:
+                return
+            state = json.loads((folder / f"state-{done}.json").read_text())
+            set_rng_states(self.model, _read_npz(folder / f"rng-{done}.npz"))
+            if state["best_file"]:
+                set_best_weights(_read_npz(folder / state["best_file"]))
+            set_state(state["callbacks"])
+            logger.info("Resuming after epoch %d from %s", done, folder)
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            done = epoch + 1
+            best_epoch, weights = best_weights()
+            best_file = f"best-{best_epoch + 1}.npz" if weights is not None else None
+            if best_file and (best_epoch == epoch or not (folder / best_file).exists()):
+                _write_npz(folder / best_file, weights)
+            _write_npz(folder / f"rng-{done}.npz", rng_states(self.model))
+            _write_json(folder / f"state-{done}.json",
+                        {"callbacks": get_state(), "best_file": best_file})
+            self._prune(keep={f"state-{done}.json", f"state-{done - 1}.json",
+                              f"rng-{done}.npz", f"rng-{done - 1}.npz"})
+
+        def _prune(self, keep: set[str]) -> None:
+            """Keeps this epoch's and the previous epoch's files (Keras' checkpoint may still
+            be the previous epoch's when a kill comes) and the best weights they name."""
+            for name in list(keep):
+                if name.startswith("state-") and (folder / name).exists():
+                    best = json.loads((folder / name).read_text())["best_file"]
+                    keep.add(best or "")
+            for path in folder.glob("*"):
+                if path.name.startswith(("state-", "rng-", "best-")) and path.name not in keep:
+                    path.unlink(missing_ok=True)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    return EpochState()
+
+
+def save_stage_result(folder: Path, weights: list[np.ndarray], rng: list[np.ndarray],
+                      state: dict[str, Any]) -> None:
+    """A finished stage's weights, random states and result: a run killed in a later stage
+    restarts there instead of training this one again."""
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_npz(folder / "done-weights.npz", weights)
+    _write_npz(folder / "done-rng.npz", rng)
+    _write_json(folder / "done.json", state)
+
+
+def load_stage_result(folder: Path | None
+                      ) -> tuple[list[np.ndarray], list[np.ndarray], dict[str, Any]] | None:
+    """What :func:`save_stage_result` wrote, or None when the stage has not finished."""
+    if folder is None or not (folder / "done.json").is_file():
+        return None
+    return (_read_npz(folder / "done-weights.npz"), _read_npz(folder / "done-rng.npz"),
+            json.loads((folder / "done.json").read_text()))

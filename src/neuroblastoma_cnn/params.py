@@ -32,6 +32,7 @@ from pydantic import (
     model_validator,
 )
 
+from neuroblastoma_cnn.distribution import Distribution, JitCompile, Precision
 from neuroblastoma_cnn.errors import ParameterError
 from neuroblastoma_cnn.imaging import (
     DecodeMethod,
@@ -294,9 +295,16 @@ class TrainingParams(Params):
     early_stopping_patience: PositiveInt | None
     #: Training images shown in the grid of what the network sees (one batch or more).
     input_grid_samples: PositiveInt
-    #: ``mixed_bfloat16``: layers compute in bfloat16 (variables and the classifier's output
-    #: stay float32); about twice the training steps per hour on CPUs with AVX-512 BF16.
-    precision: Literal["float32", "mixed_bfloat16"]
+    #: ``auto``: one device, several local GPUs (mirrored) or the cluster of ``TF_CONFIG``.
+    distribution: Distribution
+    #: ``auto``: mixed_float16 on GPU, float32 on CPU. ``mixed_bfloat16``: layers compute in
+    #: bfloat16 (variables and the classifier's output stay float32); about twice the training
+    #: steps per hour on CPUs with AVX-512 BF16. The saved model is float32 in every case.
+    precision: Precision
+    #: XLA compilation of the training step; ``auto``: on GPU only.
+    jit_compile: JitCompile
+    #: Learning rates multiplied by the number of replicas (``batch_size`` is the global batch).
+    scale_learning_rate: bool
     seed: NonNegativeInt
     deterministic: bool
     in_memory_limit_mb: PositiveFloat

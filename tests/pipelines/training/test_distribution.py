@@ -1,16 +1,20 @@
 """Distribution rules (strategy, precision, XLA) and the float32 model saved after mixed
-precision: decided without a GPU, carried out on CPU."""
+precision: decided without a GPU, carried out on CPU; the training parameters that choose them."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import get_args
 
 import keras
 import numpy as np
 import pytest
+from _params import params
 
 from neuroblastoma_cnn import distribution as d
 from neuroblastoma_cnn.errors import ParameterError
+from neuroblastoma_cnn.params import TrainingParams
 
 CLUSTER = json.dumps({"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]},
                       "task": {"type": "worker", "index": 0}})
@@ -57,3 +61,44 @@ def test_a_mixed_precision_model_is_saved_as_float32(tmp_path):
     saved.save(path)
     reference = keras.Model.from_config(saved.get_config())
     assert [type(layer) for layer in reference.layers] == [type(layer) for layer in saved.layers]
+
+
+def test_parameter_choices_come_from_one_list():
+    fields = TrainingParams.model_fields
+    assert get_args(fields["precision"].annotation) == d.PRECISIONS
+    assert get_args(fields["distribution"].annotation) == d.DISTRIBUTIONS
+    assert "mixed_bfloat16" in d.PRECISIONS
+    assert d.plan("auto", "mixed_bfloat16", "auto", gpus=0, tf_config=None) == d.Plan(
+        "one_device", "mixed_bfloat16", False)
+    assert d.plan("auto", "auto", True, gpus=0, tf_config=None).jit_compile is True
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("precision", "mixed_float61"), ("distribution", "mirored"), ("jit_compile", "yes"),
+    ("scale_learning_rate", "true"),
+])
+def test_a_bad_training_setting_names_its_key(key, value):
+    with pytest.raises(ParameterError, match=rf"resnet34\.training\.{key}"):
+        params("resnet34.training", **{key: value})
+
+
+def test_the_yaml_defaults_keep_one_device_float32_on_this_cpu():
+    for model in ("resnet34", "resnet50"):
+        p = params(f"{model}.training")
+        assert (p.distribution, p.precision, p.jit_compile, p.scale_learning_rate) == (
+            "auto", "auto", "auto", False)
+        assert d.plan(p.distribution, p.precision, p.jit_compile, gpus=0,
+                      tf_config=None) == d.Plan("one_device", "float32", False)
+
+
+def test_workers_and_the_chief():
+    assert d.worker_index("") is None and d.is_chief("")
+    assert d.worker_index(CLUSTER) == 0 and d.is_chief(CLUSTER)
+    second = json.dumps({"cluster": {"worker": ["a:1", "b:2"]},
+                         "task": {"type": "worker", "index": 1}})
+    assert d.worker_index(second) == 1 and not d.is_chief(second)
+    with_chief = json.dumps({"cluster": {"chief": ["a:1"], "worker": ["b:2"]},
+                             "task": {"type": "worker", "index": 0}})
+    assert d.worker_index(with_chief) == 1 and not d.is_chief(with_chief)
+    assert d.run_folder("r", "m", "k", second) == Path("r/.backup/m/k/worker-1")
+    assert d.run_folder("r", "m", "k", "") == Path("r/.backup/m/k")

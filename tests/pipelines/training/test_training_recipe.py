@@ -130,15 +130,24 @@ def test_input_grid_shows_the_first_training_inputs(stores) -> None:
     assert shown[0].get_title() in CLASSES
 
 
-def test_mixed_bfloat16_computes_in_bf16_with_float32_output_and_restores_policy(stores) -> None:
+def test_mixed_bfloat16_computes_in_bf16_and_saves_float32_and_restores_policy(stores) -> None:
+    """Training computes in bfloat16; the returned (saved) model is float32 throughout."""
     train, tiles, split = stores
     training = params("resnet34.training", **{**RECIPE, "precision": "mixed_bfloat16",
                                               "epochs": 1})
+    seen: list[tuple[str, str]] = []
+
+    class Dtypes(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            conv = next(layer for layer in self.model.layers
+                        if isinstance(layer, keras.layers.Conv2D))
+            seen.append((conv.dtype_policy.compute_dtype, conv.dtype_policy.variable_dtype))
+
     model, _ = nodes.train_model(train, tiles, split, params("resnet34.model"), training,
-                                 build=small_cnn)
-    conv = next(layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D))
-    assert conv.dtype_policy.compute_dtype == "bfloat16"
-    assert conv.dtype_policy.variable_dtype == "float32"
+                                 build=small_cnn, callbacks=[Dtypes()])
+    assert seen == [("bfloat16", "float32")]
+    assert {layer.dtype_policy.name for layer in model.layers} == {"float32"}
+    assert model.preprocessing.architecture == "resnet34"
     out = model.predict(tiles.get([0, 1]).astype(np.float32), verbose=0)
     assert out.dtype == np.float32 and np.allclose(out.sum(axis=1), 1.0, atol=1e-5)
     assert keras.mixed_precision.global_policy().name == "float32"

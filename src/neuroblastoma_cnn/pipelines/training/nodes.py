@@ -14,17 +14,30 @@ by the online augmentation, ``steps_per_epoch`` batches an epoch. Stain normalis
 is fitted on the training tiles only and applied to every tile the model sees (training,
 validation, and through the model's preprocessing record, evaluation and prediction).
 
+Beyond one CPU (``distribution``, ``precision``, ``jit_compile``, ``scale_learning_rate``): the
+model, optimiser and compiled step live in the chosen ``tf.distribute`` strategy's scope, and
+the returned model is float32 whatever precision trained it (see ``distribution.py``).
+
+Resume: every stage backs up to a run folder keyed by the run's parameters and data (see
+``distribution.run_folder``); a restarted run continues after its last finished epoch. Its
+training batches are a function of (seed, epoch) only: each input stream is built from the
+epoch it starts at, skipping the cheap *positions* of earlier epochs (never their pixels), and
+the online augmentation's batch counter starts at that epoch's first step; so a resumed run on
+CPU ends with the weights of an uninterrupted one.
+
 Keras (hence TensorFlow) is imported inside the functions that train: the pipelines import this
 module when they are registered, and a run that trains nothing should not wait for TensorFlow.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,10 +45,10 @@ import pandas as pd
 from matplotlib.figure import Figure
 from pydantic import TypeAdapter
 
-from neuroblastoma_cnn import sampling
+from neuroblastoma_cnn import distribution, sampling
 from neuroblastoma_cnn.datasets.tile_store import TileStore
 from neuroblastoma_cnn.errors import DataError, ParameterError
-from neuroblastoma_cnn.online_augmentation import augment_batches, make_augmenter
+from neuroblastoma_cnn.online_augmentation import make_augmenter
 from neuroblastoma_cnn.params import OPTIMIZERS, ModelParams, Schedule, TrainingParams
 from neuroblastoma_cnn.preprocessing import Preprocessing
 from neuroblastoma_cnn.stain import as_seen_by_model, fit_stain_reference
@@ -52,6 +65,9 @@ HISTORY_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "val_macro_f1
                    "learning_rate", "seconds")
 #: Training tiles sampled (evenly over the training split) to fit stain normalisation.
 STAIN_FIT_TILES = 256
+#: Exceptions that end a run on purpose (a study pruning a trial): its backup is removed, since
+#: nobody will resume it. Any other failure keeps the backup for a restart.
+DELIBERATE_STOPS = ("TrialPruned",)
 
 
 # ----------------------------------------------------------------- training pieces
@@ -145,12 +161,20 @@ def fit_stage(
     label_smoothing: float = 0.0,
     val_images: np.ndarray | None = None,
     monitor_window: int = 1,
+    strategy: Any = None,
+    jit_compile: bool | str = "auto",
+    backup: Path | None = None,
 ) -> float | None:
     """Compiles and fits one stage, keeping its best epoch by ``monitor``; returns the best
     monitored value kept.
 
-    ``train`` is a tf.data.Dataset or an (x, y) tuple; an endless dataset needs
-    ``steps_per_epoch``. With ``baseline`` (the previous stage's best), the stage's weights are
+    ``train`` is a tf.data.Dataset, an (x, y) tuple, or a function ``first_epoch -> dataset``
+    (the batches from that epoch on: what a resumed stage needs); an endless dataset needs
+    ``steps_per_epoch``. ``optimizer`` must have been made in ``strategy``'s scope, where the
+    stage compiles (with ``jit_compile``). With ``backup`` (a folder), every epoch is backed up
+    there and a restarted stage resumes after its last finished epoch, with its history and
+    best-epoch bookkeeping; a finished stage leaves only its result, which a restart reuses.
+    With ``baseline`` (the previous stage's best), the stage's weights are
     kept only if an epoch beats it; otherwise the weights it started from are restored and
     ``baseline`` is returned. ``extra_callbacks`` see each epoch's logs after the validation
     metrics are in them (studies report them for pruning). ``val_images`` (the image of each
@@ -166,28 +190,39 @@ def fit_stage(
                              f"{', '.join(MONITOR_MODES)}.")
     if monitor == "val_image_macro_f1" and val_images is None:
         raise ParameterError("monitor val_image_macro_f1 needs the validation tiles' images.")
+    finished = distribution.load_stage_result(backup)
+    if finished is not None:
+        return _finished_stage(model, history, finished, stage)
     mode = MONITOR_MODES[monitor]
     watched = monitor if monitor_window <= 1 else "monitor_smoothed"
     start_weights = model.get_weights() if baseline is not None else None
-    if label_smoothing > 0:
-        # Keras' sparse loss has no smoothing: one-hot targets for the categorical one.
-        loss: Any = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
-        metrics: list[Any] = [keras.metrics.CategoricalAccuracy(name="accuracy")]
-        train = _one_hot(train, num_classes)
-    else:
-        loss, metrics = "sparse_categorical_crossentropy", ["accuracy"]
-    model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
+    first_row = len(history)
+    epochs_folder = backup / "epochs" if backup is not None else None
+    train, steps_per_epoch = _from_epoch(train, distribution.resumed_epoch(epochs_folder),
+                                         steps_per_epoch)
+    scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
+    with scope:
+        if label_smoothing > 0:
+            # Keras' sparse loss has no smoothing: one-hot targets for the categorical one.
+            loss: Any = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
+            metrics: list[Any] = [keras.metrics.CategoricalAccuracy(name="accuracy")]
+            train = _one_hot(train, num_classes)
+        else:
+            loss, metrics = "sparse_categorical_crossentropy", ["accuracy"]
+        model.compile(optimizer=optimizer, loss=loss, metrics=metrics, jit_compile=jit_compile)
     best = keras.callbacks.EarlyStopping(
         monitor=watched, mode=mode, restore_best_weights=True,
         patience=patience if patience is not None else epochs + 1,
     )
     report = ValidationReport(val_inputs, val_labels, num_classes, stage, epochs, history,
                               val_images=val_images, monitor=monitor, window=monitor_window)
-    callbacks = [report, best]
-    if plateau is not None:
-        callbacks.append(keras.callbacks.ReduceLROnPlateau(
-            monitor=watched, mode=mode, factor=plateau.factor, patience=plateau.patience))
-    callbacks.extend(extra_callbacks)
+    reduce = (keras.callbacks.ReduceLROnPlateau(monitor=watched, mode=mode,
+                                                factor=plateau.factor, patience=plateau.patience)
+              if plateau is not None else None)
+    callbacks = [report, best, *([reduce] if reduce else []), *extra_callbacks]
+    if epochs_folder is not None:
+        callbacks.extend(_backup_callbacks(epochs_folder, history, first_row, report, best,
+                                           reduce))
     x, y = train if isinstance(train, tuple) else (train, None)
     model.fit(x, y, epochs=epochs, steps_per_epoch=steps_per_epoch, class_weight=class_weight,
               callbacks=callbacks, verbose=0, shuffle=False)
@@ -197,9 +232,86 @@ def fit_stage(
         model.set_weights(start_weights)
         logger.info("%s: no epoch beat the previous stage's %s %.4f; kept its weights",
                     stage, watched, baseline)
-        return baseline
-    logger.info("%s: kept epoch %d (%s %.4f)", stage, best.best_epoch + 1, watched, best.best)
-    return best.best
+        kept = baseline
+    else:
+        logger.info("%s: kept epoch %d (%s %.4f)", stage, best.best_epoch + 1, watched,
+                    best.best)
+        kept = best.best
+    if backup is not None:
+        distribution.save_stage_result(backup, model.get_weights(),
+                                       distribution.rng_states(model),
+                                       {"kept": kept, "history": history[first_row:]})
+        distribution.clear_backup(epochs_folder)
+    return kept
+
+
+def _finished_stage(model: Any, history: list[dict[str, Any]],
+                    finished: tuple[list[np.ndarray], list[np.ndarray], dict[str, Any]],
+                    stage: str) -> float | None:
+    """A stage a killed run had finished: its weights, random states, history and result."""
+    weights, rng, record = finished
+    model.set_weights(weights)
+    distribution.set_rng_states(model, rng)
+    history.extend(record["history"])
+    logger.info("%s: finished before the restart; its weights and %d epochs reused",
+                stage, len(record["history"]))
+    return record["kept"]
+
+
+def _from_epoch(train: Any, first_epoch: int, steps: int | None) -> tuple[Any, int | None]:
+    """The training input from ``first_epoch`` on, and the steps per epoch Keras needs.
+
+    A function builds its stream from that epoch; a one-pass dataset (reshuffled at each
+    iteration) becomes the endless stream of Keras' epochs (:func:`keras_epochs`: the shuffle
+    seeds of successive iterations come from one seeded generator, so repetitions and
+    re-iterations agree) with its first epochs skipped; arrays are the same every epoch."""
+    if callable(train):
+        return train(first_epoch), steps
+    if isinstance(train, tuple) or first_epoch == 0:
+        return train, steps
+    if steps is not None:
+        return train.skip(first_epoch * steps), steps
+    batches = int(train.cardinality())
+    if batches < 1:
+        raise ParameterError("Resuming an endless training dataset needs steps_per_epoch.")
+    return keras_epochs(train, batches).skip(first_epoch * batches), batches
+
+
+def keras_epochs(one_pass: Any, batches: int) -> Any:
+    """A one-pass dataset (``batches`` long) as an endless stream of the epochs Keras makes of
+    it. Keras 3's ``EpochIterator`` iterates a dataset of known length afresh at each epoch
+    start and once more at each epoch end (an iterator it drops), so a reshuffling dataset's
+    epoch ``e`` is its iteration ``2e``; the dropped iteration is skipped here (not trained)
+    so that a stream built from any epoch, resumed or not, has the batches Keras gave."""
+    return one_pass.concatenate(one_pass.skip(batches)).repeat()
+
+
+def _backup_callbacks(folder: Path, history: list[dict[str, Any]], first_row: int, report: Any,
+                      best: Any, reduce: Any) -> list[Any]:
+    """The epoch state Keras' ``BackupAndRestore`` leaves out (this stage's history rows from
+    ``first_row``, the best epoch's value and weights, the plateau counters), then
+    ``BackupAndRestore``."""
+
+    def get_state() -> dict[str, Any]:
+        return {"history": history[first_row:], "monitored": report.monitored,
+                "best": best.best, "best_epoch": best.best_epoch, "wait": best.wait,
+                "plateau": None if reduce is None else
+                [reduce.best, reduce.wait, reduce.cooldown_counter]}
+
+    def set_state(state: dict[str, Any]) -> None:
+        history[first_row:] = state["history"]
+        report.monitored[:] = state["monitored"]
+        best.best, best.best_epoch, best.wait = state["best"], state["best_epoch"], state["wait"]
+        if reduce is not None:
+            reduce.best, reduce.wait, reduce.cooldown_counter = state["plateau"]
+
+    def set_best_weights(weights: list[np.ndarray]) -> None:
+        best.best_weights = weights
+
+    return [distribution.epoch_state_callback(
+                folder, get_state, set_state, lambda: (best.best_epoch, best.best_weights),
+                set_best_weights),
+            distribution.backup_callback(folder, delete_checkpoint=False)]
 
 
 def _one_hot(train: Any, num_classes: int) -> Any:
@@ -230,6 +342,8 @@ class TrainingData:
     """The tiles a run trains and validates on, with labels encoded in the store's class order.
 
     ``train_store`` and the validation tiles are seen through the stain reference, if any.
+    ``replicas`` (of the distribution strategy) scales the learning rates when
+    ``scale_learning_rate`` is on.
     """
 
     train_store: Any
@@ -242,6 +356,7 @@ class TrainingData:
     params: TrainingParams
     stain_reference: dict[str, Any] | None = None
     callbacks: Sequence[Any] = ()
+    replicas: int = 1
 
     @property
     def endless(self) -> bool:
@@ -260,6 +375,18 @@ class TrainingData:
                                shuffle=shuffle, seed=p.seed,
                                in_memory_limit_mb=p.in_memory_limit_mb)
 
+    def train_input(self, batch_size: int) -> Callable[[int], Any]:
+        """``first_epoch -> dataset``: the shuffled training batches from that epoch on (the
+        recipe's endless stream, or the study's reshuffled passes), for :func:`fit_stage`."""
+        def from_epoch(first_epoch: int) -> Any:
+            first_step = first_epoch * self.steps_per_epoch
+            if self.endless:
+                return training_stream(self.train_store, self.train_ids, self.y_train,
+                                       batch_size, self.params, first_step=first_step)
+            return reshuffled_passes(self.train_store, self.train_ids, self.y_train, batch_size,
+                                     self.params, first_step=first_step)
+        return from_epoch
+
     @property
     def steps_per_epoch(self) -> int:
         return sampling.steps_per_epoch(len(self.train_ids), self.params.batch_size,
@@ -277,8 +404,11 @@ class TrainingData:
                 "monitor_window": p.monitor_window}
 
     def optimizer(self, learning_rate: float, epochs: int) -> Any:
+        """Make it inside the strategy's scope (its variables belong there)."""
         p = self.params
-        return make_optimizer(p.optimizer, learning_rate, p.momentum, p.schedule,
+        rate = distribution.scaled_learning_rate(learning_rate, self.replicas,
+                                                 p.scale_learning_rate)
+        return make_optimizer(p.optimizer, rate, p.momentum, p.schedule,
                               self.steps_per_epoch, epochs, p.weight_decay)
 
     def fit_steps(self) -> int | None:
@@ -286,22 +416,67 @@ class TrainingData:
         return self.steps_per_epoch if self.endless else None
 
 
-def training_stream(store: Any, ids: list[int], labels: np.ndarray, batch_size: int,
-                    params: TrainingParams) -> Any:
-    """The recipe's training input: an endless stream of batches drawn by ``params.sampling``,
-    transformed by the online augmentation, float32 in [0, 255]. In memory when the tiles fit
-    under ``in_memory_limit_mb``, else gathered from the store batch by batch."""
+def _gather_batches(positions: Any, store: Any, ids: list[int], labels: np.ndarray,
+                    in_memory_limit_mb: float) -> Any:
+    """Batches ``(float32 images, int64 labels)`` of the position batches ``positions``: from
+    memory when the tiles fit under ``in_memory_limit_mb``, else read from the store batch by
+    batch. Positions are drawn first and pixels gathered last, so skipping the epochs a
+    resumed run has done costs no reading."""
     import tensorflow as tf  # noqa: PLC0415  (lazy: see the module docstring)
 
     tile_ids = np.asarray(ids, dtype=np.int64)
-    fits = len(tile_ids) * int(np.prod(store.tile_shape)) <= params.in_memory_limit_mb * 2**20
-    source: Any = (store.get(tile_ids.tolist()) if fits
-                   else (lambda positions: store.get(tile_ids[positions].tolist())))
-    batches = sampling.batched_training_data(
-        source, labels, batch_size=batch_size, sampling=params.sampling, seed=params.seed,
-        tile_shape=tuple(store.tile_shape))
+    y = tf.constant(np.asarray(labels, dtype=np.int64))
+    shape = tuple(store.tile_shape)
+    if len(tile_ids) * int(np.prod(shape)) <= in_memory_limit_mb * 2**20:
+        images = tf.constant(np.asarray(store.get(tile_ids.tolist()), dtype=np.uint8))
+
+        def load(at: Any) -> tuple[Any, Any]:
+            return tf.cast(tf.gather(images, at), tf.float32), tf.gather(y, at)
+    else:
+        def read(at: np.ndarray) -> np.ndarray:
+            return np.asarray(store.get(tile_ids[at].tolist()), dtype=np.uint8)
+
+        def load(at: Any) -> tuple[Any, Any]:
+            pixels = tf.numpy_function(read, [at], tf.uint8)
+            pixels.set_shape((None, *shape))
+            return tf.cast(pixels, tf.float32), tf.gather(y, at)
+    return positions.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def training_stream(store: Any, ids: list[int], labels: np.ndarray, batch_size: int,
+                    params: TrainingParams, first_step: int = 0) -> Any:
+    """The recipe's training input: an endless stream of batches drawn by ``params.sampling``,
+    transformed by the online augmentation, float32 in [0, 255]. In memory when the tiles fit
+    under ``in_memory_limit_mb``, else gathered from the store batch by batch.
+
+    ``first_step``: the stream starts at that batch (a resumed run's first epoch), with the
+    positions and augmentation draws the uninterrupted stream has there."""
+    import tensorflow as tf  # noqa: PLC0415  (lazy: see the module docstring)
+
+    positions = sampling.index_stream(labels, params.sampling, params.seed).batch(batch_size)
+    batches = _gather_batches(positions.skip(first_step), store, ids, labels,
+                              params.in_memory_limit_mb)
     augmenter = make_augmenter(params.online_augmentation, params.seed)
-    return augment_batches(batches, augmenter).prefetch(tf.data.AUTOTUNE)
+    if augmenter.config.active:  # numbered as online_augmentation.augment_batches does
+        batches = batches.enumerate(start=first_step).map(
+            lambda step, batch: augmenter(batch[0], batch[1], step),
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return batches.prefetch(tf.data.AUTOTUNE)
+
+
+def reshuffled_passes(store: Any, ids: list[int], labels: np.ndarray, batch_size: int,
+                      params: TrainingParams, first_step: int = 0) -> Any:
+    """The study's training input: every tile once an epoch, reshuffled, without end; the
+    batches Keras trained on when fed ``make_tf_dataset(shuffle=True)`` (see
+    :func:`keras_epochs`), from batch ``first_step`` on."""
+    import tensorflow as tf  # noqa: PLC0415  (lazy: see the module docstring)
+
+    n = len(ids)
+    one_pass = (tf.data.Dataset.from_tensor_slices(np.arange(n, dtype=np.int64))
+                .shuffle(n, seed=params.seed, reshuffle_each_iteration=True).batch(batch_size))
+    positions = keras_epochs(one_pass, -(-n // batch_size))
+    return _gather_batches(positions.skip(first_step), store, ids, labels,
+                           params.in_memory_limit_mb).prefetch(tf.data.AUTOTUNE)
 
 
 def fit_stain(tiles: TileStore, split_table: pd.DataFrame, method: str | None,
@@ -339,17 +514,41 @@ def _training_data(augmented: TileStore, tiles: TileStore, split_table: pd.DataF
                         reference, callbacks)
 
 
-def train_from_scratch(model: Any, data: TrainingData) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class Setup:
+    """How the stages run: the strategy whose scope holds the model, optimisers and compiled
+    steps (None: TensorFlow's default), XLA, and the run's backup folder (None: no backup)."""
+
+    strategy: Any = None
+    jit_compile: bool | str = "auto"
+    run: Path | None = None
+
+    def scope(self) -> Any:
+        return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
+
+    def fit_kwargs(self, stage: str) -> dict[str, Any]:
+        """:func:`fit_stage`'s strategy, XLA and backup folder (one per stage) arguments."""
+        return {"strategy": self.strategy, "jit_compile": self.jit_compile,
+                "backup": None if self.run is None else self.run / stage}
+
+
+def train_from_scratch(model: Any, data: TrainingData, setup: Setup | None = None
+                       ) -> list[dict[str, Any]]:
     """One stage: the whole network, ``epochs`` epochs."""
+    setup = setup or Setup()
     p = data.params
     history: list[dict[str, Any]] = []
-    fit_stage(model, data.train_ds(p.batch_size, shuffle=True), data.val_ds, data.y_val,
-              epochs=p.epochs, optimizer=data.optimizer(p.learning_rate, p.epochs),
-              stage="train", steps_per_epoch=data.fit_steps(), **data.fit_options(history))
+    with setup.scope():
+        optimizer = data.optimizer(p.learning_rate, p.epochs)
+    fit_stage(model, data.train_input(p.batch_size), data.val_ds, data.y_val,
+              epochs=p.epochs, optimizer=optimizer, stage="train",
+              steps_per_epoch=data.steps_per_epoch, **data.fit_options(history),
+              **setup.fit_kwargs("train"))
     return history
 
 
-def train_transfer(model: Any, data: TrainingData) -> list[dict[str, Any]]:
+def train_transfer(model: Any, data: TrainingData, setup: Setup | None = None
+                   ) -> list[dict[str, Any]]:
     """Stage 1: the new head on backbone features computed once (the frozen backbone gives the
     same features every epoch, so no sampling or online augmentation here). Stage 2: the top
     ``fine_tune_blocks`` residual blocks at ``fine_tune_learning_rate``, on the training stream,
@@ -359,6 +558,7 @@ def train_transfer(model: Any, data: TrainingData) -> list[dict[str, Any]]:
         set_trainable_top_blocks,
     )
 
+    setup = setup or Setup()
     p = data.params
     history: list[dict[str, Any]] = []
     started = time.perf_counter()
@@ -366,17 +566,34 @@ def train_transfer(model: Any, data: TrainingData) -> list[dict[str, Any]]:
                             batch_size=p.batch_size, seed=p.seed)
     logger.info("Feature cache: %d + %d tiles through the frozen backbone in %.1fs",
                 len(data.y_train), len(data.y_val), time.perf_counter() - started)
+    with setup.scope():
+        optimizer = data.optimizer(p.learning_rate, p.epochs)
     best = fit_stage(cached.head, cached.train, cached.val_features, cached.val_labels,
-                     epochs=p.epochs, optimizer=data.optimizer(p.learning_rate, p.epochs),
-                     stage="head", **data.fit_options(history))
+                     epochs=p.epochs, optimizer=optimizer, stage="head",
+                     **data.fit_options(history), **setup.fit_kwargs("head"))
     if p.fine_tunes:
         set_trainable_top_blocks(model, p.fine_tune_blocks)
-        fit_stage(model, data.train_ds(p.batch_size, shuffle=True), data.val_ds, data.y_val,
-                  epochs=p.fine_tune_epochs,
-                  optimizer=data.optimizer(p.fine_tune_learning_rate, p.fine_tune_epochs),
-                  stage="fine_tune", baseline=best, steps_per_epoch=data.fit_steps(),
-                  **data.fit_options(history))
+        with setup.scope():
+            optimizer = data.optimizer(p.fine_tune_learning_rate, p.fine_tune_epochs)
+        fit_stage(model, data.train_input(p.batch_size), data.val_ds, data.y_val,
+                  epochs=p.fine_tune_epochs, optimizer=optimizer, stage="fine_tune",
+                  baseline=best, steps_per_epoch=data.steps_per_epoch,
+                  **data.fit_options(history), **setup.fit_kwargs("fine_tune"))
     return history
+
+
+def run_key(augmented: Any, tiles: Any, split_table: pd.DataFrame, model_params: ModelParams,
+            training_params: TrainingParams) -> str:
+    """What a run is: its parameters, its data (stores, training index, split table). A
+    restart with all of them unchanged resumes; anything else starts afresh."""
+    def digest(frame: pd.DataFrame) -> str:
+        return distribution.fingerprint(
+            pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
+
+    return distribution.fingerprint(
+        model_params.model_dump(), training_params.model_dump(),
+        str(getattr(augmented, "path", "")), str(getattr(tiles, "path", "")),
+        tuple(tiles.tile_shape), digest(augmented.index), digest(split_table))
 
 
 def train_model(
@@ -387,36 +604,63 @@ def train_model(
     training_params: TrainingParams,
     build: Callable[..., Any] | None = None,
     callbacks: Sequence[Any] = (),
+    backup: bool = True,
+    backup_root: str | Path | None = None,
 ) -> tuple[Any, pd.DataFrame]:
-    """Trains the configured architecture; returns the best-epoch model and its history.
+    """Trains the configured architecture; returns the best-epoch model (float32) and its
+    history.
 
     The model carries its preprocessing record: the tile store's (classes, image checks,
     tiling) plus the architecture. ``build`` replaces ``models.build_model`` (tests);
     ``callbacks`` are extra Keras callbacks for every stage (a study's pruning report).
+    With ``backup``, the run backs up every epoch under ``backup_root`` (default: the
+    project's ``data`` folder) and a restart with the same parameters and data resumes there;
+    a finished run removes its backup. In a ``TF_CONFIG`` cluster every worker calls this and
+    returns the same weights; only the chief's model should be saved (``distribution.is_chief``).
     """
     from neuroblastoma_cnn.models import build_model  # noqa: PLC0415  (lazy: needs Keras)
 
     build = build or build_model
     p = training_params
+    chosen = distribution.current_plan(p.distribution, p.precision, p.jit_compile)
+    strategy = distribution.make_strategy(chosen)  # first: a cluster forms before other TF ops
     seed_everything(p.seed, p.deterministic)
     data = _training_data(augmented_train_tiles, tiles, split_table, p, callbacks)
+    data.replicas = int(strategy.num_replicas_in_sync)
+    run = (distribution.run_folder(backup_root or distribution.default_backup_root(),
+                                   model_params.architecture,
+                                   run_key(augmented_train_tiles, tiles, split_table,
+                                           model_params, p))
+           if backup else None)
     input_size = int(tiles.tile_shape[0])
-    logger.info("Training %s on %d tiles (%d classes), validating on %d tiles",
-                model_params.architecture, len(data.train_ids), len(data.classes),
-                len(data.y_val))
-    with _precision(p.precision):
+    logger.info("Training %s on %d tiles (%d classes), validating on %d tiles; %s, %d "
+                "replica(s), %s, XLA %s", model_params.architecture, len(data.train_ids),
+                len(data.classes), len(data.y_val), chosen.strategy, data.replicas,
+                chosen.precision, "on" if chosen.jit_compile else "off")
+    with strategy.scope(), _precision(chosen.precision):
         model = build(model_params.architecture, input_size=input_size,
                       num_classes=len(data.classes), seed=p.seed,
                       **model_params.builder_kwargs())
-    if p.precision != "float32":
+    if chosen.precision != "float32":
         # Probabilities in float32: bfloat16 would round them to 3 digits, and MLflow's
         # signature and NumPy consumers expect a standard float type.
         model.layers[-1].dtype_policy = "float32"
     train = train_transfer if model_params.transfer else train_from_scratch
-    history = train(model, data)
+    try:
+        history = train(model, data, Setup(strategy, chosen.jit_compile, run))
+    except Exception as exc:
+        if run is not None and type(exc).__name__ in DELIBERATE_STOPS:
+            distribution.clear_run(run)
+        raise
+    model = distribution.as_float32(model)
     model.preprocessing = Preprocessing.from_store(tiles).model_copy(
         update={"architecture": model_params.architecture,
                 "stain_reference": data.stain_reference})
+    if run is not None:
+        distribution.clear_run(run)
+    if not distribution.is_chief():
+        logger.info("Worker %s of the cluster: the chief saves the model (same weights)",
+                    distribution.worker_index())
     return model, pd.DataFrame(history)
 
 
