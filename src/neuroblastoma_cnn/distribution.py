@@ -144,6 +144,33 @@ def precision_policy(chosen: Plan) -> Any:
     return previous
 
 
+def fix_keras_multi_worker(model: Any, strategy: Any) -> None:
+    """Two workarounds that let Keras 3 (3.15 included) ``fit`` under
+    ``MultiWorkerMirroredStrategy`` (keras-team/keras#20585); nothing for other strategies.
+
+    - Keras first averages one input batch over the replicas of the strategy the model was
+      built in, to build it; that reduction of an ``(images, labels)`` batch fails under MWMS.
+      With the strategy taken from the scope instead, the model is built when its step is
+      traced, as tf.keras did; compile, fit and predict must then run in ``strategy.scope()``.
+    - Keras averages each step's logs over the workers along axis 0, which scalars lack: the
+      step's logs are given that axis (the weights get the all-reduced gradients either way).
+    """
+    import tensorflow as tf  # noqa: PLC0415  (lazy: TensorFlow loads only to train)
+
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return
+    model._distribute_strategy = None
+    if getattr(model, "_multi_worker_logs", False):
+        return
+    step = model.train_step
+
+    def train_step(data: Any) -> dict[str, Any]:
+        return {name: tf.reshape(value, [1]) for name, value in step(data).items()}
+
+    model.train_step = train_step
+    model._multi_worker_logs = True
+
+
 def scaled_learning_rate(learning_rate: float, replicas: int, scale: bool) -> float:
     """Linear scaling: the global batch grows with the replicas, so does the step size."""
     return learning_rate * replicas if scale else learning_rate

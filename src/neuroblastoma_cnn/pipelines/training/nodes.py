@@ -170,8 +170,9 @@ def fit_stage(
 
     ``train`` is a tf.data.Dataset, an (x, y) tuple, or a function ``first_epoch -> dataset``
     (the batches from that epoch on: what a resumed stage needs); an endless dataset needs
-    ``steps_per_epoch``. ``optimizer`` must have been made in ``strategy``'s scope, where the
-    stage compiles (with ``jit_compile``). With ``backup`` (a folder), every epoch is backed up
+    ``steps_per_epoch``. ``strategy`` (None: TensorFlow's default) holds the model's
+    variables; ``optimizer`` must have been made in its scope, where the stage compiles (with
+    ``jit_compile``) and fits. With ``backup`` (a folder), every epoch is backed up
     there and a restarted stage resumes after its last finished epoch, with its history and
     best-epoch bookkeeping; a finished stage leaves only its result, which a restart reuses.
     With ``baseline`` (the previous stage's best), the stage's weights are
@@ -200,8 +201,9 @@ def fit_stage(
     epochs_folder = backup / "epochs" if backup is not None else None
     train, steps_per_epoch = _from_epoch(train, distribution.resumed_epoch(epochs_folder),
                                          steps_per_epoch)
-    scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
-    with scope:
+    if strategy is not None:
+        distribution.fix_keras_multi_worker(model, strategy)
+    with _scope(strategy):
         if label_smoothing > 0:
             # Keras' sparse loss has no smoothing: one-hot targets for the categorical one.
             loss: Any = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
@@ -224,8 +226,9 @@ def fit_stage(
         callbacks.extend(_backup_callbacks(epochs_folder, history, first_row, report, best,
                                            reduce))
     x, y = train if isinstance(train, tuple) else (train, None)
-    model.fit(x, y, epochs=epochs, steps_per_epoch=steps_per_epoch, class_weight=class_weight,
-              callbacks=callbacks, verbose=0, shuffle=False)
+    with _scope(strategy):
+        model.fit(x, y, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                  class_weight=class_weight, callbacks=callbacks, verbose=0, shuffle=False)
     if best.stopped_epoch:
         logger.info("%s: early stop, no %s gain in %d epochs", stage, watched, patience)
     if start_weights is not None and not _improves(best.best, baseline, monitor):
@@ -243,6 +246,11 @@ def fit_stage(
                                        {"kept": kept, "history": history[first_row:]})
         distribution.clear_backup(epochs_folder)
     return kept
+
+
+def _scope(strategy: Any) -> Any:
+    """``strategy``'s scope; none (TensorFlow's default strategy) for None."""
+    return strategy.scope() if strategy is not None else contextlib.nullcontext()
 
 
 def _finished_stage(model: Any, history: list[dict[str, Any]],
@@ -524,7 +532,7 @@ class Setup:
     run: Path | None = None
 
     def scope(self) -> Any:
-        return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
+        return _scope(self.strategy)
 
     def fit_kwargs(self, stage: str) -> dict[str, Any]:
         """:func:`fit_stage`'s strategy, XLA and backup folder (one per stage) arguments."""
@@ -647,7 +655,9 @@ def train_model(
         model.layers[-1].dtype_policy = "float32"
     train = train_transfer if model_params.transfer else train_from_scratch
     try:
-        history = train(model, data, Setup(strategy, chosen.jit_compile, run))
+        setup = Setup(None if chosen.strategy == "one_device" else strategy,
+                      chosen.jit_compile, run)
+        history = train(model, data, setup)
     except Exception as exc:
         if run is not None and type(exc).__name__ in DELIBERATE_STOPS:
             distribution.clear_run(run)

@@ -1,0 +1,217 @@
+"""Resume after interruption, and training on two workers (MultiWorkerMirroredStrategy on
+loopback): a run interrupted after an epoch and started again ends with the weights and history
+of an uninterrupted one; two workers train one model that the chief alone saves."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+from _train_child import train, write_stores
+
+from neuroblastoma_cnn.datasets.tile_store import TileStore
+
+CHILD = Path(__file__).with_name("_train_child.py")
+#: The study's path (one reshuffled pass an epoch) with a plateau schedule and early stopping,
+#: beside the child's default recipe (balanced sampling, online augmentation, warm-up cosine).
+STUDY = {"sampling": "shuffle", "steps_per_epoch": None, "label_smoothing": 0.0,
+         "schedule": {"type": "plateau", "factor": 0.5, "patience": 1},
+         "early_stopping_patience": 2, "monitor_window": 1, "online_augmentation": False}
+
+
+class Interrupted(RuntimeError):
+    """Raised mid-epoch: the process survives, but only the backup carries over."""
+
+
+class InterruptAt(keras.callbacks.Callback):
+    def __init__(self, epoch: int):
+        super().__init__()
+        self.at, self.epoch = epoch, -1
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.epoch == self.at and batch == 0:
+            raise Interrupted(f"epoch {self.at + 1}")
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("stores")
+    write_stores(folder)
+    return folder
+
+
+def _same_run(model: keras.Model, history: pd.DataFrame, reference: keras.Model,
+              ref_history: pd.DataFrame) -> None:
+    for a, b in zip(model.get_weights(), reference.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    pd.testing.assert_frame_equal(history.drop(columns="seconds"),
+                                  ref_history.drop(columns="seconds"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [{}, STUDY], ids=["recipe", "study_plateau"])
+def test_an_interrupted_run_resumes_with_the_same_weights_and_history(stores, tmp_path,
+                                                                      overrides):
+    reference, ref_history = train(stores, overrides, tmp_path / "reference")
+    root = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        train(stores, overrides, root, [InterruptAt(2)])
+    [metadata] = root.glob(".backup/resnet34/*/train/epochs/training_metadata.json")
+    assert json.loads(metadata.read_text())["epoch"] == 2  # two epochs done, the third cut
+    model, history = train(stores, overrides, root)
+    _same_run(model, history, reference, ref_history)
+    assert not (root / ".backup").exists()  # a finished run clears its backup
+
+
+def test_a_finished_stage_is_not_trained_again(stores, tmp_path):
+    """A run killed in a later stage reuses an earlier stage's result (ResNet50's head stage
+    before fine-tuning): here, the stage's result survives the run that wrote it."""
+    from _train_child import tiny_cnn  # noqa: PLC0415
+
+    from neuroblastoma_cnn.pipelines.training import nodes  # noqa: PLC0415
+
+    tiles = TileStore(stores / "tiles")
+    split = pd.read_csv(stores / "split.csv")
+    val = split[split["split"] == "validation"]
+    x = tiles.get(val["tile_id"].tolist()).astype("float32")
+    y = val["label"].map({"alpha": 0, "beta": 1, "gamma": 2}).to_numpy()
+    common = {"epochs": 2, "num_classes": 3, "monitor": "val_loss", "patience": None,
+              "class_weight": None, "stage": "head", "backup": tmp_path / "head"}
+    first: list[dict] = []
+    model = tiny_cnn("m", 32, 3, seed=1)
+    kept = nodes.fit_stage(model, (x, y), x, y, optimizer=keras.optimizers.Adam(0.05),
+                           history=first, **common)
+    assert (tmp_path / "head" / "done.json").exists()
+    assert not (tmp_path / "head" / "epochs").exists()
+    again: list[dict] = []
+    fresh = tiny_cnn("m", 32, 3, seed=2)
+    assert nodes.fit_stage(fresh, (x, y), x, y, optimizer=keras.optimizers.Adam(0.05),
+                           history=again, **common) == kept
+    pd.testing.assert_frame_equal(pd.DataFrame(again), pd.DataFrame(first))  # NaN-safe
+    for a, b in zip(fresh.get_weights(), model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_defaults_on_cpu_are_the_explicit_single_device_float32_run(stores, tmp_path):
+    """``distribution/precision/jit_compile: auto`` on this CPU trains exactly as one device
+    in float32 without XLA (the weights the code gave before these parameters existed)."""
+    auto, auto_history = train(stores, {"epochs": 2}, tmp_path / "a")
+    explicit, history = train(stores, {"epochs": 2, "distribution": "one_device",
+                                       "precision": "float32", "jit_compile": False},
+                              tmp_path / "b")
+    _same_run(explicit, history, auto, auto_history)
+
+
+def _child(stores: Path, out: Path, root: Path, overrides: dict, slow: float = 0.0,
+           env: dict | None = None, log: Path | None = None) -> subprocess.Popen:
+    args = [sys.executable, str(CHILD), str(stores), str(out), str(root), json.dumps(overrides)]
+    if slow:
+        args.append(str(slow))
+    environment = {name: value for name, value in os.environ.items() if name != "TF_CONFIG"}
+    environment.update({"TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})})
+    stderr = log.open("w") if log else subprocess.DEVNULL
+    return subprocess.Popen(args, env=environment, stdout=subprocess.DEVNULL, stderr=stderr)
+
+
+def _stop(children: list[subprocess.Popen]) -> None:
+    for child in children:
+        if child.poll() is None:
+            child.kill()
+            child.wait(timeout=30)
+
+
+def _weights(path: Path) -> list[np.ndarray]:
+    with np.load(path) as stored:
+        return [stored[f"arr_{i}"] for i in range(len(stored.files))]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_killed_run_restarts_after_its_last_epoch(stores, tmp_path):
+    """SIGKILL mid-epoch (after the backup of epoch 1), then the same command again: same
+    weights as an uninterrupted run, and no backup left."""
+    reference, _ = train(stores, {}, tmp_path / "reference")
+    root, out = tmp_path / "run", tmp_path / "weights.npz"
+    child = _child(stores, out, root, {}, slow=0.4)
+    try:
+        deadline = time.monotonic() + 120
+        metadata: list[Path] = []
+        while not metadata and time.monotonic() < deadline and child.poll() is None:
+            metadata = list(root.glob(".backup/resnet34/*/train/epochs/training_metadata.json"))
+            time.sleep(0.05)
+        assert metadata, "the child wrote no backup"
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        _stop([child])
+    done = json.loads(metadata[0].read_text())["epoch"]
+    assert 1 <= done < 4 and not out.exists()  # killed mid-run
+    log = tmp_path / "restart.log"
+    restart = _child(stores, out, root, {}, log=log)
+    try:
+        assert restart.wait(timeout=120) == 0, log.read_text()[-3000:]
+    finally:
+        _stop([restart])
+    assert f"Resuming after epoch {done}" in log.read_text()
+    for a, b in zip(_weights(out), reference.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not (root / ".backup").exists()
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_two_workers_train_one_model_that_the_chief_saves(stores, tmp_path):
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in _free_ports(2)]}
+    children, logs = [], []
+    try:
+        for index in range(2):
+            config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+            logs.append(tmp_path / f"worker{index}.log")
+            children.append(_child(stores, tmp_path / f"worker{index}.npz", tmp_path / "root",
+                                   {}, env={"TF_CONFIG": config}, log=logs[-1]))
+        for child, log in zip(children, logs, strict=True):
+            assert child.wait(timeout=200) == 0, log.read_text()[-3000:]
+    finally:
+        _stop(children)
+    assert "multi_worker, 2 replica(s)" in logs[0].read_text()
+    assert sorted(p.name for p in tmp_path.glob("*.keras")) == ["worker0.keras"]  # the chief
+    for a, b in zip(_weights(tmp_path / "worker0.npz"), _weights(tmp_path / "worker1.npz"),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)  # the workers kept one model in step
+    model = keras.models.load_model(tmp_path / "worker0.keras")
+    tiles = TileStore(stores / "tiles")
+    split = pd.read_csv(stores / "split.csv")
+    val = split[split["split"] == "validation"]
+    prob = model.predict(tiles.get(val["tile_id"].tolist()).astype("float32"), verbose=0)
+    assert prob.shape == (len(val), 3) and np.allclose(prob.sum(axis=1), 1.0, atol=1e-5)
+    # The validation pass was gathered from both workers in order: the kept epoch's loss is
+    # the saved model's loss on the validation tiles.
+    history = pd.read_csv(tmp_path / "worker0.csv")
+    y = val["label"].map({"alpha": 0, "beta": 1, "gamma": 2}).to_numpy()
+    loss = -np.log(np.clip(prob[np.arange(len(y)), y], 1e-7, 1.0)).mean()
+    assert np.isclose(history["val_loss"], loss, atol=1e-5).any()
+    assert not (tmp_path / "root" / ".backup").exists()
