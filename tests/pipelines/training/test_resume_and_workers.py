@@ -76,6 +76,53 @@ def test_an_interrupted_run_resumes_with_the_same_weights_and_history(stores, tm
     assert not (root / ".backup").exists()  # a finished run clears its backup
 
 
+class StopAfterEpochs(keras.callbacks.Callback):
+    """Raises at the end of the ``count``-th epoch over all stages (before that epoch's
+    backup, as a kill would)."""
+
+    def __init__(self, count: int):
+        super().__init__()
+        self.count, self.seen = count, 0
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seen += 1
+        if self.seen == self.count:
+            raise Interrupted(f"after {self.count} epochs")
+
+
+@pytest.mark.slow
+def test_a_transfer_run_interrupted_in_fine_tuning_resumes_there(stores, tmp_path):
+    """ResNet50 (random weights, 32 px): the head stage's result is reused, fine-tuning resumes
+    after its last backed-up epoch; weights and history as uninterrupted."""
+    from _params import params  # noqa: PLC0415
+    from _train_child import RECIPE  # noqa: PLC0415
+
+    from neuroblastoma_cnn.pipelines.training import nodes  # noqa: PLC0415
+
+    split = pd.read_csv(stores / "split.csv")
+    augment = {**params("resnet50.training").online_augmentation.model_dump(), "enabled": True}
+    training = params("resnet50.training", **{
+        **RECIPE, "online_augmentation": augment, "epochs": 2, "early_stopping_patience": None,
+        "fine_tune_blocks": 1, "fine_tune_epochs": 3, "fine_tune_learning_rate": 0.001})
+
+    def run(root: Path, callbacks=()):
+        return nodes.train_model(TileStore(stores / "train"), TileStore(stores / "tiles"),
+                                 split, params("resnet50.model", weights=None), training,
+                                 callbacks=callbacks, backup_root=root)
+
+    reference, ref_history = run(tmp_path / "reference")
+    root = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        run(root, [StopAfterEpochs(4)])  # 2 head epochs, then the 2nd fine-tuning epoch
+    [run_folder] = root.glob(".backup/resnet50/*")
+    assert (run_folder / "head" / "done.json").exists()
+    assert nodes.distribution.resumed_epoch(run_folder / "fine_tune" / "epochs") == 1
+    model, history = run(root)
+    assert list(history["stage"]) == ["head"] * 2 + ["fine_tune"] * 3
+    _same_run(model, history, reference, ref_history)
+    assert not (root / ".backup").exists()
+
+
 def test_a_finished_stage_is_not_trained_again(stores, tmp_path):
     """A run killed in a later stage reuses an earlier stage's result (ResNet50's head stage
     before fine-tuning): here, the stage's result survives the run that wrote it."""
