@@ -61,7 +61,6 @@ def _same_run(model: keras.Model, history: pd.DataFrame, reference: keras.Model,
                                   ref_history.drop(columns="seconds"))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [{}, STUDY], ids=["recipe", "study_plateau"])
 def test_an_interrupted_run_resumes_with_the_same_weights_and_history(stores, tmp_path,
                                                                       overrides):
