@@ -64,18 +64,21 @@ def make_bach_subset(
     return dest
 
 
+SHELL_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+
+
 @pytest.fixture(autouse=True)
 def _own_mlflow_tracking_uri() -> Any:
-    """Each test starts with the tracking URI the shell gave and leaves it so.
+    """Each test leaves the tracking URI as the shell gave it to the test session.
 
-    ``mlflow.set_tracking_uri`` (called by tests and by kedro-mlflow in in-process runs) also
-    exports ``MLFLOW_TRACKING_URI``, which every later ``kedro run`` subprocess would inherit and
-    obey: training runs then log into an earlier test's store.
+    ``mlflow.set_tracking_uri`` (called by tests, and by kedro-mlflow in in-process runs, also
+    those of module-scoped fixtures) exports ``MLFLOW_TRACKING_URI``, which every later ``kedro
+    run`` subprocess or notebook kernel would inherit and obey: it would log into or read an
+    earlier test's store.
     """
-    before = os.environ.get("MLFLOW_TRACKING_URI")
     yield
-    mlflow.set_tracking_uri(before)  # None unsets the variable too
-    if before is None:
+    mlflow.set_tracking_uri(SHELL_TRACKING_URI)  # None unsets the variable too
+    if SHELL_TRACKING_URI is None:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
