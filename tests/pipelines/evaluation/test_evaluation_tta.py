@@ -13,6 +13,7 @@ from _params import params, store_metadata
 
 from neuroblastoma_cnn import online_augmentation as oa
 from neuroblastoma_cnn.datasets import write_tile_store
+from neuroblastoma_cnn.errors import ModelError
 from neuroblastoma_cnn.pipelines.evaluation import nodes
 from neuroblastoma_cnn.preprocessing import Preprocessing
 from neuroblastoma_cnn.stain import fit_stain_reference, normalise_tiles
@@ -89,3 +90,14 @@ def test_tiles_reach_the_model_through_its_stain_reference(setup):
     assert np.allclose(tiles["prob_a"], model.predict(seen, verbose=0)[:, 0], atol=1e-6)
     raw = model.predict(store.get(ids).astype(np.float32), verbose=0)[:, 0]
     assert not np.allclose(tiles["prob_a"], raw)
+
+
+def test_a_diverged_model_is_named_not_a_metric_traceback(setup):
+    _, store, split = setup
+    inputs = keras.Input((32, 32, 3))
+    nan = keras.layers.Lambda(lambda x: tf.fill([tf.shape(x)[0], 2], float("nan")))(inputs)
+    diverged = keras.Model(inputs, nan)
+    diverged.preprocessing = setup[0].preprocessing
+    with pytest.raises(ModelError, match=r"resnet34 outputs NaN .* 12 of 12 tiles: training "
+                                         r"diverged"):
+        nodes.predict_split_tiles(diverged, store, split, params("evaluation", tta=False))

@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 
 from neuroblastoma_cnn import metrics as m
 from neuroblastoma_cnn.datasets.tile_store import TileStore
-from neuroblastoma_cnn.errors import DataError
+from neuroblastoma_cnn.errors import DataError, ModelError
 from neuroblastoma_cnn.gradcam import GradCam, store_image_overlay
 from neuroblastoma_cnn.online_augmentation import tta_probabilities
 from neuroblastoma_cnn.params import EvaluationParams
@@ -47,6 +47,18 @@ def tta_columns(frame: pd.DataFrame) -> list[str]:
     return [c for c in frame.columns if str(c).startswith(TTA_PREFIX + "prob_")]
 
 
+def _check_finite(prob: np.ndarray, model: Any) -> None:
+    """A model that diverged in training outputs NaN: say so, instead of failing in a metric."""
+    bad = ~np.isfinite(prob).all(axis=1)
+    if bad.any():
+        architecture = preprocessing_of(model).architecture or "the model"
+        raise ModelError(
+            f"{architecture} outputs NaN or infinite probabilities for {int(bad.sum())} of "
+            f"{len(prob)} tiles: training diverged, so it is not evaluated or promoted.",
+            hint="lower <model>.training.learning_rate, or use a warm-up schedule",
+        )
+
+
 def predict_split_tiles(
     model: Any, tiles: TileStore, split_table: pd.DataFrame, params: EvaluationParams
 ) -> pd.DataFrame:
@@ -66,6 +78,7 @@ def predict_split_tiles(
     data = make_tf_dataset(seen, ids, None, params.batch_size,
                            in_memory_limit_mb=params.in_memory_limit_mb)
     prob = np.asarray(model.predict(data, verbose=0), dtype=np.float64)
+    _check_finite(prob, model)
     out = rows[["tile_id", "image_path", "label", "group"]].copy()
     out["y_true"] = encode_labels(rows["label"], classes)
     for i, name in enumerate(classes):
