@@ -47,14 +47,16 @@ def tta_columns(frame: pd.DataFrame) -> list[str]:
     return [c for c in frame.columns if str(c).startswith(TTA_PREFIX + "prob_")]
 
 
-def _check_finite(prob: np.ndarray, model: Any) -> None:
-    """A model that diverged in training outputs NaN: say so, instead of failing in a metric."""
+def _check_finite(tile_predictions: pd.DataFrame) -> None:
+    """A model that diverged in training outputs NaN: say so, instead of failing in a metric.
+    (Studies replace such outputs before scoring a trial, so the check sits here, not in the
+    prediction node.)"""
+    prob = tile_predictions[probability_columns(tile_predictions)].to_numpy(dtype=float)
     bad = ~np.isfinite(prob).all(axis=1)
     if bad.any():
-        architecture = preprocessing_of(model).architecture or "the model"
         raise ModelError(
-            f"{architecture} outputs NaN or infinite probabilities for {int(bad.sum())} of "
-            f"{len(prob)} tiles: training diverged, so it is not evaluated or promoted.",
+            f"The model outputs NaN or infinite probabilities for {int(bad.sum())} of "
+            f"{len(prob)} test tiles: training diverged, so it is not evaluated or promoted.",
             hint="lower <model>.training.learning_rate, or use a warm-up schedule",
         )
 
@@ -78,7 +80,6 @@ def predict_split_tiles(
     data = make_tf_dataset(seen, ids, None, params.batch_size,
                            in_memory_limit_mb=params.in_memory_limit_mb)
     prob = np.asarray(model.predict(data, verbose=0), dtype=np.float64)
-    _check_finite(prob, model)
     out = rows[["tile_id", "image_path", "label", "group"]].copy()
     out["y_true"] = encode_labels(rows["label"], classes)
     for i, name in enumerate(classes):
@@ -119,6 +120,7 @@ def compute_test_metrics(
     Returns the full metrics (JSON), the flat numeric ones for MLflow, the report and the
     confusion matrix as counts and row-normalised.
     """
+    _check_finite(tile_predictions)
     classes = class_names_of(image_predictions)
     y_true = image_predictions["y_true"].to_numpy(dtype=int)
     y_prob = image_predictions[probability_columns(image_predictions)].to_numpy()
