@@ -32,7 +32,8 @@ def _environment(env: str) -> dict:
     return loader["parameters"]
 
 
-@pytest.mark.parametrize("env", ["base", "tiny"])
+@pytest.mark.parametrize("env", sorted(p.name for p in CONF.iterdir()
+                                     if p.is_dir() and p.name != "local"))
 def test_every_environment_validates(env: str) -> None:
     typed = validate_parameters(_environment(env) if env != "base" else base_parameters())
     expected = {*GROUPS, *(f"{m}.{part}" for m in ("resnet34", "resnet50")
