@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -107,15 +109,39 @@ def predict(**options: Any) -> int:
     """
     if options["quiet"] and options["verbose"]:
         raise click.UsageError("--quiet and --verbose exclude each other")
-    level = logging.INFO if options["verbose"] else logging.WARNING
-    # force: Kedro configures logging when it is imported inside a project (conf/logging.yml:
-    # a rich handler on stdout, this package at INFO), which would mix log lines into the CSV.
-    logging.basicConfig(level=level, stream=sys.stderr, force=True,
-                        format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger(__package__).setLevel(level)
-    if not options["verbose"]:  # the summary below says what the pipeline's warnings would
-        logging.getLogger("neuroblastoma_cnn.pipelines.predict").setLevel(logging.ERROR)
-    return _predict(options)
+    with _command_logging(options["verbose"]):
+        return _predict(options)
+
+
+@contextmanager
+def _command_logging(verbose: bool) -> Iterator[None]:
+    """Log lines to stderr only, at WARNING unless verbose; the caller's logging state comes
+    back afterwards (the command also runs in-process: tests, notebooks).
+
+    Kedro configures logging when it is imported inside a project (conf/logging.yml: a rich
+    handler on stdout, this package at INFO), which would mix log lines into the CSV: hence
+    the root handlers are replaced, not added to.
+    """
+    level = logging.INFO if verbose else logging.WARNING
+    root = logging.getLogger()
+    # The summary says what the pipeline's warnings would, so those stay quiet unless verbose.
+    levels = {__package__: level,
+              "neuroblastoma_cnn.pipelines.predict": level if verbose else logging.ERROR}
+    handlers, root_level = root.handlers[:], root.level
+    before = {name: logging.getLogger(name).level for name in levels}
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for name, value in levels.items():
+        logging.getLogger(name).setLevel(value)
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(root_level)
+        for name, value in before.items():
+            logging.getLogger(name).setLevel(value)
 
 
 class CommandUsageError(ParameterError):
