@@ -172,6 +172,7 @@ class ResNet34Model(Params):
     dropout: OpenFraction
     l1: Annotated[float, Field(ge=0.0)]
     l2: Annotated[float, Field(ge=0.0)]
+    batch_norm_momentum: Annotated[float, Field(gt=0.0, lt=1.0)]
 
     @property
     def transfer(self) -> bool:

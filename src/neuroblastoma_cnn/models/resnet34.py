@@ -59,13 +59,14 @@ def _conv_bn(
     bn_name: str,
     init: _Init,
     reg: keras.regularizers.Regularizer | None,
+    momentum: float,
 ) -> keras.KerasTensor:
     # No conv bias: the following BatchNormalization's beta plays that role (as in the paper).
     x = layers.Conv2D(
         filters, kernel, strides=stride, padding="same", use_bias=False,
         kernel_initializer=init.he(), kernel_regularizer=reg, name=name,
     )(x)
-    return layers.BatchNormalization(epsilon=BN_EPSILON, name=bn_name)(x)
+    return layers.BatchNormalization(momentum=momentum, epsilon=BN_EPSILON, name=bn_name)(x)
 
 
 def _basic_block(
@@ -76,18 +77,20 @@ def _basic_block(
     name: str,
     init: _Init,
     reg: keras.regularizers.Regularizer | None,
+    momentum: float,
 ) -> keras.KerasTensor:
     """Two 3x3 conv-BN layers plus the shortcut; ReLU after the addition."""
     shortcut = x
     if stride != 1 or x.shape[-1] != filters:
         # Projection shortcut (option B of the paper) where the shape changes.
         shortcut = _conv_bn(x, filters=filters, kernel=1, stride=stride,
-                            name=f"{name}_proj_conv", bn_name=f"{name}_proj_bn", init=init, reg=reg)
+                            name=f"{name}_proj_conv", bn_name=f"{name}_proj_bn", init=init,
+                            reg=reg, momentum=momentum)
     y = _conv_bn(x, filters=filters, kernel=3, stride=stride, name=f"{name}_conv1",
-                 bn_name=f"{name}_bn1", init=init, reg=reg)
+                 bn_name=f"{name}_bn1", init=init, reg=reg, momentum=momentum)
     y = layers.Activation("relu", name=f"{name}_relu1")(y)
     y = _conv_bn(y, filters=filters, kernel=3, stride=1, name=f"{name}_conv2",
-                 bn_name=f"{name}_bn2", init=init, reg=reg)
+                 bn_name=f"{name}_bn2", init=init, reg=reg, momentum=momentum)
     y = layers.Add(name=f"{name}_add")([shortcut, y])
     return layers.Activation("relu", name=f"{name}_out")(y)
 
@@ -99,13 +102,17 @@ def build_resnet34(
     l1: float = 0.0,
     l2: float = 0.0,
     seed: int | None = None,
+    batch_norm_momentum: float = 0.99,
 ) -> keras.Model:
     """Builds an uncompiled ResNet34 for ``input_size`` x ``input_size`` RGB tiles in [0, 255].
 
     Layers are named ``conv1_conv``, ``pool1_pool``, ``conv<stage>_block<i>_conv<j>`` /
     ``_bn<j>`` / ``_proj_conv`` / ``_proj_bn``, ``avg_pool``, ``dropout``, ``predictions``.
     L1/L2 penalties (when > 0) apply to every conv and dense kernel; ``seed`` makes the
-    initial weights and the dropout mask sequence reproducible.
+    initial weights and the dropout mask sequence reproducible. ``batch_norm_momentum`` is the
+    weight of the old value in BatchNormalization's moving statistics (Keras' default 0.99;
+    PyTorch's is 0.9): with a few hundred steps an epoch, 0.99 lags the weights and the
+    validation predictions swing between epochs.
     """
     if input_size < 32:
         raise ValueError(f"ResNet34 needs input_size >= 32 (5 stride-2 steps), got {input_size}.")
@@ -113,6 +120,8 @@ def build_resnet34(
         raise ValueError(f"num_classes must be >= 2, got {num_classes}.")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
+    if not 0.0 < batch_norm_momentum < 1.0:
+        raise ValueError(f"batch_norm_momentum must be in (0, 1), got {batch_norm_momentum}.")
     reg = _regularizer(l1, l2)
     init = _Init(seed)
 
@@ -122,7 +131,8 @@ def build_resnet34(
     x = layers.ZeroPadding2D(3, name="conv1_pad")(x)
     x = layers.Conv2D(64, 7, strides=2, use_bias=False, kernel_initializer=init.he(),
                       kernel_regularizer=reg, name="conv1_conv")(x)
-    x = layers.BatchNormalization(epsilon=BN_EPSILON, name="conv1_bn")(x)
+    x = layers.BatchNormalization(momentum=batch_norm_momentum, epsilon=BN_EPSILON,
+                                  name="conv1_bn")(x)
     x = layers.Activation("relu", name="conv1_relu")(x)
     x = layers.ZeroPadding2D(1, name="pool1_pad")(x)
     x = layers.MaxPooling2D(3, strides=2, name="pool1_pool")(x)
@@ -131,7 +141,7 @@ def build_resnet34(
         for block in range(1, blocks + 1):
             stride = 2 if (block == 1 and stage > 2) else 1
             x = _basic_block(x, filters=filters, stride=stride, name=f"conv{stage}_block{block}",
-                             init=init, reg=reg)
+                             init=init, reg=reg, momentum=batch_norm_momentum)
 
     x = layers.GlobalAveragePooling2D(name=FEATURES_LAYER)(x)
     x = layers.Dropout(dropout, seed=seed, name=DROPOUT_LAYER)(x)
