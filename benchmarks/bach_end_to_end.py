@@ -15,7 +15,7 @@ existing ``--workdir`` (same tiles, same split: ablations). Nothing is written i
 
     python benchmarks/bach_end_to_end.py --epochs 10 --fine-tune-epochs 2
     python benchmarks/bach_end_to_end.py --models resnet34 --workdir /tmp/bach \\
-        --group-pattern '^(?P<group>[a-z]+\\d\\d)\\d' --env study_recipe --label study
+        --group-pattern '^(?P<group>[a-z]+\\d\\d)\\d' --env study_preset --label study
     python benchmarks/bach_end_to_end.py --models resnet34 --workdir /tmp/bach --reuse \\
         --set resnet34.training.stain_normalisation=macenko --label stain
 """
@@ -140,7 +140,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--fine-tune-epochs", type=int, default=10)
     parser.add_argument("--models", nargs="+", default=["resnet34", "resnet50"])
-    parser.add_argument("--env", default=None, help="Kedro environment, e.g. study_recipe")
+    parser.add_argument("--env", default=None,
+                        help="Kedro environment, e.g. study_preset (the study's settings)")
     parser.add_argument("--config", type=Path, action="append", default=[],
                         help="YAML parameters merged over the defaults (repeatable)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

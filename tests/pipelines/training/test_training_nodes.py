@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
-from _params import params, store_metadata
+from _params import params, store_metadata, study_params
 from sklearn.metrics import f1_score
 
 from neuroblastoma_cnn.datasets import write_tile_store
@@ -53,7 +53,7 @@ def small_cnn(architecture: str, input_size: int, num_classes: int, seed: int | 
 
 
 SETTINGS = {"optimizer": "adam", "learning_rate": 0.05, "epochs": 4, "batch_size": 8, "seed": 3}
-TRAINING = params("resnet34.training", **SETTINGS)
+TRAINING = study_params("resnet34.training", **SETTINGS)
 MODEL = params("resnet34.model")  # built by small_cnn here
 
 
@@ -118,9 +118,10 @@ def test_training_is_repeatable_with_a_seed(stores) -> None:
 
 def test_early_stopping_and_missing_validation(stores) -> None:
     train, tiles, split = stores
-    stopping = params("resnet34.training", **{**SETTINGS, "epochs": 30, "learning_rate": 1e-12,
-                                              "early_stopping_patience": 2,
-                                              "monitor": "val_loss"})
+    stopping = study_params("resnet34.training", **{**SETTINGS, "epochs": 30,
+                                                    "learning_rate": 1e-12,
+                                                    "early_stopping_patience": 2,
+                                                    "monitor": "val_loss"})
     _, history = nodes.train_model(train, tiles, split, MODEL, stopping, build=small_cnn)
     assert len(history) == 3  # lr ~0: nothing improves after epoch 1, stop after 2 more
     no_val = split.assign(split="test")

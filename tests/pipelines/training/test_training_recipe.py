@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
-from _params import params, store_metadata
+from _params import params, store_metadata, study_params
 from matplotlib.figure import Figure
 from test_training_nodes import small_cnn
 
@@ -109,7 +109,7 @@ def test_endless_stream_balances_classes_and_study_path_stays_one_pass(stores) -
     labels = np.concatenate([y.numpy() for _, y in data.train_ds(8, shuffle=True).take(60)])
     assert np.allclose(np.bincount(labels, minlength=3) / len(labels), 1 / 3, atol=0.06)
 
-    study = params("resnet34.training", batch_size=8)
+    study = study_params("resnet34.training", batch_size=8)
     data = nodes._training_data(train, tiles, split, study)
     assert not data.endless and data.fit_steps() is None
     labels = np.concatenate([y.numpy() for _, y in data.train_ds(8, shuffle=True)])
