@@ -22,6 +22,7 @@ import pytest
 import yaml
 from _tiny_project import KEDRO, kedro, make_project, run_env
 from optuna.trial import TrialState
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from neuroblastoma_cnn.params import base_parameters
 
@@ -48,7 +49,10 @@ def _study(project: Path, prefix: str) -> optuna.Study | None:
     storage = f"sqlite:///{project / 'data' / 'optuna.db'}"
     if not (project / "data" / "optuna.db").exists():
         return None
-    names = [n for n in optuna.study.get_all_study_names(storage) if n.startswith(prefix)]
+    try:
+        names = [n for n in optuna.study.get_all_study_names(storage) if n.startswith(prefix)]
+    except (IntegrityError, OperationalError):  # the run is creating the tables: poll again
+        return None
     return optuna.load_study(study_name=names[0], storage=storage) if names else None
 
 

@@ -47,6 +47,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from neuroblastoma_cnn.errors import DataError, ParameterError, ProjectError
 
@@ -133,6 +134,16 @@ def _redacted(url: str) -> str:
         return url.rsplit("@", maxsplit=1)[-1] if "@" in url else url
 
 
+#: Tries to open a storage whose tables another worker is creating at the same moment.
+SCHEMA_RACE_ATTEMPTS = 5
+
+
+def _schema_race(exc: Exception) -> bool:
+    """Whether ``exc`` is what losing a race to create the storage's tables looks like."""
+    text = str(exc).lower()
+    return isinstance(exc, IntegrityError) or "already exists" in text or "locked" in text
+
+
 def open_storage(url: str, heartbeat_seconds: int, max_retries: int = 2,
                  tracking_uri: str | None = None) -> optuna.storages.RDBStorage:
     """The study storage at ``url``, with heartbeats and stale-trial retries.
@@ -155,12 +166,23 @@ def open_storage(url: str, heartbeat_seconds: int, max_retries: int = 2,
     else:
         engine_kwargs = {"pool_pre_ping": True}
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_seconds,
-                heartbeat_stale_trial_callback=StaleTrialCallback(max_retries, tracking_uri),
-            )
+        for attempt in range(SCHEMA_RACE_ATTEMPTS):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    return optuna.storages.RDBStorage(
+                        url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_seconds,
+                        heartbeat_stale_trial_callback=StaleTrialCallback(max_retries,
+                                                                          tracking_uri),
+                    )
+            except (IntegrityError, OperationalError) as exc:
+                # Workers opening a new storage together all create its tables: the losers
+                # fail (UNIQUE constraint, table exists, database locked); the tables exist by
+                # the time they retry.
+                if attempt == SCHEMA_RACE_ATTEMPTS - 1 or not _schema_race(exc):
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+        raise AssertionError("unreachable")  # the loop returns or raises
     except Exception as exc:  # SQLAlchemy, driver import and URL errors all mean 'unusable'
         reason = " ".join(str(exc).split())[:300]
         raise DataError(
