@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
+from kedro.config import OmegaConfigLoader
 
 from neuroblastoma_cnn.params import GROUPS, MODEL_GROUPS, base_group
 from neuroblastoma_cnn.preprocessing import Preprocessing
@@ -14,24 +14,34 @@ from neuroblastoma_cnn.preprocessing import Preprocessing
 
 def params(key: str, **overrides: Any) -> Any:
     """``params("ingestion", tile_size=32)``, ``params("resnet34.training", epochs=1)``."""
+    return _typed(key, base_group(key, **overrides))
+
+
+def _typed(key: str, raw: dict[str, Any]) -> Any:
+    """``raw`` validated by the parameter model of group ``key``."""
     model = GROUPS.get(key) or MODEL_GROUPS[key.rsplit(".", 1)[-1]]
-    return model.parse(base_group(key, **overrides), key)
+    return model.parse(raw, key)
 
 
-STUDY_PRESET = Path(__file__).resolve().parents[1] / "conf" / "study_preset" / "parameters.yml"
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def environment_parameters(env: str) -> dict[str, Any]:
+    """Every parameter of Kedro environment ``env`` merged over base, as `kedro run --env`
+    merges them (key by key)."""
+    loader = OmegaConfigLoader(str(CONF), base_env="base", default_run_env=env,
+                               merge_strategy={"parameters": "soft"})
+    return loader["parameters"]
 
 
 def study_params(key: str, **overrides: Any) -> Any:
-    """``params`` with the study's settings (``conf/study_preset``) between the base defaults
-    and ``overrides``: tests of the study's path (one shuffled pass an epoch, no online
-    augmentation) without repeating its values."""
-    preset: Any = yaml.safe_load(STUDY_PRESET.read_text())
+    """``params`` with the study's settings (``--env=study_preset``) under ``overrides``: tests
+    of the study's path (one shuffled pass an epoch, no online augmentation) without repeating
+    its values."""
+    value: Any = environment_parameters("study_preset")
     for part in key.split("."):
-        preset = preset.get(part, {})
-    base = base_group(key)
-    merged = {name: ({**base[name], **value} if isinstance(value, dict) else value)
-              for name, value in preset.items()}  # nested groups: key by key, as Kedro merges
-    return params(key, **{**merged, **overrides})
+        value = value[part]
+    return _typed(key, {**value, **overrides})
 
 
 def store_metadata(classes: list[str], input_size: int, tile_size: int | None = None) -> dict:

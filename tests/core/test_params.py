@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 
 import pytest
+from _params import CONF, environment_parameters
 from _tiny_project import kedro, make_project
-from kedro.config import OmegaConfigLoader
 
 from neuroblastoma_cnn.errors import ParameterError
 from neuroblastoma_cnn.params import (
@@ -23,29 +23,21 @@ from neuroblastoma_cnn.params import (
     validate_parameters,
 )
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
-
-
-def _environment(env: str) -> dict:
-    loader = OmegaConfigLoader(str(CONF), base_env="base", default_run_env=env,
-                               merge_strategy={"parameters": "soft"})
-    return loader["parameters"]
-
 
 @pytest.mark.parametrize("env", sorted(p.name for p in CONF.iterdir()
                                      if p.is_dir() and p.name != "local"))
 def test_every_environment_validates(env: str) -> None:
-    typed = validate_parameters(_environment(env) if env != "base" else base_parameters())
+    typed = validate_parameters(environment_parameters(env) if env != "base"
+                                else base_parameters())
     expected = {*GROUPS, *(f"{m}.{part}" for m in ("resnet34", "resnet50")
                            for part in MODEL_GROUPS)}
     assert expected <= set(typed)
 
 
-
 def test_defaults_are_the_recipe_and_study_preset_reproduces_the_study() -> None:
     """The recipe measured better than the study's settings, so it is the default; the study's
     best run stays one `--env` away (issue: keep the study's settings as a named preset)."""
-    base, study = base_parameters(), _environment("study_preset")
+    base, study = base_parameters(), environment_parameters("study_preset")
     recipe = base["resnet34"]["training"]
     assert (recipe["optimizer"], recipe["sampling"], recipe["monitor"]) == (
         "adamw", "balanced", "val_image_macro_f1")

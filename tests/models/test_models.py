@@ -91,7 +91,6 @@ def test_resnet34_dropout_and_regularisers_only_when_asked() -> None:
     assert len(model.losses) == len(kernels) == 37
 
 
-
 def test_resnet34_batch_norm_momentum_reaches_every_batch_norm_layer() -> None:
     norms = _layers_of(build_resnet34(32, 2, batch_norm_momentum=0.9),
                        keras.layers.BatchNormalization)
@@ -100,6 +99,7 @@ def test_resnet34_batch_norm_momentum_reaches_every_batch_norm_layer() -> None:
                                                    keras.layers.BatchNormalization)} == {0.99}
     with pytest.raises(ValueError, match="batch_norm_momentum must be in"):
         build_resnet34(32, 2, batch_norm_momentum=1.0)
+
 
 def test_build_model_dispatches_and_reports_bad_names() -> None:
     assert build_model("ResNet34", 32, 4).name == "resnet34"

@@ -22,9 +22,9 @@ import pytest
 import yaml
 from _tiny_project import KEDRO, kedro, make_project, run_env
 from optuna.trial import TrialState
-from sqlalchemy.exc import IntegrityError, OperationalError
 
 from neuroblastoma_cnn.params import base_parameters
+from neuroblastoma_cnn.pipelines.study.engine import open_storage
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
@@ -46,13 +46,11 @@ def _latest(path: Path) -> Path:
 
 
 def _study(project: Path, prefix: str) -> optuna.Study | None:
-    storage = f"sqlite:///{project / 'data' / 'optuna.db'}"
     if not (project / "data" / "optuna.db").exists():
         return None
-    try:
-        names = [n for n in optuna.study.get_all_study_names(storage) if n.startswith(prefix)]
-    except (IntegrityError, OperationalError):  # the run is creating the tables: poll again
-        return None
+    # the product's opener: it waits out a run that is creating the tables at this moment
+    storage = open_storage(f"sqlite:///{project / 'data' / 'optuna.db'}", heartbeat_seconds=60)
+    names = [n for n in optuna.study.get_all_study_names(storage) if n.startswith(prefix)]
     return optuna.load_study(study_name=names[0], storage=storage) if names else None
 
 

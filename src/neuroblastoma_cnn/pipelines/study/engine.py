@@ -144,6 +144,26 @@ def _schema_race(exc: Exception) -> bool:
     return isinstance(exc, IntegrityError) or "already exists" in text or "locked" in text
 
 
+def _rdb_storage(url: str, engine_kwargs: dict[str, Any], heartbeat_seconds: int,
+                 stale_trial_callback: StaleTrialCallback) -> optuna.storages.RDBStorage:
+    """Optuna's storage at ``url``. Workers opening a new storage together all create its
+    tables and the losers fail (UNIQUE constraint, table exists, database locked): they try
+    again, when the tables exist."""
+    attempt = 1
+    while True:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_seconds,
+                    heartbeat_stale_trial_callback=stale_trial_callback)
+        except (IntegrityError, OperationalError) as exc:
+            if attempt == SCHEMA_RACE_ATTEMPTS or not _schema_race(exc):
+                raise
+            time.sleep(0.2 * attempt)
+            attempt += 1
+
+
 def open_storage(url: str, heartbeat_seconds: int, max_retries: int = 2,
                  tracking_uri: str | None = None) -> optuna.storages.RDBStorage:
     """The study storage at ``url``, with heartbeats and stale-trial retries.
@@ -166,23 +186,8 @@ def open_storage(url: str, heartbeat_seconds: int, max_retries: int = 2,
     else:
         engine_kwargs = {"pool_pre_ping": True}
     try:
-        for attempt in range(SCHEMA_RACE_ATTEMPTS):
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    return optuna.storages.RDBStorage(
-                        url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_seconds,
-                        heartbeat_stale_trial_callback=StaleTrialCallback(max_retries,
-                                                                          tracking_uri),
-                    )
-            except (IntegrityError, OperationalError) as exc:
-                # Workers opening a new storage together all create its tables: the losers
-                # fail (UNIQUE constraint, table exists, database locked); the tables exist by
-                # the time they retry.
-                if attempt == SCHEMA_RACE_ATTEMPTS - 1 or not _schema_race(exc):
-                    raise
-                time.sleep(0.2 * (attempt + 1))
-        raise AssertionError("unreachable")  # the loop returns or raises
+        return _rdb_storage(url, engine_kwargs, heartbeat_seconds,
+                            StaleTrialCallback(max_retries, tracking_uri))
     except Exception as exc:  # SQLAlchemy, driver import and URL errors all mean 'unusable'
         reason = " ".join(str(exc).split())[:300]
         raise DataError(
