@@ -280,6 +280,10 @@ class TrainingParams(Params):
     weight_decay: Annotated[float, Field(ge=0.0, lt=1.0)]
     schedule: Schedule | None
     label_smoothing: OpenFraction
+    #: Validate and keep an exponential moving average of the weights, updated every step with
+    #: this momentum (null = the raw weights): it smooths the epoch-to-epoch swings that make
+    #: the kept epoch a matter of luck on small data.
+    ema_momentum: Annotated[float, Field(gt=0.0, lt=1.0)] | None
     epochs: PositiveInt
     #: Batches per epoch; null = one pass over the training tiles.
     steps_per_epoch: PositiveInt | None

@@ -61,7 +61,8 @@ def _same_run(model: keras.Model, history: pd.DataFrame, reference: keras.Model,
                                   ref_history.drop(columns="seconds"))
 
 
-@pytest.mark.parametrize("overrides", [{}, STUDY], ids=["recipe", "study_plateau"])
+@pytest.mark.parametrize("overrides", [{}, STUDY, {"ema_momentum": 0.7}],
+                         ids=["recipe", "study_plateau", "weight_average"])
 def test_an_interrupted_run_resumes_with_the_same_weights_and_history(stores, tmp_path,
                                                                       overrides):
     reference, ref_history = train(stores, overrides, tmp_path / "reference")

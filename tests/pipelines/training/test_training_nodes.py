@@ -155,6 +155,43 @@ def test_a_later_stage_must_beat_the_earlier_best(stores) -> None:
     assert any(not np.array_equal(a, b) for a, b in zip(before, model.get_weights(), strict=True))
 
 
+def test_a_moving_average_of_the_weights_is_validated_and_kept_while_raw_ones_train(
+        stores) -> None:
+    """With ``ema_momentum`` the epochs are validated, and the best kept, on the average of the
+    weights; training goes on from the raw weights (its losses match a run without it)."""
+    train, tiles, split = stores
+    sgd = nodes.make_optimizer("sgd", 0.01, ema_momentum=0.99)
+    adamw = nodes.make_optimizer("adamw", 0.01, weight_decay=0.01, ema_momentum=0.5)
+    assert (sgd.use_ema, adamw.use_ema) == (True, True)
+    assert float(adamw.ema_momentum) == 0.5
+    assert not nodes.make_optimizer("adam", 0.01).use_ema
+    val_ids = split_tile_ids(split, "validation")
+    val_x = tiles.get(val_ids).astype("float32")
+    val_y = encode_labels(tiles.rows(val_ids)["label"], CLASSES)
+
+    def run(ema: float | None) -> tuple[keras.Model, pd.DataFrame]:
+        nodes.seed_everything(3, True)
+        model = small_cnn("small", 16, 3, seed=0)
+        data = make_tf_dataset(train, train.index["tile_id"].tolist(),
+                               encode_labels(train.index["label"], CLASSES), 8,
+                               in_memory_limit_mb=2048)
+        history: list[dict] = []
+        nodes.fit_stage(model, data, val_x, val_y, epochs=3, num_classes=3,
+                        optimizer=nodes.make_optimizer("adam", 0.05, ema_momentum=ema),
+                        monitor="val_loss", patience=None, class_weight=None, stage="train",
+                        history=history)
+        return model, pd.DataFrame(history)
+
+    _, raw = run(None)
+    model, averaged = run(0.5)
+    np.testing.assert_allclose(averaged["loss"], raw["loss"], rtol=1e-6)  # same training
+    assert not np.allclose(averaged["val_loss"], raw["val_loss"])  # validated on the average
+    kept = averaged.loc[averaged["val_loss"].idxmin()]
+    prob = model.predict(val_x, verbose=0)
+    loss = -np.log(np.clip(prob[np.arange(len(val_y)), val_y], 1e-7, 1)).mean()
+    assert loss == pytest.approx(kept["val_loss"], rel=1e-5)  # the averaged epoch is kept
+
+
 def test_history_metrics_leave_out_a_column_with_no_finite_value() -> None:
     """kedro-mlflow refuses an empty metric history, which used to stop the run after training."""
     history = pd.DataFrame({"epoch": [1, 2], "loss": [0.9, 0.7],

@@ -102,3 +102,32 @@ class ValidationReport(keras.callbacks.Callback):
         truth[index] = self.val_labels
         return float(f1_score(truth, sums.argmax(axis=1), average="macro",
                               labels=range(self.num_classes), zero_division=0))
+
+
+class AveragedWeights(keras.callbacks.SwapEMAWeights):
+    """At each epoch end, swaps the optimizer's moving average of the weights (``use_ema``)
+    into the model, so that the validation pass and the best-epoch snapshot after this
+    callback see the averaged weights; :attr:`swap_back`, placed after them (and before the
+    epoch's backup), swaps the trained weights back, so that training and a resumed run go on
+    from them. Keras' own ``swap_on_epoch`` swaps back only when the next epoch begins, after
+    the backup, which would resume from the average.
+
+    It must come first in the callback list. The average covers the trainable weights;
+    BatchNorm's moving statistics stay those of the trained weights.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(swap_on_epoch=False)
+        self.swap_back = _SwapBack(self)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self._swap_variables()
+
+
+class _SwapBack(keras.callbacks.Callback):
+    def __init__(self, averaged: AveragedWeights) -> None:
+        super().__init__()
+        self.averaged = averaged
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.averaged._swap_variables()  # Keras' swap, shared with its owner

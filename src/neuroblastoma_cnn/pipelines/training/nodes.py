@@ -76,9 +76,11 @@ DELIBERATE_STOPS = ("TrialPruned",)
 def make_optimizer(
     name: str, learning_rate: float, momentum: float = 0.9, schedule: Any = None,
     steps_per_epoch: int = 1, epochs: int = 1, weight_decay: float = 0.0,
+    ema_momentum: float | None = None,
 ) -> Any:
-    """Builds one of the study's optimizers (or AdamW), with an optional learning-rate schedule
-    and decoupled weight decay.
+    """Builds one of the study's optimizers (or AdamW), with an optional learning-rate schedule,
+    decoupled weight decay and a moving average of the weights (``ema_momentum``; see
+    :func:`fit_stage` for how it is validated and kept).
 
     ``schedule`` is a validated schedule model (or a dict with the same keys); ``plateau`` is
     applied by a callback in :func:`fit_stage`, not here.
@@ -102,14 +104,17 @@ def make_optimizer(
             learning_rate, decay_steps=max(1, steps_per_epoch * schedule.decay_epochs),
             decay_rate=schedule.decay_rate, staircase=True,
         )
-    decay = float(weight_decay) or None
+    common: dict[str, Any] = {"weight_decay": float(weight_decay) or None}
+    if ema_momentum is not None:
+        common.update(use_ema=True, ema_momentum=float(ema_momentum))
     factories = {
-        "sgd": lambda: keras.optimizers.SGD(lr, weight_decay=decay),
-        "sgd_momentum": lambda: keras.optimizers.SGD(lr, momentum=momentum, weight_decay=decay),
-        "rmsprop": lambda: keras.optimizers.RMSprop(lr, weight_decay=decay),
-        "adagrad": lambda: keras.optimizers.Adagrad(lr, weight_decay=decay),
-        "adam": lambda: keras.optimizers.Adam(lr, weight_decay=decay),
-        "adamw": lambda: keras.optimizers.AdamW(lr, weight_decay=float(weight_decay)),
+        "sgd": lambda: keras.optimizers.SGD(lr, **common),
+        "sgd_momentum": lambda: keras.optimizers.SGD(lr, momentum=momentum, **common),
+        "rmsprop": lambda: keras.optimizers.RMSprop(lr, **common),
+        "adagrad": lambda: keras.optimizers.Adagrad(lr, **common),
+        "adam": lambda: keras.optimizers.Adam(lr, **common),
+        "adamw": lambda: keras.optimizers.AdamW(
+            lr, **{**common, "weight_decay": float(weight_decay)}),
     }
     if name not in factories:
         raise ParameterError(f"Unknown optimizer '{name}': choose one of {', '.join(OPTIMIZERS)}.")
@@ -181,10 +186,12 @@ def fit_stage(
     metrics are in them (studies report them for pruning). ``val_images`` (the image of each
     validation row) gives ``val_image_macro_f1``; ``monitor_window`` > 1 chooses the epoch on
     the mean of the monitor over that many epochs, which steadies a noisy validation score.
+    An optimizer with ``use_ema`` is validated, and its best epoch kept, with the moving
+    average of the weights (:class:`~.callbacks.AveragedWeights`); it trains the raw ones.
     """
     import keras  # noqa: PLC0415  (lazy: see the module docstring)
 
-    from .callbacks import ValidationReport  # noqa: PLC0415  (needs Keras)
+    from .callbacks import AveragedWeights, ValidationReport  # noqa: PLC0415  (needs Keras)
 
     if monitor not in MONITOR_MODES:
         raise ParameterError(f"Unknown monitor '{monitor}': choose one of "
@@ -222,6 +229,9 @@ def fit_stage(
                                                 factor=plateau.factor, patience=plateau.patience)
               if plateau is not None else None)
     callbacks = [report, best, *([reduce] if reduce else []), *extra_callbacks]
+    if _averages_weights(optimizer):
+        averaged = AveragedWeights()
+        callbacks = [averaged, *callbacks, averaged.swap_back]
     if epochs_folder is not None:
         callbacks.extend(_backup_callbacks(epochs_folder, history, first_row, report, best,
                                            reduce))
@@ -246,6 +256,11 @@ def fit_stage(
                                        {"kept": kept, "history": history[first_row:]})
         distribution.clear_backup(epochs_folder)
     return kept
+
+
+def _averages_weights(optimizer: Any) -> bool:
+    """Whether ``optimizer`` (or the one a loss-scale wrapper holds) keeps a moving average."""
+    return bool(getattr(getattr(optimizer, "inner_optimizer", optimizer), "use_ema", False))
 
 
 def _scope(strategy: Any) -> Any:
@@ -417,7 +432,7 @@ class TrainingData:
         rate = distribution.scaled_learning_rate(learning_rate, self.replicas,
                                                  p.scale_learning_rate)
         return make_optimizer(p.optimizer, rate, p.momentum, p.schedule,
-                              self.steps_per_epoch, epochs, p.weight_decay)
+                              self.steps_per_epoch, epochs, p.weight_decay, p.ema_momentum)
 
     def fit_steps(self) -> int | None:
         """``steps_per_epoch`` for Keras: needed by the endless stream, None otherwise."""
