@@ -123,6 +123,12 @@ class AveragedWeights(keras.callbacks.SwapEMAWeights):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         self._swap_variables()
 
+    def _swap_variables(self) -> None:
+        """Swaps through a copy: Keras' TensorFlow swap (a+b, then subtractions) rounds, so
+        the weights training goes on from would drift from the raw ones at every epoch."""
+        self._apply_to_ema_optimizers(self._backend_swap_variables,
+                                      self._backend_swap_variables)
+
 
 class _SwapBack(keras.callbacks.Callback):
     def __init__(self, averaged: AveragedWeights) -> None:
