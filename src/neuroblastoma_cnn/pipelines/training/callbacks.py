@@ -136,4 +136,4 @@ class _SwapBack(keras.callbacks.Callback):
         self.averaged = averaged
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        self.averaged._swap_variables()  # Keras' swap, shared with its owner
+        self.averaged._swap_variables()  # the owner's exact swap, back
