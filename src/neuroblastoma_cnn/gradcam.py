@@ -12,6 +12,9 @@ of any size. Pixels no used tile covers have no heat (the model never looked the
   ResNets do, because the gradient of a saturated probability vanishes; otherwise the output.
 - Only the head is differentiated (feature map -> score), so a map costs about one forward pass.
 - A heatmap is normalised by its image-wide maximum, so tiles of one image are comparable.
+- A fold ensemble (``models.ensemble``) has no feature map of its own: its tile map is the
+  weighted mean (the ensemble's own weights) of its members' maps for the same class, so it
+  shows where the averaged evidence lies; the members' feature maps must have one shape.
 
 TensorFlow is imported lazily: the evaluation and predict pipelines import this module when they
 are registered, and a `kedro` command that draws nothing should not load TensorFlow.
@@ -66,6 +69,11 @@ class GradCam:
 
         self.model = model
         self.batch_size = int(batch_size)
+        self._members = _member_cams(model, self.batch_size)
+        if self._members:
+            self.layer_name = ", ".join(f"{cam.model.name}/{cam.layer_name}"
+                                        for _, cam in self._members)
+            return
         self.layer_name, features = feature_tensor(model)
         last = model.layers[-1]
         activation = getattr(getattr(last, "activation", None), "__name__", "")
@@ -97,11 +105,38 @@ class GradCam:
         tiles = np.asarray(tiles)
         if tiles.ndim != 4 or len(tiles) == 0:
             raise ValueError(f"Expected a non-empty batch of tiles [n, H, W, 3], got {tiles.shape}")
+        if self._members:
+            return _weighted_sum(self._members, tiles, int(class_index))
         out = []
         for start in range(0, len(tiles), self.batch_size):
             batch = tiles[start : start + self.batch_size].astype(np.float32)
             out.append(np.asarray(self._step(batch, np.int32(class_index))))
         return np.concatenate(out).astype(np.float32)
+
+
+def _member_cams(model: Any, batch_size: int) -> list[tuple[float, GradCam]]:
+    """``(weight, Grad-CAM)`` of each member of an ensemble; [] for a single network."""
+    from neuroblastoma_cnn.models import ensemble  # noqa: PLC0415  (lazy: Keras)
+
+    if not ensemble.is_ensemble(model):
+        return []
+    members = ensemble.ensemble_members(model)
+    cams = [(w, GradCam(m, batch_size)) for w, m in
+            zip(ensemble.ensemble_weights(model), members, strict=True)]
+    logger.debug("Grad-CAM of ensemble '%s': weighted mean over %d members", model.name,
+                 len(cams))
+    return cams
+
+
+def _weighted_sum(members: Sequence[tuple[float, GradCam]], tiles: np.ndarray,
+                  class_index: int) -> np.ndarray:
+    """The members' maps of the same tiles and class, weighted (weights sum to 1)."""
+    maps = [(np.float32(weight), cam.tile_maps(tiles, class_index)) for weight, cam in members]
+    shapes = {m.shape for _, m in maps}
+    if len(shapes) > 1:
+        raise ValueError(f"Ensemble members' Grad-CAM maps differ in shape {sorted(shapes)}: "
+                         "they cannot be averaged.")
+    return np.sum([weight * m for weight, m in maps], axis=0).astype(np.float32)
 
 
 def stitch(

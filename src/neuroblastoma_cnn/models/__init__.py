@@ -11,6 +11,12 @@ import keras
 from neuroblastoma_cnn.errors import ModelError, ParameterError
 
 from . import resnet34, resnet50
+from .ensemble import (  # importing it registers WeightedMean: every loader imports models
+    build_ensemble,
+    check_members,
+    ensemble_members,
+    is_ensemble,
+)
 from .resnet34 import build_resnet34
 from .resnet50 import (
     WeightsUnavailableError,
@@ -28,10 +34,14 @@ __all__ = [
     "ARCHITECTURES",
     "WeightsUnavailableError",
     "backbone_and_head",
+    "build_ensemble",
     "build_model",
     "build_resnet34",
     "build_resnet50",
+    "check_members",
+    "ensemble_members",
     "features_and_head",
+    "is_ensemble",
     "set_trainable_top_blocks",
 ]
 
