@@ -366,6 +366,40 @@ class PredictParams(Params):
     head: Annotated[str, Field(min_length=1)] | None
 
 
+class FloorParams(Params):
+    """``cross_validation.floor``: the classical floor (colour + texture statistics, RBF SVM)."""
+
+    enabled: bool
+    downscale: PositiveInt
+    c_grid: Annotated[list[PositiveFloat], Field(min_length=1)]
+    gamma_factors: Annotated[list[PositiveFloat], Field(min_length=1)]
+    inner_folds: Annotated[int, Field(ge=2)]
+    calibration: Literal["sigmoid", "isotonic"]
+
+
+class EnsembleParams(Params):
+    """``cross_validation.ensemble``: how the fold models' probabilities are averaged."""
+
+    weights: Literal["equal", "validation"]
+
+
+class CrossValidationParams(Params):
+    """``cross_validation``: K folds of whole patients, the floor on the same folds, and the
+    fold ensemble (scored on the outer test patients when ``outer_test``)."""
+
+    n_folds: Annotated[int, Field(ge=2)]
+    seed: NonNegativeInt
+    outer_test: bool
+    validation_fraction: Annotated[float, Field(gt=0.0, lt=1.0)]
+    storage: Annotated[str, Field(min_length=1)]
+    workers: NonNegativeInt
+    heartbeat_seconds: PositiveInt
+    max_retries: NonNegativeInt
+    log_fold_models: bool
+    ensemble: EnsembleParams
+    floor: FloorParams
+
+
 #: Top-level groups and their models; every ``<model>`` group has ``model`` and ``training``.
 GROUPS: dict[str, type[Params]] = {
     "ingestion": IngestionParams,
@@ -373,6 +407,7 @@ GROUPS: dict[str, type[Params]] = {
     "augmentation": AugmentationParams,
     "evaluation": EvaluationParams,
     "predict": PredictParams,
+    "cross_validation": CrossValidationParams,
 }
 MODEL_GROUPS: dict[str, Any] = {"model": ModelParams, "training": TrainingParams}
 

@@ -25,6 +25,8 @@ from neuroblastoma_cnn.pipelines import (
 )
 
 MODELS = ("resnet34", "resnet50")
+#: What `kedro run --pipeline=cross_validate` cross-validates (README "Cross-validation").
+DEFAULT_CV_MODEL = "resnet34"
 # Data-half outputs the model halves read under their plain (shared) names.
 SHARED_INPUTS = {"augmented_train_tiles", "tiles", "split_table"}
 
@@ -56,6 +58,22 @@ def features_pipeline(model: str, in_run: bool = False) -> Pipeline:
                     parameters=parameters)
 
 
+def project_steps() -> study.ProjectSteps:
+    """The training and evaluation node functions that studies and folds run."""
+    return study.ProjectSteps(
+        training.nodes.train_model, evaluation.nodes.predict_split_tiles,
+        evaluation.nodes.aggregate_image_predictions, evaluation.nodes.compute_test_metrics)
+
+
+def cv_pipeline(model: str) -> Pipeline:
+    """One model's cross-validation (folds, ensemble, report) in the model's namespace."""
+    return Pipeline(
+        study.create_cv_pipeline(project_steps(), model), namespace=model,
+        inputs={"tiles", "split_table", "cv_folds", "cv_floor_predictions"},
+        parameters={"params:evaluation", "params:cross_validation"},
+    )
+
+
 def register_pipelines() -> dict[str, Pipeline]:
     """`ingestion`, `splitting`, `augmentation`, `data_processing`, `<model>` (model half only),
     `train_<model>` (raw images to a logged model) for each model, `__default__` (all of
@@ -81,8 +99,10 @@ def register_pipelines() -> dict[str, Pipeline]:
     pipelines["__default__"] = everything
     pipelines["predict"] = predict.create_pipeline()
     # Studies train many models with the training and evaluation functions (not in __default__).
-    pipelines["study"] = study.create_pipeline(study.ProjectSteps(
-        training.nodes.train_model, evaluation.nodes.predict_split_tiles,
-        evaluation.nodes.aggregate_image_predictions, evaluation.nodes.compute_test_metrics),
-        models=MODELS)
+    pipelines["study"] = study.create_pipeline(project_steps(), models=MODELS)
+    # Cross-validation: raw images to K folds, the floor on them, the ensemble and the report.
+    folds = pipelines["ingestion"] + pipelines["splitting"] + study.create_cv_data_pipeline()
+    for model in MODELS:
+        pipelines[f"cross_validate_{model}"] = folds + cv_pipeline(model)
+    pipelines["cross_validate"] = pipelines[f"cross_validate_{DEFAULT_CV_MODEL}"]
     return pipelines

@@ -226,7 +226,7 @@ def log_model_to_mlflow(model: Any, name: str | None = None,
         pip_requirements=pip_requirements(),
     )
     # The tag lets people (and the prediction pipeline) find the run's model by name.
-    mlflow.set_tag(f"{record.get('architecture', model.name)}.model_uri", info.model_uri)
+    mlflow.set_tag(f"{name}.model_uri", info.model_uri)
     if source_file:
         _store_once(info, Path(source_file))
     logger.info("Logged model to MLflow: %s", info.model_uri)
@@ -269,7 +269,8 @@ def local_copy(path: Path | FsPath) -> Iterator[Path]:
 class KerasModelDataset(LocalVersionedDataset):
     """Kedro dataset for a ``.keras`` model with an embedded preprocessing record.
 
-    ``log_to_mlflow``: also log the model to the active MLflow run (at save, or with
+    ``log_to_mlflow``: also log the model to the active MLflow run (named
+    ``mlflow_model_name``, by default its architecture; at save, or with
     ``promotion`` when it is promoted). ``promotion``: the saved model stays ``pending`` (never
     picked by ``predict``) until :meth:`promote`. On an fsspec URL (``s3://...``) the model is
     saved to a local temporary file and uploaded; loading downloads it first.
@@ -280,6 +281,7 @@ class KerasModelDataset(LocalVersionedDataset):
         filepath: str,
         log_to_mlflow: bool = False,
         promotion: bool = False,
+        mlflow_model_name: str | None = None,
         version: Version | None = None,
         metadata: dict[str, Any] | None = None,
         credentials: dict[str, Any] | None = None,
@@ -289,6 +291,7 @@ class KerasModelDataset(LocalVersionedDataset):
             raise DatasetError(f"Keras 3 models need a '.keras' file name, got '{filepath}'.")
         self._log_to_mlflow = log_to_mlflow
         self._promotion = promotion
+        self._mlflow_name = mlflow_model_name
         super().__init__(filepath, version, metadata, credentials, fs_args)
 
     def _describe(self) -> dict[str, Any]:
@@ -311,7 +314,7 @@ class KerasModelDataset(LocalVersionedDataset):
         with self._writing(path) as local:
             save_keras_model(data, local)
             if self._log_to_mlflow and not self._promotion:
-                log_model_to_mlflow(data, source_file=local)
+                log_model_to_mlflow(data, name=self._mlflow_name, source_file=local)
 
     @contextlib.contextmanager
     def _writing(self, path: Path | FsPath) -> Iterator[Path]:
@@ -337,7 +340,7 @@ class KerasModelDataset(LocalVersionedDataset):
         if self._log_to_mlflow:
             with local_copy(path) as local:
                 uri = log_model_to_mlflow(load_keras_model(local, where=str(path)),
-                                          source_file=local)
+                                          name=self._mlflow_name, source_file=local)
         write_status(path.parent, PROMOTED, mlflow_model_uri=uri, **fields)
         return uri
 

@@ -1,0 +1,122 @@
+"""`kedro run --pipeline=cross_validate` end to end on real tissue (tiny sizes): 3 patient folds
+and an outer test part, the classical floor on the same folds, one MLflow parent run with a
+child run per fold, the versioned report, the fold ensemble used by the predict pipeline, and a
+second run that trains nothing."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import mlflow
+import optuna
+import pandas as pd
+import pytest
+from conftest import make_bach_subset
+from kedro.framework.session import KedroSession
+from kedro.framework.startup import bootstrap_project
+
+from neuroblastoma_cnn.datasets import load_keras_model
+from neuroblastoma_cnn.models.ensemble import ensemble_members, is_ensemble
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+MODEL = "resnet34"
+
+
+def _latest(path: Path) -> Path:
+    return sorted(p for p in path.iterdir() if p.is_dir())[-1] / path.name
+
+
+def _run(project: Path, pipeline: str, params: dict | None = None) -> None:
+    bootstrap_project(project)
+    with KedroSession.create(project_path=project, env="tiny", runtime_params=params) as session:
+        session.run(pipeline_names=[pipeline])
+    assert mlflow.active_run() is None
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A project whose raw data is 4 classes x 4 patients x 1 image: one patient a class is
+    the outer test part, three are folded."""
+    from conftest import PROJECT_ROOT  # noqa: PLC0415
+
+    root = tmp_path_factory.mktemp("cv") / "project"
+    (root / "src").mkdir(parents=True)
+    shutil.copy(PROJECT_ROOT / "pyproject.toml", root)
+    shutil.copytree(PROJECT_ROOT / "conf", root / "conf",
+                    ignore=lambda folder, names: names if Path(folder).name == "local" else [])
+    (root / "conf" / "local").mkdir(exist_ok=True)
+    with (root / "conf" / "tiny" / "mlflow.yml").open("a") as conf:
+        conf.write(f"\nserver:\n  mlflow_tracking_uri: sqlite:///{root / 'mlflow.db'}\n")
+    make_bach_subset(root / "data" / "01_raw" / "images", images_per_patient=1,
+                     patients_per_class=4)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        _run(root, "cross_validate")
+        yield root
+
+
+def test_every_image_is_scored_once_out_of_fold_with_the_floor_beside(project: Path):
+    data = project / "data"
+    folds = pd.read_csv(_latest(data / "05_model_input/cv_folds.csv"))
+    assert sorted(folds.loc[folds["role"] == "cv", "fold"].unique()) == [0, 1, 2]
+    assert (folds["role"] == "outer").sum() == 4  # one patient (image) per class
+    assert folds.groupby("group")["fold"].nunique().max() == 1
+
+    predictions = pd.read_csv(_latest(data / f"07_model_output/{MODEL}/cv_predictions.csv"))
+    held = predictions[predictions["set"] == "held_out"]
+    assert sorted(held["image_path"]) == sorted(folds.loc[folds["role"] == "cv", "image_path"])
+    floor = pd.read_csv(_latest(data / "07_model_output/cv_floor_predictions.csv"))
+    assert sorted(floor.loc[floor["set"] == "held_out", "image_path"]) == sorted(
+        held["image_path"])
+
+    summary = pd.read_csv(_latest(data / f"08_reporting/{MODEL}/cv_summary.csv"))
+    assert list(summary["model"]) == [MODEL, "floor", f"{MODEL}+floor"]
+    assert summary[["wins", "losses"]].iloc[0].sum() <= 3
+    assert summary["outer_ensemble_f1"].between(0, 1).all()
+    report = _latest(data / f"08_reporting/{MODEL}/cv_report.md").read_text()
+    assert "Pooled out-of-fold" in report and "| floor |" in report
+
+
+def test_one_parent_run_with_a_child_run_per_fold(project: Path):
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    parent = mlflow.search_runs(experiment_names=["neuroblastoma_cnn_tiny"], output_format="list",
+                                filter_string="attributes.run_name = 'cross_validate'")[0]
+    children = mlflow.search_runs(
+        experiment_names=["neuroblastoma_cnn_tiny"], output_format="list",
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(int(c.data.tags["study.repeat"]) for c in children) == [0, 1, 2]
+    assert all("test_f1_macro" in c.data.metrics for c in children)
+    assert f"{MODEL}.cv.{MODEL}.pooled_f1" in parent.data.metrics
+    assert f"{MODEL}.cv.{MODEL}_plus_floor.pooled_f1" in parent.data.metrics
+    assert f"{MODEL}_cv_ensemble.model_uri" in parent.data.tags
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(
+        parent.info.run_id, f"{MODEL}/cross_validation")}
+    assert f"{MODEL}/cross_validation/cv_summary.csv" in artifacts
+
+
+def test_the_fold_ensemble_predicts_like_a_single_model(project: Path):
+    path = _latest(project / f"data/06_models/{MODEL}/cv_ensemble.keras")
+    ensemble = load_keras_model(path)
+    assert is_ensemble(ensemble) and len(ensemble_members(ensemble)) == 3
+    predict = project / "data" / "01_raw" / "predict"
+    predict.mkdir(parents=True)
+    for image in sorted((project / "data/01_raw/images").glob("*/*/*.png"))[:2]:
+        shutil.copy(image, predict / image.name)
+    _run(project, "predict", {"predict": {"model": str(path), "gradcam": True}})
+    table = pd.read_csv(_latest(project / "data/07_model_output/predictions.csv"))
+    assert len(table) == 2 and table["predicted"].notna().all()
+    assert len(list(_latest(project / "data/08_reporting/gradcam").glob("*.png"))) == 2
+
+
+def test_a_second_run_trains_no_fold_again(project: Path):
+    storage = f"sqlite:///{project / 'data' / 'optuna.db'}"
+    before = sum(s.n_trials for s in optuna.get_all_study_summaries(storage))
+    _run(project, "cross_validate")
+    after = sum(s.n_trials for s in optuna.get_all_study_summaries(storage))
+    assert after == before == 3
+    summaries = sorted((project / f"data/08_reporting/{MODEL}/cv_summary.csv").iterdir())
+    assert len(summaries) == 2  # a new version, the same figures
+    first, second = (pd.read_csv(p / "cv_summary.csv") for p in summaries)
+    pd.testing.assert_frame_equal(first, second)
