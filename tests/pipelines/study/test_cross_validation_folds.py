@@ -152,3 +152,15 @@ def test_more_folds_than_patients_of_a_class_stops_before_training(tmp_path: Pat
     with pytest.raises(ParameterError, match=r"cross_validation.n_folds = 4.*'alpha' has 3"):
         assign_cv_folds(split, cv_params(tmp_path, n_folds=4))
 
+
+
+def test_stain_normalisation_per_fold_is_refused_before_training(tmp_path: Path, data):
+    store, split = data
+    cv = cv_params(tmp_path)
+    train = CountingTrain()
+    fit = base_group("resnet34.training", stain_normalisation="macenko")
+    with pytest.raises(ParameterError, match=r"stain_normalisation = macenko.*one ensemble"):
+        run_cv_folds("resnet34", base_group("resnet34.model"), fit, store, split,
+                     assign_cv_folds(split, cv), params("evaluation"), cv, steps(train),
+                     models_dir=tmp_path / "models")
+    assert train.calls == 0

@@ -15,10 +15,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
 import pandas as pd
 
 from neuroblastoma_cnn.datasets.tile_store import TileStore
+from neuroblastoma_cnn.errors import ParameterError
 from neuroblastoma_cnn.params import CrossValidationParams, EvaluationParams
 from neuroblastoma_cnn.predictions import probability_column
 
@@ -48,7 +50,15 @@ def cv_plan(model: str, model_params: dict[str, Any], training_params: dict[str,
     """The folds as a grid study of one variant and K repeats (repeat = fold); the model's
     parameters are validated here, before any data is read."""
     block = {"model": dict(model_params), "training": dict(training_params)}
-    parse_trial_params(block, model, 0)
+    _, training = parse_trial_params(block, model, 0)
+    if training.stain_normalisation is not None:
+        # Each fold would fit its own stain reference from its own training tiles, so the
+        # fold models would need different preprocessing and could not form one ensemble.
+        raise ParameterError(
+            f"{model}.training.stain_normalisation = {training.stain_normalisation}: each fold "
+            "would fit its own stain reference, and fold models preprocessed differently "
+            "cannot form one ensemble.",
+            hint=f"set {model}.training.stain_normalisation: null for cross-validation")
     return StudyPlan(
         name=f"cross_validation-{model}", mode="grid", model=model, repeats=params.n_folds,
         repeat_scheme="folds", seed=params.seed, validation_fraction=params.validation_fraction,
@@ -96,6 +106,9 @@ def run_cv_folds(
                                   active.uri if active else None)
     study = engine.create_or_load(plan, storage, name, active)
     target = engine.study_target(study, active)
+    if active is not None:  # a resumed run: its folds nest under the run that started them
+        mlflow.set_tags({f"{model}.cv.optuna_study": name,
+                         f"{model}.cv.folds_parent_run_id": target.parent_run_id})
     root = folds_root(models_dir, model, name)
     done = len(engine.completed_trials(study, plan))
     logger.info("Cross-validation of %s: %d of %d folds done (Optuna study '%s'; fold models "
