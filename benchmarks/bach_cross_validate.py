@@ -59,10 +59,13 @@ def run(project: Path, pipeline: str, env: str | None, label: str, model: str,
                 process.wait()
                 killed = True
     wall = time.perf_counter() - started
-    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    peak_mb = usage.ru_maxrss / 1024
     if process.returncode != 0 and not killed:
         raise SystemExit(f"{pipeline} failed with exit code {process.returncode}; see {log}")
     return {"label": label, "wall_s": round(wall, 1), "peak_rss_mb": round(peak_mb),
+            # CPU seconds of every run so far (the machine may be shared: wall time is not)
+            "cpu_s_cumulative": round(usage.ru_utime + usage.ru_stime, 1),
             "killed_after_folds": completed_folds(project, model) if killed else None,
             "log": str(log)}
 

@@ -1,7 +1,7 @@
 """`kedro run --pipeline=cross_validate` end to end on real tissue (tiny sizes): 3 patient folds
 and an outer test part, the classical floor on the same folds, one MLflow parent run with a
-child run per fold, the versioned report, the fold ensemble used by the predict pipeline, and a
-second run that trains nothing."""
+child run per fold, the versioned report and the fold ensemble used by the predict pipeline
+(resuming without training a fold twice: test_cross_validation_folds.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import shutil
 from pathlib import Path
 
 import mlflow
-import optuna
 import pandas as pd
 import pytest
 from conftest import make_bach_subset
@@ -109,14 +108,3 @@ def test_the_fold_ensemble_predicts_like_a_single_model(project: Path):
     assert len(table) == 2 and table["predicted"].notna().all()
     assert len(list(_latest(project / "data/08_reporting/gradcam").glob("*.png"))) == 2
 
-
-def test_a_second_run_trains_no_fold_again(project: Path):
-    storage = f"sqlite:///{project / 'data' / 'optuna.db'}"
-    before = sum(s.n_trials for s in optuna.get_all_study_summaries(storage))
-    _run(project, "cross_validate")
-    after = sum(s.n_trials for s in optuna.get_all_study_summaries(storage))
-    assert after == before == 3
-    summaries = sorted((project / f"data/08_reporting/{MODEL}/cv_summary.csv").iterdir())
-    assert len(summaries) == 2  # a new version, the same figures
-    first, second = (pd.read_csv(p / "cv_summary.csv") for p in summaries)
-    pd.testing.assert_frame_equal(first, second)
