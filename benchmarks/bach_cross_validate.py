@@ -29,10 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bach_end_to_end import ROOT, latest, make_project, nested_set
+from bach_end_to_end import ROOT, latest, make_project, nested_set, write_parameters
 
 
 def completed_folds(project: Path, model: str) -> int:
@@ -105,12 +104,7 @@ def main() -> None:
         "tile_size": args.tile_size, "stride": args.tile_size, "input_size": args.input_size,
         "group_pattern": args.group_pattern}}
     nested_set(local, f"{args.model}.training.epochs", args.epochs)
-    for assignment in args.set:
-        key, _, value = assignment.partition("=")
-        nested_set(local, key.strip(), yaml.safe_load(value))
-    conf = project / "conf" / (args.env or "local")
-    conf.mkdir(exist_ok=True)
-    (conf / "parameters_bench.yml").write_text(yaml.safe_dump(local, sort_keys=False))
+    write_parameters(project, args.env, local, args.set)
 
     pipeline = f"cross_validate_{args.model}"
     runs = [run(project, pipeline, args.env, args.label, args.model, args.kill_after)]

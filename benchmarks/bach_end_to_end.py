@@ -65,6 +65,18 @@ def nested_set(tree: dict[str, Any], dotted: str, value: Any) -> None:
     tree[last] = value
 
 
+def write_parameters(project: Path, env: str | None, local: dict[str, Any],
+                     assignments: list[str]) -> None:
+    """``local`` with each ``key.path=value`` (YAML value) applied, written to the project's
+    ``conf/<env or local>/parameters_bench.yml`` (merged key by key over the defaults)."""
+    for assignment in assignments:
+        key, _, value = assignment.partition("=")
+        nested_set(local, key.strip(), yaml.safe_load(value))
+    folder = project / "conf" / (env or "local")
+    folder.mkdir(exist_ok=True)
+    (folder / "parameters_bench.yml").write_text(yaml.safe_dump(local, sort_keys=False))
+
+
 def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in extra.items():
@@ -169,12 +181,7 @@ def main() -> None:
         nested_set(local, "resnet50.training.fine_tune_epochs", args.fine_tune_epochs)
     for path in args.config:
         local = merge(local, yaml.safe_load(path.read_text()) or {})
-    for assignment in args.set:
-        key, _, value = assignment.partition("=")
-        nested_set(local, key.strip(), yaml.safe_load(value))
-    conf_local = project / "conf" / (args.env or "local")
-    conf_local.mkdir(exist_ok=True)
-    (conf_local / "parameters_bench.yml").write_text(yaml.safe_dump(local, sort_keys=False))
+    write_parameters(project, args.env, local, args.set)
 
     if args.reuse and args.augment:
         run(project, "augmentation", args.env, f"{args.label}-augmentation")

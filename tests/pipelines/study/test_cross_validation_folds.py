@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import keras
 import numpy as np
 import pandas as pd
 import pytest
+from _networks import small_cnn
 from _params import params, store_metadata
 
 from neuroblastoma_cnn.datasets import write_tile_store
@@ -29,17 +29,6 @@ from neuroblastoma_cnn.pipelines.training import nodes as training
 CLASSES = ["alpha", "beta", "gamma"]
 GROUPS_PER_CLASS = 4  # 1 outer test group + 3 folded ones
 SIZE = 16
-
-
-def small_cnn(architecture: str, input_size: int, num_classes: int, seed: int | None = None,
-              **_: object) -> keras.Model:
-    inputs = keras.Input((input_size, input_size, 3))
-    x = keras.layers.Rescaling(1 / 255)(inputs)
-    x = keras.layers.Conv2D(4, 3, kernel_initializer=keras.initializers.GlorotUniform(seed))(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    outputs = keras.layers.Dense(num_classes, activation="softmax",
-                                 kernel_initializer=keras.initializers.GlorotUniform(seed))(x)
-    return keras.Model(inputs, outputs, name=architecture)
 
 
 class CountingTrain:

@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
+from _networks import small_cnn
 from _params import params, store_metadata, study_params
 from sklearn.metrics import f1_score
 
@@ -39,17 +40,6 @@ def stores(tmp_path: Path):
     split["split"] = ["validation", "validation", "test", "test"] * len(CLASSES)
     split["fold"] = -1
     return train, tiles, split
-
-
-def small_cnn(architecture: str, input_size: int, num_classes: int, seed: int | None = None,
-              **_: object) -> keras.Model:
-    inputs = keras.Input((input_size, input_size, 3))
-    x = keras.layers.Rescaling(1 / 255)(inputs)
-    x = keras.layers.Conv2D(4, 3, kernel_initializer=keras.initializers.GlorotUniform(seed))(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    outputs = keras.layers.Dense(num_classes, activation="softmax",
-                                 kernel_initializer=keras.initializers.GlorotUniform(seed))(x)
-    return keras.Model(inputs, outputs, name=architecture)
 
 
 SETTINGS = {"optimizer": "adam", "learning_rate": 0.05, "epochs": 4, "batch_size": 8, "seed": 3}

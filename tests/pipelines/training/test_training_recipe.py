@@ -10,9 +10,9 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
+from _networks import small_cnn
 from _params import params, store_metadata, study_params
 from matplotlib.figure import Figure
-from test_training_nodes import small_cnn
 
 from neuroblastoma_cnn.datasets import write_tile_store
 from neuroblastoma_cnn.pipelines.training import nodes
