@@ -81,9 +81,10 @@ def cv_params(tmp: Path, **overrides) -> CrossValidationParams:
     return CrossValidationParams.parse(raw, "cross_validation")
 
 
-def run(tmp: Path, data, train) -> tuple[pd.DataFrame, pd.DataFrame]:
+def run(tmp: Path, data, train, storage: Path | None = None
+        ) -> tuple[pd.DataFrame, pd.DataFrame]:
     store, split = data
-    cv = cv_params(tmp)
+    cv = cv_params(storage or tmp)
     folds = assign_cv_folds(split, cv)
     model = base_group("resnet34.model")
     fit = base_group("resnet34.training", epochs=2, batch_size=8, optimizer="sgd",
@@ -120,6 +121,14 @@ def test_interrupted_cross_validation_resumes_with_the_missing_fold_only(tmp_pat
     again = CountingTrain()
     run(tmp_path / "twice", data, again)
     assert again.calls == 0
+
+    # Killed after a fold's folder was complete but before its trial was recorded: the
+    # folder's result is taken, the fold is not trained again (here: no trial recorded at all).
+    lost = CountingTrain()
+    trials, predictions = run(tmp_path / "twice", data, lost, storage=tmp_path / "lost")
+    assert lost.calls == 0 and sorted(trials["fold"]) == [0, 1, 2]
+    pd.testing.assert_frame_equal(predictions.sort_values(key, ignore_index=True),
+                                  reference.sort_values(key, ignore_index=True))
 
 
 def test_fold_ensemble_is_the_mean_of_the_fold_models(tmp_path: Path, data):

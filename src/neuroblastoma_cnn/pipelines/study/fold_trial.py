@@ -80,6 +80,8 @@ class FoldTrial(KerasTrial):
 
     def __call__(self, spec: TrialSpec, context: TrialContext) -> TrialOutcome:
         fold = spec.repeat
+        if (fold_dir(self.root, fold) / SUMMARY_FILE).exists():
+            return self._reuse(fold, context)
         tiles = self._store(self.tiles_path)
         table = fold_split_table(self.split_table, self.folds, fold, self.seed,
                                  self.validation_fraction)
@@ -103,20 +105,30 @@ class FoldTrial(KerasTrial):
             clear_keras_session()
         metrics, _, report, counts, normalized = self.steps.evaluate(images, held_out,
                                                                      self.evaluation)
+        outcome = {"f1_macro": float(metrics["f1_macro"]), "accuracy": float(metrics["accuracy"]),
+                   "diverged": float(diverged > 0),
+                   **{f"f1_{name}": float(v["f1"])
+                      for name, v in metrics.get("per_class", {}).items()}}
         summary = {"fold": fold, "seconds": time.perf_counter() - started,
-                   "val_best": float(history["val_macro_f1"].max()),
-                   "diverged_tiles": diverged, "f1_macro": float(metrics["f1_macro"]),
-                   "accuracy": float(metrics["accuracy"])}
+                   "val_best": float(history["val_macro_f1"].max()), "diverged_tiles": diverged,
+                   "f1_macro": outcome["f1_macro"], "accuracy": outcome["accuracy"],
+                   "outcome": outcome}
         _finish(staging, fold_dir(self.root, fold), summary)
         _log_trial(context, history, metrics, report, counts, normalized)
         if self.log_model:
             context.run.log_artifact(fold_dir(self.root, fold) / MODEL_FILE, "model")
-        return TrialOutcome(objective=summary["val_best"],
-                            metrics={"f1_macro": summary["f1_macro"],
-                                     "accuracy": summary["accuracy"],
-                                     "diverged": float(diverged > 0),
-                                     **{f"f1_{name}": float(v["f1"]) for name, v
-                                        in metrics.get("per_class", {}).items()}})
+        return TrialOutcome(objective=summary["val_best"], metrics=outcome)
+
+    def _reuse(self, fold: int, context: TrialContext) -> TrialOutcome:
+        """A fold whose folder is complete but whose trial was never recorded (the run was
+        killed between the two) is not trained again: its saved result is the trial's."""
+        summary = read_fold(self.root, fold)["summary"]
+        logger.info("Fold %d is complete in %s (its run stopped before recording it): reused, "
+                    "not trained again", fold, fold_dir(self.root, fold))
+        context.run.set_tags({"cv.reused_fold_folder": "true"})
+        outcome = summary.get("outcome") or {"f1_macro": summary["f1_macro"],
+                                             "accuracy": summary["accuracy"]}
+        return TrialOutcome(objective=float(summary["val_best"]), metrics=dict(outcome))
 
     def _predict(self, model: Any, tiles: Any, table: pd.DataFrame, split: str
                  ) -> tuple[pd.DataFrame, int]:
