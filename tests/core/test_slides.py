@@ -96,7 +96,7 @@ def test_a_slide_without_resolution(tmp_path, pixels):
     with open_slide(path) as slide:
         assert slide.mpp is None
         assert len(slide_grid(slide, tiling()).positions) == 40  # pixels need no resolution
-        with pytest.raises(ImageRejected, match="no slide resolution.*slide_fallback_mpp"):
+        with pytest.raises(ImageRejected, match=r"no slide resolution.*slide_fallback_mpp"):
             slide_grid(slide, tiling(tile_um=32.0))
         grid = slide_grid(slide, tiling(tile_um=32.0, slide_fallback_mpp=0.25))
     assert grid.side0 == 128 and grid.mpp == 0.25
@@ -111,12 +111,11 @@ def test_a_truncated_slide_is_one_clear_reason(slide_path, tmp_path):
     data = slide_path.read_bytes()
     cut = tmp_path / "cut.svs"
     cut.write_bytes(data[: len(data) // 3])
-    with pytest.raises(ImageRejected) as caught:
-        with open_slide(cut) as slide:
-            grid = slide_grid(slide, tiling())
-            tissue_fractions(slide, grid, tiling())
-            list(iter_slide_tiles(slide, grid, np.ones(len(grid.positions)),
-                                  list(range(len(grid.positions))), 32))
+    with pytest.raises(ImageRejected) as caught, open_slide(cut) as slide:
+        grid = slide_grid(slide, tiling())
+        tissue_fractions(slide, grid, tiling())
+        list(iter_slide_tiles(slide, grid, np.ones(len(grid.positions)),
+                              list(range(len(grid.positions))), 32))
     message = str(caught.value)
     assert "cut.svs" in message and "\n" not in message
     assert caught.value.reason.startswith(("unreadable slide", "truncated or corrupt image"))
