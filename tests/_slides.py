@@ -75,6 +75,7 @@ def write_large_slide(path: Path, sources: list[np.ndarray], width: int, height:
                                                       Image.Resampling.BILINEAR))
                  for s in sources]
         sh, sw = small[0].shape[:2]
+        stack = np.stack(small)
         level_w, level_h = width // down, height // down
         for top in range(0, level_h, tile):
             for left in range(0, level_w, tile):
@@ -82,7 +83,6 @@ def write_large_slide(path: Path, sources: list[np.ndarray], width: int, height:
                 ys = np.arange(top, min(top + tile, level_h))
                 xs = np.arange(left, min(left + tile, level_w))
                 which = ((ys[:, None] // sh) + (xs[None, :] // sw)) % len(small)
-                stack = np.stack(small)
                 out[: len(ys), : len(xs)] = stack[which, (ys % sh)[:, None], (xs % sw)[None, :]]
                 yield out
 

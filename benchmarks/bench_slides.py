@@ -1,0 +1,231 @@
+"""Whole-slide images: memory, throughput, and agreement with crops, on BACH-built slides.
+
+Everything derived from BACH is written under ``--workdir`` (a temporary folder; BACH's licence).
+
+    .venv/bin/python benchmarks/bench_slides.py write       # 40,000 x 40,000 px pyramidal TIFF
+    .venv/bin/python benchmarks/bench_slides.py train       # a small CNN on BACH crops (minutes)
+    .venv/bin/python benchmarks/bench_slides.py memory      # peak RSS: `predict big.tif` vs whole
+    .venv/bin/python benchmarks/bench_slides.py throughput  # our tiling vs a bare tiffslide loop
+    .venv/bin/python benchmarks/bench_slides.py agreement   # single-class slides vs crops; heatmap
+
+The model (``train``): BACH images of the four classes downscaled 4x (1.68 um/px, BACH being
+0.42 um/px), tiles of 128 px = 215 um (``tile_um`` in its record, so it tiles a full-resolution
+slide at 512 px), resized to 64 px; three conv blocks, a few epochs. The big slide tiles four
+full-resolution BACH images (one per class) in a cycle at 0.42 um/px, levels 1, 1/4, 1/16, 1/64,
+JPEG tiles of 512 px, written tile by tile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
+
+import numpy as np  # noqa: E402
+from _slides import bach_image, side_by_side, write_large_slide, write_slide  # noqa: E402
+from PIL import Image  # noqa: E402
+
+CLASSES = ["Benign", "InSitu", "Invasive", "Normal"]
+BACH_MPP = 0.42
+DOWN = 4
+TILE_UM = 128 * BACH_MPP * DOWN  # 215.04 um
+TRAIN_IMAGES = 40  # per class (images 0..39); images 60.. are left for the slides
+
+
+def _ingestion(**overrides):
+    from neuroblastoma_cnn.params import IngestionParams, base_group  # noqa: PLC0415
+
+    values = {"tile_size": 128, "stride": None, "input_size": 64, "workers": 1,
+              "tile_um": TILE_UM, **overrides}
+    return IngestionParams.parse(base_group("ingestion", **values), "ingestion")
+
+
+def write(work: Path, side: int) -> None:
+    sources = [bach_image(label, 60, downscale=1) for label in CLASSES]
+    started = time.perf_counter()
+    path = write_large_slide(work / "big.tif", sources, side, side, mpp=BACH_MPP)
+    print(f"wrote {path} ({path.stat().st_size / 1e9:.2f} GB) in "
+          f"{time.perf_counter() - started:.0f}s")
+
+
+def train(work: Path, epochs: int) -> None:
+    import keras  # noqa: PLC0415
+
+    from neuroblastoma_cnn.datasets import save_keras_model  # noqa: PLC0415
+    from neuroblastoma_cnn.pipelines.ingestion.nodes import (  # noqa: PLC0415
+        build_image_manifest,
+        tile_images,
+    )
+    from neuroblastoma_cnn.preprocessing import Preprocessing, attach_preprocessing  # noqa: PLC0415
+
+    raw = work / "train_raw"
+    for label in CLASSES:
+        (raw / label).mkdir(parents=True, exist_ok=True)
+        for i in range(TRAIN_IMAGES):
+            Image.fromarray(bach_image(label, i, DOWN)).save(raw / label / f"{i:03d}.png")
+    settings = _ingestion()
+    manifest, _ = build_image_manifest(raw, settings)
+    records = list(tile_images(raw, manifest, settings))
+    x = np.stack([t for t, _ in records]).astype(np.float32)
+    y = np.array([CLASSES.index(m["label"]) for _, m in records])
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((64, 64, 3))
+    h = keras.layers.Rescaling(1 / 255)(inputs)
+    for filters in (16, 32, 64):
+        h = keras.layers.Conv2D(filters, 3, padding="same", activation="relu")(h)
+        h = keras.layers.MaxPooling2D()(h)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    model = keras.Model(inputs, keras.layers.Dense(4, activation="softmax")(h))
+    model.compile(keras.optimizers.Adam(2e-3), "sparse_categorical_crossentropy", ["accuracy"])
+    started = time.perf_counter()
+    history = model.fit(x, y, epochs=epochs, batch_size=64, validation_split=0.15, verbose=0,
+                        shuffle=True)
+    record = Preprocessing(classes=CLASSES, image_checks=settings.image_checks,
+                           tiling=settings.tiling, architecture="resnet34")
+    attach_preprocessing(model, record, "bench model")
+    save_keras_model(model, work / "model.keras")
+    print(f"trained on {len(x)} tiles in {time.perf_counter() - started:.0f}s: accuracy "
+          f"{history.history['accuracy'][-1]:.2f}, val {history.history['val_accuracy'][-1]:.2f}")
+
+
+def _max_rss_mb(command: list[str]) -> tuple[float, float, str]:
+    started = time.perf_counter()
+    done = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True,
+                          check=False)
+    seconds = time.perf_counter() - started
+    found = re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)
+    if done.returncode != 0 or not found:
+        raise RuntimeError(done.stderr[-2000:])
+    return int(found.group(1)) / 1024, seconds, done.stderr
+
+
+def memory(work: Path) -> None:
+    cli = str(Path(sys.executable).with_name("neuroblastoma-cnn"))
+    out = work / "big_out"
+    rss, seconds, _ = _max_rss_mb([
+        cli, "predict", str(work / "big.tif"), "-m", str(work / "model.keras"), "-q",
+        "--overwrite", "-o", str(out / "predictions.csv"), "--tiles-out",
+        str(out / "tiles.csv"), "--heatmaps", str(out / "heat"), "--gradcam", str(out / "cam")])
+    tiles = (out / "tiles.csv").read_text().count("\n") - 1
+    print(f"predict big.tif: peak RSS {rss:.0f} MB, {seconds:.0f}s, {tiles} tiles")
+    whole = ("import tifffile,sys; a = tifffile.imread(sys.argv[1], level=0); "
+             "print(a.shape, a.nbytes)")
+    try:
+        rss_whole, seconds, _ = _max_rss_mb([sys.executable, "-c", whole,
+                                             str(work / "big.tif")])
+        print(f"decode whole level 0 (tifffile.imread): peak RSS {rss_whole:.0f} MB, "
+              f"{seconds:.0f}s")
+    except RuntimeError as exc:
+        print(f"decode whole failed: {str(exc)[-300:]}")
+    print(json.dumps({"predict_peak_mb": round(rss), "tiles": tiles}))
+
+
+def throughput(work: Path, rounds: int) -> None:
+    import tiffslide  # noqa: PLC0415
+
+    from neuroblastoma_cnn.slides import (  # noqa: PLC0415
+        chosen_tiles,
+        iter_slide_tiles,
+        open_slide,
+        slide_grid,
+        tissue_fractions,
+    )
+
+    tiling = _ingestion().tiling
+    path = work / "big.tif"
+    ours, bare = [], []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        with open_slide(path) as slide:
+            grid = slide_grid(slide, tiling)
+            fractions = tissue_fractions(slide, grid, tiling)
+            kept, _ = chosen_tiles(fractions, tiling.min_tissue_fraction, None)
+            n = sum(1 for _ in iter_slide_tiles(slide, grid, fractions, kept, 64))
+        ours.append(time.perf_counter() - started)
+        positions = [grid.positions[i] for i in kept]
+        started = time.perf_counter()
+        raw = tiffslide.TiffSlide(path)
+        for x, y in positions:
+            raw.read_region((x, y), grid.read_level, (grid.read_side, grid.read_side),
+                            as_array=True)
+        raw.close()
+        bare.append(time.perf_counter() - started)
+    print(f"{n} of {len(grid.positions)} tiles (level {grid.read_level}, {grid.read_side} px "
+          f"read, 64 px out); ours best {min(ours):.1f}s ({n / min(ours):.0f} tiles/s), bare "
+          f"tiffslide loop best {min(bare):.1f}s ({n / min(bare):.0f} tiles/s): ratio "
+          f"{min(bare) / min(ours):.2f}x; all rounds ours {[round(t, 1) for t in ours]}, "
+          f"bare {[round(t, 1) for t in bare]}")
+
+
+def agreement(work: Path, per_slide: int) -> None:
+    from neuroblastoma_cnn.datasets import load_keras_model  # noqa: PLC0415
+    from neuroblastoma_cnn.params import PredictParams, base_group  # noqa: PLC0415
+    from neuroblastoma_cnn.pipelines.predict import nodes  # noqa: PLC0415
+
+    model = load_keras_model(work / "model.keras")
+    params = PredictParams.parse(base_group("predict", workers=1, gradcam=False), "predict")
+    folder = work / "agreement"
+    folder.mkdir(exist_ok=True)
+    for label in CLASSES:
+        images = [bach_image(label, 60 + i, DOWN) for i in range(per_slide)]
+        crops = []
+        for i, image in enumerate(images):
+            crops.append((f"{label}_{i}.png", folder / f"{label}_{i}.png"))
+            Image.fromarray(image).save(crops[-1][1])
+        slide = write_slide(folder / f"{label}.tif", side_by_side(images), mpp=BACH_MPP * DOWN,
+                            tile=128)
+        slide_rows, _ = nodes.predict_files([(slide.name, slide)], model, params)
+        crop_rows, crop_tiles = nodes.predict_files(crops, model, params)
+        columns = [f"prob_{c}" for c in CLASSES]
+        crop_mean = crop_tiles[columns].mean().to_numpy()
+        row = slide_rows.iloc[0]
+        print(f"{label}: slide -> {row['predicted']} ({row[f'prob_{row.predicted}']:.2f}, "
+              f"shares {[round(row[f'share_{c}'], 2) for c in CLASSES]}); crops -> "
+              f"{crop_rows['predicted'].tolist()}; mean of crop tiles -> "
+              f"{CLASSES[int(crop_mean.argmax())]}; |slide - crop-tile mean| max "
+              f"{np.abs(row[columns].to_numpy(float) - crop_mean).max():.3f}")
+    halves = [bach_image("Benign", 60 + i, DOWN) for i in range(per_slide)]
+    halves += [bach_image("Invasive", 60 + i, DOWN) for i in range(per_slide)]
+    two = write_slide(folder / "benign_invasive.tif", side_by_side(halves),
+                      mpp=BACH_MPP * DOWN, tile=128)
+    rows, tiles = nodes.predict_files([(two.name, two)], model, params)
+    picture = nodes.slide_heatmaps([(two.name, two)], model, rows, tiles, params)[two.name]()
+    target = Path("/tmp/wsi_heatmap_benign_invasive.png")
+    picture.save(target)
+    print(f"two-class slide -> {rows.iloc[0]['predicted']}; heatmap {target}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("step", choices=["write", "train", "memory", "throughput", "agreement"])
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/wsi_bench"))
+    parser.add_argument("--side", type=int, default=40_000)
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--per-slide", type=int, default=4)
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    step = args.step
+    if step == "write":
+        write(args.workdir, args.side)
+    elif step == "train":
+        train(args.workdir, args.epochs)
+    elif step == "memory":
+        memory(args.workdir)
+    elif step == "throughput":
+        throughput(args.workdir, args.rounds)
+    else:
+        agreement(args.workdir, args.per_slide)
+
+
+if __name__ == "__main__":
+    main()
