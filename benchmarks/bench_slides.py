@@ -76,7 +76,10 @@ def train(work: Path, epochs: int) -> None:
     manifest, _ = build_image_manifest(raw, settings)
     records = list(tile_images(raw, manifest, settings))
     x = np.stack([t for t, _ in records]).astype(np.float32)
-    y = np.array([CLASSES.index(m["label"]) for _, m in records])
+    y = np.array([CLASSES.index(str(m["label"])) for _, m in records], dtype=np.int64)
+    order = np.random.default_rng(0).permutation(len(x))  # validation: a random 15% of tiles
+    x, y = x[order], y[order]
+    cut = int(0.85 * len(x))
     keras.utils.set_random_seed(0)
     inputs = keras.Input((64, 64, 3))
     h = keras.layers.Rescaling(1 / 255)(inputs)
@@ -87,8 +90,8 @@ def train(work: Path, epochs: int) -> None:
     model = keras.Model(inputs, keras.layers.Dense(4, activation="softmax")(h))
     model.compile(keras.optimizers.Adam(2e-3), "sparse_categorical_crossentropy", ["accuracy"])
     started = time.perf_counter()
-    history = model.fit(x, y, epochs=epochs, batch_size=64, validation_split=0.15, verbose=0,
-                        shuffle=True)
+    history = model.fit(x[:cut], y[:cut], epochs=epochs, batch_size=64, verbose=0,
+                        validation_data=(x[cut:], y[cut:]), shuffle=True)
     record = Preprocessing(classes=CLASSES, image_checks=settings.image_checks,
                            tiling=settings.tiling, architecture="resnet34")
     attach_preprocessing(model, record, "bench model")

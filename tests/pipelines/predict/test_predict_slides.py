@@ -112,3 +112,25 @@ def test_the_command_predicts_a_slide(files, tmp_path) -> None:
     table = pd.read_csv(out)
     assert table.loc[0, "predicted"] in CLASSES and "share_Invasive" in table.columns
     assert (heat / "two.tif.heatmap.png").is_file() and (cams / "two.tif.png").is_file()
+
+
+def _latest(folder: Path) -> Path:
+    return sorted(p for p in folder.iterdir() if p.is_dir())[-1] / folder.name
+
+
+def test_the_predict_pipeline_predicts_slides_beside_crops(files, kedro_project, run_kedro
+                                                           ) -> None:
+    model_path = kedro_project / "tiny.keras"
+    save_keras_model(tiny_model(), model_path)
+    folder = kedro_project / "data" / "01_raw" / "predict"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("two.tif", "crop.png"):
+        (folder / name).write_bytes(dict(files)[name].read_bytes())
+    run_kedro("predict", runtime_params={"predict": {"model": str(model_path), "workers": 1}})
+    predictions = pd.read_csv(_latest(kedro_project / "data/07_model_output/predictions.csv"))
+    assert predictions["rejected"].tolist() == [False, False]
+    assert predictions["share_Benign"].notna().all()
+    heatmaps = _latest(kedro_project / "data/08_reporting/slide_heatmaps")
+    assert [p.name for p in heatmaps.rglob("*.png")] == ["two.tif.heatmap.png"]
+    cams = _latest(kedro_project / "data/08_reporting/gradcam")
+    assert sorted(p.name for p in cams.rglob("*.png")) == ["crop.png.png", "two.tif.png"]

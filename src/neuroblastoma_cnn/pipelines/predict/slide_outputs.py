@@ -116,10 +116,9 @@ def add_shares(predictions: pd.DataFrame, tiles: pd.DataFrame, classes: list[str
     top = pd.Series(np.asarray(classes)[tiles[columns].to_numpy().argmax(axis=1)],
                     index=tiles.index) if len(tiles) else pd.Series(dtype=str)
     shares = (pd.crosstab(tiles["file"], top, normalize="index") if len(tiles)
-              else pd.DataFrame())
-    for label in classes:
-        column = shares[label] if label in shares.columns else pd.Series(dtype=float)
-        predictions[share_column(label)] = predictions["file"].map(column).where(
+              else pd.DataFrame()).reindex(columns=classes, fill_value=0.0)
+    for label in classes:  # a class no tile voted for: 0, not missing
+        predictions[share_column(label)] = predictions["file"].map(shares[label]).where(
             ~predictions["rejected"].astype(bool))
 
 
@@ -158,14 +157,19 @@ def probability_heat(tiles: pd.DataFrame, column: str, scale: float,
     footprint (overlaps averaged), not rescaled, so colours compare across classes."""
     total = np.zeros(shape, np.float32)
     count = np.zeros(shape, np.float32)
-    for x, y, side, p in zip(tiles["x"], tiles["y"], tiles["tile_px"], tiles[column],
-                             strict=True):
+    numbers = _numeric(tiles, ["x", "y", "tile_px", column])
+    for x, y, side, p in numbers.itertuples(index=False):
         x0, y0 = round(x * scale), round(y * scale)
         x1, y1 = max(x0 + 1, round((x + side) * scale)), max(y0 + 1, round((y + side) * scale))
         total[y0:y1, x0:x1] += p
         count[y0:y1, x0:x1] += 1
     covered = count > 0
     return np.divide(total, count, out=np.zeros_like(total), where=covered), covered
+
+
+def _numeric(tiles: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """Columns as numbers: a tile table read back from CSV beside crops has empty cells."""
+    return tiles[columns].apply(pd.to_numeric, errors="coerce")
 
 
 def draw_heatmap(path: Path, row: Mapping[str, Any], tiles: pd.DataFrame,
@@ -198,8 +202,8 @@ def draw_gallery(path: Path, row: Mapping[str, Any], tiles: pd.DataFrame, cam: A
     try:
         label = str(row["predicted"])
         column = probability_column(label)
-        best = tiles.sort_values(column, ascending=False, kind="stable").head(
-            settings.slide_gallery_tiles)
+        best = _numeric(tiles, ["x", "y", column]).sort_values(
+            column, ascending=False, kind="stable").head(settings.slide_gallery_tiles)
         positions = list(zip(best["x"].astype(int), best["y"].astype(int), strict=True))
         pixels = np.concatenate(list(_read_chunks(path, name, preprocessing, positions)))
         maps = cam.tile_maps(pixels, preprocessing.classes.index(label))
