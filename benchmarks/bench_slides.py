@@ -88,7 +88,8 @@ def train(work: Path, epochs: int) -> None:
         h = keras.layers.MaxPooling2D()(h)
     h = keras.layers.GlobalAveragePooling2D()(h)
     model = keras.Model(inputs, keras.layers.Dense(4, activation="softmax")(h))
-    model.compile(keras.optimizers.Adam(2e-3), "sparse_categorical_crossentropy", ["accuracy"])
+    model.compile(optimizer=keras.optimizers.Adam(2e-3), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
     started = time.perf_counter()
     history = model.fit(x[:cut], y[:cut], epochs=epochs, batch_size=64, verbose=0,
                         validation_data=(x[cut:], y[cut:]), shuffle=True)

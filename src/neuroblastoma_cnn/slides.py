@@ -279,9 +279,33 @@ def chosen_tiles(fractions: np.ndarray, threshold: float, fallback: int | None
     return sorted(int(i) for i in best), True
 
 
+def read_tiles(slide: Slide, grid: SlideGrid, positions: list[tuple[int, int]],
+               input_size: int) -> Iterator[np.ndarray]:
+    """The tiles at level-0 ``positions``, in order, resized. Neighbours on a grid row are read
+    as one region (up to :data:`STRIP_PIXELS` wide): a compressed source tile is then decoded
+    once rather than once per model tile, which a region-per-tile loop cannot avoid."""
+    down = slide.level_downsamples[grid.read_level]
+    longest = max(1, STRIP_PIXELS // grid.read_side)
+    start = 0
+    while start < len(positions):
+        x0, y0 = positions[start]
+        end = start + 1
+        while (end < len(positions) and end - start < longest and positions[end][1] == y0
+               and positions[end][0] - positions[end - 1][0] == grid.step0):
+            end += 1
+        left = round(x0 / down)
+        width = round(positions[end - 1][0] / down) - left + grid.read_side
+        strip = slide.read_region(x0, y0, grid.read_level, width, grid.read_side)
+        for x, _ in positions[start:end]:
+            offset = round(x / down) - left
+            yield resize_tile(strip[:, offset:offset + grid.read_side], input_size)
+        start = end
+
+
 def iter_slide_tiles(slide: Slide, grid: SlideGrid, fractions: np.ndarray,
                      indices: list[int], input_size: int) -> Iterator[Tile]:
-    """The chosen tiles, read one at a time (only these are read at full resolution)."""
-    for i in indices:
-        x, y = grid.positions[i]
-        yield Tile(read_tile(slide, grid, x, y, input_size), x, y, float(fractions[i]))
+    """The chosen tiles (only these are read at full resolution), row neighbours together."""
+    positions = [grid.positions[i] for i in indices]
+    for i, (x, y), tile in zip(indices, positions,
+                               read_tiles(slide, grid, positions, input_size), strict=True):
+        yield Tile(tile, x, y, float(fractions[i]))

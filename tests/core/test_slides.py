@@ -18,6 +18,7 @@ from neuroblastoma_cnn.slides import (
     is_slide,
     iter_slide_tiles,
     open_slide,
+    read_tile,
     slide_grid,
     tissue_fractions,
 )
@@ -87,8 +88,12 @@ def test_background_is_never_read_at_full_resolution(slide_path, monkeypatch):
         fractions = tissue_fractions(slide, grid, tiling())
         assert {level for level, _, _ in reads} == {2}  # tissue: 16 px a tile, the 1/4 level
         kept, _ = chosen_tiles(fractions, 0.5, None)
-        list(iter_slide_tiles(slide, grid, fractions, kept, 32))
-    assert len([r for r in reads if r[0] == 1]) == len(kept)
+        tiles = list(iter_slide_tiles(slide, grid, fractions, kept, 32))
+        one_by_one = [read_tile(slide, grid, t.x, t.y, 32) for t in tiles]
+    full = [r for r in reads if r[0] == 1][: -len(kept)]  # the tiles, then one by one
+    assert sum(width * height for _, width, height in full) == len(kept) * 32 * 32
+    assert len(full) < len(kept)  # row neighbours share a read
+    assert all(np.array_equal(t.tile, o) for t, o in zip(tiles, one_by_one, strict=True))
 
 
 def test_a_slide_without_resolution(tmp_path, pixels):

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from neuroblastoma_cnn.preprocessing import Preprocessing
 from neuroblastoma_cnn.slides import (
     chosen_tiles,
     open_slide,
-    read_tile,
+    read_tiles,
     slide_grid,
     tissue_fractions,
 )
@@ -87,10 +88,10 @@ def _read_chunks(path: Path, name: str, preprocessing: Preprocessing,
     tiling = preprocessing.tiling
     with open_slide(path, name) as slide:
         grid = slide_grid(slide, tiling)
+        tiles = read_tiles(slide, grid, positions, tiling.input_size)
         for start in range(0, len(positions), CHUNK_TILES):
-            tiles = np.stack([read_tile(slide, grid, x, y, tiling.input_size)
-                              for x, y in positions[start:start + CHUNK_TILES]])
-            yield normalise_tiles(tiles, preprocessing.stain_reference)
+            chunk = np.stack(list(islice(tiles, min(CHUNK_TILES, len(positions) - start))))
+            yield normalise_tiles(chunk, preprocessing.stain_reference)
 
 
 class TileProgress:
