@@ -268,12 +268,8 @@ def predict_files(
             outcome = _stream_slide(prepared, batcher, tile_meta, tile_progress)
         elif isinstance(outcome, PreparedImage):
             batcher.add(outcome.tiles)
-            tile_meta["file"].extend([outcome.file] * len(outcome.positions))
-            tile_meta["x"].extend(x for x, _ in outcome.positions)
-            tile_meta["y"].extend(y for _, y in outcome.positions)
-            tile_meta["tissue_fraction"].extend(round(f, 4) for f in outcome.fractions)
+            _add_tile_rows(tile_meta, outcome.file, outcome.positions, outcome.fractions)
             outcome.tiles = outcome.tiles[:0]  # pixels no longer needed
-            _pad_slide_columns(tile_meta)
         outcomes.append(outcome)
         if progress is not None:
             progress(1)
@@ -308,30 +304,31 @@ def predict_files(
 SLIDE_TILE_COLUMNS = ("level", "tile_px", "mpp")
 
 
-def _pad_slide_columns(tile_meta: dict[str, list[Any]]) -> None:
-    """Crops' tiles get empty slide columns, once a slide has added them."""
+def _add_tile_rows(tile_meta: dict[str, list[Any]], file: str,
+                   positions: Sequence[tuple[int, int]], fractions: Sequence[float],
+                   **slide: Any) -> None:
+    """One row per tile; slide columns appear with the first slide (crops' cells empty)."""
+    tile_meta["file"].extend([file] * len(positions))
+    tile_meta["x"].extend(x for x, _ in positions)
+    tile_meta["y"].extend(y for _, y in positions)
+    tile_meta["tissue_fraction"].extend(round(f, 4) for f in fractions)
+    for column in SLIDE_TILE_COLUMNS if slide else ():
+        tile_meta.setdefault(column, [None] * (len(tile_meta["file"]) - len(positions)))
     for column in SLIDE_TILE_COLUMNS:
         if column in tile_meta:
-            tile_meta[column].extend([None] * (len(tile_meta["file"]) - len(tile_meta[column])))
+            value = slide.get(column)
+            tile_meta[column].extend([value] * (len(tile_meta["file"]) - len(tile_meta[column])))
 
 
 def _stream_slide(plan: SlideTiles, batcher: _Batcher, tile_meta: dict[str, list[Any]],
                   tile_progress: Callable[[str, int], Callable[[int], Any]]) -> PreparedImage:
     """Feeds one slide's tiles to the model chunk by chunk; its row, with no pixels kept."""
-    for column in SLIDE_TILE_COLUMNS:
-        tile_meta.setdefault(column, [None] * len(tile_meta["file"]))
     advance = tile_progress(plan.file, len(plan.positions))
     for chunk in plan.chunks():
         batcher.add(chunk)
         advance(len(chunk))
-    n = len(plan.positions)
-    tile_meta["file"].extend([plan.file] * n)
-    tile_meta["x"].extend(x for x, _ in plan.positions)
-    tile_meta["y"].extend(y for _, y in plan.positions)
-    tile_meta["tissue_fraction"].extend(round(f, 4) for f in plan.fractions)
-    tile_meta["level"].extend([plan.level] * n)
-    tile_meta["tile_px"].extend([plan.tile_px] * n)
-    tile_meta["mpp"].extend([plan.mpp] * n)
+    _add_tile_rows(tile_meta, plan.file, plan.positions, plan.fractions, level=plan.level,
+                   tile_px=plan.tile_px, mpp=plan.mpp)
     return PreparedImage(plan.file, np.zeros((0, 1, 1, 3), np.uint8), plan.positions,
                          plan.fractions, plan.mostly_background, plan.width, plan.height)
 
