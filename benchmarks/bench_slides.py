@@ -192,20 +192,28 @@ def agreement(work: Path, per_slide: int) -> None:
         columns = [f"prob_{c}" for c in CLASSES]
         crop_mean = crop_tiles[columns].mean().to_numpy()
         row = slide_rows.iloc[0]
-        print(f"{label}: slide -> {row['predicted']} ({row[f'prob_{row.predicted}']:.2f}, "
-              f"shares {[round(row[f'share_{c}'], 2) for c in CLASSES]}); crops -> "
+        shares = ", ".join(f"{c} {float(row[f'share_{c}']):.2f}" for c in CLASSES)
+        print(f"{label}: slide -> {row['predicted']} ({row[f'prob_{row.predicted}']:.2f}; "
+              f"shares {shares}); crops -> "
               f"{crop_rows['predicted'].tolist()}; mean of crop tiles -> "
               f"{CLASSES[int(crop_mean.argmax())]}; |slide - crop-tile mean| max "
               f"{np.abs(row[columns].to_numpy(float) - crop_mean).max():.3f}")
-    halves = [bach_image("Benign", 60 + i, DOWN) for i in range(per_slide)]
-    halves += [bach_image("Invasive", 60 + i, DOWN) for i in range(per_slide)]
-    two = write_slide(folder / "benign_invasive.tif", side_by_side(halves),
+    rows = [side_by_side([bach_image(label, 60 + 2 * r + i, DOWN)
+                          for label in ("Benign", "Invasive") for i in range(2)])
+            for r in range(2)]  # 2 x 4 images: the left half Benign, the right half Invasive
+    two = write_slide(folder / "benign_invasive.tif", np.concatenate(rows),
                       mpp=BACH_MPP * DOWN, tile=128)
-    rows, tiles = nodes.predict_files([(two.name, two)], model, params)
-    picture = nodes.slide_heatmaps([(two.name, two)], model, rows, tiles, params)[two.name]()
+    result, tiles = nodes.predict_files([(two.name, two)], model, params)
+    half = tiles["x"] < 1024
+    for name, side in (("left (Benign)", tiles[half]), ("right (Invasive)", tiles[~half])):
+        mean = side[[f"prob_{c}" for c in CLASSES]].mean().to_numpy()
+        print(f"two-class slide, {name} half: mean of tiles -> {CLASSES[int(mean.argmax())]} "
+              f"({mean.max():.2f})")
+    picture = nodes.slide_heatmaps([(two.name, two)], model, result, tiles,
+                                   params)[two.name]()
     target = Path("/tmp/wsi_heatmap_benign_invasive.png")
     picture.save(target)
-    print(f"two-class slide -> {rows.iloc[0]['predicted']}; heatmap {target}")
+    print(f"two-class slide -> {result.iloc[0]['predicted']}; heatmap {target}")
 
 
 def main() -> None:

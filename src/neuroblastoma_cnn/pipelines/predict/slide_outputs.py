@@ -7,7 +7,8 @@ tile probabilities (as for crops); ``share_<class>`` is the share of its tiles w
 is that class.
 
 Pictures (one PNG per slide each): the heatmap of each class's tile probability over the
-slide thumbnail (0 = blue, 1 = red; background tiles uncovered, dimmed), and the Grad-CAM
+slide thumbnail (0 = blue, 1 = red; background tiles uncovered, dimmed; panels stacked for a
+wide slide, in a row for a tall one), and the Grad-CAM
 gallery of the ``slide_gallery_tiles`` tiles most confident in the predicted class.
 """
 
@@ -141,14 +142,18 @@ def _captioned(picture: np.ndarray, text: str) -> np.ndarray:
     return np.asarray(canvas)
 
 
-def _side_by_side(panels: list[np.ndarray], gap: int = 6) -> Image.Image:
-    height = max(p.shape[0] for p in panels)
-    width = sum(p.shape[1] for p in panels) + gap * (len(panels) - 1)
-    canvas = Image.new("RGB", (width, height), "white")
-    left = 0
+def _side_by_side(panels: list[np.ndarray], gap: int = 6, vertical: bool = False
+                  ) -> Image.Image:
+    """Panels in a row (or a column: wide slides read better stacked)."""
+    along, across = (0, 1) if vertical else (1, 0)
+    size = [0, 0]
+    size[along] = sum(p.shape[along] for p in panels) + gap * (len(panels) - 1)
+    size[across] = max(p.shape[across] for p in panels)
+    canvas = Image.new("RGB", (size[1], size[0]), "white")
+    offset = 0
     for panel in panels:
-        canvas.paste(Image.fromarray(panel), (left, 0))
-        left += panel.shape[1] + gap
+        canvas.paste(Image.fromarray(panel), (0, offset) if vertical else (offset, 0))
+        offset += panel.shape[along] + gap
     return canvas
 
 
@@ -189,7 +194,7 @@ def draw_heatmap(path: Path, row: Mapping[str, Any], tiles: pd.DataFrame,
             text = (f"{label}: mean {float(row[probability_column(label)]):.2f}, "
                     f"share {float(row[share_column(label)]):.2f}")
             panels.append(_captioned(overlay(thumb, heat, covered, alpha=0.6), text))
-        return _side_by_side(panels)
+        return _side_by_side(panels, vertical=thumb.shape[1] > thumb.shape[0])
     except Exception as exc:
         logger.warning("No heatmap for '%s': %s", name, exc)
         return None
