@@ -4,7 +4,9 @@ Everything derived from BACH is written under ``--workdir`` (a temporary folder;
 
     .venv/bin/python benchmarks/bench_slides.py write       # 40,000 x 40,000 px pyramidal TIFF
     .venv/bin/python benchmarks/bench_slides.py train       # a small CNN on BACH crops (minutes)
-    .venv/bin/python benchmarks/bench_slides.py memory      # peak RSS: `predict big.tif` vs whole
+    .venv/bin/python benchmarks/bench_slides.py resnet      # an untrained ResNet34 at 224 px
+    .venv/bin/python benchmarks/bench_slides.py memory --whole [--model resnet34_224.keras]
+                                                            # peak RSS: `predict big.tif` vs whole
     .venv/bin/python benchmarks/bench_slides.py throughput  # our tiling vs a bare tiffslide loop
     .venv/bin/python benchmarks/bench_slides.py agreement   # single-class slides vs crops; heatmap
 
@@ -101,6 +103,20 @@ def train(work: Path, epochs: int) -> None:
           f"{history.history['accuracy'][-1]:.2f}, val {history.history['val_accuracy'][-1]:.2f}")
 
 
+def resnet(work: Path) -> None:
+    """An untrained ResNet34 at 224 px with a 215 um (512 px at 0.42 um/px) tiling record:
+    weights do not change memory or the cost of a forward pass."""
+    from neuroblastoma_cnn.datasets import save_keras_model  # noqa: PLC0415
+    from neuroblastoma_cnn.models import build_model  # noqa: PLC0415
+    from neuroblastoma_cnn.preprocessing import Preprocessing  # noqa: PLC0415
+
+    settings = _ingestion(tile_size=512, input_size=224)
+    model = build_model("resnet34", 224, len(CLASSES), seed=0)
+    model.preprocessing = Preprocessing(classes=CLASSES, image_checks=settings.image_checks,
+                                        tiling=settings.tiling, architecture="resnet34")
+    save_keras_model(model, work / "resnet34_224.keras")
+
+
 def _max_rss_mb(command: list[str]) -> tuple[float, float, str]:
     started = time.perf_counter()
     done = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True,
@@ -112,15 +128,18 @@ def _max_rss_mb(command: list[str]) -> tuple[float, float, str]:
     return int(found.group(1)) / 1024, seconds, done.stderr
 
 
-def memory(work: Path) -> None:
+def memory(work: Path, model: str, whole_too: bool) -> None:
     cli = str(Path(sys.executable).with_name("neuroblastoma-cnn"))
-    out = work / "big_out"
+    out = work / f"big_out_{Path(model).stem}"
     rss, seconds, _ = _max_rss_mb([
-        cli, "predict", str(work / "big.tif"), "-m", str(work / "model.keras"), "-q",
+        cli, "predict", str(work / "big.tif"), "-m", str(work / model), "-q",
         "--overwrite", "-o", str(out / "predictions.csv"), "--tiles-out",
         str(out / "tiles.csv"), "--heatmaps", str(out / "heat"), "--gradcam", str(out / "cam")])
     tiles = (out / "tiles.csv").read_text().count("\n") - 1
-    print(f"predict big.tif: peak RSS {rss:.0f} MB, {seconds:.0f}s, {tiles} tiles")
+    print(f"predict big.tif with {model}: peak RSS {rss:.0f} MB, {seconds:.0f}s, {tiles} tiles")
+    print(json.dumps({"predict_peak_mb": round(rss), "tiles": tiles, "model": model}))
+    if not whole_too:
+        return
     whole = ("import tifffile,sys; a = tifffile.imread(sys.argv[1], level=0); "
              "print(a.shape, a.nbytes)")
     try:
@@ -130,7 +149,6 @@ def memory(work: Path) -> None:
               f"{seconds:.0f}s")
     except RuntimeError as exc:
         print(f"decode whole failed: {str(exc)[-300:]}")
-    print(json.dumps({"predict_peak_mb": round(rss), "tiles": tiles}))
 
 
 def throughput(work: Path, rounds: int) -> None:
@@ -218,7 +236,10 @@ def agreement(work: Path, per_slide: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("step", choices=["write", "train", "memory", "throughput", "agreement"])
+    parser.add_argument("step", choices=["write", "train", "resnet", "memory", "throughput",
+                                         "agreement"])
+    parser.add_argument("--model", default="model.keras", help="memory: the model file")
+    parser.add_argument("--whole", action="store_true", help="memory: also decode it whole")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/wsi_bench"))
     parser.add_argument("--side", type=int, default=40_000)
     parser.add_argument("--epochs", type=int, default=8)
@@ -231,8 +252,10 @@ def main() -> None:
         write(args.workdir, args.side)
     elif step == "train":
         train(args.workdir, args.epochs)
+    elif step == "resnet":
+        resnet(args.workdir)
     elif step == "memory":
-        memory(args.workdir)
+        memory(args.workdir, args.model, args.whole)
     elif step == "throughput":
         throughput(args.workdir, args.rounds)
     else:

@@ -15,8 +15,10 @@ from PIL import Image
 
 from neuroblastoma_cnn.cli import main
 from neuroblastoma_cnn.datasets import save_keras_model
-from neuroblastoma_cnn.pipelines.predict import nodes
+from neuroblastoma_cnn.imaging import ImageRejected
+from neuroblastoma_cnn.pipelines.predict import nodes, slide_outputs
 from neuroblastoma_cnn.preprocessing import Preprocessing, attach_preprocessing
+from neuroblastoma_cnn.slides import Slide
 
 pytestmark = pytest.mark.skipif(not (BACH_DIR / "images").is_dir(), reason="no BACH images")
 
@@ -80,6 +82,28 @@ def test_a_slide_is_predicted_from_its_tiles(files) -> None:
     assert shares.sum() == pytest.approx(1.0)
     crop_tiles = tiles[tiles["file"] == "crop.png"]
     assert len(crop_tiles) == 12 and crop_tiles["level"].isna().all()
+
+
+def test_a_slide_failing_half_way_is_rejected_and_the_others_kept(files, monkeypatch) -> None:
+    original, reads = Slide.read_region, []
+
+    def fail_late(self, x, y, level, width, height):  # the third row of tiles is cut
+        reads.append(level)
+        if level == 1 and reads.count(1) % 3 == 0:
+            raise ImageRejected(self.name, "truncated or corrupt image: level 1 cut")
+        return original(self, x, y, level, width, height)
+
+    monkeypatch.setattr(Slide, "read_region", fail_late)
+    monkeypatch.setattr("neuroblastoma_cnn.slides.TISSUE_PIXELS_PER_TILE", 16)  # tissue: level 2
+    monkeypatch.setattr(slide_outputs, "CHUNK_TILES", 8)  # two chunks predicted before the cut
+    chosen = [f for f in files if f[0] in ("crop.png", "two.tif")]
+    predictions, tiles = nodes.predict_files(chosen[::-1] + chosen, tiny_model(),
+                                             PREDICT.model_copy(update={"batch_size": 5}))
+    assert predictions["rejected"].tolist() == [False, True, True, False]
+    assert predictions.loc[1, "reason"] == "truncated or corrupt image: level 1 cut"
+    assert set(tiles["file"]) == {"crop.png"} and len(tiles) == 24
+    alone, _ = nodes.predict_files(chosen[::-1], tiny_model(), PREDICT)
+    assert predictions.loc[0, "prob_Benign"] == pytest.approx(alone.loc[0, "prob_Benign"])
 
 
 def test_crop_outputs_unchanged_without_a_slide(files) -> None:

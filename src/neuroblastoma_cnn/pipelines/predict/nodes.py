@@ -198,8 +198,12 @@ class _Batcher:
     n_pending: int = 0
     results: list[np.ndarray] = field(default_factory=list)
     tta_results: list[np.ndarray] = field(default_factory=list)
+    added: int = 0
+    #: ``(start, stop)`` of tiles added but not wanted (a slide that failed half-way).
+    dropped: list[tuple[int, int]] = field(default_factory=list)
 
     def add(self, tiles: np.ndarray) -> None:
+        self.added += len(tiles)
         self.pending.append(tiles)
         self.n_pending += len(tiles)
         while self.n_pending >= self.batch_size:
@@ -216,11 +220,16 @@ class _Batcher:
             self.pending, self.n_pending = [], 0
         if not self.results:
             return np.zeros((0, 0))
-        return np.concatenate(self.results)
+        return self._kept(np.concatenate(self.results))
 
     def finish_tta(self) -> np.ndarray:
         """The test-time-augmented probabilities (after :meth:`finish`)."""
-        return np.concatenate(self.tta_results) if self.tta_results else np.zeros((0, 0))
+        return (self._kept(np.concatenate(self.tta_results)) if self.tta_results
+                else np.zeros((0, 0)))
+
+    def _kept(self, prob: np.ndarray) -> np.ndarray:
+        drop = [i for start, stop in self.dropped for i in range(start, stop)]
+        return np.delete(prob, drop, axis=0) if drop else prob
 
     def _run(self, batch: np.ndarray, keep: int | None = None) -> None:
         prob = np.asarray(self.model.predict_on_batch(batch.astype(np.float32)), np.float64)
@@ -321,12 +330,19 @@ def _add_tile_rows(tile_meta: dict[str, list[Any]], file: str,
 
 
 def _stream_slide(plan: SlideTiles, batcher: _Batcher, tile_meta: dict[str, list[Any]],
-                  tile_progress: Callable[[str, int], Callable[[int], Any]]) -> PreparedImage:
-    """Feeds one slide's tiles to the model chunk by chunk; its row, with no pixels kept."""
+                  tile_progress: Callable[[str, int], Callable[[int], Any]]
+                  ) -> PreparedImage | Rejection:
+    """Feeds one slide's tiles to the model chunk by chunk; its row, with no pixels kept. A
+    slide that cannot be read to the end is rejected and its tiles already predicted dropped."""
     advance = tile_progress(plan.file, len(plan.positions))
-    for chunk in plan.chunks():
-        batcher.add(chunk)
-        advance(len(chunk))
+    start = batcher.added
+    try:
+        for chunk in plan.chunks():
+            batcher.add(chunk)
+            advance(len(chunk))
+    except ImageRejected as exc:
+        batcher.dropped.append((start, batcher.added))
+        return Rejection(plan.file, exc.reason)
     _add_tile_rows(tile_meta, plan.file, plan.positions, plan.fractions, level=plan.level,
                    tile_px=plan.tile_px, mpp=plan.mpp)
     return PreparedImage(plan.file, np.zeros((0, 1, 1, 3), np.uint8), plan.positions,
