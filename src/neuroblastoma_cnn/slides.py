@@ -52,8 +52,10 @@ SLIDE_EXTENSIONS = frozenset({".svs", ".ndpi", ".scn", ".mrxs", ".vms", ".vmu", 
 TIFF_EXTENSIONS = frozenset({".tif", ".tiff"})
 #: Pixels per tile edge on the level the tissue rule runs on (32 x 32 = 1024 samples per tile).
 TISSUE_PIXELS_PER_TILE = 32
-#: Widest strip (level pixels) read at once for tissue detection or a thumbnail.
+#: Widest strip (level pixels) read at once for tissue detection or a row of tiles.
 STRIP_PIXELS = 4096
+#: Largest strip (bytes of RGB) read at once for a thumbnail.
+STRIP_BYTES = 64 << 20
 
 
 def is_slide(path: str | os.PathLike[str]) -> bool:
@@ -122,7 +124,7 @@ class Slide:
         level = self.best_level(1 / scale)
         level_w, level_h = self.level_dimensions[level]
         factor = max(1, int(min(level_w / out_w, level_h / out_h)))
-        band = factor * max(1, STRIP_PIXELS // factor // 4)
+        band = factor * max(1, STRIP_BYTES // (3 * level_w * factor))  # rows, whole blocks
         down = self.level_downsamples[level]
         parts = []
         for top in range(0, level_h, band):
