@@ -87,6 +87,8 @@ main_group.add_command(study)  # kedro run --pipeline=study (see neuroblastoma_c
               help="also write one row per tile used, with its probabilities")
 @click.option("--gradcam", metavar="DIR",
               help="write a Grad-CAM overlay PNG of the predicted class per image")
+@click.option("--heatmaps", metavar="DIR",
+              help="write each slide's class heatmaps over its thumbnail (<file>.heatmap.png)")
 @click.option("--overwrite", is_flag=True, help="replace existing output files")
 @click.option("--batch-size", type=int, metavar="N", help=f"tiles per model call ({DEFAULTS_NOTE})")
 @click.option("--workers", type=int, metavar="N",
@@ -105,7 +107,8 @@ def predict(**options: Any) -> int:
     Images are tiled exactly as the model's training images were (settings from the model's
     own record); an image's probabilities are the mean of its tiles'. Writes one CSV row per
     file: file, predicted, prob_<class>..., n_tiles, low_confidence, mostly_background,
-    rejected, reason.
+    rejected, reason. Whole-slide images (.svs, pyramidal TIFF...) are read region by region
+    (a progress bar over their tiles); their row is the mean of their tiles, with share_<class>.
     """
     if options["quiet"] and options["verbose"]:
         raise click.UsageError("--quiet and --verbose exclude each other")
@@ -199,13 +202,15 @@ def _check_outputs(options: dict[str, Any]) -> None:
     for option, value in (("--out", options["out"]), ("--tiles-out", options["tiles_out"])):
         if value and Path(value).exists() and not options["overwrite"]:
             raise CommandUsageError(f"{option} '{value}' exists; pass --overwrite to replace it.")
-    if options["gradcam"]:
-        folder = Path(options["gradcam"])
+    for option in ("gradcam", "heatmaps"):
+        if not options.get(option):
+            continue
+        folder = Path(options[option])
         if folder.exists() and not folder.is_dir():
-            raise CommandUsageError(f"--gradcam '{folder}' is a file, not a folder.")
+            raise CommandUsageError(f"--{option} '{folder}' is a file, not a folder.")
         if folder.is_dir() and any(folder.iterdir()) and not options["overwrite"]:
-            raise CommandUsageError(f"--gradcam folder '{folder}' is not empty; pass --overwrite "
-                                    "to write into it.")
+            raise CommandUsageError(f"--{option} folder '{folder}' is not empty; pass "
+                                    "--overwrite to write into it.")
 
 
 def _collect(paths: list[str]) -> tuple[list[tuple[str, Path]], dict[str, str]]:
@@ -268,8 +273,9 @@ def _predict(options: dict[str, Any]) -> int:
         from neuroblastoma_cnn.models.feature_heads import head_classifier  # noqa: PLC0415
 
         model = head_classifier(options["models_dir"], model, params.head)
-    predictions = _classify(files, model, params, options)
-    not_drawn = _draw(files, short_names, model, predictions, params, options)
+    predictions, tiles = _classify(files, model, params, options)
+    not_drawn = _draw(files, short_names, model, predictions, tiles, params, options)
+    not_drawn += _draw_heatmaps(files, short_names, model, predictions, tiles, params, options)
     rejected = predictions[predictions["rejected"]]
     if not options["quiet"]:
         _print_summary(predictions, model, options, not_drawn)
@@ -284,24 +290,27 @@ def _classify(files: list[tuple[str, Path]], model: Any, params: Any,
     from neuroblastoma_cnn.pipelines.predict.nodes import predict_files  # noqa: PLC0415
 
     bar_off = True if options["quiet"] else None  # None: a bar only on a terminal
+
+    def tile_bar(name: str, total: int) -> Any:  # one bar over a slide's tiles
+        bar = tqdm(total=total, desc=f"  {Path(name).name}", unit="tile", file=sys.stderr,
+                   disable=bar_off, leave=False)
+        return lambda n: (bar.update(n), bar.n >= total and bar.close())
+
     with logging_redirect_tqdm(), tqdm(total=len(files), desc="Predicting", unit="image",
                                        file=sys.stderr, disable=bar_off) as bar:
-        predictions, tiles = predict_files(files, model, params, progress=bar.update)
+        predictions, tiles = predict_files(files, model, params, progress=bar.update,
+                                           tile_progress=tile_bar)
     _write_csv(predictions, options["out"])
     if options["tiles_out"]:
         _write_csv(tiles, options["tiles_out"])
-    return predictions
+    return predictions, tiles
 
 
 def _draw(files: list[tuple[str, Path]], short_names: dict[str, str], model: Any,
-          predictions: Any, params: Any, options: dict[str, Any]) -> int:
+          predictions: Any, tiles: Any, params: Any, options: dict[str, Any]) -> int:
     """Writes the Grad-CAM overlays asked for; returns how many could not be drawn."""
     if not options["gradcam"]:
         return 0
-    from tqdm import tqdm  # noqa: PLC0415  (lazy, with the rest of the work)
-    from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: PLC0415
-
-    from neuroblastoma_cnn.datasets.png_folder import save_picture  # noqa: PLC0415
     from neuroblastoma_cnn.pipelines.predict.nodes import (  # noqa: PLC0415
         gradcam_overlays,
         overlay_name,
@@ -309,16 +318,45 @@ def _draw(files: list[tuple[str, Path]], short_names: dict[str, str], model: Any
 
     folder = Path(options["gradcam"])
     folder.mkdir(parents=True, exist_ok=True)
+    jobs = gradcam_overlays(files, model, predictions, params, tiles)
+    return _save_pictures(jobs, folder, lambda file: overlay_name(short_names[file]),
+                          "Grad-CAM", options)
+
+
+def _draw_heatmaps(files: list[tuple[str, Path]], short_names: dict[str, str], model: Any,
+                   predictions: Any, tiles: Any, params: Any, options: dict[str, Any]) -> int:
+    """Writes the slides' class heatmaps if asked; returns how many could not be drawn."""
+    if not options["heatmaps"]:
+        return 0
+    from neuroblastoma_cnn.pipelines.predict.nodes import (  # noqa: PLC0415
+        heatmap_name,
+        slide_heatmaps,
+    )
+
+    folder = Path(options["heatmaps"])
+    folder.mkdir(parents=True, exist_ok=True)
+    jobs = slide_heatmaps(files, model, predictions, tiles, params)
+    return _save_pictures(jobs, folder, lambda file: heatmap_name(short_names[file]),
+                          "Heatmaps", options)
+
+
+def _save_pictures(jobs: dict[str, Any], folder: Path, name: Any, what: str,
+                   options: dict[str, Any]) -> int:
+    """Draws and saves each picture (a bar over them); returns how many could not be drawn."""
+    from tqdm import tqdm  # noqa: PLC0415  (lazy, with the rest of the work)
+    from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: PLC0415
+
+    from neuroblastoma_cnn.datasets.png_folder import save_picture  # noqa: PLC0415
+
     not_drawn = 0
-    jobs = gradcam_overlays(files, model, predictions, params)
     with logging_redirect_tqdm():
-        for file, draw in tqdm(jobs.items(), desc="Grad-CAM", unit="image", file=sys.stderr,
+        for file, draw in tqdm(jobs.items(), desc=what, unit="image", file=sys.stderr,
                                disable=True if options["quiet"] else None):
             picture = draw()
             if picture is None:
                 not_drawn += 1
             else:
-                save_picture(picture, folder / overlay_name(short_names[file]))
+                save_picture(picture, folder / name(file))
     return not_drawn
 
 
@@ -335,6 +373,8 @@ def _print_summary(predictions: Any, model: Any, options: dict[str, Any], not_dr
         echo(f"  rejected {row.file}: {row.reason}")
     if len(rejected) > 10:
         echo(f"  ... and {len(rejected) - 10} more (see the 'reason' column)")
+    if options["heatmaps"]:
+        echo(f"Slide heatmaps in {options['heatmaps']}")
     if options["gradcam"]:
         echo(f"Grad-CAM overlays in {options['gradcam']}"
              + (f"; {not_drawn} could not be drawn (-v says why)" if not_drawn else ""))

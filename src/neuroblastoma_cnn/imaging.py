@@ -42,7 +42,7 @@ from typing import Annotated, Literal, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from neuroblastoma_cnn.errors import DataError
 
@@ -61,10 +61,17 @@ SYSTEM_FILES = frozenset(
 )
 
 PositiveInt = Annotated[int, Field(ge=1)]
+PositiveFloat = Annotated[float, Field(gt=0.0)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 DecodeMethod = Literal["full", "reduced"]
 #: JPEG formats Pillow can decode at 1/2, 1/4 or 1/8 scale (draft mode).
 DRAFT_FORMATS = ("JPEG", "MPO")
+#: Tiling fields that only whole-slide images use (absent from older and crop-only records).
+SLIDE_TILING_FIELDS = frozenset({"tile_um", "target_mpp", "slide_fallback_mpp"})
+
+
+def _is_none(value: object) -> bool:
+    return value is None
 
 
 class Reason:
@@ -86,6 +93,8 @@ class Reason:
     LABEL_CONFLICT = "label conflict"
     DUPLICATE = "duplicate"
     BACKGROUND = "mostly background"
+    SLIDE_UNREADABLE = "unreadable slide"
+    NO_RESOLUTION = "no slide resolution"
 
 
 class ImageRejected(DataError):
@@ -414,6 +423,23 @@ class TilingConfig(BaseModel):
     #: Not a parameter default (``ingestion.decoding`` is required): what a record written before
     #: the field existed means, so that older models keep predicting as they were trained.
     decoding: DecodeMethod = "full"
+    #: Whole-slide images only (:mod:`neuroblastoma_cnn.slides`): a tile's edge in microns, or
+    #: the resolution ``tile_size`` is counted at; None (also what older records mean) = pixels.
+    #: Left out of the record when None, so crop-only records stay as they were.
+    tile_um: PositiveFloat | None = Field(default=None, exclude_if=_is_none)
+    target_mpp: PositiveFloat | None = Field(default=None, exclude_if=_is_none)
+    #: Microns per pixel assumed for a slide whose metadata has none; None = such a slide is
+    #: rejected when ``tile_um`` or ``target_mpp`` needs a resolution.
+    slide_fallback_mpp: PositiveFloat | None = Field(default=None, exclude_if=_is_none)
+
+    @model_validator(mode="after")
+    def _one_physical_size(self) -> TilingConfig:
+        if self.tile_um is not None and self.target_mpp is not None:
+            raise ValueError("tile_um and target_mpp are alternatives: set one, the other null")
+        if self.target_mpp is not None and self.tile_size is None:
+            raise ValueError("target_mpp counts tile_size pixels at that resolution: set "
+                             "tile_size too")
+        return self
 
     @property
     def effective_stride(self) -> int | None:

@@ -92,6 +92,10 @@ class IngestionParams(TilingConfig, ImageChecks, Params):
     shard_size: PositiveInt
     decoding: DecodeMethod  # required here: TilingConfig's default only reads old records
     workers: NonNegativeInt  # processes tiling images; 0 = one per CPU core, 1 = in-process
+    # Whole-slide images (required here: TilingConfig's None defaults only read old records).
+    tile_um: PositiveFloat | None
+    target_mpp: PositiveFloat | None
+    slide_fallback_mpp: PositiveFloat | None
 
     @field_validator("group_pattern")
     @classmethod
@@ -364,6 +368,10 @@ class PredictParams(Params):
     #: A scikit-learn head fitted on the model's features (`kedro run --pipeline=<model>_features`)
     #: that classifies them instead of the model's softmax; None = the model's own softmax.
     head: Annotated[str, Field(min_length=1)] | None
+    #: Whole-slide images: the longest side of the thumbnail under the class heatmaps, and how
+    #: many of the most confident tiles the Grad-CAM gallery shows.
+    slide_thumbnail_side: PositiveInt
+    slide_gallery_tiles: PositiveInt
 
 
 class FloorParams(Params):

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from neuroblastoma_cnn.errors import DataError, ModelError, ParameterError, ProjectError
+from neuroblastoma_cnn.slides import SLIDE_EXTENSIONS
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def check_raw_images(folder: str | Path, extensions: Iterable[str] | None = None
         hint += "; or try the demo data: kedro run --env=demo"
     if not path.is_dir():
         raise DataError(f"The raw image folder '{shown(path)}' does not exist", hint=hint)
-    if first_image(path, extensions) is None:
+    if first_image(path, [*extensions, *sorted(SLIDE_EXTENSIONS)]) is None:  # slides count
         raise DataError(
             f"No image in '{shown(path)}' (no file ending in {', '.join(extensions)})",
             hint=hint,

@@ -25,7 +25,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
 
 from neuroblastoma_cnn.errors import ModelError
-from neuroblastoma_cnn.imaging import RESIZE_FILTER, ImageChecks, TilingConfig
+from neuroblastoma_cnn.imaging import RESIZE_FILTER, SLIDE_TILING_FIELDS, ImageChecks, TilingConfig
 
 RECORD_VERSION = 2
 #: What the first layout's code applied when a key was absent from its ``ingestion`` copy.
@@ -123,7 +123,7 @@ def _from_legacy(data: dict[str, Any], where: str) -> dict[str, Any]:
     params = {**_LEGACY_DEFAULTS, **dict(data.get("ingestion") or {})}
     if isinstance(params["extensions"], str):
         params["extensions"] = [params["extensions"]]
-    tiling = {k: params[k] for k in TilingConfig.model_fields}
+    tiling = {k: params[k] for k in TilingConfig.model_fields if k not in SLIDE_TILING_FIELDS}
     stride = tiling["stride"] or tiling["tile_size"]
     summary = {**tiling, "stride": None if tiling["tile_size"] is None else stride}
     for key in _LEGACY_SUMMARY:

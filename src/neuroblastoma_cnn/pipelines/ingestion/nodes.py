@@ -37,6 +37,15 @@ from neuroblastoma_cnn.imaging import ImageRejected, Reason, decode_scaled, is_h
 from neuroblastoma_cnn.parallel import ordered_map, resolve_workers
 from neuroblastoma_cnn.params import IngestionParams
 from neuroblastoma_cnn.preprocessing import Preprocessing
+from neuroblastoma_cnn.slides import (
+    SLIDE_EXTENSIONS,
+    chosen_tiles,
+    is_slide,
+    iter_slide_tiles,
+    open_slide,
+    slide_grid,
+    tissue_fractions,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +53,10 @@ MANIFEST_COLUMNS = [
     "image_path", "label", "group", "width", "height", "mode", "sha256", "bytes",
     "n_tiles", "n_tiles_background", "max_tissue_fraction",
 ]
+#: Added to the manifest only when it lists a slide (crop-only manifests keep their columns).
+SLIDE_MANIFEST_COLUMNS = ["slide", "mpp", "levels", "tile_px", "read_level"]
 REJECTED_COLUMNS = ["file", "reason"]
+HASH_CHUNK = 16 << 20
 LAYOUT_HINT = "<CLASS>/<file> or <CLASS>/<PATIENT>/<file>"
 
 
@@ -166,7 +178,8 @@ class _Scan:
     def file(self, path: Path, rel: str, label: str, patient: str | None) -> int:
         """Adds a file as a candidate if its extension says image; 1 if it has one, else 0."""
         try:
-            self.settings.image_checks.check_extension(path.name)
+            if path.suffix.lower() not in SLIDE_EXTENSIONS:  # slides: whatever `extensions`
+                self.settings.image_checks.check_extension(path.name)
         except ImageRejected as exc:
             self.reject(rel, exc.reason)
             return 0
@@ -205,11 +218,54 @@ def inspect_image(data: bytes, name: str, settings: IngestionParams) -> dict[str
     }
 
 
+def inspect_slide(path: Path, name: str, settings: IngestionParams) -> dict[str, Any]:
+    """Opens one slide, measures tissue on a low-resolution level; its manifest fields or
+    ImageRejected. No full-resolution pixel is read."""
+    tiling = settings.tiling
+    with open_slide(path, name) as slide:
+        grid = slide_grid(slide, tiling)
+        fractions = tissue_fractions(slide, grid, tiling)
+        width, height = slide.dimensions
+        kept = int(np.count_nonzero(fractions >= tiling.min_tissue_fraction))
+        return {
+            "width": width, "height": height, "mode": "RGB", "n_tiles": kept,
+            "n_tiles_background": len(fractions) - kept,
+            "max_tissue_fraction": round(float(fractions.max(initial=0.0)), 4),
+            "slide": True, "mpp": grid.mpp, "levels": len(slide.level_dimensions),
+            "tile_px": grid.side0, "read_level": grid.read_level,
+        }
+
+
+def file_sha256(path: Path) -> tuple[str, int]:
+    """SHA-256 and size of a file read in chunks (a slide may be larger than memory)."""
+    digest, size = hashlib.sha256(), 0
+    with path.open("rb") as handle:
+        while chunk := handle.read(HASH_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def _inspect_slide_file(
+    settings: IngestionParams, candidate: Candidate
+) -> tuple[str | None, int, dict[str, Any] | str]:
+    try:
+        digest, size = file_sha256(candidate.path)
+    except OSError as exc:
+        return None, 0, f"{Reason.NOT_AN_IMAGE}: cannot read file ({exc})"
+    try:
+        return digest, size, inspect_slide(candidate.path, candidate.rel, settings)
+    except ImageRejected as exc:
+        return digest, size, exc.reason
+
+
 def _inspect_file(
     settings: IngestionParams, candidate: Candidate
 ) -> tuple[str | None, int, dict[str, Any] | str]:
     """One candidate on a worker: ``(sha256, bytes, manifest fields or rejection reason)``;
     ``sha256`` is None when the file cannot be read."""
+    if is_slide(candidate.path):
+        return _inspect_slide_file(settings, candidate)
     try:
         data = candidate.path.read_bytes()
     except OSError as exc:
@@ -279,7 +335,11 @@ def build_image_manifest(
         rows.append({"image_path": kept.rel, "label": kept.label, "group": kept.group,
                      "sha256": digest, "bytes": sizes[kept.rel], **result})
 
-    manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+    has_slides = any(row.get("slide") for row in rows)
+    columns = MANIFEST_COLUMNS + (SLIDE_MANIFEST_COLUMNS if has_slides else [])
+    manifest = pd.DataFrame(rows, columns=columns)
+    if has_slides:
+        manifest["slide"] = manifest["slide"].eq(True)
     manifest = manifest.sort_values("image_path", ignore_index=True)
     threshold = settings.tiling.min_tissue_fraction
     for row in manifest.itertuples():
@@ -411,7 +471,9 @@ def tile_images(
     record = Preprocessing(classes=classes, image_checks=params.image_checks, tiling=tiling,
                            architecture=None)
     metadata = {**record.to_dict(), "n_images": len(rows), "shard_size": params.shard_size}
-    return TileStream(_tile_records(root, rows, params), metadata)
+    slides = (set(map(str, images.loc[images["slide"].astype(bool), "image_path"]))
+              if "slide" in images.columns else set())
+    return TileStream(_tile_records(root, rows, params, slides), metadata)
 
 
 @dataclass(frozen=True)
@@ -424,23 +486,34 @@ class _ImageTiles:
     n_grid: int
 
 
-def _tile_file(root: Path, settings: IngestionParams, row: tuple[str, str, str, str]
-               ) -> _ImageTiles:
-    """Reads, verifies and tiles one manifest image (on a worker process)."""
-    image_path, _, _, sha256 = row
-    path = root / PurePosixPath(image_path)
+def _read_verified(path: Path, sha256: str, whole: bool) -> bytes:
+    """The file's bytes (``whole``; else only its hash is checked, in chunks), or
+    RawDataChangedError if it cannot be read or no longer matches the manifest."""
     try:
-        data = path.read_bytes()
+        data = path.read_bytes() if whole else b""
+        digest = hashlib.sha256(data).hexdigest() if whole else file_sha256(path)[0]
     except OSError as exc:
         raise RawDataChangedError(
             f"'{path}' is in the image manifest but cannot be read ({exc}); "
             "rerun the ingestion pipeline."
         ) from exc
-    if hashlib.sha256(data).hexdigest() != sha256:
+    if digest != sha256:
         raise RawDataChangedError(
             f"'{path}' changed since the image manifest was built (sha256 differs); "
             "rerun the ingestion pipeline."
         )
+    return data
+
+
+def _tile_file(root: Path, settings: IngestionParams, slides: set[str],
+               row: tuple[str, str, str, str]) -> _ImageTiles | None:
+    """Reads, verifies and tiles one manifest image (on a worker process); None for a slide,
+    whose tiles are streamed by :func:`_slide_tiles` instead (they may not fit in memory)."""
+    image_path, _, _, sha256 = row
+    if image_path in slides:
+        return None
+    path = root / PurePosixPath(image_path)
+    data = _read_verified(path, sha256, whole=True)
     tiling = settings.tiling
     decoded = decode_scaled(data, str(path), settings.max_image_pixels, tiling.reduction)
     del data
@@ -452,17 +525,47 @@ def _tile_file(root: Path, settings: IngestionParams, row: tuple[str, str, str, 
                        len(tiling.positions(decoded.width, decoded.height)))
 
 
+def _slide_tiles(root: Path, settings: IngestionParams, row: tuple[str, str, str, str]
+                 ) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
+    """The kept tiles of one slide, read one at a time, each with its level-0 position, the
+    level it was read from, its edge in level-0 pixels and the slide's microns per pixel."""
+    image_path, label, group, sha256 = row
+    path = root / PurePosixPath(image_path)
+    _read_verified(path, sha256, whole=False)
+    tiling = settings.tiling
+    try:
+        with open_slide(path, str(path)) as slide:
+            grid = slide_grid(slide, tiling)
+            fractions = tissue_fractions(slide, grid, tiling)
+            indices, _ = chosen_tiles(fractions, tiling.min_tissue_fraction, None)
+            for tile in iter_slide_tiles(slide, grid, fractions, indices, tiling.input_size):
+                yield tile.tile, {
+                    "image_path": image_path, "label": label, "group": group,
+                    "x": tile.x, "y": tile.y, "tissue_fraction": round(tile.tissue_fraction, 4),
+                    "level": grid.read_level, "tile_px": grid.side0, "mpp": grid.mpp,
+                }
+    except ImageRejected as exc:  # it passed the manifest's checks: it changed or is damaged
+        raise RawDataChangedError(f"{exc}; rerun the ingestion pipeline.") from exc
+
+
 def _tile_records(
-    root: Path, rows: list[tuple[str, str, str, str]], settings: IngestionParams
+    root: Path, rows: list[tuple[str, str, str, str]], settings: IngestionParams,
+    slides: set[str],
 ) -> Callable[[], Iterator[tuple[np.ndarray, dict[str, Any]]]]:
     workers = resolve_workers(settings.workers)
 
     def records() -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
         kept: Counter[str] = Counter()
         dropped: Counter[str] = Counter()
-        tiled = ordered_map(partial(_tile_file, root, settings), rows, workers)
+        tiled = ordered_map(partial(_tile_file, root, settings, slides), rows, workers)
         with closing(tiled):
-            for (image_path, label, group, _), image in zip(rows, tiled, strict=True):
+            for row, image in zip(rows, tiled, strict=True):
+                image_path, label, group, _ = row
+                if image is None:  # a slide: streamed here, tile by tile
+                    for record in _slide_tiles(root, settings, row):
+                        kept[label] += 1
+                        yield record
+                    continue
                 for tile, (x, y), fraction in zip(image.tiles, image.positions, image.fractions,
                                                   strict=True):
                     yield tile, {

@@ -56,7 +56,18 @@ from neuroblastoma_cnn.predictions import (
     probability_column,
 )
 from neuroblastoma_cnn.preprocessing import Preprocessing, preprocessing_of
+from neuroblastoma_cnn.slides import is_slide
 from neuroblastoma_cnn.stain import normalise_tiles
+
+from .slide_outputs import (
+    HEATMAP_SUFFIX,
+    SlideTiles,
+    TileProgress,
+    add_shares,
+    draw_gallery,
+    draw_heatmap,
+    plan_slide,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -151,8 +162,10 @@ def prepare_image(
 
 def _prepare_or_reject(
     name: str, path: Path, preprocessing: Preprocessing, fallback_tiles: int
-) -> PreparedImage | Rejection:
+) -> PreparedImage | SlideTiles | Rejection:
     try:
+        if is_slide(path):  # tissue found here; its tiles are read later, chunk by chunk
+            return plan_slide(path, name, preprocessing, fallback_tiles)
         return prepare_image(path, name, preprocessing, fallback_tiles)
     except ImageRejected as exc:
         return Rejection(name, exc.reason)
@@ -163,7 +176,7 @@ def _prepare_or_reject(
 
 def _prepared_in_order(
     files: Sequence[tuple[str, Path]], preprocessing: Preprocessing, settings: PredictParams
-) -> Iterator[PreparedImage | Rejection]:
+) -> Iterator[PreparedImage | SlideTiles | Rejection]:
     """Prepares files on worker threads (decoding releases the GIL), yielding in input order
     with a bounded look-ahead so memory does not grow with the number of files."""
     job = partial(_prepare_or_reject, preprocessing=preprocessing,
@@ -185,8 +198,12 @@ class _Batcher:
     n_pending: int = 0
     results: list[np.ndarray] = field(default_factory=list)
     tta_results: list[np.ndarray] = field(default_factory=list)
+    added: int = 0
+    #: ``(start, stop)`` of tiles added but not wanted (a slide that failed half-way).
+    dropped: list[tuple[int, int]] = field(default_factory=list)
 
     def add(self, tiles: np.ndarray) -> None:
+        self.added += len(tiles)
         self.pending.append(tiles)
         self.n_pending += len(tiles)
         while self.n_pending >= self.batch_size:
@@ -203,11 +220,16 @@ class _Batcher:
             self.pending, self.n_pending = [], 0
         if not self.results:
             return np.zeros((0, 0))
-        return np.concatenate(self.results)
+        return self._kept(np.concatenate(self.results))
 
     def finish_tta(self) -> np.ndarray:
         """The test-time-augmented probabilities (after :meth:`finish`)."""
-        return np.concatenate(self.tta_results) if self.tta_results else np.zeros((0, 0))
+        return (self._kept(np.concatenate(self.tta_results)) if self.tta_results
+                else np.zeros((0, 0)))
+
+    def _kept(self, prob: np.ndarray) -> np.ndarray:
+        drop = [i for start, stop in self.dropped for i in range(start, stop)]
+        return np.delete(prob, drop, axis=0) if drop else prob
 
     def _run(self, batch: np.ndarray, keep: int | None = None) -> None:
         prob = np.asarray(self.model.predict_on_batch(batch.astype(np.float32)), np.float64)
@@ -227,6 +249,7 @@ def predict_files(
     model: Any,
     params: PredictParams,
     progress: Callable[[int], Any] | None = None,
+    tile_progress: Callable[[str, int], Callable[[int], Any]] = TileProgress,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Classifies image files; returns ``(predictions, tile_predictions)``.
 
@@ -234,7 +257,10 @@ def predict_files(
     one row per file, in order: ``file, predicted, prob_<class>..., n_tiles, low_confidence,
     mostly_background, rejected, reason, width, height, model``. ``tile_predictions`` has one
     row per tile used: ``file, x, y, tissue_fraction, prob_<class>...``. ``progress(1)`` is
-    called after each file.
+    called after each file. Slides (:mod:`neuroblastoma_cnn.slides`) are streamed to the model
+    a chunk of tiles at a time, with ``tile_progress(file, n_tiles)`` called on each chunk's
+    size; with a slide among the files, tiles also get ``level, tile_px, mpp`` and predictions
+    ``share_<class>``.
     """
     preprocessing = preprocessing_of(model)
     settings = params
@@ -245,13 +271,13 @@ def predict_files(
     outcomes: list[PreparedImage | Rejection] = []
     tile_meta: dict[str, list[Any]] = {"file": [], "x": [], "y": [], "tissue_fraction": []}
     started = time.perf_counter()
-    for outcome in _prepared_in_order(files, preprocessing, settings):
-        if isinstance(outcome, PreparedImage):
+    for prepared in _prepared_in_order(files, preprocessing, settings):
+        outcome = prepared
+        if isinstance(prepared, SlideTiles):
+            outcome = _stream_slide(prepared, batcher, tile_meta, tile_progress)
+        elif isinstance(outcome, PreparedImage):
             batcher.add(outcome.tiles)
-            tile_meta["file"].extend([outcome.file] * len(outcome.positions))
-            tile_meta["x"].extend(x for x, _ in outcome.positions)
-            tile_meta["y"].extend(y for _, y in outcome.positions)
-            tile_meta["tissue_fraction"].extend(round(f, 4) for f in outcome.fractions)
+            _add_tile_rows(tile_meta, outcome.file, outcome.positions, outcome.fractions)
             outcome.tiles = outcome.tiles[:0]  # pixels no longer needed
         outcomes.append(outcome)
         if progress is not None:
@@ -272,6 +298,8 @@ def predict_files(
     )
     rows = [_prediction_row(o, images, classes, settings, source) for o in outcomes]
     predictions = pd.DataFrame(rows, columns=prediction_columns(classes))
+    if "level" in tiles.columns:
+        add_shares(predictions, tiles, classes)
     if settings.tta:
         _add_tta_columns(predictions, tiles, classes)
     for column in FLAG_COLUMNS:
@@ -280,6 +308,45 @@ def predict_files(
         predictions[column] = predictions[column].astype("Int64")
     _log_summary(predictions, len(tiles), time.perf_counter() - started, source)
     return predictions, tiles
+
+
+SLIDE_TILE_COLUMNS = ("level", "tile_px", "mpp")
+
+
+def _add_tile_rows(tile_meta: dict[str, list[Any]], file: str,
+                   positions: Sequence[tuple[int, int]], fractions: Sequence[float],
+                   **slide: Any) -> None:
+    """One row per tile; slide columns appear with the first slide (crops' cells empty)."""
+    tile_meta["file"].extend([file] * len(positions))
+    tile_meta["x"].extend(x for x, _ in positions)
+    tile_meta["y"].extend(y for _, y in positions)
+    tile_meta["tissue_fraction"].extend(round(f, 4) for f in fractions)
+    for column in SLIDE_TILE_COLUMNS if slide else ():
+        tile_meta.setdefault(column, [None] * (len(tile_meta["file"]) - len(positions)))
+    for column in SLIDE_TILE_COLUMNS:
+        if column in tile_meta:
+            value = slide.get(column)
+            tile_meta[column].extend([value] * (len(tile_meta["file"]) - len(tile_meta[column])))
+
+
+def _stream_slide(plan: SlideTiles, batcher: _Batcher, tile_meta: dict[str, list[Any]],
+                  tile_progress: Callable[[str, int], Callable[[int], Any]]
+                  ) -> PreparedImage | Rejection:
+    """Feeds one slide's tiles to the model chunk by chunk; its row, with no pixels kept. A
+    slide that cannot be read to the end is rejected and its tiles already predicted dropped."""
+    advance = tile_progress(plan.file, len(plan.positions))
+    start = batcher.added
+    try:
+        for chunk in plan.chunks():
+            batcher.add(chunk)
+            advance(len(chunk))
+    except ImageRejected as exc:
+        batcher.dropped.append((start, batcher.added))
+        return Rejection(plan.file, exc.reason)
+    _add_tile_rows(tile_meta, plan.file, plan.positions, plan.fractions, level=plan.level,
+                   tile_px=plan.tile_px, mpp=plan.mpp)
+    return PreparedImage(plan.file, np.zeros((0, 1, 1, 3), np.uint8), plan.positions,
+                         plan.fractions, plan.mostly_background, plan.width, plan.height)
 
 
 def _prediction_row(
@@ -359,11 +426,13 @@ def gradcam_overlays(
     model: Any,
     predictions: pd.DataFrame,
     params: PredictParams,
+    tiles: pd.DataFrame | None = None,
 ) -> dict[str, Callable[[], Any]]:
     """``{file: callable}`` drawing each predicted image with the Grad-CAM heatmap of its
     predicted class (a PIL image); each callable decodes its image only when called (lazy
     saving), and returns None (logged) if the image cannot be drawn. Empty when ``gradcam`` is
-    off. Save each picture as :func:`overlay_name` of its file."""
+    off. Save each picture as :func:`overlay_name` of its file. A slide gets the gallery of
+    its most confident tiles (from ``tiles``, the tile predictions) instead of a whole overlay."""
     settings = params
     if not settings.gradcam:
         logger.info("Grad-CAM overlays off (predict.gradcam: false)")
@@ -381,10 +450,41 @@ def gradcam_overlays(
     for row in predictions[~predictions["rejected"].astype(bool)].to_dict("records"):
         if row["file"] not in paths:
             raise DataError(f"'{row['file']}' is in the predictions but not among the files.")
-        jobs[row["file"]] = partial(
-            _draw_overlay, paths[row["file"]], row, cam, preprocessing, settings
-        )
+        path = paths[row["file"]]
+        if is_slide(path):
+            if tiles is not None:
+                plain = cam._cam if isinstance(cam, _StainedCam) else cam  # tiles normalised
+                jobs[row["file"]] = partial(draw_gallery, path, row, _tiles_of(tiles, row),
+                                            plain, preprocessing, settings)
+            continue
+        jobs[row["file"]] = partial(_draw_overlay, path, row, cam, preprocessing, settings)
     return jobs
+
+
+def _tiles_of(tiles: pd.DataFrame, row: Mapping[str, Any]) -> pd.DataFrame:
+    return tiles[tiles["file"].astype(str) == str(row["file"])]
+
+
+def slide_heatmaps(
+    files: Iterable[tuple[str, Path]], model: Any, predictions: pd.DataFrame,
+    tiles: pd.DataFrame, params: PredictParams,
+) -> dict[str, Callable[[], Any]]:
+    """``{file: callable}`` drawing each predicted slide's class heatmaps (a PIL image, or
+    None if it cannot be drawn); crops get none. Save as :func:`heatmap_name` of the file."""
+    classes = list(preprocessing_of(model).classes)
+    paths = dict(files)
+    jobs: dict[str, Callable[[], Any]] = {}
+    for row in predictions[~predictions["rejected"].astype(bool)].to_dict("records"):
+        path = paths.get(row["file"])
+        if path is not None and is_slide(path):
+            jobs[row["file"]] = partial(draw_heatmap, path, row, _tiles_of(tiles, row),
+                                        classes, params)
+    return jobs
+
+
+def heatmap_name(file: str) -> str:
+    """``a/b.svs`` -> ``a/b.svs.heatmap.png``."""
+    return overlay_name(file)[: -len(OVERLAY_SUFFIX)] + HEATMAP_SUFFIX + OVERLAY_SUFFIX
 
 
 class _StainedCam:
@@ -498,11 +598,22 @@ def predict_images(
 
 
 def draw_gradcam_overlays(
-    images_dir: Path, model: Any, predictions: pd.DataFrame, params: PredictParams
+    images_dir: Path, model: Any, predictions: pd.DataFrame, tiles: pd.DataFrame,
+    params: PredictParams,
 ) -> dict[str, Callable[[], Any]]:
-    """Grad-CAM overlays of the prediction folder's images, named ``<file>.png`` there."""
-    jobs = gradcam_overlays(list_image_files(images_dir), model, predictions, params)
+    """Grad-CAM overlays of the prediction folder's images (a slide's: its gallery of most
+    confident tiles), named ``<file>.png`` there."""
+    jobs = gradcam_overlays(list_image_files(images_dir), model, predictions, params, tiles)
     return {overlay_name(file): draw for file, draw in jobs.items()}
+
+
+def draw_slide_heatmaps(
+    images_dir: Path, model: Any, predictions: pd.DataFrame, tiles: pd.DataFrame,
+    params: PredictParams,
+) -> dict[str, Callable[[], Any]]:
+    """Class heatmaps of the prediction folder's slides, named ``<file>.heatmap.png``."""
+    jobs = slide_heatmaps(list_image_files(images_dir), model, predictions, tiles, params)
+    return {heatmap_name(file): draw for file, draw in jobs.items()}
 
 
 class _LogProgress:

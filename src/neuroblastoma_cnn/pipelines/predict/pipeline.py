@@ -6,7 +6,12 @@ from typing import Any
 
 from kedro.pipeline import Node, Pipeline
 
-from .nodes import draw_gradcam_overlays, predict_images, select_prediction_model
+from .nodes import (
+    draw_gradcam_overlays,
+    draw_slide_heatmaps,
+    predict_images,
+    select_prediction_model,
+)
 
 
 def create_pipeline(**kwargs: Any) -> Pipeline:
@@ -28,9 +33,17 @@ def create_pipeline(**kwargs: Any) -> Pipeline:
             ),
             Node(
                 draw_gradcam_overlays,
-                inputs=["images_to_predict", "prediction_model", "predictions", "params:predict"],
+                inputs=["images_to_predict", "prediction_model", "predictions",
+                        "predicted_tiles", "params:predict"],
                 outputs="gradcam_overlays",
                 name="draw_gradcam_overlays",
+            ),
+            Node(
+                draw_slide_heatmaps,
+                inputs=["images_to_predict", "prediction_model", "predictions",
+                        "predicted_tiles", "params:predict"],
+                outputs="slide_heatmaps",
+                name="draw_slide_heatmaps",
             ),
         ],
         tags="predict",

@@ -1,0 +1,97 @@
+"""Small whole-slide images for tests and benchmarks, written with tifffile (no download).
+
+A slide here is a pyramidal tiled TIFF (level 0 plus SubIFD levels at 1/2, 1/4 ...), with a
+resolution tag unless ``mpp`` is None. Tissue comes from BACH images (their licence: written to
+temporary folders only); the white margin around them is background.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+BACH_DIR = Path(os.environ.get("BACH_DIR", Path(__file__).resolve().parents[2] / "shared" /
+                               "data" / "bach"))
+
+
+def bach_image(label: str, index: int = 0, downscale: int = 8) -> np.ndarray:
+    """One BACH image of class ``label`` (sorted file order), downscaled (JPEG draft: fast)."""
+    files = sorted((BACH_DIR / "images" / label).glob("*.jpg"))
+    with Image.open(files[index]) as image:
+        size = (image.width // downscale, image.height // downscale)
+        image.draft("RGB", size)
+        return np.asarray(image.convert("RGB").resize(size, Image.Resampling.BILINEAR))
+
+
+def side_by_side(images: list[np.ndarray], margin: int = 0) -> np.ndarray:
+    """Images in a row on a white canvas, ``margin`` white pixels around each."""
+    height = max(i.shape[0] for i in images) + 2 * margin
+    width = sum(i.shape[1] + 2 * margin for i in images)
+    canvas = np.full((height, width, 3), 255, np.uint8)
+    left = 0
+    for image in images:
+        canvas[margin:margin + image.shape[0], left + margin:left + margin + image.shape[1]] = image
+        left += image.shape[1] + 2 * margin
+    return canvas
+
+
+def write_slide(path: Path, rgb: np.ndarray, mpp: float | None = 0.5, levels: int = 3,
+                tile: int = 64, compression: str | None = "zlib") -> Path:
+    """Writes ``rgb`` as a pyramidal tiled TIFF: level 0 and ``levels - 1`` halvings."""
+    import tifffile  # noqa: PLC0415
+
+    pyramid = [rgb]
+    for _ in range(levels - 1):
+        last = pyramid[-1]
+        pyramid.append(np.asarray(Image.fromarray(last).reduce(2)))
+    options = {"tile": (tile, tile), "photometric": "rgb", "compression": compression}
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        for i, level in enumerate(pyramid):
+            extra = ({"resolution": (1e4 / (mpp * 2**i),) * 2, "resolutionunit": "CENTIMETER"}
+                     if mpp is not None else {})
+            if i == 0:
+                tif.write(level, subifds=levels - 1, **options, **extra)
+            else:
+                tif.write(level, subfiletype=1, **options, **extra)
+    return path
+
+
+def write_large_slide(path: Path, sources: list[np.ndarray], width: int, height: int,
+                      mpp: float = 0.25, downsamples: tuple[int, ...] = (1, 4, 16, 64),
+                      tile: int = 512) -> Path:
+    """A ``width x height`` slide tiling ``sources`` (images of one size) in a checkerboard
+    cycle, written tile by tile (JPEG), each level from sources downscaled by its factor, so
+    writing it never holds more than one tile of any level."""
+    import tifffile  # noqa: PLC0415
+
+    src_h, src_w = sources[0].shape[:2]
+
+    def tiles(down: int) -> Iterator[np.ndarray]:
+        small = [np.asarray(Image.fromarray(s).resize((src_w // down, src_h // down),
+                                                      Image.Resampling.BILINEAR))
+                 for s in sources]
+        sh, sw = small[0].shape[:2]
+        stack = np.stack(small)
+        level_w, level_h = width // down, height // down
+        for top in range(0, level_h, tile):
+            for left in range(0, level_w, tile):
+                out = np.full((tile, tile, 3), 255, np.uint8)
+                ys = np.arange(top, min(top + tile, level_h))
+                xs = np.arange(left, min(left + tile, level_w))
+                which = ((ys[:, None] // sh) + (xs[None, :] // sw)) % len(small)
+                out[: len(ys), : len(xs)] = stack[which, (ys % sh)[:, None], (xs % sw)[None, :]]
+                yield out
+
+    options = {"tile": (tile, tile), "photometric": "rgb", "compression": "jpeg",
+               "dtype": np.uint8, "resolutionunit": "CENTIMETER"}
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        for i, down in enumerate(downsamples):
+            shape = (height // down, width // down, 3)
+            extra = {"subifds": len(downsamples) - 1} if i == 0 else {"subfiletype": 1}
+            tif.write(tiles(down), shape=shape, resolution=(1e4 / (mpp * down),) * 2,
+                      **options, **extra)
+    return path
