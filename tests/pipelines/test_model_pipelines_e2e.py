@@ -76,6 +76,11 @@ def test_train_pipeline_logs_an_evaluated_model(kedro_project: Path, run_kedro, 
     assert len(run.data.tags["manifest_sha256"]) == 64
     assert run.data.tags["tiles_version"] == tiles.path.parent.name
     assert run.data.metrics[f"{model_name}.test_f1_macro"] == pytest.approx(metrics["f1_macro"])
+    # Calibration: T fitted on the validation images, reported only (temperature_scaling off).
+    assert metrics["calibration"]["temperature"] > 0 and not metrics["calibration"]["applied"]
+    assert model.preprocessing.temperature is None
+    for key in ("ece_before", "ece_after", "validation_ece_before", "temperature"):
+        assert f"{model_name}.test_calibration.{key}" in run.data.metrics
     client = mlflow.MlflowClient()
     history = client.get_metric_history(run.info.run_id, f"{model_name}.val_macro_f1")
     epochs = 2 if model_name == "resnet34" else 3  # resnet50: 2 head + 1 fine-tune epoch
@@ -83,8 +88,15 @@ def test_train_pipeline_logs_an_evaluated_model(kedro_project: Path, run_kedro, 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, model_name)}
     for name in ("confusion_matrix.png", "confusion_matrix.csv", "classification_report.csv",
                  "training_curves.png", "roc_curves.png", "test_metrics.json",
-                 "misclassified_gallery.png", "training_input.png"):
+                 "misclassified_gallery.png", "training_input.png", "calibration.json",
+                 "validation_reliability.png", "test_reliability.png", "model_card.md",
+                 "model_card.html"):
         assert f"{model_name}/{name}" in artifacts, f"{name} missing from {sorted(artifacts)}"
+
+    card = _latest(kedro_project / f"data/08_reporting/{model_name}/model_card.md").read_text()
+    assert card.startswith(f"# Model card: {model_name}")
+    assert f"kedro run --pipeline=train_{model_name} --env=tiny" in card
+    assert "Research use only, not for diagnosis" in card and "ECE before" in card
 
     data_artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "data")}
     assert {"data/split_summary.csv", "data/augmentation_grid.png"} <= data_artifacts
