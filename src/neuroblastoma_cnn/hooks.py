@@ -21,9 +21,9 @@ from kedro.framework.hooks import hook_impl
 from kedro.framework.project import pipelines
 from kedro.io.core import AbstractVersionedDataset
 
-from neuroblastoma_cnn import error_display, lineage, preflight, privacy, promotion
+from neuroblastoma_cnn import error_display, lineage, preflight, privacy, promotion, registry
 from neuroblastoma_cnn.datasets.image_folder import ImageFolderDataset
-from neuroblastoma_cnn.datasets.keras_model import KerasModelDataset
+from neuroblastoma_cnn.datasets.keras_model import KerasModelDataset, local_copy, read_record
 from neuroblastoma_cnn.errors import DataError, ModelError
 from neuroblastoma_cnn.params import GROUPS, validate_parameters
 
@@ -189,8 +189,13 @@ class RunContextHook:
     @hook_impl(tryfirst=True)
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any,
                             catalog: Any) -> None:
-        if "run_context" in pipeline.inputs():
-            catalog["run_context"] = run_context(run_params, self._project_path)
+        if "run_context" not in pipeline.inputs():
+            return
+        context = run_context(run_params, self._project_path)
+        if "run_context" in catalog:  # the declared MemoryDataset: filled, not replaced
+            catalog.get("run_context").save(context)
+        else:
+            catalog["run_context"] = context
 
 
 def project_sqlite_uri(uri: Any, project_path: Path) -> Any:
@@ -465,6 +470,8 @@ class ModelPromotionHook:
     - once every output of the model's namespace in this run is saved, and at least one of its
       nodes is an evaluation node: ``promotion.json: promoted``, the model logged to MLflow
       (named after its architecture), tags ``<model>.model_version`` and ``<model>.model_uri``;
+      registered as a version of ``<experiment>-<architecture>`` with its key test metrics as
+      tags, ``champion`` moved to it when the rules allow (see ``registry``);
     - on a failed run: ``promotion.json: failed`` with the reason, for each model saved but
       not promoted.
     """
@@ -476,13 +483,14 @@ class ModelPromotionHook:
         self._saved: set[str] = set()  # namespaces whose model this run saved
         self._epochs: dict[str, int] = {}
         self._untrained: dict[str, list[str]] = {}
+        self._test_metrics: dict[str, dict[str, Any]] = {}
 
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any,
                             catalog: Any) -> None:
         self._catalog = catalog
         self._models, self._pending, self._saved = {}, {}, set()
-        self._epochs, self._untrained = {}, {}
+        self._epochs, self._untrained, self._test_metrics = {}, {}, {}
         for name, dataset in _datasets(catalog, pipeline.all_outputs()).items():
             if not (isinstance(dataset, KerasModelDataset) and dataset.promotion):
                 continue
@@ -506,6 +514,9 @@ class ModelPromotionHook:
         history = outputs.get(f"{namespace}.training_history")
         if history is not None:  # the training node (its model is saved after calibration)
             self._check_training(namespace, history)
+        metrics = outputs.get(f"{namespace}.test_metrics")
+        if isinstance(metrics, dict):
+            self._test_metrics[namespace] = metrics
         predictions = outputs.get(f"{namespace}.image_predictions")
         if predictions is not None:
             reason = promotion.single_class_reason(predictions)
@@ -558,6 +569,28 @@ class ModelPromotionHook:
         logger.info("Promoted %s version %s%s", name, version,
                     f" (MLflow model {uri})" if uri else "")
         self._saved.discard(namespace)
+        if uri:
+            self._register(namespace, dataset, uri)
+
+    def _register(self, namespace: str, dataset: KerasModelDataset, uri: str) -> None:
+        """The promoted model as a registry version; ``champion`` if the rules allow. A store
+        without a registry (some tracking servers) leaves a WARNING, not a failed run."""
+        run = mlflow.active_run()
+        if run is None:
+            return
+        try:
+            with local_copy(dataset.saved_path()) as local:
+                architecture = read_record(local).get("architecture") or namespace
+            experiment = mlflow.get_experiment(run.info.experiment_id).name
+            name = registry.registered_name(experiment, architecture)
+            version, _ = registry.register_version(
+                uri, name, self._test_metrics.get(namespace),
+                allowed=not self._untrained.get(namespace), run_id=run.info.run_id)
+        except Exception as exc:  # MlflowException, OSError: the model stays promoted
+            logger.warning("%s was promoted but not registered in the MLflow Model Registry: "
+                           "%s", namespace, exc)
+            return
+        MlflowRunTagsHook._set_tag(f"{namespace}.registered_model", f"models:/{name}/{version}")
 
     @hook_impl(tryfirst=True)
     def on_pipeline_error(self, error: Exception) -> None:

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pandas as pd
 from _params import params, store_metadata
+from kedro.io import DataCatalog, MemoryDataset
+from kedro.pipeline import Node, Pipeline
 
-from neuroblastoma_cnn.hooks import kedro_command, run_context
+from neuroblastoma_cnn.hooks import RunContextHook, kedro_command, run_context
 from neuroblastoma_cnn.pipelines.evaluation.model_card import (
     build_model_card,
     kept_epoch,
@@ -78,3 +80,13 @@ def test_command_is_rebuilt_from_the_session_run_parameters(tmp_path: Path):
         "--params=resnet34.training.epochs=3,evaluation.temperature_scaling=True")
     context = run_context(run_params, tmp_path)  # not a git checkout
     assert context["git_commit"] == "unknown" and context["session_id"] == "s1"
+
+
+def test_the_hook_fills_the_declared_run_context_without_replacing_it(tmp_path: Path, caplog):
+    catalog = DataCatalog({"run_context": MemoryDataset()})
+    pipeline = Pipeline([Node(lambda c: c, "run_context", "out", name="card")])
+    hook = RunContextHook()
+    hook._project_path = tmp_path
+    hook.before_pipeline_run({"pipeline_names": ["resnet34"], "run_id": "s2"}, pipeline, catalog)
+    assert catalog.load("run_context")["command"] == "kedro run --pipeline=resnet34"
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
