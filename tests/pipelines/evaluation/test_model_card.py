@@ -52,6 +52,7 @@ def test_card_says_what_how_how_well_and_how_to_reproduce():
     assert "| Benign | 20 / 5 | 4 / 1 | 8 / 2 |" in card  # images / groups per split
     assert "512 px tiles every 512 px" in card and "224 x 224 RGB" in card
     assert "stain normalisation | none" in card
+    assert "| architecture | resnet34 (from scratch) |" in card
     assert "adamw, lr 0.001" in card and "| epochs (maximum / run) | 50 / 3 |" in card
     assert "| kept epoch | 2 (best val_image_macro_f1) |" in card
     assert "Macro-F1 **0.812** (95% interval 0.610-0.950, 1000 resamples of patient groups)" \

@@ -95,7 +95,9 @@ def _training_section(model: ModelParams, training: TrainingParams,
                       history: pd.DataFrame) -> list[str]:
     schedule = training.schedule.type if training.schedule is not None else "constant"
     rows = [
-        ["architecture", model.architecture + (" (ImageNet transfer)" if model.transfer else "")],
+        ["architecture", model.architecture + (
+            f" (transfer from weights: {getattr(model.root, 'weights', None) or 'random'})"
+            if model.transfer else " (from scratch)")],
         ["optimizer", f"{training.optimizer}, lr {training.learning_rate:g}, weight decay "
          f"{training.weight_decay:g}, schedule {schedule}"],
         ["batch size / sampling", f"{training.batch_size} / {training.sampling}"],
