@@ -8,7 +8,9 @@ import contextlib
 import hashlib
 import logging
 import os
+import shlex
 import subprocess
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +21,9 @@ from kedro.framework.hooks import hook_impl
 from kedro.framework.project import pipelines
 from kedro.io.core import AbstractVersionedDataset
 
-from neuroblastoma_cnn import error_display, lineage, preflight, privacy, promotion
+from neuroblastoma_cnn import error_display, lineage, preflight, privacy, promotion, registry
 from neuroblastoma_cnn.datasets.image_folder import ImageFolderDataset
-from neuroblastoma_cnn.datasets.keras_model import KerasModelDataset
+from neuroblastoma_cnn.datasets.keras_model import KerasModelDataset, local_copy, read_record
 from neuroblastoma_cnn.errors import DataError, ModelError
 from neuroblastoma_cnn.params import GROUPS, validate_parameters
 
@@ -128,6 +130,72 @@ def model_tags(source: str) -> dict[str, str]:
         if status.get("mlflow_model_uri"):
             tags["model_uri"] = status["mlflow_model_uri"]
     return tags
+
+
+#: ``kedro run`` options rebuilt from Kedro's run parameters, in the CLI's own spelling.
+_RUN_OPTIONS = (("env", "--env"), ("tags", "--tags"), ("node_names", "--nodes"),
+                ("from_nodes", "--from-nodes"), ("to_nodes", "--to-nodes"),
+                ("from_inputs", "--from-inputs"), ("to_outputs", "--to-outputs"),
+                ("namespaces", "--namespaces"))
+
+
+def _flat_params(values: Any, prefix: str = "") -> list[str]:
+    """``{"a": {"b": 1}}`` -> ``["a.b=1"]``: the ``--params`` syntax (dotted keys)."""
+    if not isinstance(values, dict):
+        return [f"{prefix}={values}"]
+    out = []
+    for key, value in values.items():
+        out += _flat_params(value, f"{prefix}.{key}" if prefix else str(key))
+    return out
+
+
+def kedro_command(run_params: dict[str, Any]) -> str:
+    """The ``kedro run`` command line that repeats a run, from its session's run parameters."""
+    parts = ["kedro", "run", f"--pipeline={','.join(run_params.get('pipeline_names') or [])}"
+             if run_params.get("pipeline_names") else ""]
+    for key, option in _RUN_OPTIONS:
+        value = run_params.get(key)
+        if value and key == "env":
+            parts.append(f"{option}={value}")
+        elif value:
+            parts.append(f"{option}={','.join(map(str, value))}")
+    if run_params.get("load_versions"):
+        parts.append("--load-versions=" + ",".join(
+            f"{k}:{v}" for k, v in run_params["load_versions"].items()))
+    if run_params.get("runtime_params"):
+        parts.append("--params=" + ",".join(_flat_params(run_params["runtime_params"])))
+    return " ".join(shlex.quote(p) if p not in ("kedro", "run") else p for p in parts if p)
+
+
+def run_context(run_params: dict[str, Any], project_path: Path) -> dict[str, Any]:
+    """What a model card says about its run: command, git commit, session, start time."""
+    return {"command": kedro_command(run_params), "git_commit": git_commit(project_path),
+            "session_id": run_params.get("run_id") or run_params.get("session_id"),
+            "kedro_version": run_params.get("kedro_version"),
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+class RunContextHook:
+    """Hands the run's nodes ``run_context`` (see :func:`run_context`): nodes stay pure and
+    know nothing of Kedro's session, yet the model card can say how to reproduce the run."""
+
+    def __init__(self) -> None:
+        self._project_path = Path.cwd()
+
+    @hook_impl
+    def after_context_created(self, context: Any) -> None:
+        self._project_path = Path(context.project_path)
+
+    @hook_impl(tryfirst=True)
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any,
+                            catalog: Any) -> None:
+        if "run_context" not in pipeline.inputs():
+            return
+        context = run_context(run_params, self._project_path)
+        if "run_context" in catalog:  # the declared MemoryDataset: filled, not replaced
+            catalog.get("run_context").save(context)
+        else:
+            catalog["run_context"] = context
 
 
 def project_sqlite_uri(uri: Any, project_path: Path) -> Any:
@@ -402,6 +470,8 @@ class ModelPromotionHook:
     - once every output of the model's namespace in this run is saved, and at least one of its
       nodes is an evaluation node: ``promotion.json: promoted``, the model logged to MLflow
       (named after its architecture), tags ``<model>.model_version`` and ``<model>.model_uri``;
+      registered as a version of ``<experiment>-<architecture>`` with its key test metrics as
+      tags, ``champion`` moved to it when the rules allow (see ``registry``);
     - on a failed run: ``promotion.json: failed`` with the reason, for each model saved but
       not promoted.
     """
@@ -413,13 +483,14 @@ class ModelPromotionHook:
         self._saved: set[str] = set()  # namespaces whose model this run saved
         self._epochs: dict[str, int] = {}
         self._untrained: dict[str, list[str]] = {}
+        self._test_metrics: dict[str, dict[str, Any]] = {}
 
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any,
                             catalog: Any) -> None:
         self._catalog = catalog
         self._models, self._pending, self._saved = {}, {}, set()
-        self._epochs, self._untrained = {}, {}
+        self._epochs, self._untrained, self._test_metrics = {}, {}, {}
         for name, dataset in _datasets(catalog, pipeline.all_outputs()).items():
             if not (isinstance(dataset, KerasModelDataset) and dataset.promotion):
                 continue
@@ -441,8 +512,11 @@ class ModelPromotionHook:
         if model_name is None:
             return
         history = outputs.get(f"{namespace}.training_history")
-        if model_name in outputs and history is not None:
+        if history is not None:  # the training node (its model is saved after calibration)
             self._check_training(namespace, history)
+        metrics = outputs.get(f"{namespace}.test_metrics")
+        if isinstance(metrics, dict):
+            self._test_metrics[namespace] = metrics
         predictions = outputs.get(f"{namespace}.image_predictions")
         if predictions is not None:
             reason = promotion.single_class_reason(predictions)
@@ -495,6 +569,28 @@ class ModelPromotionHook:
         logger.info("Promoted %s version %s%s", name, version,
                     f" (MLflow model {uri})" if uri else "")
         self._saved.discard(namespace)
+        if uri:
+            self._register(namespace, dataset, uri)
+
+    def _register(self, namespace: str, dataset: KerasModelDataset, uri: str) -> None:
+        """The promoted model as a registry version; ``champion`` if the rules allow. A store
+        without a registry (some tracking servers) leaves a WARNING, not a failed run."""
+        run = mlflow.active_run()
+        if run is None:
+            return
+        try:
+            with local_copy(dataset.saved_path()) as local:
+                architecture = read_record(local).get("architecture") or namespace
+            experiment = mlflow.get_experiment(run.info.experiment_id).name
+            name = registry.registered_name(experiment, architecture)
+            version, _ = registry.register_version(
+                uri, name, self._test_metrics.get(namespace),
+                allowed=not self._untrained.get(namespace), run_id=run.info.run_id)
+        except Exception as exc:  # MlflowException, OSError: the model stays promoted
+            logger.warning("%s was promoted but not registered in the MLflow Model Registry: "
+                           "%s", namespace, exc)
+            return
+        MlflowRunTagsHook._set_tag(f"{namespace}.registered_model", f"models:/{name}/{version}")
 
     @hook_impl(tryfirst=True)
     def on_pipeline_error(self, error: Exception) -> None:

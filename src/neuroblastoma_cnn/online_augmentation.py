@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from neuroblastoma_cnn.errors import ParameterError
+from neuroblastoma_cnn.predictions import model_probabilities
 from neuroblastoma_cnn.stain import HED_FROM_RGB, RGB_FROM_HED
 
 logger = logging.getLogger(__name__)
@@ -320,7 +321,7 @@ def tta_probabilities(model: Any, dataset: Any) -> np.ndarray:
     for k in range(count):
         variant = images.map(lambda x, k=k: dihedral(x, k), num_parallel_calls=tf.data.AUTOTUNE,
                              deterministic=True)
-        prob = np.asarray(model.predict(variant, verbose=0), dtype=np.float64)
+        prob = model_probabilities(model, model.predict(variant, verbose=0))
         total = prob if total is None else total + prob
     return total / count
 

@@ -349,6 +349,9 @@ class EvaluationParams(Params):
     misclassified_per_class: PositiveInt
     #: Also predict with test-time augmentation (mean over the 8 symmetries), reported beside.
     tta: bool
+    #: Store the temperature fitted on the validation images in the model's record, so every
+    #: later prediction of the model is scaled by it (false: fitted and reported only).
+    temperature_scaling: bool
 
 
 class PredictParams(Params):

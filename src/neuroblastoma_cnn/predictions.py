@@ -9,14 +9,28 @@ tiles'.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
+import numpy as np
 import pandas as pd
 
+from neuroblastoma_cnn.calibration import apply_temperature
 from neuroblastoma_cnn.errors import DataError
 
 PROB_PREFIX = "prob_"
 #: Boolean flags of a prediction row.
 FLAG_COLUMNS = ["low_confidence", "mostly_background", "rejected"]
+
+
+def model_probabilities(model: Any, output: Any) -> np.ndarray:
+    """The probabilities a model reports for its raw softmax ``output``: float64, with the
+    temperature of its preprocessing record applied (``softmax(log p / T)``; none: as is).
+
+    The one place where a model's outputs become its probabilities: evaluation, test-time
+    augmentation and prediction (pipeline and command line) all pass through here.
+    """
+    record = getattr(model, "preprocessing", None)
+    return apply_temperature(output, getattr(record, "temperature", None))
 
 
 def probability_column(class_name: str) -> str:

@@ -57,14 +57,28 @@ class Preprocessing(BaseModel):
     resize_filter: str = RESIZE_FILTER.name.lower()
     #: Optional extras a later stage may record (e.g. a stain-normalisation reference).
     stain_reference: dict[str, Any] | None = None
+    #: Temperature fitted on the validation images (``evaluation.temperature_scaling``): every
+    #: probability the model outputs is reported as ``softmax(log p / T)``; None = as output.
+    #: Records written before calibration existed have none and read as None.
+    temperature: Annotated[float, Field(gt=0.0)] | None = None
 
     @property
     def input_size(self) -> int:
         return self.tiling.input_size
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON types, each value once; what is written inside the model file."""
-        return {"record_version": RECORD_VERSION, **self.model_dump(mode="json")}
+        """Plain JSON types, each value once; what is written inside the model file. A record
+        without a temperature is written as before temperatures existed (same bytes, so the
+        hash a feature head keeps of its extractor's record is unchanged)."""
+        values = self.model_dump(mode="json")
+        if values["temperature"] is None:
+            del values["temperature"]
+        return {"record_version": RECORD_VERSION, **values}
+
+    def with_temperature(self, temperature: float | None) -> Preprocessing:
+        """The same record with ``temperature`` (None: none)."""
+        return self.model_copy(update={"temperature": None if temperature is None
+                                       else float(temperature)})
 
     # ``dict(record)`` gives :meth:`to_dict`: code that stores a model's record as a plain
     # mapping (the ``.keras`` zip, MLflow metadata) keeps working with the typed record.

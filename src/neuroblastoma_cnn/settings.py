@@ -9,6 +9,7 @@ from neuroblastoma_cnn.hooks import (
     OneLineErrorsHook,
     PreflightHook,
     ProjectMlflowStoreHook,
+    RunContextHook,
 )
 from neuroblastoma_cnn.params import TypedParamsMlflowHook
 from neuroblastoma_cnn.privacy import PrivacyHook
@@ -24,6 +25,7 @@ HOOKS = (
     TypedParamsMlflowHook(),  # kedro-mlflow logs typed parameter groups as plain values
     QuietRunHook(),
     PrivacyHook(),            # patient ids pseudonymised in whatever reaches MLflow
+    RunContextHook(),         # how the run was started, for the model card
 )
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader

@@ -38,6 +38,31 @@ def _finished_run(project: Path, run_name: str) -> mlflow.entities.Run:
     return runs[0]
 
 
+def _check_calibration_card_registry(project: Path, model_name: str, model, metrics: dict,
+                                     run: mlflow.entities.Run) -> None:
+    """Issue 21: calibration reported, the model card written, the model registered."""
+    client = mlflow.MlflowClient()
+    # Calibration: T fitted on the validation images, reported only (temperature_scaling off).
+    assert metrics["calibration"]["temperature"] > 0 and not metrics["calibration"]["applied"]
+    assert model.preprocessing.temperature is None
+    for key in ("ece_before", "ece_after", "validation_ece_before", "temperature"):
+        assert f"{model_name}.test_calibration.{key}" in run.data.metrics
+    card = _latest(project / f"data/08_reporting/{model_name}/model_card.md").read_text()
+    assert card.startswith(f"# Model card: {model_name}")
+    assert f"kedro run --pipeline=train_{model_name} --env=tiny" in card
+    assert "Research use only, not for diagnosis" in card and "ECE before" in card
+
+    # Model Registry: the promoted model is a version of <experiment>-<architecture>, tagged
+    # with the test metrics; champion (first version) unless the run flagged it untrained.
+    name = f"neuroblastoma_cnn_tiny-{model_name}"
+    registered = run.data.tags[f"{model_name}.registered_model"]
+    assert registered == f"models:/{name}/1"
+    version = client.get_model_version(name, "1")
+    assert float(version.tags["test_f1_macro"]) == pytest.approx(metrics["f1_macro"], rel=1e-5)
+    untrained = f"{model_name}.untrained" in run.data.tags
+    assert version.tags["champion_at_registration"] == ("no" if untrained else "yes")
+
+
 @pytest.mark.parametrize("model_name", ["resnet34", "resnet50"])
 def test_train_pipeline_logs_an_evaluated_model(kedro_project: Path, run_kedro, model_name: str):
     run_kedro(f"train_{model_name}")
@@ -83,8 +108,12 @@ def test_train_pipeline_logs_an_evaluated_model(kedro_project: Path, run_kedro, 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, model_name)}
     for name in ("confusion_matrix.png", "confusion_matrix.csv", "classification_report.csv",
                  "training_curves.png", "roc_curves.png", "test_metrics.json",
-                 "misclassified_gallery.png", "training_input.png"):
+                 "misclassified_gallery.png", "training_input.png", "calibration.json",
+                 "validation_reliability.png", "test_reliability.png", "model_card.md",
+                 "model_card.html"):
         assert f"{model_name}/{name}" in artifacts, f"{name} missing from {sorted(artifacts)}"
+
+    _check_calibration_card_registry(kedro_project, model_name, model, metrics, run)
 
     data_artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "data")}
     assert {"data/split_summary.csv", "data/augmentation_grid.png"} <= data_artifacts

@@ -62,7 +62,8 @@ class HeadClassifier:
         self.bundle = dict(bundle)
         self.head = bundle["model"]
         self.classes = [str(c) for c in bundle["classes"]]
-        self.preprocessing = preprocessing_of(model)
+        # The head's probabilities are its own: the network's temperature does not apply.
+        self.preprocessing = preprocessing_of(model).with_temperature(None)
         self.input_shape = tuple(model.input_shape)
         self.output_shape = (None, len(self.classes))
         self.name = f"{model.name}+{bundle['name']}"

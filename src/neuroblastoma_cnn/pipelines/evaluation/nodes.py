@@ -8,6 +8,11 @@ Tiles reach the model as in training: through the stain reference in the model's
 has one. With ``tta`` the tiles are also predicted under the eight exact symmetries and the
 mean is reported beside the plain prediction (``tta_prob_<class>`` / ``tta_predicted``
 columns, ``tta`` block of the metrics); the plain prediction stays the headline.
+
+Calibration: :func:`calibrate_model` fits a temperature on the *validation* images (never the
+test ones) and, with ``temperature_scaling``, stores it in the model's record before the model
+is saved, so every later prediction of the model is scaled; the test metrics report the ECE
+before and after either way (``calibration`` block), with a reliability diagram per split.
 """
 
 from __future__ import annotations
@@ -20,20 +25,31 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from neuroblastoma_cnn import metrics as m
+from neuroblastoma_cnn.calibration import (
+    apply_temperature,
+    expected_calibration_error,
+    fit_temperature,
+    image_means,
+    image_nll,
+    plot_reliability,
+)
 from neuroblastoma_cnn.datasets.tile_store import TileStore
 from neuroblastoma_cnn.errors import DataError, ModelError
 from neuroblastoma_cnn.gradcam import GradCam, store_image_overlay
 from neuroblastoma_cnn.online_augmentation import tta_probabilities
-from neuroblastoma_cnn.params import EvaluationParams
+from neuroblastoma_cnn.params import EvaluationParams, ModelParams, TrainingParams
 from neuroblastoma_cnn.predictions import (
     aggregate_image_probabilities,
     class_names_of,
+    model_probabilities,
     probability_column,
     probability_columns,
 )
-from neuroblastoma_cnn.preprocessing import preprocessing_of
+from neuroblastoma_cnn.preprocessing import Preprocessing, preprocessing_of
 from neuroblastoma_cnn.stain import as_seen_by_model
 from neuroblastoma_cnn.tf_input import class_names, encode_labels, make_tf_dataset, split_tile_ids
+
+from .model_card import build_model_card, markdown_to_html
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +95,7 @@ def predict_split_tiles(
     seen = as_seen_by_model(tiles, preprocessing_of(model).stain_reference)
     data = make_tf_dataset(seen, ids, None, params.batch_size,
                            in_memory_limit_mb=params.in_memory_limit_mb)
-    prob = np.asarray(model.predict(data, verbose=0), dtype=np.float64)
+    prob = model_probabilities(model, model.predict(data, verbose=0))
     out = rows[["tile_id", "image_path", "label", "group"]].copy()
     out["y_true"] = encode_labels(rows["label"], classes)
     for i, name in enumerate(classes):
@@ -113,9 +129,11 @@ def aggregate_image_predictions(tile_predictions: pd.DataFrame) -> pd.DataFrame:
 
 
 def compute_test_metrics(
-    image_predictions: pd.DataFrame, tile_predictions: pd.DataFrame, params: EvaluationParams
+    image_predictions: pd.DataFrame, tile_predictions: pd.DataFrame, params: EvaluationParams,
+    calibration: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any], pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Metrics, classification report and confusion matrices of the test images.
+    """Metrics, classification report and confusion matrices of the test images (with
+    ``calibration``, from :func:`calibrate_model`: also the test ECE before/after scaling).
 
     Returns the full metrics (JSON), the flat numeric ones for MLflow, the report and the
     confusion matrix as counts and row-normalised.
@@ -134,6 +152,8 @@ def compute_test_metrics(
     tile_prob = tile_predictions[probability_columns(tile_predictions)].to_numpy()
     tile_metrics = m.classification_metrics(tile_true, tile_prob, classes)
     metrics["tile"] = {k: tile_metrics[k] for k in ("accuracy", "balanced_accuracy", "f1_macro")}
+    if calibration is not None:
+        metrics["calibration"] = calibration_metrics(tile_predictions, calibration)
     tta = tta_columns(image_predictions)
     if tta:
         metrics["tta"] = _tta_metrics(image_predictions, tile_predictions, classes, params)
@@ -174,6 +194,109 @@ def _tta_metrics(image_predictions: pd.DataFrame, tile_predictions: pd.DataFrame
     tile_prob = tile_predictions[tta_columns(tile_predictions)].to_numpy()
     out["tile_f1_macro"] = m.classification_metrics(tile_true, tile_prob, classes)["f1_macro"]
     return out
+
+
+# --------------------------------------------------------------------- calibration
+
+
+def _image_arrays(tile_predictions: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Image labels, each tile's image index (images sorted by path) and the tile probabilities."""
+    codes, images = pd.factorize(tile_predictions["image_path"], sort=True)
+    y_tiles = tile_predictions["y_true"].to_numpy(dtype=int)
+    y_image = np.zeros(len(images), dtype=int)
+    y_image[codes] = y_tiles
+    prob = tile_predictions[probability_columns(tile_predictions)].to_numpy(dtype=np.float64)
+    return y_image, codes.astype(np.int64), prob
+
+
+def calibrate_model(
+    model: Any, tiles: TileStore, split_table: pd.DataFrame, params: EvaluationParams
+) -> tuple[Any, dict[str, Any], Figure]:
+    """Fits the temperature on the validation images' probabilities (before the model is saved).
+
+    Returns the model (its record carrying T when ``temperature_scaling``, else none), the
+    calibration summary (T, validation ECE and NLL before/after) and the validation reliability
+    diagram. The model's own record is replaced, not the network: it is the same object.
+    """
+    model.preprocessing = preprocessing_of(model).with_temperature(None)  # fit on raw outputs
+    if not split_tile_ids(split_table, "validation"):
+        if params.temperature_scaling:
+            raise DataError("evaluation.temperature_scaling is true but the split table has no "
+                            "validation images to fit the temperature on.",
+                            hint="set splitting.validation_fraction above 0")
+        logger.warning("No validation images: no temperature fitted, calibration not reported")
+        return model, {"temperature": None, "applied": False}, _message_figure(
+            "No validation images: no temperature fitted.")
+    validation = params.model_copy(update={"split": "validation", "tta": False})
+    y, index, prob = _image_arrays(predict_split_tiles(model, tiles, split_table, validation))
+    temperature = fit_temperature(prob, y, index)
+    before = image_means(prob, index, len(y))
+    after = image_means(apply_temperature(prob, temperature), index, len(y))
+    calibration = {
+        "temperature": temperature, "applied": params.temperature_scaling,
+        "n_validation_images": len(y),
+        "validation_ece_before": expected_calibration_error(y, before),
+        "validation_ece_after": expected_calibration_error(y, after),
+        "validation_nll_before": image_nll(prob, y, index, 1.0),
+        "validation_nll_after": image_nll(prob, y, index, temperature),
+    }
+    if params.temperature_scaling:
+        model.preprocessing = model.preprocessing.with_temperature(temperature)
+    logger.info("Temperature %.3f fitted on %d validation images (%s): ECE %.3f -> %.3f",
+                temperature, len(y), "stored with the model" if params.temperature_scaling
+                else "reported only, evaluation.temperature_scaling: false",
+                calibration["validation_ece_before"], calibration["validation_ece_after"])
+    figure = plot_reliability(y, {"before": before, f"after (T = {temperature:.2f})": after},
+                              "Validation reliability")
+    return model, calibration, figure
+
+
+def _before_after(tile_predictions: pd.DataFrame, calibration: dict[str, Any]
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Image labels and image probabilities without and with the temperature. When the model
+    applied T itself its outputs are scaled: ``T' = 1 / T`` undoes it exactly."""
+    y, index, prob = _image_arrays(tile_predictions)
+    temperature = calibration.get("temperature")
+    raw = apply_temperature(prob, 1.0 / temperature) if (
+        calibration.get("applied") and temperature) else prob
+    return (y, image_means(raw, index, len(y)),
+            image_means(apply_temperature(raw, temperature), index, len(y)))
+
+
+def calibration_metrics(tile_predictions: pd.DataFrame, calibration: dict[str, Any]
+                     ) -> dict[str, Any]:
+    """The calibration block of the test metrics: T, validation and test ECE before/after."""
+    out = {k: v for k, v in calibration.items() if k != "n_validation_images"}
+    out["applied"] = bool(calibration.get("applied"))
+    if calibration.get("temperature") is None:
+        return out
+    y, before, after = _before_after(tile_predictions, calibration)
+    out["ece_before"] = expected_calibration_error(y, before)
+    out["ece_after"] = expected_calibration_error(y, after)
+    logger.info("Calibration (T = %.3f): test ECE %.3f -> %.3f", calibration["temperature"],
+                out["ece_before"], out["ece_after"])
+    return out
+
+
+def plot_test_reliability(tile_predictions: pd.DataFrame, calibration: dict[str, Any]
+                          ) -> Figure:
+    """Reliability diagram of the evaluated images, before and after the temperature."""
+    temperature = calibration.get("temperature")
+    if temperature is None:
+        y, index, prob = _image_arrays(tile_predictions)
+        return plot_reliability(y, {"as output": image_means(prob, index, len(y))},
+                                "Test reliability")
+    y, before, after = _before_after(tile_predictions, calibration)
+    return plot_reliability(y, {"before": before, f"after (T = {temperature:.2f})": after},
+                            "Test reliability")
+
+
+def _message_figure(text: str) -> Figure:
+    fig = Figure(figsize=(6, 2), layout="constrained")
+    ax = fig.subplots()
+    ax.axis("off")
+    ax.text(0.5, 0.5, text, ha="center", va="center")
+    return fig
 
 
 def plot_evaluation(
@@ -258,3 +381,19 @@ def misclassified_gallery(
                  f"(layer {cam.layer_name})", fontsize=10)
     logger.info("Misclassified gallery: %d images of %d classes", len(worst), len(labels))
     return fig
+
+
+# --------------------------------------------------------------------- model card
+
+
+def write_model_card(
+    test_metrics: dict[str, Any], training_history: pd.DataFrame, split_summary: pd.DataFrame,
+    tiles: TileStore, model: ModelParams, training: TrainingParams,
+    evaluation: EvaluationParams, run_context: dict[str, Any],
+) -> tuple[str, str]:
+    """The run's model card, Markdown and HTML (see ``model_card``); preprocessing comes from
+    the tile store's record, the one the model was trained on."""
+    record = Preprocessing.from_store(tiles)
+    card = build_model_card(test_metrics, training_history, split_summary, record, model,
+                            training, evaluation, run_context)
+    return card, markdown_to_html(card, title=f"Model card: {model.architecture}")

@@ -4,10 +4,13 @@ from kedro.pipeline import Node, Pipeline
 
 from .nodes import (
     aggregate_image_predictions,
+    calibrate_model,
     compute_test_metrics,
     misclassified_gallery,
     plot_evaluation,
+    plot_test_reliability,
     predict_split_tiles,
+    write_model_card,
 )
 
 
@@ -15,6 +18,12 @@ def create_pipeline(**kwargs) -> Pipeline:
     """Un-namespaced template; `pipeline_registry` wraps it as `resnet34.*` and `resnet50.*`."""
     return Pipeline(
         [
+            Node(
+                calibrate_model,
+                inputs=["trained_model", "tiles", "split_table", "params:evaluation"],
+                outputs=["model", "calibration", "validation_reliability_plot"],
+                name="calibrate_model",
+            ),
             Node(
                 predict_split_tiles,
                 inputs=["model", "tiles", "split_table", "params:evaluation"],
@@ -29,7 +38,8 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 compute_test_metrics,
-                inputs=["image_predictions", "tile_predictions", "params:evaluation"],
+                inputs=["image_predictions", "tile_predictions", "params:evaluation",
+                        "calibration"],
                 outputs=["test_metrics", "test_metrics_mlflow", "classification_report",
                          "confusion_matrix", "confusion_matrix_normalized"],
                 name="compute_test_metrics",
@@ -40,6 +50,19 @@ def create_pipeline(**kwargs) -> Pipeline:
                         "training_history"],
                 outputs=["confusion_matrix_plot", "training_curves_plot", "roc_curves_plot"],
                 name="plot_evaluation",
+            ),
+            Node(
+                plot_test_reliability,
+                inputs=["tile_predictions", "calibration"],
+                outputs="test_reliability_plot",
+                name="plot_test_reliability",
+            ),
+            Node(
+                write_model_card,
+                inputs=["test_metrics", "training_history", "split_summary", "tiles",
+                        "params:model", "params:training", "params:evaluation", "run_context"],
+                outputs=["model_card", "model_card_html"],
+                name="write_model_card",
             ),
             Node(
                 misclassified_gallery,

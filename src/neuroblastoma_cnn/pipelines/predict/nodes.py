@@ -52,6 +52,7 @@ from neuroblastoma_cnn.params import PredictParams
 from neuroblastoma_cnn.predictions import (
     FLAG_COLUMNS,
     aggregate_image_probabilities,
+    model_probabilities,
     prediction_columns,
     probability_column,
 )
@@ -232,14 +233,15 @@ class _Batcher:
         return np.delete(prob, drop, axis=0) if drop else prob
 
     def _run(self, batch: np.ndarray, keep: int | None = None) -> None:
-        prob = np.asarray(self.model.predict_on_batch(batch.astype(np.float32)), np.float64)
+        prob = model_probabilities(self.model, self.model.predict_on_batch(
+            batch.astype(np.float32)))
         self.results.append(prob if keep is None else prob[:keep])
         if self.tta:
             count = N_DIHEDRAL if batch.shape[1] == batch.shape[2] else 4
             total = prob.copy()  # symmetry 0 is the identity
             for k in range(1, count):
                 variant = dihedral_numpy(batch, k).astype(np.float32)
-                total += np.asarray(self.model.predict_on_batch(variant), np.float64)
+                total += model_probabilities(self.model, self.model.predict_on_batch(variant))
             total /= count
             self.tta_results.append(total if keep is None else total[:keep])
 

@@ -13,7 +13,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 train_model,
                 inputs=["augmented_train_tiles", "tiles", "split_table", "params:model",
                         "params:training"],
-                outputs=["model", "training_history"],
+                outputs=["trained_model", "training_history"],
                 name="train_model",
                 tags=["model"],
             ),

@@ -1,0 +1,209 @@
+"""The model card: one Markdown page (and its HTML rendering) per training run.
+
+Why: a trained model travels without the run that made it; the card says what it was trained
+on (counts per class and split only: patients are pseudonymised and never named), how its
+inputs are made, how it was trained, how well and how calibrated it scored on the held-out
+patients, what it is for and not for, and the exact command and commit that reproduce it.
+Everything comes from the run's own outputs and parameters; the node is pure.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from neuroblastoma_cnn.params import EvaluationParams, ModelParams, TrainingParams
+from neuroblastoma_cnn.preprocessing import Preprocessing
+
+INTENDED_USE = (
+    "Research use only, not for diagnosis. The model classifies H&E histology images into the "
+    "classes below to support research on image-based grading; it has not been validated "
+    "clinically and must not guide the care of a patient.")
+LIMITATIONS = [
+    "Trained and tested on few patients: the test interval (resampled over patient groups) is "
+    "the honest size of the uncertainty, and one split's score is partly luck (see the "
+    "README's Cross-validation).",
+    "Scanners, stains and sites other than the training images' may shift its predictions; "
+    "stain normalisation reduces but does not remove this.",
+    "Images outside the classes below are still assigned one of them; low-confidence and "
+    "mostly-background images are flagged by `predict`, not refused.",
+    "Calibration (ECE) is measured on few images, with 15 bins: a rough guide, not a guarantee.",
+]
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return lines
+
+
+def kept_epoch(history: pd.DataFrame, training: TrainingParams) -> int | None:
+    """The epoch the best-epoch rule kept (1-based): best ``monitor`` averaged over
+    ``monitor_window`` epochs; None when the history lacks the column."""
+    if history is None or training.monitor not in history or history.empty:
+        return None
+    if training.monitor_window > 1 and "monitor_smoothed" in history:  # what training chose on
+        values = history["monitor_smoothed"].astype(float)
+    else:
+        values = history[training.monitor].astype(float).rolling(
+            training.monitor_window, min_periods=1).mean()
+    best = values.idxmin() if training.monitor == "val_loss" else values.idxmax()
+    return int(history.loc[best, "epoch"]) if "epoch" in history else int(best) + 1
+
+
+def _data_section(split_summary: pd.DataFrame, record: Preprocessing) -> list[str]:
+    counts = split_summary.pivot_table(index="label", columns="split",
+                                       values=["images", "groups"], aggfunc="sum", fill_value=0)
+    splits = [s for s in ("train", "validation", "test") if s in set(split_summary["split"])]
+    rows = [[c, *(f"{int(counts.loc[c, ('images', s)])} / {int(counts.loc[c, ('groups', s)])}"
+                  for s in splits)] for c in record.classes if c in counts.index]
+    return ["## Data", "", f"Classes (label order): {', '.join(record.classes)}. Images / "
+            "patient groups per split (patients are pseudonymised: counts only).", "",
+            *_table(["class", *splits], rows), ""]
+
+
+def _preprocessing_section(record: Preprocessing, training: TrainingParams) -> list[str]:
+    tiling = record.tiling
+    rows = [
+        ["tiling", f"{tiling.tile_size} px tiles every {tiling.effective_stride} px"
+         if tiling.tile_size else "whole image as one tile"],
+        ["input size", f"{tiling.input_size} x {tiling.input_size} RGB"],
+        ["min tissue fraction", tiling.min_tissue_fraction],
+        ["decoding", tiling.decoding],
+        ["stain normalisation", training.stain_normalisation or "none"],
+        ["image = ", "mean of its tiles' probabilities"],
+    ]
+    return ["## Preprocessing", "", *_table(["step", "setting"], rows), ""]
+
+
+def _training_section(model: ModelParams, training: TrainingParams,
+                      history: pd.DataFrame) -> list[str]:
+    schedule = training.schedule.type if training.schedule is not None else "constant"
+    rows = [
+        ["architecture", model.architecture + (
+            f" (transfer from weights: {getattr(model.root, 'weights', None) or 'random'})"
+            if model.transfer else " (from scratch)")],
+        ["optimizer", f"{training.optimizer}, lr {training.learning_rate:g}, weight decay "
+         f"{training.weight_decay:g}, schedule {schedule}"],
+        ["batch size / sampling", f"{training.batch_size} / {training.sampling}"],
+        ["epochs (maximum / run)", f"{training.epochs} / {len(history)}"],
+        ["kept epoch", f"{_fmt(kept_epoch(history, training))} (best {training.monitor})"],
+        ["label smoothing", training.label_smoothing],
+        ["online augmentation", training.online_augmentation.enabled],
+        ["seed / deterministic", f"{training.seed} / {_fmt(training.deterministic)}"],
+    ]
+    return ["## Training", "", *_table(["setting", "value"], rows), ""]
+
+
+def _metrics_section(metrics: Mapping[str, Any], evaluation: EvaluationParams) -> list[str]:
+    ci = metrics.get("macro_f1_ci") or {}
+    lines = ["## Test results", "",
+             f"{evaluation.split.capitalize()} split: {metrics.get('n_test_images')} images "
+             f"of {metrics.get('n_test_groups')} patient groups. Macro-F1 "
+             f"**{_fmt(metrics.get('f1_macro'))}** (95% interval {_fmt(ci.get('low'))}-"
+             f"{_fmt(ci.get('high'))}, {evaluation.bootstrap_samples} resamples of patient "
+             "groups); accuracy " f"{_fmt(metrics.get('accuracy'))}, balanced accuracy "
+             f"{_fmt(metrics.get('balanced_accuracy'))}.", ""]
+    per_class = metrics.get("per_class") or {}
+    if per_class:
+        rows = [[name, v.get("precision"), v.get("recall"), v.get("f1"), v.get("support")]
+                for name, v in per_class.items()]
+        lines += [*_table(["class", "precision", "recall", "F1", "images"], rows), ""]
+    return lines
+
+
+def _calibration_section(metrics: Mapping[str, Any]) -> list[str]:
+    cal = metrics.get("calibration") or {}
+    if cal.get("temperature") is None:
+        return ["## Calibration", "", "No temperature fitted (no validation images).", ""]
+    applied = ("applied to every prediction of this model" if cal.get("applied") else
+               "reported only: the model's probabilities are not scaled "
+               "(evaluation.temperature_scaling: false)")
+    rows = [["validation", cal.get("validation_ece_before"), cal.get("validation_ece_after")],
+            ["test", cal.get("ece_before"), cal.get("ece_after")]]
+    return ["## Calibration", "", f"Temperature T = {_fmt(cal['temperature'])}, fitted on the "
+            f"validation images; {applied}. Expected calibration error (15 bins):", "",
+            *_table(["split", "ECE before", "ECE after"], rows), ""]
+
+
+def build_model_card(
+    test_metrics: dict[str, Any], training_history: pd.DataFrame,
+    split_summary: pd.DataFrame, record: Preprocessing, model: ModelParams,
+    training: TrainingParams, evaluation: EvaluationParams, run_context: Mapping[str, Any],
+) -> str:
+    """The card's Markdown (see the module docstring)."""
+    name = run_context.get("model") or model.architecture
+    lines = [f"# Model card: {name}", "",
+             f"Trained {run_context.get('started', 'n/a')}; Kedro session "
+             f"{run_context.get('session_id', 'n/a')}.", "",
+             "## Intended use", "", INTENDED_USE, "",
+             *_data_section(split_summary, record),
+             *_preprocessing_section(record, training),
+             *_training_section(model, training, training_history),
+             *_metrics_section(test_metrics, evaluation),
+             *_calibration_section(test_metrics),
+             "## Known limitations", "", *(f"- {item}" for item in LIMITATIONS), "",
+             "## Reproduce", "", "```", str(run_context.get("command") or "unknown"), "```", "",
+             f"Git commit: `{run_context.get('git_commit') or 'unknown'}`.", ""]
+    return "\n".join(lines)
+
+
+def _inline(text: str) -> str:
+    text = html.escape(text)
+    text = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", text)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+
+
+def _html_table(rows: list[str]) -> str:
+    cells = [[c.strip() for c in r.strip().strip("|").split("|")] for r in rows]
+    head = "".join(f"<th>{_inline(c)}</th>" for c in cells[0])
+    body = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>"
+                   for row in cells[2:])
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def markdown_to_html(markdown: str, title: str = "Model card") -> str:
+    """HTML of the card's own Markdown subset (headings, tables, lists, code blocks, text)."""
+    out, block, lines = [], [], markdown.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("```"):
+            end = lines.index("```", i + 1) if "```" in lines[i + 1:] else len(lines)
+            out.append("<pre><code>" + html.escape("\n".join(lines[i + 1:end])) + "</code></pre>")
+            i = end + 1
+            continue
+        if line.startswith("|"):
+            block = [line]
+            while i + 1 < len(lines) and lines[i + 1].startswith("|"):
+                i += 1
+                block.append(lines[i])
+            out.append(_html_table(block))
+        elif line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            out.append(f"<h{level}>{_inline(line[level:].strip())}</h{level}>")
+        elif line.startswith("- "):
+            out.append(f"<ul><li>{_inline(line[2:])}</li></ul>")
+        elif line.strip():
+            out.append(f"<p>{_inline(line)}</p>")
+        i += 1
+    style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:"
+             "collapse}td,th{border:1px solid #999;padding:2px 8px}")
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}"
+            f"</title><style>{style}</style></head><body>\n" + "\n".join(out)
+            + "\n</body></html>\n")
