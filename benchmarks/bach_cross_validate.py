@@ -72,7 +72,7 @@ def run(project: Path, pipeline: str, env: str | None, label: str, model: str,
 def results(project: Path, model: str) -> dict[str, Any]:
     data = project / "data"
     summary = pd.read_csv(latest(data / f"08_reporting/{model}/cv_summary.csv"))
-    trials = pd.read_csv(latest(data / f"07_model_output/{model}/cv_trials.csv"))
+    trials = pd.read_csv(latest(data / f"06_models/{model}/cv_trials.csv"))
     folds = pd.read_csv(latest(data / f"08_reporting/{model}/cv_fold_metrics.csv"))
     return {"summary": summary.round(4).to_dict("records"),
             "folds": trials[["fold", "trial", "val_macro_f1", "f1_macro", "seconds"]]

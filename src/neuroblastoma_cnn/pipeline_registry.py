@@ -28,7 +28,7 @@ MODELS = ("resnet34", "resnet50")
 #: What `kedro run --pipeline=cross_validate` cross-validates (README "Cross-validation").
 DEFAULT_CV_MODEL = "resnet34"
 # Data-half outputs the model halves read under their plain (shared) names.
-SHARED_INPUTS = {"augmented_train_tiles", "tiles", "split_table", "split_summary", "run_context"}
+SHARED_INPUTS = {"augmented_train_tiles", "tiles", "split_table", "run_context"}
 
 
 def model_pipeline(model: str) -> Pipeline:

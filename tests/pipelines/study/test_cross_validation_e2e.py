@@ -66,7 +66,7 @@ def test_every_image_is_scored_once_out_of_fold_with_the_floor_beside(project: P
     predictions = pd.read_csv(_latest(data / f"07_model_output/{MODEL}/cv_predictions.csv"))
     held = predictions[predictions["set"] == "held_out"]
     assert sorted(held["image_path"]) == sorted(folds.loc[folds["role"] == "cv", "image_path"])
-    floor = pd.read_csv(_latest(data / "07_model_output/cv_floor_predictions.csv"))
+    floor = pd.read_csv(_latest(data / "05_model_input/cv_floor_predictions.csv"))
     assert sorted(floor.loc[floor["set"] == "held_out", "image_path"]) == sorted(
         held["image_path"])
 

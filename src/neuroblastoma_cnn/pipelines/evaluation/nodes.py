@@ -387,13 +387,19 @@ def misclassified_gallery(
 
 
 def write_model_card(
-    test_metrics: dict[str, Any], training_history: pd.DataFrame, split_summary: pd.DataFrame,
+    test_metrics: dict[str, Any], training_history: pd.DataFrame, split_table: pd.DataFrame,
     tiles: TileStore, model: ModelParams, training: TrainingParams,
     evaluation: EvaluationParams, run_context: dict[str, Any],
 ) -> tuple[str, str]:
     """The run's model card, Markdown and HTML (see ``model_card``); preprocessing comes from
-    the tile store's record, the one the model was trained on."""
+    the tile store's record, the one the model was trained on. The counts per split come from
+    the split table (the reporting layer's split summary would make kedro-viz see the model
+    namespace read a report and write predictions: a layer cycle)."""
     record = Preprocessing.from_store(tiles)
-    card = build_model_card(test_metrics, training_history, split_summary, record, model,
+    counts = (split_table.assign(label=split_table["label"].astype(str))
+              .groupby(["split", "label"])
+              .agg(groups=("group", "nunique"), images=("image_path", "nunique"))
+              .reset_index())
+    card = build_model_card(test_metrics, training_history, counts, record, model,
                             training, evaluation, run_context)
     return card, markdown_to_html(card, title=f"Model card: {model.architecture}")

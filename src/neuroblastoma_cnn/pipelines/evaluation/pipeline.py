@@ -59,7 +59,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 write_model_card,
-                inputs=["test_metrics", "training_history", "split_summary", "tiles",
+                inputs=["test_metrics", "training_history", "split_table", "tiles",
                         "params:model", "params:training", "params:evaluation", "run_context"],
                 outputs=["model_card", "model_card_html"],
                 name="write_model_card",
