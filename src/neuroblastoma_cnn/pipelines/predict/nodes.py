@@ -62,11 +62,12 @@ from neuroblastoma_cnn.stain import normalise_tiles
 
 from .slide_outputs import (
     HEATMAP_SUFFIX,
+    LogProgress,
     SlideTiles,
-    TileProgress,
     add_shares,
     draw_gallery,
     draw_heatmap,
+    log_tile_progress,
     plan_slide,
 )
 
@@ -251,7 +252,7 @@ def predict_files(
     model: Any,
     params: PredictParams,
     progress: Callable[[int], Any] | None = None,
-    tile_progress: Callable[[str, int], Callable[[int], Any]] = TileProgress,
+    tile_progress: Callable[[str, int], Callable[[int], Any]] = log_tile_progress,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Classifies image files; returns ``(predictions, tile_predictions)``.
 
@@ -596,7 +597,8 @@ def predict_images(
     if not files:
         raise DataError(f"No files to classify in '{images_dir}'.",
                         hint="put images there, in any sub-folders")
-    return predict_files(files, model, params, progress=_LogProgress(len(files)))
+    progress = LogProgress("Prepared %d/%d images (%.1f images/s)", len(files))
+    return predict_files(files, model, params, progress=progress)
 
 
 def draw_gradcam_overlays(
@@ -616,19 +618,3 @@ def draw_slide_heatmaps(
     """Class heatmaps of the prediction folder's slides, named ``<file>.heatmap.png``."""
     jobs = slide_heatmaps(list_image_files(images_dir), model, predictions, tiles, params)
     return {heatmap_name(file): draw for file, draw in jobs.items()}
-
-
-class _LogProgress:
-    """Logs progress every 10 seconds in pipeline runs (the command line shows a bar)."""
-
-    def __init__(self, total: int, every_s: float = 10.0):
-        self.total, self.done, self.every_s = total, 0, every_s
-        self.started = self.last = time.perf_counter()
-
-    def __call__(self, n: int) -> None:
-        self.done += n
-        now = time.perf_counter()
-        if now - self.last >= self.every_s and self.done < self.total:
-            self.last = now
-            logger.info("Prepared %d/%d images (%.1f images/s)", self.done, self.total,
-                        self.done / (now - self.started))

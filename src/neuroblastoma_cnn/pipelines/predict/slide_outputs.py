@@ -95,12 +95,12 @@ def _read_chunks(path: Path, name: str, preprocessing: Preprocessing,
             yield normalise_tiles(chunk, preprocessing.stain_reference)
 
 
-class TileProgress:
-    """Logs a slide's progress over its tiles every ``every_s`` seconds (pipeline runs; the
+class LogProgress:
+    """Logs ``message % (done, total, rate)`` every ``every_s`` seconds (pipeline runs; the
     command line shows a bar instead)."""
 
-    def __init__(self, name: str, total: int, every_s: float = 10.0):
-        self.name, self.total, self.done, self.every_s = name, total, 0, every_s
+    def __init__(self, message: str, total: int, every_s: float = 10.0):
+        self.message, self.total, self.done, self.every_s = message, total, 0, every_s
         self.started = self.last = time.perf_counter()
 
     def __call__(self, n: int) -> None:
@@ -108,8 +108,12 @@ class TileProgress:
         now = time.perf_counter()
         if now - self.last >= self.every_s and self.done < self.total:
             self.last = now
-            logger.info("Slide '%s': %d/%d tiles (%.1f tiles/s)", self.name, self.done,
-                        self.total, self.done / (now - self.started))
+            logger.info(self.message, self.done, self.total, self.done / (now - self.started))
+
+
+def log_tile_progress(name: str, total: int) -> LogProgress:
+    """A slide's progress over its tiles."""
+    return LogProgress(f"Slide '{name}': %d/%d tiles (%.1f tiles/s)", total)
 
 
 def add_shares(predictions: pd.DataFrame, tiles: pd.DataFrame, classes: list[str]) -> None:
