@@ -194,5 +194,11 @@ def test_every_shipped_study_runs(project: Path, name: str):
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     study = _study(project, f"{name}-")
     expected = {"repeated_splits": 2}.get(name, 4)  # its one variant x 2; search: 4 trials
-    finished = _states(study)[TrialState.COMPLETE] + _states(study)[TrialState.PRUNED]
+    if name == "search":
+        finished = _states(study)[TrialState.COMPLETE] + _states(study)[TrialState.PRUNED]
+    else:
+        # Grid points done: the dropout study may be the kill test's, resumed by two workers,
+        # whose duplicate trials end PRUNED without training (how many depends on timing).
+        finished = len({(t.params["variant"], t.params["repeat"]) for t in study.get_trials()
+                        if t.state == TrialState.COMPLETE})
     assert finished == expected
