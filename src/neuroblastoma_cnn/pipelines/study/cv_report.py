@@ -127,10 +127,12 @@ def summary_table(models: dict[str, pd.DataFrame], per_fold: pd.DataFrame, class
     """One row per model: over folds, pooled out of fold, against the floor, nested."""
     wide = per_fold.pivot_table(index="fold", columns="model", values="f1_macro")
     cnn = {name for name in models if name != FLOOR and not name.endswith(f"+{FLOOR}")}
+    pooled_of = {name: _scores(frame[frame["set"] == HELD_OUT_SET], classes, evaluation)
+                 for name, frame in models.items()}
     rows = []
     for name, frame in models.items():
         spread = st.mean_interval(wide[name].tolist())
-        pooled = _scores(frame[frame["set"] == HELD_OUT_SET], classes, evaluation)
+        pooled = pooled_of[name]
         row = {"model": name, "folds": spread["n"], "folds_mean": spread["mean"],
                "folds_sd": spread["sd"], "folds_ci_low": spread["ci_low"],
                "folds_ci_high": spread["ci_high"], "pooled_f1": pooled["f1_macro"],
@@ -138,8 +140,7 @@ def summary_table(models: dict[str, pd.DataFrame], per_fold: pd.DataFrame, class
                "pooled_accuracy": pooled["accuracy"], "images": pooled["n_images"]}
         if FLOOR in wide and name != FLOOR:
             paired = st.paired_comparison(wide[name].tolist(), wide[FLOOR].tolist())
-            row.update({"vs_floor_pooled": pooled["f1_macro"] - _pooled(models, classes,
-                                                                        evaluation),
+            row.update({"vs_floor_pooled": pooled["f1_macro"] - pooled_of[FLOOR]["f1_macro"],
                         "vs_floor_mean_diff": paired["mean_diff"],
                         "vs_floor_ci_low": paired["diff_ci_low"],
                         "vs_floor_ci_high": paired["diff_ci_high"],
@@ -150,12 +151,6 @@ def summary_table(models: dict[str, pd.DataFrame], per_fold: pd.DataFrame, class
         row.update(outer_scores(frame, classes, weights if name in cnn else {}, evaluation))
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-def _pooled(models: dict[str, pd.DataFrame], classes: list[str],
-            evaluation: EvaluationParams) -> float:
-    floor = models[FLOOR]
-    return _scores(floor[floor["set"] == HELD_OUT_SET], classes, evaluation)["f1_macro"]
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
