@@ -25,7 +25,8 @@ from neuroblastoma_cnn import error_display, lineage, preflight, privacy, promot
 from neuroblastoma_cnn.datasets.image_folder import ImageFolderDataset
 from neuroblastoma_cnn.datasets.keras_model import KerasModelDataset, local_copy, read_record
 from neuroblastoma_cnn.errors import DataError, ModelError
-from neuroblastoma_cnn.params import GROUPS, validate_parameters
+from neuroblastoma_cnn.params import GROUPS, PredictParams, validate_parameters
+from neuroblastoma_cnn.pipelines.predict.pyfunc import NAME_SUFFIX, log_raw_image_model
 
 logger = logging.getLogger(__name__)
 
@@ -547,6 +548,10 @@ class ModelPromotionHook:
 
     @hook_impl
     def after_dataset_saved(self, dataset_name: str, data: Any, node: Any) -> None:
+        dataset = self._catalog.get(dataset_name) if self._catalog is not None else None
+        if (isinstance(dataset, KerasModelDataset) and dataset.log_to_mlflow
+                and not dataset.promotion):  # logged at save (fold ensembles)
+            self._log_raw_image_model(dataset)
         namespace = _namespace_of(node)
         pending = self._pending.get(namespace)
         if pending is None:
@@ -570,7 +575,25 @@ class ModelPromotionHook:
                     f" (MLflow model {uri})" if uri else "")
         self._saved.discard(namespace)
         if uri:
-            self._register(namespace, dataset, uri)
+            served = self._log_raw_image_model(dataset)
+            self._register(namespace, dataset, served or uri)
+
+    def _log_raw_image_model(self, dataset: KerasModelDataset) -> str | None:
+        """Logs the saved model's raw-image pyfunc (what ``mlflow models serve`` runs) beside
+        its Keras flavour; returns its URI. A failure leaves a WARNING: the Keras model is
+        logged and promoted already."""
+        if mlflow.active_run() is None:
+            return None
+        try:
+            settings = PredictParams.parse(self._catalog.load("params:predict"), "predict")
+            with local_copy(dataset.saved_path()) as local:
+                name = (dataset.mlflow_model_name or read_record(local).get("architecture")
+                        or "model")
+                return log_raw_image_model(local, settings, name=name + NAME_SUFFIX)
+        except Exception as exc:  # DatasetError, MlflowException, OSError, a parameter error
+            logger.warning("The raw-image model of '%s' was not logged to MLflow: %s",
+                           dataset.saved_path(), exc)
+            return None
 
     def _register(self, namespace: str, dataset: KerasModelDataset, uri: str) -> None:
         """The promoted model as a registry version; ``champion`` if the rules allow. A store

@@ -141,7 +141,7 @@ class _SavedModel:
         return getattr(self._model, name)
 
 
-def _local_artifact_dir(uri: str | None) -> Path | None:
+def local_artifact_dir(uri: str | None) -> Path | None:
     """A ``file:`` or plain-path artifact location as a local folder; None for remote stores."""
     if not uri:
         return None
@@ -242,7 +242,7 @@ def _store_once(info: Any, source: Path) -> None:
     except Exception as exc:  # an older store: keep the copy
         logger.info("Logged model kept as a copy: %s", exc)
         return
-    folder = _local_artifact_dir(location)
+    folder = local_artifact_dir(location)
     artifact = folder / "data" / "model.keras" if folder else None
     if artifact is None or not artifact.is_file():
         return
@@ -301,6 +301,15 @@ class KerasModelDataset(LocalVersionedDataset):
     @property
     def promotion(self) -> bool:
         return self._promotion
+
+    @property
+    def log_to_mlflow(self) -> bool:
+        return self._log_to_mlflow
+
+    @property
+    def mlflow_model_name(self) -> str | None:
+        """The name the model is logged under in MLflow (None: its architecture)."""
+        return self._mlflow_name
 
     def load(self) -> Any:
         path = self._load_path()

@@ -182,7 +182,8 @@ def _shown(path: Path) -> str:
 
 
 def load_mlflow_model(uri: str) -> Any:
-    """Loads an MLflow Keras model and attaches the preprocessing record from its metadata."""
+    """Loads an MLflow Keras model and attaches the preprocessing record from its metadata;
+    for the raw-image pyfunc (what the registry holds), the ``.keras`` file logged with it."""
     import mlflow  # noqa: PLC0415  (lazy: MLflow loads only for an MLflow model URI)
     import mlflow.keras  # noqa: PLC0415  (lazy, as mlflow)
 
@@ -190,7 +191,11 @@ def load_mlflow_model(uri: str) -> Any:
 
     try:
         info = mlflow.models.get_model_info(uri)
+        if "keras" not in info.flavors:  # the raw-image pyfunc: its .keras file is an artifact
+            return _load_pyfunc_keras(uri, info)
         model = mlflow.keras.load_model(uri)
+    except ModelSelectionError:
+        raise
     except Exception as exc:  # MlflowException, OSError...: all mean "cannot use this URI"
         raise ModelSelectionError(
             f"Could not load MLflow model '{uri}' (tracking URI "
@@ -226,3 +231,25 @@ class TrainedModelsDataset(AbstractDataset[Any, TrainedModels]):
 
     def _describe(self) -> dict[str, Any]:
         return {"path": str(self._path)}
+
+
+def _load_pyfunc_keras(uri: str, info: Any) -> Any:
+    """The ``.keras`` artifact of a raw-image pyfunc model (``pipelines/predict/pyfunc``),
+    downloaded and loaded with the record inside it."""
+    import tempfile  # noqa: PLC0415
+
+    import mlflow  # noqa: PLC0415  (lazy: MLflow)
+
+    artifacts = (info.flavors.get("python_function") or {}).get("artifacts") or {}
+    relative = (artifacts.get("model") or {}).get("path")
+    if not relative or not str(relative).endswith(".keras"):
+        raise ModelSelectionError(
+            f"MLflow model '{uri}' is neither a Keras model nor this project's raw-image model "
+            f"(flavors: {', '.join(info.flavors)}).")
+    with tempfile.TemporaryDirectory(prefix="mlflow-model-") as tmp:
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{uri.rstrip('/')}/{relative}", dst_path=tmp)
+        model = _load_file(Path(local))
+    model.model_source = uri
+    logger.info("Prediction model: %s", uri)
+    return model
