@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from neuroblastoma_cnn.datasets import TileStore, load_keras_model
+from neuroblastoma_cnn.datasets.trained_models import TrainedModels
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -61,6 +62,14 @@ def _check_calibration_card_registry(project: Path, model_name: str, model, metr
     assert float(version.tags["test_f1_macro"]) == pytest.approx(metrics["f1_macro"], rel=1e-5)
     untrained = f"{model_name}.untrained" in run.data.tags
     assert version.tags["champion_at_registration"] == ("no" if untrained else "yes")
+    # What is registered is the raw-image pyfunc (what `mlflow models serve` runs), logged
+    # beside the Keras flavour; `predict -m models:/...` loads the .keras file inside it.
+    served_uri = run.data.tags[f"{model_name}_raw_images.model_uri"]
+    assert version.source == served_uri
+    served = mlflow.models.get_model_info(served_uri)
+    assert "keras" not in served.flavors and served.signature.inputs.input_names()[-1] == "image"
+    loaded = TrainedModels("unused").load(registered)
+    assert loaded.preprocessing.classes == model.preprocessing.classes
 
 
 @pytest.mark.parametrize("model_name", ["resnet34", "resnet50"])
