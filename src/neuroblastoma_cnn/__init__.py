@@ -1,6 +1,6 @@
 """neuroblastoma-cnn: Kedro pipelines for CNN grading of H&E histology images."""
 
-from neuroblastoma_cnn.quiet import install as _install_quiet_output
+from neuroblastoma_cnn.runtime.quiet import install as _install_quiet_output
 
 __version__ = "0.1.0"
 

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 from kedro.io.core import DatasetError, Version
 
-from neuroblastoma_cnn.storage import FsPath, as_path, is_local
+from neuroblastoma_cnn.core.storage import FsPath, as_path, is_local
 
 from .local_versioned import LocalVersionedDataset
 

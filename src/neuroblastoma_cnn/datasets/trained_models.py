@@ -20,9 +20,9 @@ from typing import Any
 
 from kedro.io.core import AbstractDataset, DatasetError
 
-from neuroblastoma_cnn.errors import ModelError
-from neuroblastoma_cnn.preprocessing import attach_preprocessing
-from neuroblastoma_cnn.promotion import PROMOTED, is_usable, read_status
+from neuroblastoma_cnn.core.errors import ModelError
+from neuroblastoma_cnn.core.preprocessing import attach_preprocessing
+from neuroblastoma_cnn.tracking.promotion import PROMOTED, is_usable, read_status
 
 from .keras_model import load_keras_model
 

@@ -22,8 +22,8 @@ from typing import Any
 
 import pandas as pd
 
-from neuroblastoma_cnn.params import PredictParams
-from neuroblastoma_cnn.predictions import probability_column
+from neuroblastoma_cnn.analysis.predictions import probability_column
+from neuroblastoma_cnn.core.params import PredictParams
 
 from . import nodes
 

@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from neuroblastoma_cnn.storage import FsPath, as_path
+from neuroblastoma_cnn.core.storage import FsPath, as_path
 
 logger = logging.getLogger(__name__)
 

@@ -35,9 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from neuroblastoma_cnn.errors import ParameterError
-from neuroblastoma_cnn.predictions import model_probabilities
-from neuroblastoma_cnn.stain import HED_FROM_RGB, RGB_FROM_HED
+from neuroblastoma_cnn.analysis.predictions import model_probabilities
+from neuroblastoma_cnn.core.errors import ParameterError
+from neuroblastoma_cnn.images.stain import HED_FROM_RGB, RGB_FROM_HED
 
 logger = logging.getLogger(__name__)
 

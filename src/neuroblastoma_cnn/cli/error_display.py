@@ -1,6 +1,6 @@
 """How the project's own errors reach the user: one line in `kedro run`, the CLI and notebooks.
 
-A :class:`~neuroblastoma_cnn.errors.ProjectError` is something the user can fix (a parameter, a
+A :class:`~neuroblastoma_cnn.core.errors.ProjectError` is something the user can fix (a parameter, a
 missing folder, data from two lineages), so its traceback only hides the one useful line. Any
 other exception is a bug and keeps its full traceback.
 
@@ -23,7 +23,7 @@ from typing import Any
 
 from kedro.validation.exceptions import ParameterValidationError
 
-from neuroblastoma_cnn.errors import ProjectError
+from neuroblastoma_cnn.core.errors import ProjectError
 
 # Kedro loggers that report a failing node before the exception is re-raised.
 KEDRO_FAILURE_LOGGERS = (

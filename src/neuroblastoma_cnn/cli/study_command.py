@@ -15,7 +15,7 @@ from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 from kedro.utils import find_kedro_project
 
-from neuroblastoma_cnn.errors import ParameterError
+from neuroblastoma_cnn.core.errors import ParameterError
 
 
 @click.command(name="study")

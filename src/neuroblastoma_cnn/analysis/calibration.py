@@ -23,7 +23,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from scipy.optimize import minimize_scalar
 
-from neuroblastoma_cnn.errors import DataError
+from neuroblastoma_cnn.core.errors import DataError
 
 N_BINS = 15
 #: Probabilities are clipped here before their logarithm (a softmax output of exactly 0).

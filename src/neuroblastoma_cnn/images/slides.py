@@ -1,9 +1,9 @@
 """Whole-slide images: read lazily, region by region, never decoded whole.
 
 A 40x slide (100,000 x 80,000 px) is ~24 GB of pixels, so slides do not go through
-:func:`~neuroblastoma_cnn.imaging.decode_image`: a :class:`Slide` reads only the regions asked
+:func:`~.decoding.decode_image`: a :class:`Slide` reads only the regions asked
 for, from the pyramid level that has just enough pixels. Ingestion and prediction both cut a
-slide's tiles here, with the same :class:`~neuroblastoma_cnn.imaging.TilingConfig` that crops use.
+slide's tiles here, with the same :class:`~.decoding.TilingConfig` that crops use.
 
 Decisions:
 
@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from neuroblastoma_cnn.imaging import (
+from neuroblastoma_cnn.images.decoding import (
     ImageRejected,
     Reason,
     Tile,

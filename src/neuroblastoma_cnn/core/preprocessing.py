@@ -7,7 +7,7 @@ store written by ingestion carries the same record without an architecture; trai
 
 The record is validated once, where a model is loaded (:func:`attach_preprocessing`): a model
 whose record is missing, malformed, or does not fit the network (input size, number of outputs)
-is refused there with a :class:`~neuroblastoma_cnn.errors.ModelError`. ``model.preprocessing``
+is refused there with a :class:`~neuroblastoma_cnn.core.errors.ModelError`. ``model.preprocessing``
 is then a :class:`Preprocessing`.
 
 Layouts: :meth:`Preprocessing.to_dict` writes each value once (``record_version: 2``).
@@ -24,8 +24,13 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
 
-from neuroblastoma_cnn.errors import ModelError
-from neuroblastoma_cnn.imaging import RESIZE_FILTER, SLIDE_TILING_FIELDS, ImageChecks, TilingConfig
+from neuroblastoma_cnn.core.errors import ModelError
+from neuroblastoma_cnn.images.decoding import (
+    RESIZE_FILTER,
+    SLIDE_TILING_FIELDS,
+    ImageChecks,
+    TilingConfig,
+)
 
 RECORD_VERSION = 2
 #: What the first layout's code applied when a key was absent from its ``ingestion`` copy.

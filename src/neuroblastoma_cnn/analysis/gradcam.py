@@ -30,8 +30,8 @@ import numpy as np
 from matplotlib import colormaps
 from PIL import Image
 
-from neuroblastoma_cnn.imaging import Decoded, TilingConfig
-from neuroblastoma_cnn.preprocessing import Preprocessing
+from neuroblastoma_cnn.core.preprocessing import Preprocessing
+from neuroblastoma_cnn.images.decoding import Decoded, TilingConfig
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from neuroblastoma_cnn.errors import DataError, ParameterError
+from neuroblastoma_cnn.core.errors import DataError, ParameterError
 
 logger = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ from typing import Any
 
 import click
 
-from neuroblastoma_cnn.errors import ParameterError, ProjectError
-from neuroblastoma_cnn.prune import prune
-from neuroblastoma_cnn.study_command import study
+from neuroblastoma_cnn.cli.study_command import study
+from neuroblastoma_cnn.core.errors import ParameterError, ProjectError
+from neuroblastoma_cnn.tracking.prune import prune
 
 EXIT_OK = 0
 EXIT_REJECTED = 1
@@ -58,8 +58,8 @@ def main_group() -> None:
     """Classify H&E histology images with a trained ResNet."""
 
 
-main_group.add_command(prune)  # old data and model versions (see neuroblastoma_cnn.prune)
-main_group.add_command(study)  # kedro run --pipeline=study (see neuroblastoma_cnn.study_command)
+main_group.add_command(prune)  # old data and model versions (see neuroblastoma_cnn.tracking.prune)
+main_group.add_command(study)  # kedro run --pipeline=study (see cli/study_command.py)
 
 
 @main_group.command(
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _params(options: dict[str, Any]) -> Any:
     """The predict parameters: YAML defaults, then the options given, validated."""
-    from neuroblastoma_cnn.params import PredictParams, base_group  # noqa: PLC0415  (lazy)
+    from neuroblastoma_cnn.core.params import PredictParams, base_group  # noqa: PLC0415  (lazy)
 
     overrides = {
         "model": options["model"], "version": options["model_version"], "head": options["head"],

@@ -44,7 +44,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from neuroblastoma_cnn.errors import DataError
+from neuroblastoma_cnn.core.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -423,7 +423,7 @@ class TilingConfig(BaseModel):
     #: Not a parameter default (``ingestion.decoding`` is required): what a record written before
     #: the field existed means, so that older models keep predicting as they were trained.
     decoding: DecodeMethod = "full"
-    #: Whole-slide images only (:mod:`neuroblastoma_cnn.slides`): a tile's edge in microns, or
+    #: Whole-slide images only (:mod:`.slides`): a tile's edge in microns, or
     #: the resolution ``tile_size`` is counted at; None (also what older records mean) = pixels.
     #: Left out of the record when None, so crop-only records stay as they were.
     tile_um: PositiveFloat | None = Field(default=None, exclude_if=_is_none)

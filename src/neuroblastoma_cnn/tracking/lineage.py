@@ -27,8 +27,8 @@ from typing import Any
 
 from kedro.io.core import AbstractVersionedDataset, DatasetError, VersionNotFoundError
 
-from neuroblastoma_cnn.errors import DataError
-from neuroblastoma_cnn.storage import FsPath
+from neuroblastoma_cnn.core.errors import DataError
+from neuroblastoma_cnn.core.storage import FsPath
 
 logger = logging.getLogger(__name__)
 

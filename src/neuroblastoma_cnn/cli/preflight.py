@@ -18,8 +18,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from neuroblastoma_cnn.errors import DataError, ModelError, ParameterError, ProjectError
-from neuroblastoma_cnn.slides import SLIDE_EXTENSIONS
+from neuroblastoma_cnn.core.errors import DataError, ModelError, ParameterError, ProjectError
+from neuroblastoma_cnn.images.slides import SLIDE_EXTENSIONS
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from neuroblastoma_cnn.errors import DataError, ParameterError
+from neuroblastoma_cnn.core.errors import DataError, ParameterError
 
 SAMPLINGS = ("balanced", "shuffle")
 

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from neuroblastoma_cnn.calibration import apply_temperature
-from neuroblastoma_cnn.errors import DataError
+from neuroblastoma_cnn.analysis.calibration import apply_temperature
+from neuroblastoma_cnn.core.errors import DataError
 
 PROB_PREFIX = "prob_"
 #: Boolean flags of a prediction row.

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from neuroblastoma_cnn.errors import DataError
+from neuroblastoma_cnn.core.errors import DataError
 
 #: A per-batch transform for training input: float32 images [n, H, W, 3] in, same shape out.
 BatchAugment = Callable[[Any], Any]

@@ -40,7 +40,7 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 
-from neuroblastoma_cnn.errors import ParameterError
+from neuroblastoma_cnn.core.errors import ParameterError
 
 logger = logging.getLogger(__name__)
 

@@ -32,15 +32,15 @@ from pydantic import (
     model_validator,
 )
 
-from neuroblastoma_cnn.distribution import Distribution, JitCompile, Precision
-from neuroblastoma_cnn.errors import ParameterError
-from neuroblastoma_cnn.imaging import (
+from neuroblastoma_cnn.core.errors import ParameterError
+from neuroblastoma_cnn.images.decoding import (
     DecodeMethod,
     Fraction,
     ImageChecks,
     PositiveInt,
     TilingConfig,
 )
+from neuroblastoma_cnn.runtime.distribution import Distribution, JitCompile, Precision
 
 NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0.0)]
@@ -51,7 +51,7 @@ Monitor = Literal["val_macro_f1", "val_image_macro_f1", "val_loss", "val_accurac
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 MONITORS: tuple[str, ...] = get_args(Monitor)
 
-CONF_BASE = Path(__file__).resolve().parents[2] / "conf" / "base"
+CONF_BASE = Path(__file__).resolve().parents[3] / "conf" / "base"
 
 
 class Params(BaseModel):
@@ -260,7 +260,7 @@ Schedule = Annotated[CosineSchedule | ExponentialSchedule | PlateauSchedule
 
 class OnlineAugmentationParams(Params):
     """``<model>.training.online_augmentation``: transforms drawn afresh for every training
-    batch (see :mod:`neuroblastoma_cnn.online_augmentation`); a strength of 0 is off."""
+    batch (see :mod:`neuroblastoma_cnn.images.online_augmentation`); a strength of 0 is off."""
 
     enabled: bool
     dihedral: bool

@@ -32,7 +32,7 @@ import yaml
 from kedro.framework.hooks import hook_impl
 from pydantic import BaseModel, ConfigDict
 
-from neuroblastoma_cnn.errors import ParameterError
+from neuroblastoma_cnn.core.errors import ParameterError
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,8 @@ def load_or_create_key(credentials_file: Path) -> bytes:
         return str(section[SECRET_FIELD]).encode()
     secret = secrets.token_hex(32)
     credentials_file.parent.mkdir(parents=True, exist_ok=True)
-    block = (f"\n# Key of the patient pseudonyms logged to MLflow (neuroblastoma_cnn.privacy):\n"
+    block = ("\n# Key of the patient pseudonyms logged to MLflow"
+             " (neuroblastoma_cnn.tracking.privacy):\n"
              f"# keep it secret and keep it: a new key gives every patient a new pseudonym.\n"
              f"{CREDENTIALS_KEY}:\n  {SECRET_FIELD}: {secret}\n")
     with credentials_file.open("a") as out:

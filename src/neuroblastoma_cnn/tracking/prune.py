@@ -33,8 +33,8 @@ from pathlib import Path
 
 import click
 
-from neuroblastoma_cnn.lineage import LINEAGE_FILE
-from neuroblastoma_cnn.promotion import FAILED, read_status
+from neuroblastoma_cnn.tracking.lineage import LINEAGE_FILE
+from neuroblastoma_cnn.tracking.promotion import FAILED, read_status
 
 logger = logging.getLogger(__name__)
 
