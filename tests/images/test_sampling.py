@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from neuroblastoma_cnn import sampling
-from neuroblastoma_cnn.errors import ParameterError
+from neuroblastoma_cnn.core.errors import ParameterError
+from neuroblastoma_cnn.images import sampling
 
 
 def draw(labels: np.ndarray, mode: str, n: int, seed: int = 0) -> np.ndarray:

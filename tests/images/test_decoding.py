@@ -20,8 +20,9 @@ import pytest
 from _params import params
 from PIL import Image, JpegImagePlugin
 
-from neuroblastoma_cnn.errors import ParameterError
-from neuroblastoma_cnn.imaging import (
+from neuroblastoma_cnn.core.errors import ParameterError
+from neuroblastoma_cnn.core.preprocessing import Preprocessing
+from neuroblastoma_cnn.images.decoding import (
     Decoded,
     ImageChecks,
     ImageRejected,
@@ -30,7 +31,6 @@ from neuroblastoma_cnn.imaging import (
     decode_scaled,
     reduce_rgb,
 )
-from neuroblastoma_cnn.preprocessing import Preprocessing
 
 CHECKS = ImageChecks(extensions=[".png", ".jpg"], max_image_pixels=10_000_000, min_image_size=16)
 BASE = params("ingestion").tiling

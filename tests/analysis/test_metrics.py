@@ -11,7 +11,7 @@ import pytest
 from matplotlib.figure import Figure
 from sklearn.metrics import classification_report, cohen_kappa_score, f1_score, roc_auc_score
 
-from neuroblastoma_cnn.metrics import (
+from neuroblastoma_cnn.analysis.metrics import (
     _macro_f1_from_counts,
     bootstrap_macro_f1,
     classification_metrics,
@@ -22,7 +22,7 @@ from neuroblastoma_cnn.metrics import (
     plot_roc_curves,
     plot_training_curves,
 )
-from neuroblastoma_cnn.predictions import aggregate_image_probabilities
+from neuroblastoma_cnn.analysis.predictions import aggregate_image_probabilities
 
 CLASSES = ["GN", "GNB", "NB"]
 # Hand example. Per class: GN tp 2 fp 1 fn 1; GNB tp 1 fp 2 fn 1; NB tp 3 fp 1 fn 2.

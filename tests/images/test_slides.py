@@ -11,8 +11,8 @@ from _params import params
 from _slides import BACH_DIR, bach_image, side_by_side, write_slide
 from PIL import Image
 
-from neuroblastoma_cnn.imaging import ImageRejected, resize_tile
-from neuroblastoma_cnn.slides import (
+from neuroblastoma_cnn.images.decoding import ImageRejected, resize_tile
+from neuroblastoma_cnn.images.slides import (
     Slide,
     chosen_tiles,
     is_slide,
@@ -82,7 +82,7 @@ def test_background_is_never_read_at_full_resolution(slide_path, monkeypatch):
         return original(self, x, y, level, width, height)
 
     monkeypatch.setattr(Slide, "read_region", spy)
-    monkeypatch.setattr("neuroblastoma_cnn.slides.TISSUE_PIXELS_PER_TILE", 16)
+    monkeypatch.setattr("neuroblastoma_cnn.images.slides.TISSUE_PIXELS_PER_TILE", 16)
     with open_slide(slide_path) as slide:
         grid = slide_grid(slide, tiling())
         fractions = tissue_fractions(slide, grid, tiling())

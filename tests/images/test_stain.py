@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from neuroblastoma_cnn import stain
-from neuroblastoma_cnn.errors import DataError, ParameterError
+from neuroblastoma_cnn.core.errors import DataError, ParameterError
+from neuroblastoma_cnn.images import stain
 
 H_E = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11]])
 # Another lab: bluer haematoxylin, pinker eosin, stronger staining overall.

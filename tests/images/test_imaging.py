@@ -9,9 +9,9 @@ import pytest
 from _params import params
 from PIL import Image
 
-from neuroblastoma_cnn import imaging
-from neuroblastoma_cnn.errors import DataError, ParameterError
-from neuroblastoma_cnn.imaging import (
+from neuroblastoma_cnn.core.errors import DataError, ParameterError
+from neuroblastoma_cnn.images import decoding as imaging
+from neuroblastoma_cnn.images.decoding import (
     ImageChecks,
     ImageRejected,
     TilingConfig,

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 from _params import store_metadata
 
-from neuroblastoma_cnn.calibration import (
+from neuroblastoma_cnn.analysis.calibration import (
     apply_temperature,
     expected_calibration_error,
     fit_temperature,
 )
-from neuroblastoma_cnn.errors import DataError
-from neuroblastoma_cnn.predictions import model_probabilities
-from neuroblastoma_cnn.preprocessing import Preprocessing
+from neuroblastoma_cnn.analysis.predictions import model_probabilities
+from neuroblastoma_cnn.core.errors import DataError
+from neuroblastoma_cnn.core.preprocessing import Preprocessing
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:

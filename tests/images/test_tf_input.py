@@ -10,9 +10,9 @@ import pytest
 import tensorflow as tf
 from _params import store_metadata
 
+from neuroblastoma_cnn.core.errors import DataError
 from neuroblastoma_cnn.datasets import write_tile_store
-from neuroblastoma_cnn.errors import DataError
-from neuroblastoma_cnn.tf_input import class_names, encode_labels, make_tf_dataset
+from neuroblastoma_cnn.images.tf_input import class_names, encode_labels, make_tf_dataset
 
 CLASSES = ["alpha", "beta", "gamma"]
 

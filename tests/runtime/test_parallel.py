@@ -11,7 +11,7 @@ from functools import partial
 
 import pytest
 
-from neuroblastoma_cnn.parallel import cpu_count, ordered_map, resolve_workers
+from neuroblastoma_cnn.runtime.parallel import cpu_count, ordered_map, resolve_workers
 
 
 class Source:

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from neuroblastoma_cnn import online_augmentation as oa
-from neuroblastoma_cnn.errors import ParameterError
-from neuroblastoma_cnn.online_augmentation import _random_stain
+from neuroblastoma_cnn.core.errors import ParameterError
+from neuroblastoma_cnn.images import online_augmentation as oa
+from neuroblastoma_cnn.images.online_augmentation import _random_stain
 
 ALL_ON = {"enabled": True, "dihedral": True, "stain_jitter": 0.05, "brightness": 0.1,
           "contrast": 0.1, "saturation": 0.1, "scale": 0.1, "translate": 0.05, "crop": 0.2}

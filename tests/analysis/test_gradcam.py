@@ -10,8 +10,8 @@ import pytest
 from _params import params
 from PIL import Image
 
-from neuroblastoma_cnn.gradcam import GradCam, feature_tensor, image_gradcam, stitch
-from neuroblastoma_cnn.imaging import TilingConfig
+from neuroblastoma_cnn.analysis.gradcam import GradCam, feature_tensor, image_gradcam, stitch
+from neuroblastoma_cnn.images.decoding import TilingConfig
 from neuroblastoma_cnn.models import build_model
 
 
