@@ -21,12 +21,13 @@ from kedro.framework.hooks import hook_impl
 from kedro.framework.project import pipelines
 from kedro.io.core import AbstractVersionedDataset
 
-from neuroblastoma_cnn import error_display, lineage, preflight, privacy, promotion, registry
+from neuroblastoma_cnn.cli import error_display, preflight
+from neuroblastoma_cnn.core.errors import DataError, ModelError
+from neuroblastoma_cnn.core.params import GROUPS, PredictParams, validate_parameters
 from neuroblastoma_cnn.datasets.image_folder import ImageFolderDataset
 from neuroblastoma_cnn.datasets.keras_model import KerasModelDataset, local_copy, read_record
-from neuroblastoma_cnn.errors import DataError, ModelError
-from neuroblastoma_cnn.params import GROUPS, PredictParams, validate_parameters
 from neuroblastoma_cnn.pipelines.predict.pyfunc import NAME_SUFFIX, log_raw_image_model
+from neuroblastoma_cnn.tracking import lineage, privacy, promotion, registry
 
 logger = logging.getLogger(__name__)
 

@@ -2,6 +2,7 @@
 
 from kedro.config import OmegaConfigLoader
 
+from neuroblastoma_cnn.core.params import TypedParamsMlflowHook
 from neuroblastoma_cnn.hooks import (
     LineageHook,
     MlflowRunTagsHook,
@@ -11,9 +12,8 @@ from neuroblastoma_cnn.hooks import (
     ProjectMlflowStoreHook,
     RunContextHook,
 )
-from neuroblastoma_cnn.params import TypedParamsMlflowHook
-from neuroblastoma_cnn.privacy import PrivacyHook
-from neuroblastoma_cnn.quiet import QuietRunHook
+from neuroblastoma_cnn.runtime.quiet import QuietRunHook
+from neuroblastoma_cnn.tracking.privacy import PrivacyHook
 
 HOOKS = (
     OneLineErrorsHook(),      # the project's own errors as one line (kedro run, notebooks)

@@ -10,8 +10,8 @@ import pytest
 from _params import CONF, environment_parameters
 from _tiny_project import kedro, make_project
 
-from neuroblastoma_cnn.errors import ParameterError
-from neuroblastoma_cnn.params import (
+from neuroblastoma_cnn.core.errors import ParameterError
+from neuroblastoma_cnn.core.params import (
     GROUPS,
     MODEL_GROUPS,
     ModelParams,

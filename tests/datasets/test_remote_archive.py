@@ -16,13 +16,13 @@ from _kather_like import ARCHIVE_NAME, TOP, make_kather_like, refused_url, serve
 from conftest import _require_bach
 from kedro.io.core import DatasetError
 
+from neuroblastoma_cnn.core.errors import DataError, ParameterError
 from neuroblastoma_cnn.datasets import RemoteArchiveDataset
 from neuroblastoma_cnn.datasets.remote_archive import (
     MARKER,
     ArchiveError,
     ArchiveParameterError,
 )
-from neuroblastoma_cnn.errors import DataError, ParameterError
 
 ATTRIBUTION = "Test tiles cut from BACH (CC BY-NC-ND 4.0)."
 

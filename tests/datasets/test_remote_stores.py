@@ -14,10 +14,10 @@ import pytest
 from _params import store_metadata
 from kedro.io.core import Version
 
-from neuroblastoma_cnn import lineage, promotion
+from neuroblastoma_cnn.core.storage import FsPath
 from neuroblastoma_cnn.datasets import KerasModelDataset, TileStoreDataset, TileStream
 from neuroblastoma_cnn.datasets.png_folder import PngFolderDataset
-from neuroblastoma_cnn.storage import FsPath
+from neuroblastoma_cnn.tracking import lineage, promotion
 
 V1, V2 = "2026-01-01T00.00.00.000Z", "2026-02-01T00.00.00.000Z"
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from _tiny_project import kedro, make_project
 
-from neuroblastoma_cnn import preflight
-from neuroblastoma_cnn.errors import ModelError
+from neuroblastoma_cnn.cli import preflight
+from neuroblastoma_cnn.core.errors import ModelError
 
 pytestmark = pytest.mark.integration
 

@@ -9,8 +9,8 @@ import pytest
 from IPython.core.interactiveshell import InteractiveShell
 from kedro.io.core import DatasetError
 
-from neuroblastoma_cnn import error_display
-from neuroblastoma_cnn.errors import DataError, ModelError, ProjectError
+from neuroblastoma_cnn.cli import error_display
+from neuroblastoma_cnn.core.errors import DataError, ModelError, ProjectError
 from neuroblastoma_cnn.hooks import OneLineErrorsHook
 
 
@@ -84,7 +84,7 @@ def test_ipython_cells_print_project_errors_as_one_line(capsys):
     try:
         # What the project's hook does when `%load_ext kedro.ipython` creates the context.
         OneLineErrorsHook().after_context_created(context=None)
-        shell.run_cell("from neuroblastoma_cnn.errors import DataError\n"
+        shell.run_cell("from neuroblastoma_cnn.core.errors import DataError\n"
                        "raise DataError('No file to classify in data/01_raw/predict', "
                        "hint='put images there')")
         out = capsys.readouterr()

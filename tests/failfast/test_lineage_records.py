@@ -7,8 +7,8 @@ import pytest
 from kedro.io.core import Version
 from kedro_datasets.pandas import CSVDataset
 
-from neuroblastoma_cnn import lineage
-from neuroblastoma_cnn.errors import DataError
+from neuroblastoma_cnn.core.errors import DataError
+from neuroblastoma_cnn.tracking import lineage
 
 OLD, NEW = "2026-01-01T00.00.00.000Z", "2026-02-01T00.00.00.000Z"
 

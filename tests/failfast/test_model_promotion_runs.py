@@ -21,9 +21,9 @@ from _tiny_project import kedro, make_project
 from click.testing import CliRunner
 from kedro.pipeline.node import Node
 
-from neuroblastoma_cnn import prune
 from neuroblastoma_cnn.datasets import TileStore, TrainedModels, load_keras_model
-from neuroblastoma_cnn.promotion import read_status, untrained_reasons
+from neuroblastoma_cnn.tracking import prune
+from neuroblastoma_cnn.tracking.promotion import read_status, untrained_reasons
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -16,12 +16,12 @@ import pytest
 from kedro.io.core import Version
 from kedro.pipeline import Node
 
-from neuroblastoma_cnn import promotion
-from neuroblastoma_cnn.cli import main
+from neuroblastoma_cnn.cli.commands import main
+from neuroblastoma_cnn.core.errors import ModelError
 from neuroblastoma_cnn.datasets import KerasModelDataset, TrainedModels
 from neuroblastoma_cnn.datasets.trained_models import ModelSelectionError
-from neuroblastoma_cnn.errors import ModelError
 from neuroblastoma_cnn.hooks import ModelPromotionHook
+from neuroblastoma_cnn.tracking import promotion
 
 V1, V2, V3 = "2026-01-01T00.00.00.000Z", "2026-02-01T00.00.00.000Z", "2026-03-01T00.00.00.000Z"
 

@@ -10,8 +10,8 @@ import mlflow
 import pytest
 from click.testing import CliRunner
 
-from neuroblastoma_cnn import promotion, prune
-from neuroblastoma_cnn.cli import main
+from neuroblastoma_cnn.cli.commands import main
+from neuroblastoma_cnn.tracking import promotion, prune
 
 V = [f"2026-0{m}-01T00.00.00.000Z" for m in range(1, 7)]  # oldest first
 

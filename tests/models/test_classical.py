@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from sklearn.metrics import f1_score
 
-from neuroblastoma_cnn.errors import DataError
+from neuroblastoma_cnn.core.errors import DataError
 from neuroblastoma_cnn.models.classical import (
     N_FEATURES,
     ColourTextureSVM,

@@ -20,11 +20,12 @@ import pytest
 from _params import params, store_metadata
 from PIL import Image
 
-from neuroblastoma_cnn.cli import main
+from neuroblastoma_cnn.analysis.gradcam import GradCam, image_gradcam
+from neuroblastoma_cnn.cli.commands import main
+from neuroblastoma_cnn.core.errors import ModelError, ParameterError
+from neuroblastoma_cnn.core.preprocessing import Preprocessing, attach_preprocessing
 from neuroblastoma_cnn.datasets import load_keras_model, save_keras_model
-from neuroblastoma_cnn.errors import ModelError, ParameterError
-from neuroblastoma_cnn.gradcam import GradCam, image_gradcam
-from neuroblastoma_cnn.imaging import TilingConfig
+from neuroblastoma_cnn.images.decoding import TilingConfig
 from neuroblastoma_cnn.models import (
     build_ensemble,
     build_model,
@@ -34,7 +35,6 @@ from neuroblastoma_cnn.models import (
 )
 from neuroblastoma_cnn.models.ensemble import ensemble_weights
 from neuroblastoma_cnn.pipelines.predict.nodes import predict_files
-from neuroblastoma_cnn.preprocessing import Preprocessing, attach_preprocessing
 
 CLASSES = ["a", "b", "c"]
 SIZE = 32

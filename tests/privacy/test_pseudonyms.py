@@ -8,7 +8,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from neuroblastoma_cnn.privacy import (
+from neuroblastoma_cnn.tracking.privacy import (
     PrivacyParams,
     Pseudonymizer,
     load_or_create_key,

@@ -1,7 +1,8 @@
 """What a person reads while a pipeline runs: Kedro's progress and our own lines, nothing that
 looks like a failure (telemetry attempts, third-party deprecation warnings, Keras progress bars),
 except the few native lines TensorFlow prints while it is imported, which are accepted rather
-than intercepted. And nothing that a crash writes is lost. See src/neuroblastoma_cnn/quiet.py.
+than intercepted. And nothing that a crash writes is lost.
+See src/neuroblastoma_cnn/runtime/quiet.py.
 """
 
 from __future__ import annotations

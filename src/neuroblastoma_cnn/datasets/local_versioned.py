@@ -6,7 +6,7 @@ Each subclass says how to read and write its artifact and what marks a complete 
 ``fs_args`` and answering ``exists`` is written once here, as kedro-datasets' own datasets do
 (``s3://``, ``gs://``, ``abfs://``, ``memory://``... through fsspec). Local paths come back as
 :class:`pathlib.Path` (so subclasses keep atomic renames and memory-mapped reads), remote ones
-as :class:`neuroblastoma_cnn.storage.FsPath`.
+as :class:`neuroblastoma_cnn.core.storage.FsPath`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from kedro.io.core import (
     get_protocol_and_path,
 )
 
-from neuroblastoma_cnn.storage import FsPath
+from neuroblastoma_cnn.core.storage import FsPath
 
 
 class LocalVersionedDataset(AbstractVersionedDataset[Any, Any]):

@@ -22,7 +22,7 @@ from kedro.io.core import (
     parse_dataset_definition,
 )
 
-from neuroblastoma_cnn import privacy
+from neuroblastoma_cnn.tracking import privacy
 
 logger = logging.getLogger(__name__)
 

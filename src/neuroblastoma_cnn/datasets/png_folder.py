@@ -20,7 +20,7 @@ import numpy as np
 from kedro.io.core import DatasetError, Version
 from PIL import Image
 
-from neuroblastoma_cnn.storage import FsPath, is_local
+from neuroblastoma_cnn.core.storage import FsPath, is_local
 
 from .local_versioned import LocalVersionedDataset
 

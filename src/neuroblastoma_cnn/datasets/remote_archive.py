@@ -13,7 +13,7 @@ What it guarantees:
 - It is unpacked into a temporary sibling folder that is renamed to ``path`` only at the end,
   with a marker file holding the verified MD5. Later loads find the marker and use the folder
   without network; a folder without it (or with another MD5) is unpacked again.
-- Failures are one :class:`~neuroblastoma_cnn.errors.DataError` that names the URL, the file
+- Failures are one :class:`~neuroblastoma_cnn.core.errors.DataError` that names the URL, the file
   path to place the zip at by hand and the MD5 it must have.
 """
 
@@ -33,7 +33,7 @@ import pooch
 import requests
 from kedro.io.core import AbstractDataset, DatasetError
 
-from neuroblastoma_cnn.errors import DataError, ParameterError
+from neuroblastoma_cnn.core.errors import DataError, ParameterError
 
 logger = logging.getLogger(__name__)
 

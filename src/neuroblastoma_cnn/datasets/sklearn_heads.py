@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from kedro.io.core import DatasetError, Version
 
-from neuroblastoma_cnn.errors import ModelError
+from neuroblastoma_cnn.core.errors import ModelError
 
 from .local_versioned import LocalVersionedDataset
 

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 from kedro.io.core import DatasetError, Version
 
-from neuroblastoma_cnn.storage import FsPath, as_path, is_local
+from neuroblastoma_cnn.core.storage import FsPath, as_path, is_local
 
 from .local_versioned import LocalVersionedDataset
 
@@ -143,6 +143,25 @@ def _shard_name(shard: int) -> str:
     return f"shard-{shard:05d}.npy"
 
 
+def _checked_tile(raw_tile: Any, meta: Mapping[str, Any],
+                  tile_shape: tuple[int, ...] | None) -> np.ndarray:
+    """The tile as an array, once it is uint8 [H, W, C] of the store's shape (``tile_shape``,
+    None for the first tile) and its metadata uses no reserved column."""
+    tile = np.asarray(raw_tile)
+    if tile.dtype != np.uint8 or tile.ndim != 3:
+        raise DatasetError(
+            f"Tiles must be uint8 arrays [H, W, C]; got {tile.dtype} {tile.shape}."
+        )
+    if tile_shape is not None and tile.shape != tile_shape:
+        raise DatasetError(
+            f"All tiles in a store must share one shape: {tile.shape} after {tile_shape}."
+        )
+    bad = set(meta) & set(RESERVED_COLUMNS)
+    if bad:
+        raise DatasetError(f"Tile metadata may not use reserved columns {sorted(bad)}.")
+    return tile
+
+
 def write_tile_store(
     path: str | Path,
     records: Iterable[TileRecord],
@@ -177,20 +196,8 @@ def write_tile_store(
 
     try:
         for raw_tile, meta in records:
-            tile = np.asarray(raw_tile)
-            if tile.dtype != np.uint8 or tile.ndim != 3:
-                raise DatasetError(
-                    f"Tiles must be uint8 arrays [H, W, C]; got {tile.dtype} {tile.shape}."
-                )
-            if tile_shape is None:
-                tile_shape = tile.shape
-            elif tile.shape != tile_shape:
-                raise DatasetError(
-                    f"All tiles in a store must share one shape: {tile.shape} after {tile_shape}."
-                )
-            bad = set(meta) & set(RESERVED_COLUMNS)
-            if bad:
-                raise DatasetError(f"Tile metadata may not use reserved columns {sorted(bad)}.")
+            tile = _checked_tile(raw_tile, meta, tile_shape)
+            tile_shape = tile.shape
             rows.append({"tile_id": len(rows), "shard": shard, "offset": len(buffer), **meta})
             buffer.append(tile)
             if len(buffer) >= shard_size:

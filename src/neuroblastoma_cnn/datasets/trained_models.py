@@ -13,16 +13,15 @@ string saying exactly which model it is. A model without a record is refused.
 
 from __future__ import annotations
 
-import importlib
 import logging
 from pathlib import Path
 from typing import Any
 
 from kedro.io.core import AbstractDataset, DatasetError
 
-from neuroblastoma_cnn.errors import ModelError
-from neuroblastoma_cnn.preprocessing import attach_preprocessing
-from neuroblastoma_cnn.promotion import PROMOTED, is_usable, read_status
+from neuroblastoma_cnn.core.errors import ModelError
+from neuroblastoma_cnn.core.preprocessing import attach_preprocessing
+from neuroblastoma_cnn.tracking.promotion import PROMOTED, is_usable, read_status
 
 from .keras_model import load_keras_model
 
@@ -37,13 +36,15 @@ class ModelSelectionError(ModelError):
 
 
 def trainable_models() -> list[str]:
-    """The models this project registers a ``train_<name>`` pipeline for (only asked when a
-    name is not found: importing the registry loads the pipelines)."""
+    """The models this project trains, one ``train_<name>`` pipeline each: the architectures of
+    :mod:`neuroblastoma_cnn.models` (only asked when a name is not found: they load Keras).
+    ``pipeline_registry.MODELS`` lists the same names (tests/core/test_layers.py checks it); the
+    registry itself is not imported here, as it imports the pipelines, which import datasets."""
     try:
-        registry = importlib.import_module("neuroblastoma_cnn.pipeline_registry")
+        from neuroblastoma_cnn.models import ARCHITECTURES  # noqa: PLC0415  (lazy: Keras)
     except Exception:  # a broken import must not hide the message being built
         return []
-    return list(getattr(registry, "MODELS", ()))
+    return list(ARCHITECTURES)
 
 
 def is_mlflow_uri(spec: str) -> bool:

@@ -8,7 +8,7 @@ from typing import Any
 
 import keras
 
-from neuroblastoma_cnn.errors import ModelError, ParameterError
+from neuroblastoma_cnn.core.errors import ModelError, ParameterError
 
 from . import resnet34, resnet50
 from .ensemble import (  # importing it registers WeightedMean: every loader imports models

@@ -29,9 +29,9 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
-from neuroblastoma_cnn.errors import DataError, ParameterError
-from neuroblastoma_cnn.imaging import ImageRejected, Reason, to_rgb8
-from neuroblastoma_cnn.stain import HED_FROM_RGB, optical_density, tissue_od_mask
+from neuroblastoma_cnn.core.errors import DataError, ParameterError
+from neuroblastoma_cnn.images.decoding import ImageRejected, Reason, to_rgb8
+from neuroblastoma_cnn.images.stain import HED_FROM_RGB, optical_density, tissue_od_mask
 
 logger = logging.getLogger(__name__)
 

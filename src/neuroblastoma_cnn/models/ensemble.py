@@ -28,8 +28,12 @@ from typing import Any
 
 import keras
 
-from neuroblastoma_cnn.errors import ModelError, ParameterError
-from neuroblastoma_cnn.preprocessing import Preprocessing, attach_preprocessing, preprocessing_of
+from neuroblastoma_cnn.core.errors import ModelError, ParameterError
+from neuroblastoma_cnn.core.preprocessing import (
+    Preprocessing,
+    attach_preprocessing,
+    preprocessing_of,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from neuroblastoma_cnn.core.errors import ModelError
+from neuroblastoma_cnn.core.preprocessing import preprocessing_of
 from neuroblastoma_cnn.datasets.sklearn_heads import (
     HEADS_FILE,
     check_head_extractor,
@@ -25,8 +27,6 @@ from neuroblastoma_cnn.datasets.sklearn_heads import (
     sha256_json,
     weights_sha256,
 )
-from neuroblastoma_cnn.errors import ModelError
-from neuroblastoma_cnn.preprocessing import preprocessing_of
 
 from . import features_and_head
 

@@ -33,7 +33,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
-from neuroblastoma_cnn.errors import ModelError
+from neuroblastoma_cnn.core.errors import ModelError
 from neuroblastoma_cnn.models.split import split_at_features
 
 logger = logging.getLogger(__name__)

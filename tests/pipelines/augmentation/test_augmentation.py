@@ -10,8 +10,9 @@ import pytest
 from _params import params as typed
 from _params import store_metadata
 
+from neuroblastoma_cnn.core.errors import ParameterError
+from neuroblastoma_cnn.core.preprocessing import Preprocessing
 from neuroblastoma_cnn.datasets import TileStore, write_tile_store
-from neuroblastoma_cnn.errors import ParameterError
 from neuroblastoma_cnn.pipelines.augmentation import create_pipeline
 from neuroblastoma_cnn.pipelines.augmentation.nodes import (
     TileAugmenter,
@@ -20,7 +21,6 @@ from neuroblastoma_cnn.pipelines.augmentation.nodes import (
     plot_augmentation_grid,
     stain_jitter,
 )
-from neuroblastoma_cnn.preprocessing import Preprocessing
 
 SIZE = 16
 TARGET = 12

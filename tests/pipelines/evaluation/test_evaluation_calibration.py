@@ -13,11 +13,11 @@ import tensorflow as tf
 from _params import params, store_metadata
 from matplotlib.figure import Figure
 
-from neuroblastoma_cnn.calibration import apply_temperature
+from neuroblastoma_cnn.analysis.calibration import apply_temperature
+from neuroblastoma_cnn.core.errors import DataError
+from neuroblastoma_cnn.core.preprocessing import Preprocessing
 from neuroblastoma_cnn.datasets import write_tile_store
-from neuroblastoma_cnn.errors import DataError
 from neuroblastoma_cnn.pipelines.evaluation import nodes
-from neuroblastoma_cnn.preprocessing import Preprocessing
 
 CLASSES = ["a", "b"]
 

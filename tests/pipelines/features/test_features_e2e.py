@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from neuroblastoma_cnn.core.errors import ModelError
 from neuroblastoma_cnn.datasets import load_keras_model
 from neuroblastoma_cnn.datasets.sklearn_heads import load_heads
-from neuroblastoma_cnn.errors import ModelError
 from neuroblastoma_cnn.models.feature_heads import extractor_identity
 from neuroblastoma_cnn.pipelines.features.nodes import ATTRS, CNN_PREDICTOR, feature_columns
 

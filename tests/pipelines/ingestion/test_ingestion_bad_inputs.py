@@ -19,7 +19,7 @@ from _params import params
 from PIL import Image
 
 from neuroblastoma_cnn.datasets import TileStore, write_tile_store
-from neuroblastoma_cnn.imaging import decode_image
+from neuroblastoma_cnn.images.decoding import decode_image
 from neuroblastoma_cnn.pipelines.ingestion.nodes import (
     NoUsableImagesError,
     build_image_manifest,

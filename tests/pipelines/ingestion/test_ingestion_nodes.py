@@ -15,9 +15,10 @@ from kedro.io.core import DatasetError, Version
 from kedro_datasets.pandas import CSVDataset
 from PIL import Image
 
+from neuroblastoma_cnn.core.errors import ParameterError
+from neuroblastoma_cnn.core.preprocessing import Preprocessing
 from neuroblastoma_cnn.datasets import ImageFolderDataset, TileStoreDataset, write_tile_store
-from neuroblastoma_cnn.errors import ParameterError
-from neuroblastoma_cnn.imaging import ImageChecks
+from neuroblastoma_cnn.images.decoding import ImageChecks
 from neuroblastoma_cnn.pipelines.ingestion import create_pipeline, nodes
 from neuroblastoma_cnn.pipelines.ingestion.nodes import (
     NoUsableImagesError,
@@ -25,7 +26,6 @@ from neuroblastoma_cnn.pipelines.ingestion.nodes import (
     build_image_manifest,
     tile_images,
 )
-from neuroblastoma_cnn.preprocessing import Preprocessing
 
 PINK = (200, 110, 190)  # eosin/haematoxylin-like: saturated, not bright
 WHITE = (245, 245, 245)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from neuroblastoma_cnn.cli import main
+from neuroblastoma_cnn.cli.commands import main
 
 
 def test_predict_in_process_restores_the_callers_logging(tmp_path, caplog):

@@ -13,12 +13,12 @@ from _params import params, store_metadata
 from _slides import BACH_DIR, bach_image, side_by_side, write_slide
 from PIL import Image
 
-from neuroblastoma_cnn.cli import main
+from neuroblastoma_cnn.cli.commands import main
+from neuroblastoma_cnn.core.preprocessing import Preprocessing, attach_preprocessing
 from neuroblastoma_cnn.datasets import save_keras_model
-from neuroblastoma_cnn.imaging import ImageRejected
+from neuroblastoma_cnn.images.decoding import ImageRejected
+from neuroblastoma_cnn.images.slides import Slide
 from neuroblastoma_cnn.pipelines.predict import nodes, slide_outputs
-from neuroblastoma_cnn.preprocessing import Preprocessing, attach_preprocessing
-from neuroblastoma_cnn.slides import Slide
 
 pytestmark = pytest.mark.skipif(not (BACH_DIR / "images").is_dir(), reason="no BACH images")
 
@@ -94,7 +94,8 @@ def test_a_slide_failing_half_way_is_rejected_and_the_others_kept(files, monkeyp
         return original(self, x, y, level, width, height)
 
     monkeypatch.setattr(Slide, "read_region", fail_late)
-    monkeypatch.setattr("neuroblastoma_cnn.slides.TISSUE_PIXELS_PER_TILE", 16)  # tissue: level 2
+    monkeypatch.setattr(  # tissue: level 2
+        "neuroblastoma_cnn.images.slides.TISSUE_PIXELS_PER_TILE", 16)
     monkeypatch.setattr(slide_outputs, "CHUNK_TILES", 8)  # two chunks predicted before the cut
     chosen = [f for f in files if f[0] in ("crop.png", "two.tif")]
     predictions, tiles = nodes.predict_files(chosen[::-1] + chosen, tiny_model(),

@@ -12,10 +12,10 @@ import tensorflow as tf
 from _params import params, store_metadata
 from PIL import Image
 
-from neuroblastoma_cnn.online_augmentation import dihedral_numpy
+from neuroblastoma_cnn.core.preprocessing import Preprocessing, attach_preprocessing
+from neuroblastoma_cnn.images.online_augmentation import dihedral_numpy
+from neuroblastoma_cnn.images.stain import fit_stain_reference, normalise_tiles
 from neuroblastoma_cnn.pipelines.predict import nodes
-from neuroblastoma_cnn.preprocessing import Preprocessing, attach_preprocessing
-from neuroblastoma_cnn.stain import fit_stain_reference, normalise_tiles
 
 CLASSES = ["a", "b"]
 

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from _params import params as typed
 
+from neuroblastoma_cnn.core.errors import ParameterError
 from neuroblastoma_cnn.datasets import TileStore, write_tile_store
-from neuroblastoma_cnn.errors import ParameterError
 from neuroblastoma_cnn.pipelines.splitting import create_pipeline
 from neuroblastoma_cnn.pipelines.splitting.nodes import (
     SPLIT_COLUMNS,

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from _params import params as typed
 
-from neuroblastoma_cnn.errors import DataError
+from neuroblastoma_cnn.core.errors import DataError
 from neuroblastoma_cnn.pipelines.splitting.nodes import (
     SPLIT_COLUMNS,
     check_no_leakage,

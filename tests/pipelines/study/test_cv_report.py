@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from scipy import stats
 from sklearn.metrics import accuracy_score, f1_score
 
-from neuroblastoma_cnn import metrics as m
+from neuroblastoma_cnn.analysis import metrics as m
 from neuroblastoma_cnn.pipelines.study import cv_report as cr
 from neuroblastoma_cnn.pipelines.study.cross_validation import (
     HELD_OUT_SET,

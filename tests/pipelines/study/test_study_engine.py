@@ -26,7 +26,7 @@ from _study_fakes import (
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from neuroblastoma_cnn.errors import DataError
+from neuroblastoma_cnn.core.errors import DataError
 from neuroblastoma_cnn.pipelines.study import config, engine, results, tracking
 from neuroblastoma_cnn.pipelines.study.engine import ATTR_METRICS
 

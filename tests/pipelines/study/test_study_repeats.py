@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from neuroblastoma_cnn.errors import DataError, ParameterError
+from neuroblastoma_cnn.core.errors import DataError, ParameterError
 from neuroblastoma_cnn.pipelines.study import repeats
 
 

@@ -98,7 +98,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO)
     import keras  # noqa: PLC0415
 
-    from neuroblastoma_cnn import distribution  # noqa: PLC0415
+    from neuroblastoma_cnn.runtime import distribution  # noqa: PLC0415
 
     class Slow(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):

@@ -13,8 +13,8 @@ from _params import params, store_metadata, study_params
 from sklearn.metrics import f1_score
 
 from neuroblastoma_cnn.datasets import write_tile_store
+from neuroblastoma_cnn.images.tf_input import encode_labels, make_tf_dataset, split_tile_ids
 from neuroblastoma_cnn.pipelines.training import nodes
-from neuroblastoma_cnn.tf_input import encode_labels, make_tf_dataset, split_tile_ids
 
 CLASSES = ["alpha", "beta", "gamma"]
 

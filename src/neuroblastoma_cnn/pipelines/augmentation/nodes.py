@@ -27,10 +27,10 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from neuroblastoma_cnn.core.errors import DataError
+from neuroblastoma_cnn.core.params import AugmentationParams
+from neuroblastoma_cnn.core.preprocessing import RECORD_KEYS
 from neuroblastoma_cnn.datasets import TileStore, TileStream
-from neuroblastoma_cnn.errors import DataError
-from neuroblastoma_cnn.params import AugmentationParams
-from neuroblastoma_cnn.preprocessing import RECORD_KEYS
 
 logger = logging.getLogger(__name__)
 

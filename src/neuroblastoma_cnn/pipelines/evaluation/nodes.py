@@ -24,8 +24,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from neuroblastoma_cnn import metrics as m
-from neuroblastoma_cnn.calibration import (
+from neuroblastoma_cnn.analysis import metrics as m
+from neuroblastoma_cnn.analysis.calibration import (
     apply_temperature,
     expected_calibration_error,
     fit_temperature,
@@ -33,21 +33,26 @@ from neuroblastoma_cnn.calibration import (
     image_nll,
     plot_reliability,
 )
-from neuroblastoma_cnn.datasets.tile_store import TileStore
-from neuroblastoma_cnn.errors import DataError, ModelError
-from neuroblastoma_cnn.gradcam import GradCam, store_image_overlay
-from neuroblastoma_cnn.online_augmentation import tta_probabilities
-from neuroblastoma_cnn.params import EvaluationParams, ModelParams, TrainingParams
-from neuroblastoma_cnn.predictions import (
+from neuroblastoma_cnn.analysis.gradcam import GradCam, store_image_overlay
+from neuroblastoma_cnn.analysis.predictions import (
     aggregate_image_probabilities,
     class_names_of,
     model_probabilities,
     probability_column,
     probability_columns,
 )
-from neuroblastoma_cnn.preprocessing import Preprocessing, preprocessing_of
-from neuroblastoma_cnn.stain import as_seen_by_model
-from neuroblastoma_cnn.tf_input import class_names, encode_labels, make_tf_dataset, split_tile_ids
+from neuroblastoma_cnn.core.errors import DataError, ModelError
+from neuroblastoma_cnn.core.params import EvaluationParams, ModelParams, TrainingParams
+from neuroblastoma_cnn.core.preprocessing import Preprocessing, preprocessing_of
+from neuroblastoma_cnn.datasets.tile_store import TileStore
+from neuroblastoma_cnn.images.online_augmentation import tta_probabilities
+from neuroblastoma_cnn.images.stain import as_seen_by_model
+from neuroblastoma_cnn.images.tf_input import (
+    class_names,
+    encode_labels,
+    make_tf_dataset,
+    split_tile_ids,
+)
 
 from .model_card import build_model_card, markdown_to_html
 

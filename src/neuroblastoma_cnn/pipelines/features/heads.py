@@ -42,7 +42,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 from sklearn.tree import DecisionTreeClassifier
 
-from neuroblastoma_cnn.errors import DataError, ParameterError
+from neuroblastoma_cnn.core.errors import DataError, ParameterError
 
 from .params import CvParams, HeadParams, HeadsParams
 

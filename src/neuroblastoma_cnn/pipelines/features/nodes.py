@@ -27,14 +27,14 @@ import pandas as pd
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from neuroblastoma_cnn import metrics as m
-from neuroblastoma_cnn import predictions as pt
+from neuroblastoma_cnn.analysis import metrics as m
+from neuroblastoma_cnn.analysis import predictions as pt
+from neuroblastoma_cnn.analysis.predictions import aggregate_image_probabilities
+from neuroblastoma_cnn.core.errors import DataError, ModelError
+from neuroblastoma_cnn.core.params import EvaluationParams
 from neuroblastoma_cnn.datasets.sklearn_heads import check_head_extractor, head_probabilities
 from neuroblastoma_cnn.datasets.tile_store import TileStore
-from neuroblastoma_cnn.errors import DataError, ModelError
-from neuroblastoma_cnn.params import EvaluationParams
-from neuroblastoma_cnn.predictions import aggregate_image_probabilities
-from neuroblastoma_cnn.tf_input import class_names, make_tf_dataset
+from neuroblastoma_cnn.images.tf_input import class_names, make_tf_dataset
 
 from .heads import as_heads_params, fit_head, group_folds
 from .params import ExtractionParams, ExtractorParams, HeadsParams
@@ -61,11 +61,11 @@ def select_extractor(trained_models: Any, tiles: TileStore, params: ExtractorPar
         params, "features.extractors")
     if p.source == "trained":
         return trained_models.load(p.architecture, p.version)
-    from neuroblastoma_cnn.models import build_model  # noqa: PLC0415  (lazy: Keras)
-    from neuroblastoma_cnn.preprocessing import (  # noqa: PLC0415  (lazy: with the model)
+    from neuroblastoma_cnn.core.preprocessing import (  # noqa: PLC0415  (lazy: with the model)
         Preprocessing,
         attach_preprocessing,
     )
+    from neuroblastoma_cnn.models import build_model  # noqa: PLC0415  (lazy: Keras)
 
     if p.architecture != "resnet50" and p.weights is not None:
         raise ModelError(f"features.extractors: {p.architecture} has no pretrained weights "

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from neuroblastoma_cnn.params import Params
+from neuroblastoma_cnn.core.params import Params
 
 Split = Literal["train", "validation", "test"]
 PositiveInt = Annotated[int, Field(gt=0)]

@@ -31,13 +31,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from neuroblastoma_cnn.core.errors import DataError
+from neuroblastoma_cnn.core.params import IngestionParams
+from neuroblastoma_cnn.core.preprocessing import Preprocessing
 from neuroblastoma_cnn.datasets import TileStream
-from neuroblastoma_cnn.errors import DataError
-from neuroblastoma_cnn.imaging import ImageRejected, Reason, decode_scaled, is_hidden
-from neuroblastoma_cnn.parallel import ordered_map, resolve_workers
-from neuroblastoma_cnn.params import IngestionParams
-from neuroblastoma_cnn.preprocessing import Preprocessing
-from neuroblastoma_cnn.slides import (
+from neuroblastoma_cnn.images.decoding import ImageRejected, Reason, decode_scaled, is_hidden
+from neuroblastoma_cnn.images.slides import (
     SLIDE_EXTENSIONS,
     chosen_tiles,
     is_slide,
@@ -46,6 +45,7 @@ from neuroblastoma_cnn.slides import (
     slide_grid,
     tissue_fractions,
 )
+from neuroblastoma_cnn.runtime.parallel import ordered_map, resolve_workers
 
 logger = logging.getLogger(__name__)
 

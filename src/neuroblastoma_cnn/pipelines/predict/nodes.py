@@ -43,22 +43,28 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
-from neuroblastoma_cnn.errors import DataError
-from neuroblastoma_cnn.gradcam import GradCam, image_gradcam, overlay
-from neuroblastoma_cnn.imaging import Decoded, ImageRejected, TilingConfig, decode_scaled, is_hidden
-from neuroblastoma_cnn.online_augmentation import N_DIHEDRAL, dihedral_numpy
-from neuroblastoma_cnn.parallel import ordered_map
-from neuroblastoma_cnn.params import PredictParams
-from neuroblastoma_cnn.predictions import (
+from neuroblastoma_cnn.analysis.gradcam import GradCam, image_gradcam, overlay
+from neuroblastoma_cnn.analysis.predictions import (
     FLAG_COLUMNS,
     aggregate_image_probabilities,
     model_probabilities,
     prediction_columns,
     probability_column,
 )
-from neuroblastoma_cnn.preprocessing import Preprocessing, preprocessing_of
-from neuroblastoma_cnn.slides import is_slide
-from neuroblastoma_cnn.stain import normalise_tiles
+from neuroblastoma_cnn.core.errors import DataError
+from neuroblastoma_cnn.core.params import PredictParams
+from neuroblastoma_cnn.core.preprocessing import Preprocessing, preprocessing_of
+from neuroblastoma_cnn.images.decoding import (
+    Decoded,
+    ImageRejected,
+    TilingConfig,
+    decode_scaled,
+    is_hidden,
+)
+from neuroblastoma_cnn.images.online_augmentation import N_DIHEDRAL, dihedral_numpy
+from neuroblastoma_cnn.images.slides import is_slide
+from neuroblastoma_cnn.images.stain import normalise_tiles
+from neuroblastoma_cnn.runtime.parallel import ordered_map
 
 from .slide_outputs import (
     HEATMAP_SUFFIX,

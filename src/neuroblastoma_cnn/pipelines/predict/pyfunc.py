@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from neuroblastoma_cnn.params import PredictParams
-from neuroblastoma_cnn.predictions import probability_column
-from neuroblastoma_cnn.preprocessing import Preprocessing
+from neuroblastoma_cnn.analysis.predictions import probability_column
+from neuroblastoma_cnn.core.params import PredictParams
+from neuroblastoma_cnn.core.preprocessing import Preprocessing
 
 from . import nodes
 

@@ -27,18 +27,18 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
-from neuroblastoma_cnn.gradcam import overlay
-from neuroblastoma_cnn.params import PredictParams
-from neuroblastoma_cnn.predictions import probability_column
-from neuroblastoma_cnn.preprocessing import Preprocessing
-from neuroblastoma_cnn.slides import (
+from neuroblastoma_cnn.analysis.gradcam import overlay
+from neuroblastoma_cnn.analysis.predictions import probability_column
+from neuroblastoma_cnn.core.params import PredictParams
+from neuroblastoma_cnn.core.preprocessing import Preprocessing
+from neuroblastoma_cnn.images.slides import (
     chosen_tiles,
     open_slide,
     read_tiles,
     slide_grid,
     tissue_fractions,
 )
-from neuroblastoma_cnn.stain import normalise_tiles
+from neuroblastoma_cnn.images.stain import normalise_tiles
 
 logger = logging.getLogger(__name__)
 

@@ -47,9 +47,9 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
+from neuroblastoma_cnn.core.errors import DataError
+from neuroblastoma_cnn.core.params import SplittingParams
 from neuroblastoma_cnn.datasets import TileStore
-from neuroblastoma_cnn.errors import DataError
-from neuroblastoma_cnn.params import SplittingParams
 
 logger = logging.getLogger(__name__)
 

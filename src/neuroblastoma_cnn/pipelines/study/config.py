@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from neuroblastoma_cnn.errors import ParameterError
+from neuroblastoma_cnn.core.errors import ParameterError
 
 Mode = Literal["grid", "search"]
 # How a study's repeats are formed; the test split always stays the split table's own.

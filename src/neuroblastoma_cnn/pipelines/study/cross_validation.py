@@ -19,10 +19,10 @@ import mlflow
 import numpy as np
 import pandas as pd
 
+from neuroblastoma_cnn.analysis.predictions import probability_column
+from neuroblastoma_cnn.core.errors import ParameterError
+from neuroblastoma_cnn.core.params import CrossValidationParams, EvaluationParams
 from neuroblastoma_cnn.datasets.tile_store import TileStore
-from neuroblastoma_cnn.errors import ParameterError
-from neuroblastoma_cnn.params import CrossValidationParams, EvaluationParams
-from neuroblastoma_cnn.predictions import probability_column
 
 from . import engine, tracking
 from .config import StudyPlan, Variant

@@ -25,9 +25,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from neuroblastoma_cnn import metrics as m
-from neuroblastoma_cnn.params import CrossValidationParams, EvaluationParams
-from neuroblastoma_cnn.predictions import probability_columns
+from neuroblastoma_cnn.analysis import metrics as m
+from neuroblastoma_cnn.analysis.predictions import probability_columns
+from neuroblastoma_cnn.core.params import CrossValidationParams, EvaluationParams
 
 from . import statistics as st
 from .cross_validation import HELD_OUT_SET, OUTER_SET

@@ -49,7 +49,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from neuroblastoma_cnn.errors import DataError, ParameterError, ProjectError
+from neuroblastoma_cnn.core.errors import DataError, ParameterError, ProjectError
 
 from . import tracking
 from .config import StudyPlan

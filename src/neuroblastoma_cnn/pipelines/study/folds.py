@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from neuroblastoma_cnn.errors import DataError, ParameterError
+from neuroblastoma_cnn.core.errors import DataError, ParameterError
 
 from .repeats import _draw_validation_groups
 

@@ -13,7 +13,7 @@ import logging
 import numpy as np
 import pandas as pd
 
-from neuroblastoma_cnn.errors import DataError, ParameterError
+from neuroblastoma_cnn.core.errors import DataError, ParameterError
 
 logger = logging.getLogger(__name__)
 

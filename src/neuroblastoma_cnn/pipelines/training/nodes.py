@@ -45,14 +45,20 @@ import pandas as pd
 from matplotlib.figure import Figure
 from pydantic import TypeAdapter
 
-from neuroblastoma_cnn import distribution, sampling
+from neuroblastoma_cnn.core.errors import DataError, ParameterError
+from neuroblastoma_cnn.core.params import OPTIMIZERS, ModelParams, Schedule, TrainingParams
+from neuroblastoma_cnn.core.preprocessing import Preprocessing
 from neuroblastoma_cnn.datasets.tile_store import TileStore
-from neuroblastoma_cnn.errors import DataError, ParameterError
-from neuroblastoma_cnn.online_augmentation import make_augmenter
-from neuroblastoma_cnn.params import OPTIMIZERS, ModelParams, Schedule, TrainingParams
-from neuroblastoma_cnn.preprocessing import Preprocessing
-from neuroblastoma_cnn.stain import as_seen_by_model, fit_stain_reference
-from neuroblastoma_cnn.tf_input import class_names, encode_labels, make_tf_dataset, split_tile_ids
+from neuroblastoma_cnn.images import sampling
+from neuroblastoma_cnn.images.online_augmentation import make_augmenter
+from neuroblastoma_cnn.images.stain import as_seen_by_model, fit_stain_reference
+from neuroblastoma_cnn.images.tf_input import (
+    class_names,
+    encode_labels,
+    make_tf_dataset,
+    split_tile_ids,
+)
+from neuroblastoma_cnn.runtime import distribution
 
 logger = logging.getLogger(__name__)
 
