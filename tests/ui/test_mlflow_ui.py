@@ -114,3 +114,44 @@ def test_mlflow_server_shows_runs_metrics_figures_and_models(trained: TrainedPro
         assert text in dom, f"run page lacks {text!r}"
     assert_not_blank(png)
     copy_to_docs(tmp_path / "mlflow-run.png", "mlflow-run.png")
+
+
+def test_mlflow_ui_shows_the_model_card_and_the_registered_model(trained: TrainedProject,
+                                                                  tmp_path: Path):
+    """Issue 21 as a user sees it: the run's model card drawn in the artifact viewer, and the
+    registered raw-image model with its metric tags and the ``champion`` alias."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    command = [MLFLOW, "server", "--backend-store-uri", "sqlite:///mlflow.db",
+               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    env = run_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    name = f"{EXPERIMENT}-resnet34"
+    with serving(command, f"{base}/health", trained.path, tmp_path / "mlflow.log", env=env):
+        experiment = _get(base, "/api/2.0/mlflow/experiments/get-by-name",
+                          experiment_name=EXPERIMENT)["experiment"]
+        run_id = _run(base, experiment["experiment_id"], "train_resnet34")["info"]["run_id"]
+        version = _get(base, "/api/2.0/mlflow/model-versions/get", name=name,
+                       version="1")["model_version"]
+        assert version["run_id"] == run_id
+        tags = {t["key"]: t["value"] for t in version["tags"]}
+        assert {"test_f1_macro", "test_ece_before", "temperature"} <= set(tags)
+        with Page(tmp_path / "chromium") as page:
+            page.open(f"{base}/health", ready="document.readyState === 'complete'")
+            page.evaluate("localStorage.setItem("
+                          "'mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true')")
+            page.open(f"{base}/#/experiments/{experiment['experiment_id']}/runs/{run_id}/"
+                      "artifacts/resnet34/model_card.html",
+                      ready="document.querySelector('iframe[srcdoc]') !== null")
+            card = str(page.evaluate("document.querySelector('iframe[srcdoc]').srcdoc"))
+            card_png = page.screenshot(tmp_path / "mlflow-model-card.png")
+            page.open(f"{base}/#/models/{name}",
+                      ready="document.body.innerText.includes('test_f1_macro')")
+            registry_text = str(page.evaluate("document.body.innerText"))
+            registry_png = page.screenshot(tmp_path / "mlflow-registered-model.png")
+    assert "Model card: resnet34" in card and "not for diagnosis" in card
+    assert "Version 1" in registry_text and "test_ece_before" in registry_text
+    assert ("champion" in registry_text) == (tags["champion_at_registration"] == "yes")
+    for png in (card_png, registry_png):
+        assert_not_blank(png)
+    copy_to_docs(tmp_path / "mlflow-model-card.png", "mlflow-model-card.png")
+    copy_to_docs(tmp_path / "mlflow-registered-model.png", "mlflow-registered-model.png")
