@@ -274,7 +274,7 @@ def log_raw_image_model(keras_file: str | Path, params: PredictParams,
         params_file = Path(tmp) / "predict_params.json"
         params_file.write_text(json.dumps(settings.model_dump(mode="json")))
         info = mlflow.pyfunc.log_model(
-            name=name, python_model=RawImageModel(),
+            name=name, python_model=str(Path(__file__).with_name("pyfunc_model.py")),
             artifacts={MODEL_ARTIFACT: str(keras_file), PARAMS_ARTIFACT: str(params_file)},
             code_paths=[str(_package_code(Path(tmp)))],
             signature=_signature(classes, settings.tta),
