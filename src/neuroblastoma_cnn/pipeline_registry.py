@@ -28,7 +28,7 @@ MODELS = ("resnet34", "resnet50")
 #: What `kedro run --pipeline=cross_validate` cross-validates (README "Cross-validation").
 DEFAULT_CV_MODEL = "resnet34"
 # Data-half outputs the model halves read under their plain (shared) names.
-SHARED_INPUTS = {"augmented_train_tiles", "tiles", "split_table", "run_context"}
+SHARED_INPUTS = {"augmented_train_tiles", "tiles", "split_table", "run_context", "raw_images"}
 
 
 def model_pipeline(model: str) -> Pipeline:
@@ -37,7 +37,7 @@ def model_pipeline(model: str) -> Pipeline:
         [training.create_pipeline(), evaluation.create_pipeline()],
         namespace=model,
         inputs=SHARED_INPUTS,
-        parameters={"params:evaluation"},
+        parameters={"params:evaluation", "params:cross_validation"},
     )
 
 

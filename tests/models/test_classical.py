@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _synthetic_tissue import CLASSES, tissue
 from PIL import Image
 from sklearn.metrics import f1_score
 
@@ -26,27 +27,6 @@ from neuroblastoma_cnn.models.classical import (
     load_downscaled,
 )
 
-# Deliberately not 4 or 5 classes, and names that sort differently from their creation order.
-CLASSES = ("zeta_smooth_pink", "Alpha_purple_dots", "mid stripes")
-
-
-def _tissue(label: str, rng: np.random.Generator, size: int = 96) -> np.ndarray:
-    """An RGB uint8 image whose colour and texture depend on its class (and a little on chance)."""
-    y, x = np.mgrid[:size, :size]
-    shift = rng.integers(-12, 13, 3)
-    if label == CLASSES[0]:  # eosin-pink, smooth
-        base = np.array([235, 160, 200]) + shift
-        image = base + rng.normal(0, 3, (size, size, 3))
-    elif label == CLASSES[1]:  # purple nuclei on pale background
-        image = np.full((size, size, 3), 240.0) + shift
-        for cy, cx in rng.integers(0, size, (60, 2)):
-            image[(y - cy) ** 2 + (x - cx) ** 2 < 9] = [90, 40, 140]
-    else:  # blue-grey stripes
-        period = 6 + rng.integers(0, 3)
-        stripes = (np.sin(2 * np.pi * x / period) > 0)[..., None]
-        image = np.where(stripes, [120, 140, 200], [210, 215, 235]) + shift
-    return np.clip(image, 0, 255).astype(np.uint8)
-
 
 def _write(folder: Path, groups_per_class: int, per_group: int, seed: int
            ) -> tuple[list[Path], list[str], list[str]]:
@@ -58,7 +38,7 @@ def _write(folder: Path, groups_per_class: int, per_group: int, seed: int
             for i in range(per_group):
                 ext = ".png" if i % 2 else ".jpg"
                 path = folder / f"{group}_{i}{ext}"
-                Image.fromarray(_tissue(label, rng)).save(path, quality=90)
+                Image.fromarray(tissue(label, rng)).save(path, quality=90)
                 paths.append(path)
                 labels.append(label)
                 groups.append(group)
@@ -90,7 +70,7 @@ def test_image_features_have_a_fixed_length_and_are_finite():
         np.full((40, 50, 3), 255, np.uint8),  # blank glass: no tissue pixel at all
         np.zeros((16, 16, 3), np.uint8),
         rng.integers(0, 256, (33, 61, 3), dtype=np.uint8),
-        _tissue(CLASSES[1], rng),
+        tissue(CLASSES[1], rng),
     ]
     for rgb in images:
         features = image_features(rgb)
@@ -116,7 +96,7 @@ def test_describe_images_gives_one_row_per_path_in_order(data):
 def test_a_truncated_jpeg_is_a_data_error_naming_the_file(tmp_path):
     path = tmp_path / "Benign" / "cut.jpg"
     path.parent.mkdir()
-    Image.fromarray(_tissue(CLASSES[0], np.random.default_rng(0), 256)).save(path, quality=95)
+    Image.fromarray(tissue(CLASSES[0], np.random.default_rng(0), 256)).save(path, quality=95)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
     with pytest.raises(DataError, match="truncated or corrupt") as caught:
         describe_images([path], downscale=1)
@@ -128,7 +108,7 @@ def test_a_truncated_jpeg_is_a_data_error_naming_the_file(tmp_path):
 
 def test_a_text_file_is_a_data_error_naming_the_file(tmp_path):
     good = tmp_path / "good.png"
-    Image.fromarray(_tissue(CLASSES[2], np.random.default_rng(0))).save(good)
+    Image.fromarray(tissue(CLASSES[2], np.random.default_rng(0))).save(good)
     text = tmp_path / "notes.jpg"
     text.write_text("not pixels\n")
     with pytest.raises(DataError, match="not a readable image") as caught:

@@ -52,6 +52,13 @@ def _check_calibration_card_registry(project: Path, model_name: str, model, metr
     assert card.startswith(f"# Model card: {model_name}")
     assert f"kedro run --pipeline=train_{model_name} --env=tiny" in card
     assert "Research use only, not for diagnosis" in card and "ECE before" in card
+    # The classical floor on the same split, beside the model (scored, or why not).
+    floor = json.loads(_latest(project / f"data/08_reporting/{model_name}/"
+                               "floor_metrics.json").read_text())
+    assert "## Classical floor" in card
+    if "skipped" not in floor:
+        assert 0.0 <= floor["f1_macro"] <= 1.0 and floor["n_images"] == metrics["n_test_images"]
+        assert f"macro-F1 **{floor['f1_macro']:.3f}**" in card
 
     # Model Registry: the promoted model is a version of <experiment>-<architecture>, tagged
     # with the test metrics; champion (first version) unless the run flagged it untrained.
@@ -119,7 +126,7 @@ def test_train_pipeline_logs_an_evaluated_model(kedro_project: Path, run_kedro, 
                  "training_curves.png", "roc_curves.png", "test_metrics.json",
                  "misclassified_gallery.png", "training_input.png", "calibration.json",
                  "validation_reliability.png", "test_reliability.png", "model_card.md",
-                 "model_card.html"):
+                 "model_card.html", "floor_metrics.json"):
         assert f"{model_name}/{name}" in artifacts, f"{name} missing from {sorted(artifacts)}"
 
     _check_calibration_card_registry(kedro_project, model_name, model, metrics, run)

@@ -141,10 +141,28 @@ def _calibration_section(metrics: Mapping[str, Any]) -> list[str]:
             *_table(["split", "ECE before", "ECE after"], rows), ""]
 
 
+def _floor_section(floor: Mapping[str, Any] | None, metrics: Mapping[str, Any]) -> list[str]:
+    """The classical floor on the same split, and the model's margin over it."""
+    if not floor:
+        return []
+    if floor.get("skipped"):
+        return ["## Classical floor", "", f"Not scored: {floor['skipped']}.", ""]
+    ci = floor.get("macro_f1_ci") or {}
+    margin = (metrics.get("f1_macro") or 0.0) - (floor.get("f1_macro") or 0.0)
+    return ["## Classical floor", "",
+            f"{floor.get('model')}, fitted on the same {floor.get('n_train_images')} training "
+            f"images in {_fmt(floor.get('seconds'), 1)} s and scored on the same "
+            f"{floor.get('n_images')} {floor.get('split')} images: macro-F1 "
+            f"**{_fmt(floor.get('f1_macro'))}** (95% interval {_fmt(ci.get('low'))}-"
+            f"{_fmt(ci.get('high'))}). This model minus the floor: **{margin:+.3f}** "
+            "(one split; `kedro run --pipeline=cross_validate` compares them over folds).", ""]
+
+
 def build_model_card(
     test_metrics: dict[str, Any], training_history: pd.DataFrame,
     split_summary: pd.DataFrame, record: Preprocessing, model: ModelParams,
     training: TrainingParams, evaluation: EvaluationParams, run_context: Mapping[str, Any],
+    floor: Mapping[str, Any] | None = None,
 ) -> str:
     """The card's Markdown (see the module docstring)."""
     name = run_context.get("model") or model.architecture
@@ -156,6 +174,7 @@ def build_model_card(
              *_preprocessing_section(record, training),
              *_training_section(model, training, training_history),
              *_metrics_section(test_metrics, evaluation),
+             *_floor_section(floor, test_metrics),
              *_calibration_section(test_metrics),
              "## Known limitations", "", *(f"- {item}" for item in LIMITATIONS), "",
              "## Reproduce", "", "```", str(run_context.get("command") or "unknown"), "```", "",

@@ -395,6 +395,7 @@ def write_model_card(
     test_metrics: dict[str, Any], training_history: pd.DataFrame, split_table: pd.DataFrame,
     tiles: TileStore, model: ModelParams, training: TrainingParams,
     evaluation: EvaluationParams, run_context: dict[str, Any],
+    floor_metrics: dict[str, Any] | None = None,
 ) -> tuple[str, str]:
     """The run's model card, Markdown and HTML (see ``model_card``); preprocessing comes from
     the tile store's record, the one the model was trained on. The counts per split come from
@@ -406,5 +407,5 @@ def write_model_card(
               .agg(groups=("group", "nunique"), images=("image_path", "nunique"))
               .reset_index())
     card = build_model_card(test_metrics, training_history, counts, record, model,
-                            training, evaluation, run_context)
+                            training, evaluation, run_context, floor_metrics)
     return card, markdown_to_html(card, title=f"Model card: {model.architecture}")

@@ -2,6 +2,7 @@
 
 from kedro.pipeline import Node, Pipeline
 
+from .floor import score_floor
 from .nodes import (
     aggregate_image_predictions,
     calibrate_model,
@@ -58,9 +59,17 @@ def create_pipeline(**kwargs) -> Pipeline:
                 name="plot_test_reliability",
             ),
             Node(
+                score_floor,
+                inputs=["split_table", "raw_images", "params:cross_validation",
+                        "params:evaluation"],
+                outputs="floor_metrics",
+                name="score_floor",
+            ),
+            Node(
                 write_model_card,
                 inputs=["test_metrics", "training_history", "split_table", "tiles",
-                        "params:model", "params:training", "params:evaluation", "run_context"],
+                        "params:model", "params:training", "params:evaluation", "run_context",
+                        "floor_metrics"],
                 outputs=["model_card", "model_card_html"],
                 name="write_model_card",
             ),
