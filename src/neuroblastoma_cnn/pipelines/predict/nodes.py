@@ -37,6 +37,7 @@ from typing import Any
 import pandas as pd
 
 from neuroblastoma_cnn.errors import DataError
+from neuroblastoma_cnn.imaging import Decoded, ImageRejected
 from neuroblastoma_cnn.params import PredictParams
 from neuroblastoma_cnn.predictions import prediction_columns
 from neuroblastoma_cnn.preprocessing import preprocessing_of
@@ -56,11 +57,14 @@ from .slide_outputs import (
 from .tiles import SLIDE_TILE_COLUMNS, TTA_PREFIX, _Batcher, model_source, predict_files
 
 #: The nodes, and what the CLI, the served model and the tests reach through this module (one
-#: image: ``images``; batched prediction: ``tiles``; Grad-CAM and heatmaps: ``overlays``).
+#: image: ``images``; batched prediction: ``tiles``; Grad-CAM and heatmaps: ``overlays``), with
+#: the decoded image and the rejection that ``decode_for_prediction``/``prepare_image`` use.
 __all__ = [
     "OVERLAY_SUFFIX",
     "SLIDE_TILE_COLUMNS",
     "TTA_PREFIX",
+    "Decoded",
+    "ImageRejected",
     "PreparedImage",
     "Rejection",
     "_Batcher",
