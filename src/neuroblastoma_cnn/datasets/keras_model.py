@@ -14,7 +14,7 @@ once on disk however many places name it.
 
 With ``promotion``, saving writes ``promotion.json: pending`` before the model, and the model
 is logged to MLflow only when ``hooks.ModelPromotionHook`` promotes it after its evaluation
-(see ``neuroblastoma_cnn.promotion``).
+(see ``neuroblastoma_cnn.tracking.promotion``).
 """
 
 from __future__ import annotations

@@ -127,16 +127,7 @@ def build_resnet34(
 
     inputs = keras.Input(shape=(input_size, input_size, 3), name="image")
     x = layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
-    # Stem: 7x7/2 conv, BN, ReLU, 3x3/2 max-pool (explicit padding as in the paper).
-    x = layers.ZeroPadding2D(3, name="conv1_pad")(x)
-    x = layers.Conv2D(64, 7, strides=2, use_bias=False, kernel_initializer=init.he(),
-                      kernel_regularizer=reg, name="conv1_conv")(x)
-    x = layers.BatchNormalization(momentum=batch_norm_momentum, epsilon=BN_EPSILON,
-                                  name="conv1_bn")(x)
-    x = layers.Activation("relu", name="conv1_relu")(x)
-    x = layers.ZeroPadding2D(1, name="pool1_pad")(x)
-    x = layers.MaxPooling2D(3, strides=2, name="pool1_pool")(x)
-
+    x = _stem(x, init=init, reg=reg, momentum=batch_norm_momentum)
     for stage, (filters, blocks) in enumerate(STAGES, start=2):
         for block in range(1, blocks + 1):
             stride = 2 if (block == 1 and stage > 2) else 1
@@ -148,6 +139,18 @@ def build_resnet34(
     outputs = layers.Dense(num_classes, activation="softmax", kernel_initializer=init.glorot(),
                            kernel_regularizer=reg, name=DENSE_LAYER)(x)
     return keras.Model(inputs, outputs, name="resnet34")
+
+
+def _stem(x: keras.KerasTensor, init: _Init, reg: keras.regularizers.Regularizer | None,
+          momentum: float) -> keras.KerasTensor:
+    """The stem: 7x7/2 conv, BN, ReLU, 3x3/2 max-pool (explicit padding as in the paper)."""
+    x = layers.ZeroPadding2D(3, name="conv1_pad")(x)
+    x = layers.Conv2D(64, 7, strides=2, use_bias=False, kernel_initializer=init.he(),
+                      kernel_regularizer=reg, name="conv1_conv")(x)
+    x = layers.BatchNormalization(momentum=momentum, epsilon=BN_EPSILON, name="conv1_bn")(x)
+    x = layers.Activation("relu", name="conv1_relu")(x)
+    x = layers.ZeroPadding2D(1, name="pool1_pad")(x)
+    return layers.MaxPooling2D(3, strides=2, name="pool1_pool")(x)
 
 
 def backbone_and_head(model: keras.Model) -> tuple[keras.Model, keras.Model]:

@@ -190,6 +190,24 @@ def build_resnet50(
         raise ValueError(f"l1 and l2 must be >= 0, got l1={l1}, l2={l2}.")
     reg = keras.regularizers.L1L2(l1=l1, l2=l2) if (l1 > 0 or l2 > 0) else None
 
+    backbone = _frozen_backbone(input_size, weights, seed, reg)
+
+    inputs = keras.Input(shape=(input_size, input_size, 3), name="image")
+    x = ImagenetPreprocess(name="imagenet_preprocess")(inputs)
+    x = backbone(x, training=False)
+    x = layers.GlobalAveragePooling2D(name=FEATURES_LAYER)(x)
+    x = layers.Dropout(dropout, seed=seed, name=DROPOUT_LAYER)(x)
+    outputs = layers.Dense(
+        num_classes, activation="softmax", kernel_regularizer=reg,
+        kernel_initializer=keras.initializers.GlorotUniform(seed=seed), name=DENSE_LAYER,
+    )(x)
+    return keras.Model(inputs, outputs, name="resnet50_transfer")
+
+
+def _frozen_backbone(input_size: int, weights: str | os.PathLike | None, seed: int | None,
+                     reg: Any) -> keras.Model:
+    """Keras' ResNet50 without its top, with the chosen weights (random ones seeded), the
+    kernel penalty ``reg`` on every conv, and frozen."""
     weights_file = _imagenet_weights_file() if weights == "imagenet" else None
     with _seeded_default_initializers(seed):
         backbone = keras.applications.ResNet50(
@@ -206,17 +224,7 @@ def build_resnet50(
                 layer.kernel_regularizer = reg  # saved in the layer config
                 layer.kernel.regularizer = reg  # used for the loss
     backbone.trainable = False
-
-    inputs = keras.Input(shape=(input_size, input_size, 3), name="image")
-    x = ImagenetPreprocess(name="imagenet_preprocess")(inputs)
-    x = backbone(x, training=False)
-    x = layers.GlobalAveragePooling2D(name=FEATURES_LAYER)(x)
-    x = layers.Dropout(dropout, seed=seed, name=DROPOUT_LAYER)(x)
-    outputs = layers.Dense(
-        num_classes, activation="softmax", kernel_regularizer=reg,
-        kernel_initializer=keras.initializers.GlorotUniform(seed=seed), name=DENSE_LAYER,
-    )(x)
-    return keras.Model(inputs, outputs, name="resnet50_transfer")
+    return backbone
 
 
 def backbone_and_head(model: keras.Model) -> tuple[keras.Model, keras.Model]:

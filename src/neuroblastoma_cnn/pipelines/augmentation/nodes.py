@@ -206,19 +206,7 @@ def augment_training_set(
             f"classes {classes} ('{tiles.path}')."
         )
     plan = plan_copies(train, classes, p.target_per_class, p.seed)
-    originals, copies = train["label"].value_counts(), plan["label"].value_counts()
-    counts = {
-        c: {"original": int(originals.get(c, 0)), "augmented": int(copies.get(c, 0))}
-        for c in classes
-    }
-    for c, n in counts.items():
-        logger.info(
-            "Class '%s': %d training originals + %d augmented copies%s",
-            c,
-            n["original"],
-            n["augmented"],
-            " (above target: kept whole)" if n["original"] > p.target_per_class else "",
-        )
+    counts = _class_counts(train, plan, classes, p.target_per_class)
     source_meta = tiles.producer_metadata
     metadata = {
         "classes": classes,
@@ -248,6 +236,25 @@ def augment_training_set(
                 yield tile, _record(row.label, row.group, row.image_path, row.source_tile_id, True)
 
     return TileStream(records, metadata)
+
+
+def _class_counts(train: pd.DataFrame, plan: pd.DataFrame, classes: list[str],
+                  target_per_class: int) -> dict[str, dict[str, int]]:
+    """``{class: {"original": n, "augmented": m}}`` of the augmented store, each logged."""
+    originals, copies = train["label"].value_counts(), plan["label"].value_counts()
+    counts = {
+        c: {"original": int(originals.get(c, 0)), "augmented": int(copies.get(c, 0))}
+        for c in classes
+    }
+    for c, n in counts.items():
+        logger.info(
+            "Class '%s': %d training originals + %d augmented copies%s",
+            c,
+            n["original"],
+            n["augmented"],
+            " (above target: kept whole)" if n["original"] > target_per_class else "",
+        )
+    return counts
 
 
 def _record(

@@ -33,7 +33,6 @@ from neuroblastoma_cnn.analysis.calibration import (
     image_nll,
     plot_reliability,
 )
-from neuroblastoma_cnn.analysis.gradcam import GradCam, store_image_overlay
 from neuroblastoma_cnn.analysis.predictions import (
     aggregate_image_probabilities,
     class_names_of,
@@ -54,9 +53,17 @@ from neuroblastoma_cnn.images.tf_input import (
     split_tile_ids,
 )
 
+from .gallery import misclassified_gallery, worst_misclassified
 from .model_card import build_model_card, markdown_to_html
 
 logger = logging.getLogger(__name__)
+
+#: The nodes (the misclassified gallery lives in ``gallery``), and what tests reach through here.
+__all__ = [
+    "TTA_PREFIX", "aggregate_image_predictions", "calibrate_model", "calibration_metrics",
+    "compute_test_metrics", "misclassified_gallery", "plot_evaluation", "plot_test_reliability",
+    "predict_split_tiles", "tta_columns", "worst_misclassified", "write_model_card",
+]
 
 #: Prefix of the test-time-augmented probability columns (not ``prob_``: the plain ones stay
 #: the table's classes).
@@ -320,72 +327,6 @@ def plot_evaluation(
         m.plot_roc_curves(y_true, y_prob, classes),
     )
 
-
-# --------------------------------------------------------------------- misclassified gallery
-
-
-def worst_misclassified(image_predictions: pd.DataFrame, per_class: int) -> pd.DataFrame:
-    """Up to ``per_class`` misclassified images of each true class, least true-class probability
-    first (the model's most confident mistakes)."""
-    classes = class_names_of(image_predictions)
-    frame = image_predictions.copy()
-    frame["label"] = frame["label"].astype(str)
-    frame["predicted"] = frame["predicted"].astype(str)
-    wrong = frame[frame["label"] != frame["predicted"]].copy()
-    if wrong.empty:
-        return wrong.assign(true_probability=pd.Series(dtype=float))
-    wrong["true_probability"] = [
-        float(row[probability_column(row["label"])]) if row["label"] in classes else np.nan
-        for _, row in wrong.iterrows()
-    ]
-    wrong = wrong.sort_values(["label", "true_probability", "image_path"])
-    return wrong.groupby("label", sort=True).head(per_class).reset_index(drop=True)
-
-
-def misclassified_gallery(
-    model: Any, tiles: TileStore, image_predictions: pd.DataFrame, params: EvaluationParams
-) -> Figure:
-    """Figure of the worst misclassified test images per true class, with Grad-CAM overlays of
-    the (wrongly) predicted class: what misled the model.
-
-    One row per class that has mistakes, up to ``misclassified_per_class`` images a row.
-    Images are rebuilt from the test tiles in the tile store, so nothing is decoded again.
-    """
-    per_class = params.misclassified_per_class
-    classes = class_names_of(image_predictions)
-    worst = worst_misclassified(image_predictions, per_class)
-    if worst.empty:
-        fig = Figure(figsize=(6, 2), layout="constrained")
-        ax = fig.subplots()
-        ax.axis("off")
-        ax.text(0.5, 0.5, f"No misclassified images among {len(image_predictions)}.",
-                ha="center", va="center")
-        return fig
-    labels = sorted(worst["label"].unique())
-    columns = int(worst.groupby("label").size().max())
-    fig = Figure(figsize=(3.4 * columns, 3.0 * len(labels) + 0.4), layout="constrained")
-    axes = fig.subplots(len(labels), columns, squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    cam = GradCam(model, batch_size=params.batch_size)
-    tiles = as_seen_by_model(tiles, preprocessing_of(model).stain_reference)
-    for row, label in enumerate(labels):
-        # Records, not itertuples: class names need not be valid identifiers.
-        for col, item in enumerate(worst[worst["label"] == label].to_dict("records")):
-            predicted = str(item["predicted"])
-            picture = store_image_overlay(cam, tiles, item["image_path"],
-                                          classes.index(predicted))
-            ax = axes[row, col]
-            ax.imshow(picture)
-            ax.set_title(
-                f"{item['image_path']}\ntrue {label} ({item['true_probability']:.2f}) -> "
-                f"{predicted} ({item[probability_column(predicted)]:.2f})",
-                fontsize=8,
-            )
-    fig.suptitle(f"Worst misclassified images per class: Grad-CAM of the predicted class "
-                 f"(layer {cam.layer_name})", fontsize=10)
-    logger.info("Misclassified gallery: %d images of %d classes", len(worst), len(labels))
-    return fig
 
 
 # --------------------------------------------------------------------- model card

@@ -125,21 +125,7 @@ def group_folds(
     labels = np.asarray(labels)
     n_groups = len(np.unique(groups))
     if cv.strategy == "split_folds":
-        if folds is None:
-            raise DataError("The feature table has no 'fold' column for 'split_folds'.",
-                            hint="rerun the features pipeline, or use stratified_group_kfold")
-        fold = np.asarray(folds, dtype=int)
-        values = np.unique(fold)
-        if (values < 0).any():
-            raise DataError("Tiles with fold -1 (test tiles) are among the tiles that fit the "
-                            "heads.", hint="features.heads.fit_splits must not include 'test'")
-        if len(values) < 2:
-            raise ParameterError(
-                f"The split table has {len(values)} cross-validation fold(s); grouped CV of the "
-                "heads needs at least 2.",
-                hint="set splitting.n_folds >= 2 and rerun `kedro run --pipeline=splitting`, or "
-                     "use features.heads.cv.strategy: stratified_group_kfold")
-        out = [(np.flatnonzero(fold != v), np.flatnonzero(fold == v)) for v in values]
+        out = _predefined_folds(folds)
     else:
         if n_groups < cv.n_splits:
             raise DataError(
@@ -149,6 +135,33 @@ def group_folds(
         splitter = StratifiedGroupKFold(cv.n_splits, shuffle=cv.shuffle,
                                         random_state=cv.seed if cv.shuffle else None)
         out = [(tr, te) for tr, te in splitter.split(np.zeros(len(labels)), labels, groups)]
+    _check_folds(out, groups, labels, classes)
+    return out
+
+
+def _predefined_folds(folds: Sequence[int] | None) -> Folds:
+    """``split_folds``: one test fold per value of the split table's ``fold`` column."""
+    if folds is None:
+        raise DataError("The feature table has no 'fold' column for 'split_folds'.",
+                        hint="rerun the features pipeline, or use stratified_group_kfold")
+    fold = np.asarray(folds, dtype=int)
+    values = np.unique(fold)
+    if (values < 0).any():
+        raise DataError("Tiles with fold -1 (test tiles) are among the tiles that fit the "
+                        "heads.", hint="features.heads.fit_splits must not include 'test'")
+    if len(values) < 2:
+        raise ParameterError(
+            f"The split table has {len(values)} cross-validation fold(s); grouped CV of the "
+            "heads needs at least 2.",
+            hint="set splitting.n_folds >= 2 and rerun `kedro run --pipeline=splitting`, or "
+                 "use features.heads.cv.strategy: stratified_group_kfold")
+    return [(np.flatnonzero(fold != v), np.flatnonzero(fold == v)) for v in values]
+
+
+def _check_folds(out: Folds, groups: np.ndarray, labels: np.ndarray,
+                 classes: Sequence[str] | None) -> None:
+    """Each fold: no group on both sides, neither side empty, every class among its training
+    rows (a head cannot learn, nor calibrate for, a class it never sees)."""
     for i, (train, test) in enumerate(out):
         shared = set(groups[train]) & set(groups[test])
         if shared:  # cannot happen with the splitters above: a guard against a broken table
@@ -165,7 +178,6 @@ def group_folds(
                 "CV needs every class among each fold's training groups.",
                 hint="fit on more groups (features.heads.fit_splits: [train, validation]), use "
                      "fewer folds, or add patients")
-    return out
 
 
 # ---------------------------------------------------------------------------------- fitting

@@ -24,22 +24,27 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
-from sklearn.metrics import roc_auc_score, roc_curve
 
-from neuroblastoma_cnn.analysis import metrics as m
 from neuroblastoma_cnn.analysis import predictions as pt
-from neuroblastoma_cnn.analysis.predictions import aggregate_image_probabilities
 from neuroblastoma_cnn.core.errors import DataError, ModelError
-from neuroblastoma_cnn.core.params import EvaluationParams
 from neuroblastoma_cnn.datasets.sklearn_heads import check_head_extractor, head_probabilities
 from neuroblastoma_cnn.datasets.tile_store import TileStore
 from neuroblastoma_cnn.images.tf_input import class_names, make_tf_dataset
 
 from .heads import as_heads_params, fit_head, group_folds
 from .params import ExtractionParams, ExtractorParams, HeadsParams
+from .scoring import evaluate_one, evaluate_predictors, image_predictions, plot_predictors
 
 logger = logging.getLogger(__name__)
+
+#: The nodes (the scoring ones live in ``scoring``), and what tests reach through this module.
+__all__ = [
+    "ATTRS", "CNN_PREDICTOR", "CNN_PREFIX", "FEATURE_PREFIX", "HEAD_FORMAT", "ID_COLUMNS",
+    "comparison_table", "evaluate_one", "evaluate_predictors", "extract_feature_table",
+    "feature_columns", "fit_heads", "image_predictions", "plot_predictors",
+    "predict_evaluation_tiles", "predict_tile_probabilities", "select_extractor",
+    "table_identity",
+]
 
 ATTRS = "neuroblastoma_cnn.features"
 ID_COLUMNS = ["tile_id", "image_path", "label", "group", "split", "fold"]
@@ -120,17 +125,8 @@ def extract_feature_table(
             f"but the tiles have {classes}.",
             hint="train it on these tiles: "
                  f"`kedro run --pipeline=train_{identity['architecture']}`")
-    rows = split_table[split_table["split"].astype(str).isin(p.splits)].reset_index(drop=True)
-    if rows.empty:
-        raise DataError(f"The split table has no tiles in split(s) {p.splits}.")
+    rows = _rows_to_extract(tiles, split_table, p.splits)
     ids = [int(i) for i in rows["tile_id"]]
-    stored = tiles.rows(ids)
-    for column in ("image_path", "label", "group"):
-        if (stored[column].astype(str).to_numpy() != rows[column].astype(str).to_numpy()).any():
-            raise DataError(
-                f"The split table does not describe the tile store '{tiles.path}' ({column} "
-                "differs): they come from different ingestion runs.",
-                hint="rerun `kedro run --pipeline=splitting` on the current tiles")
     data = make_tf_dataset(tiles, ids, None, p.batch_size, in_memory_limit_mb=p.in_memory_limit_mb)
     features, _ = extract_features(backbone, data, batch_size=p.batch_size)
     logger.info("Extracted %d x %d features from %s (%s tiles)", *features.shape,
@@ -139,17 +135,38 @@ def extract_feature_table(
     columns = {f"{FEATURE_PREFIX}{i}": features[:, i] for i in range(features.shape[1])}
     parts = [out, pd.DataFrame(columns)]
     if not str(identity["source"]).startswith("untrained"):  # a random head says nothing
-        # predict_on_batch per chunk: Keras' NumPy batching in predict() makes TF print a native
-        # notice under op determinism.
-        chunks = np.array_split(features, max(1, len(features) // 1024))
-        prob = np.concatenate([np.asarray(head.predict_on_batch(chunk), dtype=np.float64)
-                               for chunk in chunks])
-        parts.append(pd.DataFrame({f"{CNN_PREFIX}{pt.PROB_PREFIX}{c}": prob[:, i]
-                                   for i, c in enumerate(classes)}))
+        parts.append(_cnn_probabilities(head, features, classes))
     table = pd.concat(parts, axis=1)
     identity["tiles_version"] = Path(str(tiles.path)).parent.name
     table.attrs[ATTRS] = {"extractor": identity}
     return table
+
+
+def _rows_to_extract(tiles: TileStore, split_table: pd.DataFrame,
+                     splits: list[str]) -> pd.DataFrame:
+    """The split table's rows in ``splits``, checked against the tile store they describe."""
+    rows = split_table[split_table["split"].astype(str).isin(splits)].reset_index(drop=True)
+    if rows.empty:
+        raise DataError(f"The split table has no tiles in split(s) {splits}.")
+    stored = tiles.rows([int(i) for i in rows["tile_id"]])
+    for column in ("image_path", "label", "group"):
+        if (stored[column].astype(str).to_numpy() != rows[column].astype(str).to_numpy()).any():
+            raise DataError(
+                f"The split table does not describe the tile store '{tiles.path}' ({column} "
+                "differs): they come from different ingestion runs.",
+                hint="rerun `kedro run --pipeline=splitting` on the current tiles")
+    return rows
+
+
+def _cnn_probabilities(head: Any, features: np.ndarray, classes: list[str]) -> pd.DataFrame:
+    """The network's own softmax (``cnn_prob_<class>``) from its head on the features."""
+    # predict_on_batch per chunk: Keras' NumPy batching in predict() makes TF print a native
+    # notice under op determinism.
+    chunks = np.array_split(features, max(1, len(features) // 1024))
+    prob = np.concatenate([np.asarray(head.predict_on_batch(chunk), dtype=np.float64)
+                           for chunk in chunks])
+    return pd.DataFrame({f"{CNN_PREFIX}{pt.PROB_PREFIX}{c}": prob[:, i]
+                         for i, c in enumerate(classes)})
 
 
 # ------------------------------------------------------------------------------ the identity
@@ -210,20 +227,7 @@ def fit_heads(
     identity = table_identity(feature_table)
     classes = [str(c) for c in identity["classes"]]
     columns = feature_columns(feature_table)
-    rows = feature_table[feature_table["split"].astype(str).isin(p.fit_splits)]
-    if rows.empty:
-        raise DataError(f"The feature table has no tiles in split(s) {p.fit_splits}.",
-                        hint="check features.heads.fit_splits")
-    present = set(rows["label"].astype(str))
-    absent = [c for c in classes if c not in present]
-    if absent:
-        arch = identity.get("architecture", "<model>")
-        raise DataError(
-            f"Class(es) {absent} have no tiles in the split(s) {p.fit_splits} that fit the heads, "
-            "so no head can learn them.",
-            hint=f"give them patients in the training split (check their images and the "
-                 f"splitting fractions), then run `kedro run --pipeline=splitting` and "
-                 f"`kedro run --pipeline={arch}_features`")
+    rows = _fitting_rows(feature_table, p.fit_splits, classes, identity)
     x = rows[columns].to_numpy(dtype=np.float32)
     y = _encode(rows["label"], classes)
     folds = group_folds(y, rows["group"].to_numpy(), rows["fold"].to_numpy(), p.cv, classes)
@@ -255,6 +259,26 @@ def fit_heads(
     cv_results = pd.concat(results, ignore_index=True)
     cv_results["params"] = [json.dumps(v, sort_keys=True) for v in cv_results["params"]]
     return bundles, cv_results
+
+
+def _fitting_rows(feature_table: pd.DataFrame, fit_splits: list[str], classes: list[str],
+                  identity: Mapping[str, Any]) -> pd.DataFrame:
+    """The feature table's tiles in ``fit_splits``, refused unless every class has some."""
+    rows = feature_table[feature_table["split"].astype(str).isin(fit_splits)]
+    if rows.empty:
+        raise DataError(f"The feature table has no tiles in split(s) {fit_splits}.",
+                        hint="check features.heads.fit_splits")
+    present = set(rows["label"].astype(str))
+    absent = [c for c in classes if c not in present]
+    if absent:
+        arch = identity.get("architecture", "<model>")
+        raise DataError(
+            f"Class(es) {absent} have no tiles in the split(s) {fit_splits} that fit the heads, "
+            "so no head can learn them.",
+            hint=f"give them patients in the training split (check their images and the "
+                 f"splitting fractions), then run `kedro run --pipeline=splitting` and "
+                 f"`kedro run --pipeline={arch}_features`")
+    return rows
 
 
 def _encode(labels: pd.Series, classes: list[str]) -> np.ndarray:
@@ -314,79 +338,6 @@ def predict_tile_probabilities(
 # ------------------------------------------------------------------------------- evaluation
 
 
-def image_predictions(tile_predictions: pd.DataFrame) -> pd.DataFrame:
-    """Mean tile probabilities per image (the evaluation's aggregation), argmax class."""
-    images = aggregate_image_probabilities(tile_predictions)
-    classes = pt.class_names_of(images)
-    images["y_true"] = images["label"].astype(str).map({c: i for i, c in enumerate(classes)})
-    prob = images[pt.probability_columns(images)].to_numpy()
-    images["predicted"] = [classes[i] for i in prob.argmax(axis=1)]
-    return images
-
-
-def evaluate_one(
-    images: pd.DataFrame, tiles: pd.DataFrame, bootstrap_samples: int, seed: int
-) -> tuple[dict[str, Any], pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """The evaluation's metrics for one predictor: the metrics dict (with the patient-bootstrap
-    macro-F1 interval and tile-level scores), the report and both confusion matrices."""
-    classes = pt.class_names_of(images)
-    y_true = images["y_true"].to_numpy(dtype=int)
-    y_prob = images[pt.probability_columns(images)].to_numpy()
-    y_pred = y_prob.argmax(axis=1)
-    metrics = m.classification_metrics(y_true, y_prob, classes)
-    metrics["macro_f1_ci"] = m.bootstrap_macro_f1(
-        y_true, y_pred, images["group"].astype(str).to_numpy(), n_boot=bootstrap_samples,
-        seed=seed)
-    tile_true = tiles["y_true"].to_numpy(dtype=int)
-    tile_prob = tiles[pt.probability_columns(tiles)].to_numpy()
-    tile_metrics = m.classification_metrics(tile_true, tile_prob, classes)
-    metrics["tile"] = {k: tile_metrics[k] for k in ("accuracy", "balanced_accuracy", "f1_macro")}
-    metrics["n_test_images"] = len(images)
-    metrics["n_test_tiles"] = len(tiles)
-    metrics["n_test_groups"] = int(images["group"].nunique())
-    report = m.classification_report_frame(y_true, y_pred, classes)
-    counts = m.confusion_matrix_frame(y_true, y_pred, classes, normalize=False)
-    normalized = m.confusion_matrix_frame(y_true, y_pred, classes, normalize=True)
-    return metrics, report, counts, normalized
-
-
-def evaluate_predictors(
-    tile_predictions: pd.DataFrame, evaluation_params: EvaluationParams
-) -> tuple[pd.DataFrame, dict[str, Any], dict[str, Any], pd.DataFrame, pd.DataFrame]:
-    """Image predictions, metrics (JSON and flat for MLflow), reports and confusion matrices of
-    every predictor, each table long with a ``predictor`` column. The bootstrap settings are the
-    CNN evaluation's own (``params:evaluation``)."""
-    e = evaluation_params if isinstance(evaluation_params, EvaluationParams) else (
-        EvaluationParams.parse(evaluation_params, "evaluation"))
-    n_boot, seed = e.bootstrap_samples, e.seed
-    images_all, metrics, reports, confusion = [], {}, [], []
-    for name, group in tile_predictions.groupby("predictor", sort=False):
-        tiles = group.drop(columns="predictor").reset_index(drop=True)
-        images = image_predictions(tiles)
-        result, report, counts, normalized = evaluate_one(images, tiles, n_boot, seed)
-        metrics[name] = result
-        images_all.append(images.assign(predictor=name))
-        reports.append(report.assign(predictor=name))
-        confusion.append(counts.assign(predictor=name, normalized=False))
-        confusion.append(normalized.assign(predictor=name, normalized=True))
-        ci = result["macro_f1_ci"]
-        logger.info("%s: macro-F1 %.3f [95%% CI %.3f-%.3f], accuracy %.3f (%d images, %d "
-                    "groups)", name, result["f1_macro"], ci["low"], ci["high"],
-                    result["accuracy"], result["n_test_images"], result["n_test_groups"])
-    mlflow_metrics = {
-        f"{name}.{key}": {"value": value, "step": 0}
-        for name, result in metrics.items()
-        for key, value in m.flatten_metrics(result, prefix="test_").items()
-    }
-    return (_first(pd.concat(images_all, ignore_index=True), "predictor"), metrics,
-            mlflow_metrics, _first(pd.concat(reports, ignore_index=True), "predictor"),
-            _first(pd.concat(confusion, ignore_index=True), "predictor"))
-
-
-def _first(frame: pd.DataFrame, column: str) -> pd.DataFrame:
-    return frame[[column, *[c for c in frame.columns if c != column]]]
-
-
 def comparison_table(
     metrics: Mapping[str, Mapping[str, Any]], heads: Mapping[str, Mapping[str, Any]]
 ) -> pd.DataFrame:
@@ -411,49 +362,4 @@ def comparison_table(
     return pd.DataFrame(rows)
 
 
-# ----------------------------------------------------------------------------------- figures
 
-
-def plot_predictors(
-    image_predictions_long: pd.DataFrame, confusion_long: pd.DataFrame
-) -> tuple[Figure, Figure]:
-    """Row-normalised confusion matrix and one-vs-rest ROC curves, one panel per predictor."""
-    names = list(dict.fromkeys(image_predictions_long["predictor"]))
-    classes = pt.class_names_of(image_predictions_long)
-    k, n = len(classes), len(names)
-    side = max(3.2, 0.5 * k + 2.0)
-    confusion_fig = Figure(figsize=(side * n, side + 0.4), layout="constrained")
-    roc_fig = Figure(figsize=(4.2 * n, 4.4), layout="constrained")
-    conf_axes = np.atleast_1d(confusion_fig.subplots(1, n))
-    roc_axes = np.atleast_1d(roc_fig.subplots(1, n))
-    for ax_c, ax_r, name in zip(conf_axes, roc_axes, names, strict=True):
-        rates = confusion_long[(confusion_long["predictor"] == name)
-                               & confusion_long["normalized"].astype(bool)]
-        values = rates[classes].to_numpy(dtype=float)
-        ax_c.imshow(values, cmap="Blues", vmin=0, vmax=1)
-        for i in range(k):
-            for j in range(k):
-                ax_c.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=8,
-                          color="white" if values[i, j] > 0.5 else "black")
-        ax_c.set_xticks(range(k), classes, rotation=45, ha="right")
-        ax_c.set_yticks(range(k), classes)
-        ax_c.set_xlabel("Predicted")
-        ax_c.set_ylabel("True")
-        ax_c.set_title(name)
-        images = image_predictions_long[image_predictions_long["predictor"] == name]
-        y_true = images["y_true"].to_numpy(dtype=int)
-        y_prob = images[pt.probability_columns(images)].to_numpy()
-        for index, cls in enumerate(classes):
-            positives = y_true == index
-            if positives.all() or not positives.any():
-                continue
-            fpr, tpr, _ = roc_curve(positives, y_prob[:, index])
-            ax_r.plot(fpr, tpr, label=f"{cls} ({roc_auc_score(positives, y_prob[:, index]):.2f})")
-        ax_r.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
-        ax_r.set_title(name)
-        ax_r.set_xlabel("False positive rate")
-        ax_r.set_ylabel("True positive rate")
-        ax_r.legend(loc="lower right", fontsize=7)
-    confusion_fig.suptitle("Test images, row-normalised confusion (recall)")
-    roc_fig.suptitle("Test images, ROC one vs rest (AUC)")
-    return confusion_fig, roc_fig

@@ -1,6 +1,6 @@
 """Prediction on whole-slide images: tiles streamed to the model, heatmaps, a Grad-CAM gallery.
 
-A slide's tiles are cut by :mod:`neuroblastoma_cnn.slides` with the model's own tiling record
+A slide's tiles are cut by :mod:`neuroblastoma_cnn.images.slides` with the model's own tiling record
 (pixels, or ``tile_um`` / ``target_mpp`` if the model was trained so) and read a chunk at a
 time, so memory holds a few batches, never the slide. The slide-level class is the mean of its
 tile probabilities (as for crops); ``share_<class>`` is the share of its tiles whose top class

@@ -262,15 +262,7 @@ def resolve_study(
     trial fail later for a reason the user could have fixed in YAML.
     """
     settings = parse_settings(study_params)
-    name = name or settings.name
-    if not name:
-        raise ParameterError("No study selected: study.name is empty.",
-                             hint=f"run with --params study.name=NAME; NAME one of "
-                                  f"{', '.join(sorted(settings.studies))}")
-    if name not in settings.studies:
-        raise ParameterError(f"Unknown study '{name}'.",
-                             hint=f"known studies: {', '.join(sorted(settings.studies))}; "
-                                  "add one under study.studies in parameters_study.yml")
+    name = _study_name(settings, name)
     spec = settings.studies[name]
     model = spec.model or settings.model
     model_params = parameters.get(model)
@@ -292,20 +284,7 @@ def resolve_study(
             raise ParameterError(f"study.studies.{name}: 'space', 'n_trials' and 'pruner' are "
                                  "for search studies; this one has mode 'grid'.")
     else:
-        if spec.vary is not None or spec.variants is not None or spec.baseline is not None:
-            raise ParameterError(f"study.studies.{name}: 'vary', 'variants' and 'baseline' are "
-                                 "for grid studies; this one has mode 'search'.")
-        if not spec.space:
-            raise ParameterError(f"study.studies.{name}: a search study needs a non-empty "
-                                 "'space'.")
-        if spec.n_trials is None or spec.pruner is None:
-            raise ParameterError(f"study.studies.{name}: a search study needs 'n_trials' and "
-                                 "'pruner'.")
-        if spec.repeats not in (None, 1):
-            raise ParameterError(f"study.studies.{name}: a search trial runs one repeat; "
-                                 "remove 'repeats'.")
-        _check_paths(list(spec.space), base, model, f"{name}.space")
-        space = dict(spec.space)
+        space = _search_space(name, spec, base, model)
 
     repeats = 1 if spec.mode == "search" else (spec.repeats or settings.repeats)
     return StudyPlan(
@@ -316,6 +295,40 @@ def resolve_study(
         max_retries=settings.max_retries, base_params=base, fixed=fixed, variants=variants,
         baseline=baseline, space=space, n_trials=spec.n_trials, pruner=spec.pruner,
     )
+
+
+def _study_name(settings: StudySettings, name: str | None) -> str:
+    """The study to run (``name``, else ``study.name``), refused unless it is defined."""
+    name = name or settings.name
+    if not name:
+        raise ParameterError("No study selected: study.name is empty.",
+                             hint=f"run with --params study.name=NAME; NAME one of "
+                                  f"{', '.join(sorted(settings.studies))}")
+    if name not in settings.studies:
+        raise ParameterError(f"Unknown study '{name}'.",
+                             hint=f"known studies: {', '.join(sorted(settings.studies))}; "
+                                  "add one under study.studies in parameters_study.yml")
+    return name
+
+
+def _search_space(name: str, spec: StudyDefinition, base: Mapping[str, Any],
+                  model: str) -> dict[str, Dimension]:
+    """A search study's space, checked: no grid keys, a space, ``n_trials`` and a pruner, one
+    repeat, and every path a parameter of the model."""
+    if spec.vary is not None or spec.variants is not None or spec.baseline is not None:
+        raise ParameterError(f"study.studies.{name}: 'vary', 'variants' and 'baseline' are "
+                             "for grid studies; this one has mode 'search'.")
+    if not spec.space:
+        raise ParameterError(f"study.studies.{name}: a search study needs a non-empty "
+                             "'space'.")
+    if spec.n_trials is None or spec.pruner is None:
+        raise ParameterError(f"study.studies.{name}: a search study needs 'n_trials' and "
+                             "'pruner'.")
+    if spec.repeats not in (None, 1):
+        raise ParameterError(f"study.studies.{name}: a search trial runs one repeat; "
+                             "remove 'repeats'.")
+    _check_paths(list(spec.space), base, model, f"{name}.space")
+    return dict(spec.space)
 
 
 def _grid_variants(name: str, spec: StudyDefinition, base: Mapping[str, Any],

@@ -39,34 +39,68 @@ import os
 import socket
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError, OperationalError
 
-from neuroblastoma_cnn.core.errors import DataError, ParameterError, ProjectError
+from neuroblastoma_cnn.core.errors import ProjectError
 
 from . import tracking
 from .config import StudyPlan
+from .optuna_storage import (
+    SCHEMA_RACE_ATTEMPTS,
+    StaleTrialCallback,
+    _redacted,
+    load_existing,
+    open_storage,
+)
+from .studies import (
+    ATTR_DUPLICATE,
+    ATTR_METRICS,
+    ATTR_OVERRIDES,
+    ATTR_RUN,
+    ATTR_WORKER,
+    LIVE,
+    REPEAT,
+    STUDY_EXPERIMENT,
+    STUDY_HASH,
+    STUDY_PARENT,
+    STUDY_PLAN,
+    VARIANT,
+    check_complete,
+    close_orphan_runs,
+    completed_trials,
+    create_or_load,
+    describe_point,
+    grid_points,
+    make_pruner,
+    make_sampler,
+    optuna_study_name,
+    point_of,
+    require_mode,
+    study_target,
+    trial_rows,
+    user_attrs,
+)
 
 logger = logging.getLogger(__name__)
 
-VARIANT, REPEAT = "variant", "repeat"
-ATTR_METRICS = "metrics"
-ATTR_RUN = "mlflow_run_id"
-ATTR_DUPLICATE = "duplicate_of"
-ATTR_WORKER = "worker"
-ATTR_OVERRIDES = "overrides"
-STUDY_PLAN = "plan"
-STUDY_PARENT = "mlflow_parent_run_id"
-STUDY_EXPERIMENT = "mlflow_experiment_id"
-STUDY_HASH = "definition_hash"
-LIVE = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
+#: Everything the pipeline, the CLI and the tests reach through this module: the trial
+#: interface and workers (here), the storage (``optuna_storage``) and the study's bookkeeping
+#: (``studies``).
+__all__ = [
+    "ATTR_DUPLICATE", "ATTR_METRICS", "ATTR_OVERRIDES", "ATTR_RUN", "ATTR_WORKER", "LIVE",
+    "REPEAT", "SCHEMA_RACE_ATTEMPTS", "STUDY_EXPERIMENT", "STUDY_HASH", "STUDY_PARENT",
+    "STUDY_PLAN", "VARIANT", "Objective", "StaleTrialCallback", "TrialContext", "TrialFunction",
+    "TrialOutcome", "TrialSpec", "TrialSuperseded", "WorkerConfig", "_redacted",
+    "check_complete", "close_orphan_runs", "completed_trials", "create_or_load",
+    "describe_point", "grid_points", "load_existing", "make_pruner", "make_sampler",
+    "open_storage", "optuna_study_name", "point_of", "remaining_work", "require_mode",
+    "run_worker", "run_workers", "study_target", "suggest", "trial_rows", "user_attrs",
+]
 
 
 # --------------------------------------------------------------------- trial interface
@@ -120,174 +154,6 @@ class TrialSuperseded(RuntimeError):
     again (a heartbeat that came too late): its result is not recorded."""
 
 
-# --------------------------------------------------------------------------- storage
-
-
-def _is_sqlite(url: str) -> bool:
-    return url.startswith("sqlite:")
-
-
-def _redacted(url: str) -> str:
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url.rsplit("@", maxsplit=1)[-1] if "@" in url else url
-
-
-#: Tries to open a storage whose tables another worker is creating at the same moment.
-SCHEMA_RACE_ATTEMPTS = 5
-
-
-def _schema_race(exc: Exception) -> bool:
-    """Whether ``exc`` is what losing a race to create the storage's tables looks like."""
-    text = str(exc).lower()
-    return isinstance(exc, IntegrityError) or "already exists" in text or "locked" in text
-
-
-def _rdb_storage(url: str, engine_kwargs: dict[str, Any], heartbeat_seconds: int,
-                 stale_trial_callback: StaleTrialCallback) -> optuna.storages.RDBStorage:
-    """Optuna's storage at ``url``. Workers opening a new storage together all create its
-    tables and the losers fail (UNIQUE constraint, table exists, database locked): they try
-    again, when the tables exist."""
-    attempt = 1
-    while True:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(
-                    url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_seconds,
-                    heartbeat_stale_trial_callback=stale_trial_callback)
-        except (IntegrityError, OperationalError) as exc:
-            if attempt == SCHEMA_RACE_ATTEMPTS or not _schema_race(exc):
-                raise
-            time.sleep(0.2 * attempt)
-            attempt += 1
-
-
-def open_storage(url: str, heartbeat_seconds: int, max_retries: int = 2,
-                 tracking_uri: str | None = None) -> optuna.storages.RDBStorage:
-    """The study storage at ``url``, with heartbeats and stale-trial retries.
-
-    Raises DataError naming the (password-free) URL when it cannot be opened: a wrong URL,
-    a missing driver, a server that does not answer, a folder that cannot be created.
-    """
-    engine_kwargs: dict[str, Any]
-    if _is_sqlite(url):
-        path = url.split(":///", 1)[-1] if ":///" in url else ""
-        if path and path != ":memory:":
-            try:
-                Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise DataError(f"Cannot create the folder of study storage '{url}': {exc}.",
-                                hint="set study.storage to a writable path") from None
-        engine_kwargs = {"connect_args": {"timeout": 60}}
-    elif url.startswith(("postgresql", "mysql")):
-        engine_kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
-    else:
-        engine_kwargs = {"pool_pre_ping": True}
-    try:
-        return _rdb_storage(url, engine_kwargs, heartbeat_seconds,
-                            StaleTrialCallback(max_retries, tracking_uri))
-    except Exception as exc:  # SQLAlchemy, driver import and URL errors all mean 'unusable'
-        reason = " ".join(str(exc).split())[:300]
-        raise DataError(
-            f"Cannot open the study storage '{_redacted(url)}': {type(exc).__name__}: {reason}",
-            hint="study.storage must be a reachable database URL, e.g. sqlite:///data/optuna.db "
-                 "or postgresql://user:password@host/db",
-        ) from None
-
-
-class StaleTrialCallback:
-    """Runs when a trial's heartbeat went stale (its worker died): ends the trial's MLflow run
-    as KILLED, then queues the same (variant, repeat) again, at most ``max_retries`` times."""
-
-    def __init__(self, max_retries: int, tracking_uri: str | None):
-        self.max_retries = max_retries
-        self.tracking_uri = tracking_uri
-
-    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        logger.warning("Trial %d %s: its worker stopped (no heartbeat); it will run again.",
-                       trial.number, describe_point(trial))
-        run_id = trial.user_attrs.get(ATTR_RUN)
-        if run_id and self.tracking_uri:
-            tracking.close_run(self.tracking_uri, run_id, "KILLED",
-                               {"study.counted": "false", "study.reason": "worker stopped"})
-        optuna.storages.RetryFailedTrialCallback(max_retry=self.max_retries)(study, trial)
-
-
-# ---------------------------------------------------------------------------- studies
-
-
-def optuna_study_name(plan: StudyPlan, data_fingerprint: str) -> str:
-    """``<study>-<hash>``: the same definition on the same data resumes the same Optuna study;
-    a changed definition or new data starts a new one instead of mixing results."""
-    return f"{plan.name}-{plan.definition_hash(data_fingerprint)}"
-
-
-def grid_points(plan: StudyPlan) -> list[tuple[str, int]]:
-    return [(v, r) for v in plan.variant_names for r in range(plan.repeats)]
-
-
-def make_sampler(plan: StudyPlan, worker: int = 0) -> optuna.samplers.BaseSampler:
-    if plan.mode == "grid":
-        space = {VARIANT: plan.variant_names, REPEAT: list(range(plan.repeats))}
-        return optuna.samplers.GridSampler(space, seed=plan.seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        # constant_liar: running trials count as mediocre, so parallel workers spread out.
-        return optuna.samplers.TPESampler(seed=plan.seed + worker, constant_liar=True)
-
-
-def make_pruner(plan: StudyPlan) -> optuna.pruners.BasePruner:
-    if plan.mode == "grid" or plan.pruner is None:
-        return optuna.pruners.NopPruner()
-    return optuna.pruners.MedianPruner(n_startup_trials=plan.pruner.n_startup_trials,
-                                       n_warmup_steps=plan.pruner.n_warmup_steps)
-
-
-def create_or_load(plan: StudyPlan, storage: optuna.storages.BaseStorage, study_name: str,
-                   target: tracking.TrackingTarget | None = None) -> optuna.Study:
-    """Creates the Optuna study or loads it (resume, another worker); records the plan and, the
-    first time, the MLflow parent run that the trials' child runs nest under."""
-    study = optuna.create_study(storage=storage, study_name=study_name, direction="maximize",
-                                sampler=make_sampler(plan), pruner=make_pruner(plan),
-                                load_if_exists=True)
-    attrs = study.user_attrs
-    if STUDY_PLAN not in attrs:
-        study.set_user_attr(STUDY_PLAN, plan.model_dump(mode="json"))
-        study.set_user_attr(STUDY_HASH, study_name.rsplit("-", 1)[-1])
-    if target is not None and STUDY_PARENT not in attrs:
-        study.set_user_attr(STUDY_PARENT, target.parent_run_id)
-        study.set_user_attr(STUDY_EXPERIMENT, target.experiment_id)
-    return study
-
-
-def study_target(study: optuna.Study, target: tracking.TrackingTarget | None
-                 ) -> tracking.TrackingTarget | None:
-    """Where this study's child runs go: under the parent run recorded when it was created."""
-    if target is None:
-        return None
-    attrs = study.user_attrs
-    parent = attrs.get(STUDY_PARENT)
-    experiment = attrs.get(STUDY_EXPERIMENT, target.experiment_id)
-    if parent is None:
-        return target
-    return tracking.TrackingTarget(target.uri, str(experiment), str(parent))
-
-
-def point_of(trial: FrozenTrial) -> tuple[str, int] | None:
-    """The (variant, repeat) of a grid trial, also for a queued trial not started yet."""
-    params = {**trial.system_attrs.get("fixed_params", {}), **trial.params}
-    if VARIANT in params and REPEAT in params:
-        return str(params[VARIANT]), int(params[REPEAT])
-    return None
-
-
-def describe_point(trial: FrozenTrial) -> str:
-    point = point_of(trial)
-    return f"({point[0]}, repeat {point[1]})" if point else str(trial.params)
-
-
 # ---------------------------------------------------------------------------- objective
 
 
@@ -322,13 +188,9 @@ class Objective:
                 return other.number
         return None
 
-    def __call__(self, trial: optuna.Trial) -> float:
-        spec = self._spec(trial)
-        earlier = self._duplicate_of(trial, spec)
-        if earlier is not None:
-            trial.set_user_attr(ATTR_DUPLICATE, earlier)
-            raise optuna.TrialPruned(f"({spec.variant}, repeat {spec.repeat}) is trial "
-                                     f"{earlier}'s; not run twice")
+    def _start_run(self, trial: optuna.Trial, spec: TrialSpec) -> tracking.NullRun:
+        """The trial's MLflow child run (a killed attempt's run is closed as not counted), with
+        the worker, overrides and run id recorded on the trial."""
         previous_run = trial.user_attrs.get(ATTR_RUN)  # copied from a killed attempt
         if previous_run and self.target is not None:
             tracking.close_run(self.target.uri, previous_run, "KILLED",
@@ -343,6 +205,16 @@ class Objective:
              "study.worker": self.worker},
         )
         trial.set_user_attr(ATTR_RUN, run.run_id)
+        return run
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        spec = self._spec(trial)
+        earlier = self._duplicate_of(trial, spec)
+        if earlier is not None:
+            trial.set_user_attr(ATTR_DUPLICATE, earlier)
+            raise optuna.TrialPruned(f"({spec.variant}, repeat {spec.repeat}) is trial "
+                                     f"{earlier}'s; not run twice")
+        run = self._start_run(trial, spec)
         logger.info("Trial %d: %s, repeat %d (%s)", spec.number, spec.variant, spec.repeat,
                     ", ".join(f"{k}={v}" for k, v in spec.overrides.items()) or "defaults")
         started = time.perf_counter()
@@ -533,97 +405,3 @@ def run_workers(config: WorkerConfig, workers: int) -> None:
 # ---------------------------------------------------------------------------- results
 
 
-def completed_trials(study: optuna.Study, plan: StudyPlan) -> list[FrozenTrial]:
-    """COMPLETE trials, one per grid point (the earliest, should two ever complete)."""
-    seen: set[Any] = set()
-    out = []
-    for t in sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
-                    key=lambda t: t.number):
-        key = point_of(t) if plan.mode == "grid" else t.number
-        if key not in seen:
-            seen.add(key)
-            out.append(t)
-    return out
-
-
-def trial_rows(study: optuna.Study, plan: StudyPlan) -> list[dict[str, Any]]:
-    """Every trial of the study as a row (all states), for the trials table."""
-    counted = {t.number for t in completed_trials(study, plan)}
-    rows = []
-    for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
-        point = point_of(t)
-        row: dict[str, Any] = {
-            "study": plan.name,
-            "trial": t.number,
-            "state": t.state.name,
-            "counted": t.number in counted,
-            "variant": point[0] if point else f"trial-{t.number}",
-            "repeat": point[1] if point else 0,
-            "objective": t.value if t.state == TrialState.COMPLETE else float("nan"),
-            "seconds": t.user_attrs.get("seconds", float("nan")),
-            "mlflow_run_id": t.user_attrs.get(ATTR_RUN),
-            "worker": t.user_attrs.get(ATTR_WORKER),
-            "retry_of": t.system_attrs.get("failed_trial"),
-            "duplicate_of": t.user_attrs.get(ATTR_DUPLICATE),
-            "epochs_reported": len(t.intermediate_values),
-        }
-        if plan.mode == "search":
-            row.update({path: t.params.get(path) for path in plan.space})
-        row.update(t.user_attrs.get(ATTR_METRICS, {}))
-        rows.append(row)
-    return rows
-
-
-def close_orphan_runs(study: optuna.Study, target: tracking.TrackingTarget) -> int:
-    """Ends the child runs a killed worker left RUNNING (also one killed before it could record
-    its run id in the trial): found by their tags, matched to the trial they belong to."""
-    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
-    closed = 0
-    for run in tracking.child_runs(target.uri, target.experiment_id, target.parent_run_id):
-        tags = run.data.tags
-        if run.info.status != "RUNNING" or tags.get("study.optuna_study") != study.study_name:
-            continue
-        trial = trials.get(int(tags.get("study.trial", -1)))
-        if trial is not None and trial.state in (TrialState.RUNNING, TrialState.WAITING):
-            continue  # still running somewhere
-        if trial is not None and trial.state == TrialState.COMPLETE and \
-                trial.user_attrs.get(ATTR_RUN) == run.info.run_id:
-            tracking.close_run(target.uri, run.info.run_id, "FINISHED")  # killed after its tell
-        else:
-            tracking.close_run(target.uri, run.info.run_id, "KILLED", {"study.counted": "false"})
-        closed += 1
-    return closed
-
-
-def check_complete(study: optuna.Study, plan: StudyPlan) -> None:
-    """Fails when a grid point has no completed trial (the summary would not be paired)."""
-    if plan.mode != "grid":
-        return
-    done = {point_of(t) for t in completed_trials(study, plan)}
-    missing = [p for p in grid_points(plan) if p not in done]
-    if missing:
-        shown = ", ".join(f"({v}, repeat {r})" for v, r in missing[:5])
-        raise DataError(f"Study '{plan.name}' is not complete: {len(missing)} trial(s) have no "
-                        f"result, e.g. {shown}.",
-                        hint="run the same command again (study.workers >= 1) to finish it")
-
-
-def require_mode(plan: StudyPlan, modes: Sequence[str]) -> None:
-    if plan.mode not in modes:
-        raise ParameterError(f"Study '{plan.name}' has mode '{plan.mode}'; expected one of "
-                             f"{', '.join(modes)}.")
-
-
-def load_existing(plan: StudyPlan, study_name: str) -> optuna.Study:
-    """The study from its storage, for reading only (summary)."""
-    storage = open_storage(plan.storage, plan.heartbeat_seconds, plan.max_retries)
-    try:
-        return optuna.load_study(study_name=study_name, storage=storage,
-                                 sampler=make_sampler(plan), pruner=make_pruner(plan))
-    except KeyError:
-        raise DataError(f"The storage holds no study '{study_name}'.",
-                        hint="run the study with study.workers >= 1 first") from None
-
-
-def user_attrs(study: optuna.Study) -> Mapping[str, Any]:
-    return study.user_attrs
