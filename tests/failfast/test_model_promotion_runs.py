@@ -82,18 +82,26 @@ def test_an_evaluated_model_is_promoted_and_logged_once(project: Path):
     assert logged.name == "resnet34"
     assert logged.source_run_id == run.info.run_id
 
-    # Stored once: MLflow's data/model.keras is the catalog file (one inode, two names).
+    # Stored once: MLflow's data/model.keras and the raw-image pyfunc's artifacts/model.keras
+    # are the catalog file (one inode, three names).
     artifact = Path(logged.artifact_location.removeprefix("file://")) / "data" / "model.keras"
     if not artifact.is_absolute():
         artifact = project / artifact
     catalog_file = folder / "model.keras"
     assert artifact.stat().st_ino == catalog_file.stat().st_ino
-    assert catalog_file.stat().st_nlink == 2
+    assert catalog_file.stat().st_nlink == 3
+    served = mlflow.get_logged_model(
+        tags["resnet34_raw_images.model_uri"].removeprefix("models:/"))
+    served_file = Path(served.artifact_location.removeprefix("file://")) / "artifacts" / \
+        "model.keras"
+    if not served_file.is_absolute():
+        served_file = project / served_file
+    assert served_file.stat().st_ino == catalog_file.stat().st_ino
     unique, apparent = _unique_bytes(project / "data/06_models", project / "mlartifacts")
     size = catalog_file.stat().st_size
     print(f"\nmodel file {size} bytes; models + MLflow artifacts: {unique} bytes on disk, "
           f"{apparent} bytes if stored twice")
-    assert apparent - unique == size
+    assert apparent - unique == 2 * size
 
     # The logged model loads and predicts as the catalog model does.
     tiles = TileStore(sorted((project / "data/03_primary/tiles").iterdir())[-1] / "tiles")
@@ -159,7 +167,10 @@ def test_a_run_failing_in_evaluation_leaves_no_usable_model(project: Path, run_k
     assert "resnet34.model_uri" not in failed.data.tags
     experiment = failed.info.experiment_id
     logged = mlflow.search_logged_models(experiment_ids=[experiment], output_format="list")
-    assert [m.source_run_id for m in logged] == [_runs(project, "resnet34")[0].info.run_id]
+    # Only the promoted run's models (the Keras flavour and its raw-image pyfunc).
+    assert sorted((m.name, m.source_run_id) for m in logged) == [
+        (name, _runs(project, "resnet34")[0].info.run_id)
+        for name in ("resnet34", "resnet34_raw_images")]
 
 
 def test_predict_records_the_model_it_used_and_logs_its_table(project: Path):
