@@ -69,7 +69,7 @@ def cv_pipeline(model: str) -> Pipeline:
     """One model's cross-validation (folds, ensemble, report) in the model's namespace."""
     return Pipeline(
         study.create_cv_pipeline(project_steps(), model), namespace=model,
-        inputs={"tiles", "split_table", "cv_folds", "cv_floor_predictions"},
+        inputs={"tiles", "split_table", "cv_folds", "cv_floor_predictions", "run_context"},
         parameters={"params:evaluation", "params:cross_validation"},
     )
 

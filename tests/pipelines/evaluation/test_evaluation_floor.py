@@ -13,8 +13,8 @@ from _params import params
 from _synthetic_tissue import CLASSES, tissue
 from PIL import Image
 
+from neuroblastoma_cnn.analysis.model_card import _floor_section
 from neuroblastoma_cnn.pipelines.evaluation.floor import score_floor
-from neuroblastoma_cnn.pipelines.evaluation.model_card import _floor_section
 
 
 def _split(root: Path, train_groups: int, seed: int = 0) -> pd.DataFrame:

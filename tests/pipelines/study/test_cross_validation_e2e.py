@@ -76,6 +76,12 @@ def test_every_image_is_scored_once_out_of_fold_with_the_floor_beside(project: P
     assert summary["outer_ensemble_f1"].between(0, 1).all()
     report = _latest(data / f"08_reporting/{MODEL}/cv_report.md").read_text()
     assert "Pooled out-of-fold" in report and "| floor |" in report
+    # The run's model card: the fold ensemble's, with the summary beside the floor.
+    card = _latest(data / f"08_reporting/{MODEL}/cv_model_card.md").read_text()
+    assert card.startswith(f"# Model card: {MODEL} fold ensemble")
+    assert "## Cross-validation" in card and "| floor |" in card and "not for diagnosis" in card
+    assert "| class | fold 0 | fold 1 | fold 2 | outer |" in card  # counts per fold
+    assert f"{summary['pooled_f1'].iloc[0]:.3f}" in card
 
 
 def test_one_parent_run_with_a_child_run_per_fold(project: Path):
@@ -90,9 +96,14 @@ def test_one_parent_run_with_a_child_run_per_fold(project: Path):
     assert f"{MODEL}.cv.{MODEL}.pooled_f1" in parent.data.metrics
     assert f"{MODEL}.cv.{MODEL}_plus_floor.pooled_f1" in parent.data.metrics
     assert f"{MODEL}_cv_ensemble.model_uri" in parent.data.tags
+    # The fold ensemble is also logged as a raw-image pyfunc (what `mlflow models serve` runs).
+    served = mlflow.models.get_model_info(
+        parent.data.tags[f"{MODEL}_cv_ensemble_raw_images.model_uri"])
+    assert served.signature.inputs.input_names() == ["file", "image"]
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(
         parent.info.run_id, f"{MODEL}/cross_validation")}
     assert f"{MODEL}/cross_validation/cv_summary.csv" in artifacts
+    assert f"{MODEL}/cross_validation/cv_model_card.html" in artifacts
 
 
 def test_the_fold_ensemble_predicts_like_a_single_model(project: Path):

@@ -33,6 +33,7 @@ from neuroblastoma_cnn.analysis.calibration import (
     image_nll,
     plot_reliability,
 )
+from neuroblastoma_cnn.analysis.model_card import build_model_card, markdown_to_html
 from neuroblastoma_cnn.analysis.predictions import (
     aggregate_image_probabilities,
     class_names_of,
@@ -54,7 +55,6 @@ from neuroblastoma_cnn.images.tf_input import (
 )
 
 from .gallery import misclassified_gallery, worst_misclassified
-from .model_card import build_model_card, markdown_to_html
 
 logger = logging.getLogger(__name__)
 

@@ -26,8 +26,16 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from neuroblastoma_cnn.analysis import metrics as m
+from neuroblastoma_cnn.analysis.model_card import build_cv_model_card, markdown_to_html
 from neuroblastoma_cnn.analysis.predictions import probability_columns
-from neuroblastoma_cnn.core.params import CrossValidationParams, EvaluationParams
+from neuroblastoma_cnn.core.params import (
+    CrossValidationParams,
+    EvaluationParams,
+    ModelParams,
+    TrainingParams,
+)
+from neuroblastoma_cnn.core.preprocessing import Preprocessing
+from neuroblastoma_cnn.datasets.tile_store import TileStore
 
 from . import statistics as st
 from .cross_validation import HELD_OUT_SET, OUTER_SET
@@ -237,3 +245,18 @@ def summarize_cross_validation(
             if k != "model" and isinstance(v, (int, float)) and np.isfinite(v)}
     return (summary, per_fold, report, counts,
             m.plot_confusion_matrix(counts, normalized), flat)
+
+
+def write_cv_model_card(cv_summary: pd.DataFrame, cv_folds: pd.DataFrame, tiles: TileStore,
+                        model_params: dict[str, Any], training_params: dict[str, Any],
+                        run_context: dict[str, Any]) -> tuple[str, str]:
+    """The cross-validation run's model card (the fold ensemble's), Markdown and HTML: the
+    summary above beside the data per fold, preprocessing, recipe, intended use and how to
+    reproduce the run (see ``analysis.model_card``). The model's parameters come as plain
+    blocks, as for ``run_cv_folds``, and are validated here."""
+    record = Preprocessing.from_store(tiles)
+    name = str(run_context.get("model") or record.architecture or "model")
+    model = ModelParams.parse(dict(model_params), f"{name}.model")
+    training = TrainingParams.parse(dict(training_params), f"{name}.training")
+    card = build_cv_model_card(cv_summary, cv_folds, record, model, training, run_context)
+    return card, markdown_to_html(card, title=f"Model card: {model.architecture} fold ensemble")

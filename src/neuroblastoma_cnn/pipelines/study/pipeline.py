@@ -24,7 +24,7 @@ from .cross_validation import (
     cross_validate_floor,
     run_cv_folds,
 )
-from .cv_report import summarize_cross_validation
+from .cv_report import summarize_cross_validation, write_cv_model_card
 from .nodes import prepare_study, run_study_trials, summarize_study
 from .trial import ProjectSteps
 
@@ -107,6 +107,10 @@ def create_cv_pipeline(steps: ProjectSteps | None, model: str) -> Pipeline:
                  outputs=["cv_summary", "cv_fold_metrics", "cv_report", "cv_confusion_matrix",
                           "cv_confusion_matrix_plot", "cv_metrics_mlflow"],
                  name="summarize_cross_validation"),
+            Node(write_cv_model_card,
+                 inputs=["cv_summary", "cv_folds", "tiles", "params:model", "params:training",
+                         "run_context"],
+                 outputs=["cv_model_card", "cv_model_card_html"], name="write_cv_model_card"),
         ],
         tags=CV_TAGS,
     )

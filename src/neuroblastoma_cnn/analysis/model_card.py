@@ -1,4 +1,5 @@
-"""The model card: one Markdown page (and its HTML rendering) per training run.
+"""The model card: one Markdown page (and its HTML rendering) per training run, and one per
+cross-validation run (the fold ensemble, with the cross-validation summary).
 
 Why: a trained model travels without the run that made it; the card says what it was trained
 on (counts per class and split only: patients are pseudonymised and never named), how its
@@ -92,7 +93,7 @@ def _preprocessing_section(record: Preprocessing, training: TrainingParams) -> l
 
 
 def _training_section(model: ModelParams, training: TrainingParams,
-                      history: pd.DataFrame) -> list[str]:
+                      history: pd.DataFrame | None) -> list[str]:
     schedule = training.schedule.type if training.schedule is not None else "constant"
     rows = [
         ["architecture", model.architecture + (
@@ -101,7 +102,8 @@ def _training_section(model: ModelParams, training: TrainingParams,
         ["optimizer", f"{training.optimizer}, lr {training.learning_rate:g}, weight decay "
          f"{training.weight_decay:g}, schedule {schedule}"],
         ["batch size / sampling", f"{training.batch_size} / {training.sampling}"],
-        ["epochs (maximum / run)", f"{training.epochs} / {len(history)}"],
+        ["epochs (maximum / run)", f"{training.epochs} / "
+         f"{len(history) if history is not None else 'per fold (cv_trials)'}"],
         ["kept epoch", f"{_fmt(kept_epoch(history, training))} (best {training.monitor})"],
         ["label smoothing", training.label_smoothing],
         ["online augmentation", training.online_augmentation.enabled],
@@ -176,6 +178,79 @@ def build_model_card(
              *_metrics_section(test_metrics, evaluation),
              *_floor_section(floor, test_metrics),
              *_calibration_section(test_metrics),
+             "## Known limitations", "", *(f"- {item}" for item in LIMITATIONS), "",
+             "## Reproduce", "", "```", str(run_context.get("command") or "unknown"), "```", "",
+             f"Git commit: `{run_context.get('git_commit') or 'unknown'}`.", ""]
+    return "\n".join(lines)
+
+
+def _fold_data_section(cv_folds: pd.DataFrame, record: Preprocessing) -> list[str]:
+    """Images / patient groups per class in each fold and in the outer (never-trained) part."""
+    part = [f"fold {int(f)}" if role == "cv" else "outer"
+            for role, f in zip(cv_folds["role"], cv_folds["fold"], strict=True)]
+    summary = (cv_folds.assign(split=part, label=cv_folds["label"].astype(str))
+               .groupby(["split", "label"])
+               .agg(groups=("group", "nunique"), images=("image_path", "nunique"))
+               .reset_index())
+    parts = sorted(set(part) - {"outer"}, key=lambda name: int(name.split()[1]))
+    parts += ["outer"] if "outer" in part else []
+    counts = summary.set_index(["label", "split"])
+    rows = [[c, *(f"{int(counts.loc[(c, p), 'images'])} / {int(counts.loc[(c, p), 'groups'])}"
+                  if (c, p) in counts.index else "0 / 0" for p in parts)]
+            for c in record.classes]
+    return ["## Data", "", f"Classes (label order): {', '.join(record.classes)}. Images / "
+            "patient groups per fold, each fold holding whole patients (pseudonymised: counts "
+            "only); the outer part is never trained on nor used to choose an epoch.", "",
+            *_table(["class", *parts], rows), ""]
+
+
+def _interval(value: Any, low: Any, high: Any) -> str:
+    return f"{_fmt(value)} [{_fmt(low)}-{_fmt(high)}]"
+
+
+def _cv_section(summary: pd.DataFrame) -> list[str]:
+    """One row per model of the cross-validation summary (the CNN, the floor, their fusion)."""
+    rows = []
+    for row in summary.to_dict("records"):
+        versus = ("" if pd.isna(row.get("vs_floor_mean_diff")) else
+                  f"{row['vs_floor_mean_diff']:+.3f} [{_fmt(row['vs_floor_ci_low'])}-"
+                  f"{_fmt(row['vs_floor_ci_high'])}], {_fmt(row['wins'], 0)} wins / "
+                  f"{_fmt(row['losses'], 0)} losses")
+        rows.append([row["model"],
+                     f"{_fmt(row['folds_mean'])} ± {_fmt(row['folds_sd'])}",
+                     _interval(row["pooled_f1"], row["pooled_ci_low"], row["pooled_ci_high"]),
+                     versus or "-",
+                     _interval(row.get("outer_ensemble_f1"), row.get("outer_ci_low"),
+                               row.get("outer_ci_high")),
+                     _fmt(row.get("outer_mean_member"))])
+    folds = int(summary["folds"].max()) if len(summary) else 0
+    return ["## Cross-validation", "",
+            f"{folds} patient-grouped folds: each fold's model was trained on the other folds "
+            "and scored on its own (out of fold); the classical floor (colour and texture "
+            "statistics + RBF SVM) was fitted on the same folds. Macro-F1: mean ± sd over "
+            "folds; pooled out of fold with its patient-bootstrap 95% interval; the paired "
+            "difference from the floor over folds; on the outer patients, the fold ensemble "
+            "(this card's model) against the mean of its members.", "",
+            *_table(["model", "folds mean ± sd", "pooled out of fold", "minus floor",
+                     "outer: ensemble", "outer: mean member"], rows), ""]
+
+
+def build_cv_model_card(
+    cv_summary: pd.DataFrame, cv_folds: pd.DataFrame, record: Preprocessing,
+    model: ModelParams, training: TrainingParams, run_context: Mapping[str, Any],
+) -> str:
+    """The card of a cross-validation run's fold ensemble (see the module docstring)."""
+    name = f"{run_context.get('model') or model.architecture} fold ensemble"
+    lines = [f"# Model card: {name}", "",
+             f"Cross-validated {run_context.get('started', 'n/a')}; Kedro session "
+             f"{run_context.get('session_id', 'n/a')}.", "",
+             "## Intended use", "", INTENDED_USE, "",
+             *_fold_data_section(cv_folds, record),
+             *_preprocessing_section(record, training),
+             *_training_section(model, training, None),
+             *_cv_section(cv_summary),
+             "## Calibration", "", "Not measured in cross-validation (no temperature is fitted "
+             "for the folds); see a training run's card.", "",
              "## Known limitations", "", *(f"- {item}" for item in LIMITATIONS), "",
              "## Reproduce", "", "```", str(run_context.get("command") or "unknown"), "```", "",
              f"Git commit: `{run_context.get('git_commit') or 'unknown'}`.", ""]

@@ -10,13 +10,13 @@ from _params import params, store_metadata
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.pipeline import Node, Pipeline
 
-from neuroblastoma_cnn.core.preprocessing import Preprocessing
-from neuroblastoma_cnn.hooks import RunContextHook, kedro_command, run_context
-from neuroblastoma_cnn.pipelines.evaluation.model_card import (
+from neuroblastoma_cnn.analysis.model_card import (
     build_model_card,
     kept_epoch,
     markdown_to_html,
 )
+from neuroblastoma_cnn.core.preprocessing import Preprocessing
+from neuroblastoma_cnn.hooks import RunContextHook, kedro_command, run_context
 
 CLASSES = ["Benign", "InSitu"]
 
