@@ -5,17 +5,12 @@ the project's own errors as one line."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
-import shlex
-import subprocess
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import mlflow
-import pandas as pd
 from kedro.config import MissingConfigException
 from kedro.framework.hooks import hook_impl
 from kedro.framework.project import pipelines
@@ -26,178 +21,12 @@ from neuroblastoma_cnn.core.errors import DataError, ModelError
 from neuroblastoma_cnn.core.params import GROUPS, PredictParams, validate_parameters
 from neuroblastoma_cnn.datasets.image_folder import ImageFolderDataset
 from neuroblastoma_cnn.datasets.keras_model import KerasModelDataset, local_copy, read_record
+from neuroblastoma_cnn.hooks.run_tags import MlflowRunTagsHook
 from neuroblastoma_cnn.pipelines.predict.pyfunc import NAME_SUFFIX, log_raw_image_model
-from neuroblastoma_cnn.tracking import lineage, privacy, promotion, registry
+from neuroblastoma_cnn.tracking import lineage, promotion, registry
 
-logger = logging.getLogger(__name__)
-
-
-def git_commit(path: Path) -> str:
-    """The checked-out commit (with '-dirty' when files changed), or 'unknown' outside git."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=path,
-            capture_output=True, text=True, check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return f"{commit}-dirty" if dirty else commit
-
-
-def frame_sha256(frame: pd.DataFrame) -> str:
-    """A content hash of a table that does not depend on how it was stored."""
-    return hashlib.sha256(frame.to_csv(index=False).encode()).hexdigest()
-
-
-class MlflowRunTagsHook:
-    """Tags the active MLflow run with the git commit, the manifest hash and the tiles version.
-
-    kedro-mlflow opens the run in its own `before_pipeline_run`; tagging from the node and
-    dataset hooks guarantees the run exists, whatever order the hooks were registered in.
-    """
-
-    def __init__(self) -> None:
-        self._project_path = Path.cwd()
-        self._tagged_commit = False
-
-    @hook_impl
-    def after_context_created(self, context: Any) -> None:
-        self._project_path = Path(context.project_path)
-        self._tagged_commit = False
-
-    @staticmethod
-    def _set_tag(key: str, value: str) -> bool:
-        if mlflow.active_run() is None:
-            return False
-        mlflow.set_tag(key, privacy.scrub_text(str(value)))  # no patient id in clear
-        return True
-
-    @hook_impl
-    def before_node_run(self) -> None:
-        if not self._tagged_commit:
-            self._tagged_commit = self._set_tag("git_commit", git_commit(self._project_path))
-
-    def _tag_inputs(self, dataset_name: str, data: Any) -> None:
-        """The manifest's hash, and for runs that start from stored tiles, their version."""
-        if dataset_name == "image_manifest" and isinstance(data, pd.DataFrame):
-            self._set_tag("manifest_sha256", frame_sha256(data))
-        elif dataset_name == "tiles" and hasattr(data, "path"):
-            self._set_tag("tiles_version", Path(data.path).parent.name)
-
-    @hook_impl
-    def after_dataset_loaded(self, dataset_name: str, data: Any) -> None:
-        self._tag_inputs(dataset_name, data)
-
-    @hook_impl
-    def after_dataset_saved(self, dataset_name: str, data: Any) -> None:
-        self._tag_inputs(dataset_name, data)
-
-    @hook_impl
-    def after_node_run(self, outputs: dict[str, Any]) -> None:
-        """A node that picked a model (prediction): which one, so the run says what it used."""
-        for value in outputs.values():
-            source = getattr(value, "model_source", None)
-            if isinstance(source, str):
-                for key, tag in model_tags(source).items():
-                    self._set_tag(f"predict.{key}", tag)
-
-    @hook_impl(tryfirst=True)
-    def on_pipeline_error(self, error: Exception) -> None:
-        """The reason a run failed, as a tag (kedro-mlflow then ends it FAILED)."""
-        reason = error_display.reason(error)
-        self._set_tag("failure_reason", reason[:MAX_TAG_LENGTH])
-
-
-MAX_TAG_LENGTH = 5000  # MLflow refuses longer tag values (8000 in MLflow 3; kept well under)
-
-
-def model_tags(source: str) -> dict[str, str]:
-    """``model`` (the path or URI a model was loaded from), ``model_version`` and, when known,
-    ``model_uri`` (the MLflow model): a catalog path ``.../model.keras/<version>/model.keras``
-    gives its version and the URI its promotion recorded; ``models:/NAME/VERSION`` both."""
-    tags = {"model": source}
-    if source.startswith(("models:/", "runs:/")):
-        tags["model_uri"] = source
-        parts = source.split("/")
-        if source.startswith("models:/") and len(parts) >= 3 and "@" not in parts[1]:
-            tags["model_version"] = parts[-1]
-        return tags
-    path = Path(source)
-    if path.parent.parent.name == path.name:  # <name>/<version>/<name>: a catalog version
-        tags["model_version"] = path.parent.name
-        status = promotion.read_status(path.parent) or {}
-        if status.get("mlflow_model_uri"):
-            tags["model_uri"] = status["mlflow_model_uri"]
-    return tags
-
-
-#: ``kedro run`` options rebuilt from Kedro's run parameters, in the CLI's own spelling.
-_RUN_OPTIONS = (("env", "--env"), ("tags", "--tags"), ("node_names", "--nodes"),
-                ("from_nodes", "--from-nodes"), ("to_nodes", "--to-nodes"),
-                ("from_inputs", "--from-inputs"), ("to_outputs", "--to-outputs"),
-                ("namespaces", "--namespaces"))
-
-
-def _flat_params(values: Any, prefix: str = "") -> list[str]:
-    """``{"a": {"b": 1}}`` -> ``["a.b=1"]``: the ``--params`` syntax (dotted keys)."""
-    if not isinstance(values, dict):
-        return [f"{prefix}={values}"]
-    out = []
-    for key, value in values.items():
-        out += _flat_params(value, f"{prefix}.{key}" if prefix else str(key))
-    return out
-
-
-def kedro_command(run_params: dict[str, Any]) -> str:
-    """The ``kedro run`` command line that repeats a run, from its session's run parameters."""
-    parts = ["kedro", "run", f"--pipeline={','.join(run_params.get('pipeline_names') or [])}"
-             if run_params.get("pipeline_names") else ""]
-    for key, option in _RUN_OPTIONS:
-        value = run_params.get(key)
-        if value and key == "env":
-            parts.append(f"{option}={value}")
-        elif value:
-            parts.append(f"{option}={','.join(map(str, value))}")
-    if run_params.get("load_versions"):
-        parts.append("--load-versions=" + ",".join(
-            f"{k}:{v}" for k, v in run_params["load_versions"].items()))
-    if run_params.get("runtime_params"):
-        parts.append("--params=" + ",".join(_flat_params(run_params["runtime_params"])))
-    return " ".join(shlex.quote(p) if p not in ("kedro", "run") else p for p in parts if p)
-
-
-def run_context(run_params: dict[str, Any], project_path: Path) -> dict[str, Any]:
-    """What a model card says about its run: command, git commit, session, start time."""
-    return {"command": kedro_command(run_params), "git_commit": git_commit(project_path),
-            "session_id": run_params.get("run_id") or run_params.get("session_id"),
-            "kedro_version": run_params.get("kedro_version"),
-            "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-
-
-class RunContextHook:
-    """Hands the run's nodes ``run_context`` (see :func:`run_context`): nodes stay pure and
-    know nothing of Kedro's session, yet the model card can say how to reproduce the run."""
-
-    def __init__(self) -> None:
-        self._project_path = Path.cwd()
-
-    @hook_impl
-    def after_context_created(self, context: Any) -> None:
-        self._project_path = Path(context.project_path)
-
-    @hook_impl(tryfirst=True)
-    def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any,
-                            catalog: Any) -> None:
-        if "run_context" not in pipeline.inputs():
-            return
-        context = run_context(run_params, self._project_path)
-        if "run_context" in catalog:  # the declared MemoryDataset: filled, not replaced
-            catalog.get("run_context").save(context)
-        else:
-            catalog["run_context"] = context
+# The name it had as hooks.py: logging configuration that names it keeps working.
+logger = logging.getLogger("neuroblastoma_cnn.hooks")
 
 
 def project_sqlite_uri(uri: Any, project_path: Path) -> Any:
@@ -256,9 +85,6 @@ def _without_local_artifact_location(conf: dict[str, Any]) -> dict[str, Any]:
     experiment["create_experiment_kwargs"] = kwargs
     tracking["experiment"] = experiment
     return {**conf, "tracking": tracking}
-
-
-# ----------------------------------------------------------------------------- fail fast
 
 
 def _parameters(catalog: Any) -> dict[str, Any]:
