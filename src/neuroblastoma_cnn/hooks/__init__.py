@@ -1,12 +1,11 @@
 """Project hooks (registered in ``settings.py``); being split into modules."""
 
+from neuroblastoma_cnn.hooks.mlflow_store import ProjectMlflowStoreHook, project_sqlite_uri
 from neuroblastoma_cnn.hooks.promotion import (
     LineageHook,
     ModelPromotionHook,
     OneLineErrorsHook,
     PreflightHook,
-    ProjectMlflowStoreHook,
-    project_sqlite_uri,
 )
 from neuroblastoma_cnn.hooks.run_command import RunContextHook, kedro_command, run_context
 from neuroblastoma_cnn.hooks.run_tags import (
