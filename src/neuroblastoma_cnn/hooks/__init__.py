@@ -1,0 +1,41 @@
+"""Project hooks, registered in ``settings.py``; one module per concern:
+
+- ``checks``: the project's own errors as one line; the pre-flight checks before a run starts;
+- ``mlflow_store``: the MLflow tracking store anchored at the project root;
+- ``run_tags``: MLflow run tags (git commit, manifest hash, tiles version, model used, failure);
+- ``run_command``: how a run was started (``kedro run`` command, commit), for the model card;
+- ``lineage``: ``lineage.json`` beside every versioned output, inputs of one lineage;
+- ``promotion``: a model promoted once evaluated, logged to MLflow and registered.
+
+``neuroblastoma_cnn.hooks`` is the import path: every hook and helper is re-exported here.
+"""
+
+from neuroblastoma_cnn.hooks.checks import OneLineErrorsHook, PreflightHook
+from neuroblastoma_cnn.hooks.lineage import LineageHook
+from neuroblastoma_cnn.hooks.mlflow_store import ProjectMlflowStoreHook, project_sqlite_uri
+from neuroblastoma_cnn.hooks.promotion import ModelPromotionHook
+from neuroblastoma_cnn.hooks.run_command import RunContextHook, kedro_command, run_context
+from neuroblastoma_cnn.hooks.run_tags import (
+    MAX_TAG_LENGTH,
+    MlflowRunTagsHook,
+    frame_sha256,
+    git_commit,
+    model_tags,
+)
+
+__all__ = [
+    "MAX_TAG_LENGTH",
+    "LineageHook",
+    "MlflowRunTagsHook",
+    "ModelPromotionHook",
+    "OneLineErrorsHook",
+    "PreflightHook",
+    "ProjectMlflowStoreHook",
+    "RunContextHook",
+    "frame_sha256",
+    "git_commit",
+    "kedro_command",
+    "model_tags",
+    "project_sqlite_uri",
+    "run_context",
+]
