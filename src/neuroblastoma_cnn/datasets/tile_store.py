@@ -215,25 +215,6 @@ def write_tile_store(
     return TileStore(path)
 
 
-def _checked_tile(raw_tile: Any, meta: Mapping[str, Any],
-                  tile_shape: tuple[int, ...] | None) -> np.ndarray:
-    """The tile as a uint8 [H, W, C] array of the store's shape (``tile_shape``, None for the
-    first tile), with metadata free of reserved columns; DatasetError otherwise."""
-    tile = np.asarray(raw_tile)
-    if tile.dtype != np.uint8 or tile.ndim != 3:
-        raise DatasetError(
-            f"Tiles must be uint8 arrays [H, W, C]; got {tile.dtype} {tile.shape}."
-        )
-    if tile_shape is not None and tile.shape != tile_shape:
-        raise DatasetError(
-            f"All tiles in a store must share one shape: {tile.shape} after {tile_shape}."
-        )
-    bad = set(meta) & set(RESERVED_COLUMNS)
-    if bad:
-        raise DatasetError(f"Tile metadata may not use reserved columns {sorted(bad)}.")
-    return tile
-
-
 def _store_metadata(metadata: Mapping[str, Any] | None, tile_shape: tuple[int, ...] | None,
                     count: int, shards: int) -> dict[str, Any]:
     """The store's ``metadata.json``: the caller's metadata plus format, version and sizes."""

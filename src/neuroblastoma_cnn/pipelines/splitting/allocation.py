@@ -84,6 +84,20 @@ def _split_per_class(
     return unit_split, _assign_folds(unit_class, unit_split, p, rng)
 
 
+def fold_pool(unit_split: Mapping[str, str], p: SplittingParams
+              ) -> tuple[dict[str, int], list[str]]:
+    """``(folds, pool)``: fold -1 for every test unit, and the other units to share the folds;
+    a DataError when there are fewer of them than folds."""
+    folds = {u: -1 for u, s in unit_split.items() if s == "test"}
+    pool = [u for u, s in unit_split.items() if s != "test"]
+    if p.n_folds > 1 and len(pool) < p.n_folds:
+        raise DataError(
+            f"splitting.n_folds is {p.n_folds} but only {len(pool)} {p.unit} value(s) are outside "
+            "the test split; lower n_folds."
+        )
+    return folds, pool
+
+
 def _assign_folds(
     unit_class: pd.Series,
     unit_split: Mapping[str, str],
@@ -92,15 +106,9 @@ def _assign_folds(
 ) -> dict[str, int]:
     """Fold per unit: -1 for test; round-robin per class over the rest, continuing across classes
     so that fold sizes stay even when classes have few units each."""
-    folds = {u: -1 for u, s in unit_split.items() if s == "test"}
-    pool = [u for u, s in unit_split.items() if s != "test"]
+    folds, pool = fold_pool(unit_split, p)
     if p.n_folds <= 1:
         return {**folds, **dict.fromkeys(pool, 0)}
-    if len(pool) < p.n_folds:
-        raise DataError(
-            f"splitting.n_folds is {p.n_folds} but only {len(pool)} {p.unit} value(s) are outside "
-            "the test split; lower n_folds."
-        )
     turn = 0
     for label in sorted(unit_class.unique()):
         units = sorted(u for u in pool if unit_class[u] == label)

@@ -20,7 +20,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from neuroblastoma_cnn.core.errors import DataError
 from neuroblastoma_cnn.core.params import SplittingParams
 
-from .allocation import _round_half_up, target_shares
+from .allocation import _round_half_up, fold_pool, target_shares
 
 #: Logged under the node module's name, as before the split (log filters and tests see it).
 logger = logging.getLogger("neuroblastoma_cnn.pipelines.splitting.nodes")
@@ -181,15 +181,9 @@ def _assign_folds_spanning(
 ) -> dict[str, int]:
     """Cross-validation folds over the non-test units when groups span classes: -1 for test,
     StratifiedGroupKFold folds of the train and validation tiles for the rest."""
-    folds = {u: -1 for u, s in unit_split.items() if s == "test"}
-    pool = [u for u, s in unit_split.items() if s != "test"]
+    folds, pool = fold_pool(unit_split, p)
     if p.n_folds <= 1:
         return {**folds, **dict.fromkeys(pool, 0)}
-    if len(pool) < p.n_folds:
-        raise DataError(
-            f"splitting.n_folds is {p.n_folds} but only {len(pool)} {p.unit} value(s) are outside "
-            "the test split; lower n_folds."
-        )
     frame = index[index[p.unit].isin(pool)]
     folds.update(_sgkf_folds(frame, p.unit, p.n_folds, p.seed))
     present = frame.assign(fold=frame[p.unit].map(folds)).groupby("label")["fold"].nunique()
