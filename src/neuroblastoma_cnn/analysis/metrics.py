@@ -94,30 +94,8 @@ def classification_metrics(
     precision, recall, f1, support = precision_recall_fscore_support(
         labels, pred, labels=every, zero_division=0
     )
-    out: dict[str, Any] = {
-        "n_samples": len(labels),
-        "accuracy": float(accuracy_score(labels, pred)),
-        "balanced_accuracy": _balanced_accuracy(labels, pred),
-    }
-    for average in ("macro", "weighted"):
-        p, r, f, _ = precision_recall_fscore_support(
-            labels, pred, labels=every, average=average, zero_division=0
-        )
-        out[f"precision_{average}"] = float(p)
-        out[f"recall_{average}"] = float(r)
-        out[f"f1_{average}"] = float(f)
-    out["cohen_kappa"] = _kappa(labels, pred)
-
-    aucs: dict[str, float | None] = {}
-    for index, name in enumerate(names):
-        positives = labels == index
-        if positives.all() or not positives.any():
-            why = "no" if not positives.any() else "only"
-            logger.warning("ROC-AUC of class '%s' is undefined: %s samples of it in y_true.",
-                           name, why)
-            aucs[name] = None
-        else:
-            aucs[name] = float(roc_auc_score(positives, prob[:, index]))
+    out = _overall_scores(labels, pred, every)
+    aucs = _class_aucs(labels, prob, names)
     defined = [v for v in aucs.values() if v is not None]
     out["roc_auc_macro"] = float(np.mean(defined)) if defined else None
 
@@ -132,6 +110,39 @@ def classification_metrics(
         for i, name in enumerate(names)
     }
     return out
+
+
+def _overall_scores(labels: np.ndarray, pred: np.ndarray, every: list[int]) -> dict[str, Any]:
+    """``n_samples``, accuracy, balanced accuracy, macro/weighted P, R, F1, Cohen's kappa."""
+    out: dict[str, Any] = {
+        "n_samples": len(labels),
+        "accuracy": float(accuracy_score(labels, pred)),
+        "balanced_accuracy": _balanced_accuracy(labels, pred),
+    }
+    for average in ("macro", "weighted"):
+        p, r, f, _ = precision_recall_fscore_support(
+            labels, pred, labels=every, average=average, zero_division=0
+        )
+        out[f"precision_{average}"] = float(p)
+        out[f"recall_{average}"] = float(r)
+        out[f"f1_{average}"] = float(f)
+    out["cohen_kappa"] = _kappa(labels, pred)
+    return out
+
+
+def _class_aucs(labels: np.ndarray, prob: np.ndarray, names: list[str]) -> dict[str, float | None]:
+    """One-vs-rest ROC-AUC per class; None (logged) where a class has no ROC curve."""
+    aucs: dict[str, float | None] = {}
+    for index, name in enumerate(names):
+        positives = labels == index
+        if positives.all() or not positives.any():
+            why = "no" if not positives.any() else "only"
+            logger.warning("ROC-AUC of class '%s' is undefined: %s samples of it in y_true.",
+                           name, why)
+            aucs[name] = None
+        else:
+            aucs[name] = float(roc_auc_score(positives, prob[:, index]))
+    return aucs
 
 
 def _balanced_accuracy(labels: np.ndarray, pred: np.ndarray) -> float:

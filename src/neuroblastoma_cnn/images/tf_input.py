@@ -68,30 +68,51 @@ def make_tf_dataset(
     y = np.zeros(n, dtype=np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
     tile_bytes = int(np.prod(store.tile_shape))
     if n * tile_bytes <= in_memory_limit_mb * 2**20:
-        ds = tf.data.Dataset.from_tensor_slices((store.get(tile_ids), y))
-        if shuffle:
-            ds = ds.shuffle(n, seed=seed, reshuffle_each_iteration=True)
-        ds = ds.batch(batch_size).map(
-            lambda x, t: (tf.cast(x, tf.float32), t), num_parallel_calls=tf.data.AUTOTUNE
-        )
+        ds = _in_memory_batches(store, tile_ids, y, batch_size, shuffle=shuffle, seed=seed)
     else:
-        ids = np.asarray(tile_ids, dtype=np.int64)
-        shape = store.tile_shape
-
-        def gather(batch_ids: np.ndarray) -> np.ndarray:
-            return store.get(batch_ids.tolist())
-
-        def load(batch_ids: Any, batch_y: Any) -> tuple[Any, Any]:
-            images = tf.numpy_function(gather, [batch_ids], tf.uint8)
-            images.set_shape((None, *shape))
-            return tf.cast(images, tf.float32), batch_y
-
-        ds = tf.data.Dataset.from_tensor_slices((ids, y))
-        if shuffle:
-            ds = ds.shuffle(n, seed=seed, reshuffle_each_iteration=True)
-        ds = ds.batch(batch_size).map(load, num_parallel_calls=tf.data.AUTOTUNE,
-                                      deterministic=True)
+        ds = _streamed_batches(store, tile_ids, y, batch_size, shuffle=shuffle, seed=seed)
     if augment is not None:
         ds = ds.map(lambda x, t: (augment(x), t), num_parallel_calls=tf.data.AUTOTUNE,
                     deterministic=True)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _in_memory_batches(
+    store: Any, tile_ids: list[int], y: np.ndarray, batch_size: int, *, shuffle: bool,
+    seed: int | None,
+) -> Any:
+    """Batches of a subset read into memory once: its tiles are part of the dataset."""
+    import tensorflow as tf  # noqa: PLC0415  (lazy: see the module docstring)
+
+    ds = tf.data.Dataset.from_tensor_slices((store.get(tile_ids), y))
+    if shuffle:
+        ds = ds.shuffle(len(tile_ids), seed=seed, reshuffle_each_iteration=True)
+    return ds.batch(batch_size).map(
+        lambda x, t: (tf.cast(x, tf.float32), t), num_parallel_calls=tf.data.AUTOTUNE
+    )
+
+
+def _streamed_batches(
+    store: Any, tile_ids: list[int], y: np.ndarray, batch_size: int, *, shuffle: bool,
+    seed: int | None,
+) -> Any:
+    """Batches gathered from the memory-mapped shards: the dataset holds tile ids, and each
+    batch's tiles are read in a parallel map call (in order)."""
+    import tensorflow as tf  # noqa: PLC0415  (lazy: see the module docstring)
+
+    ids = np.asarray(tile_ids, dtype=np.int64)
+    shape = store.tile_shape
+
+    def gather(batch_ids: np.ndarray) -> np.ndarray:
+        return store.get(batch_ids.tolist())
+
+    def load(batch_ids: Any, batch_y: Any) -> tuple[Any, Any]:
+        images = tf.numpy_function(gather, [batch_ids], tf.uint8)
+        images.set_shape((None, *shape))
+        return tf.cast(images, tf.float32), batch_y
+
+    ds = tf.data.Dataset.from_tensor_slices((ids, y))
+    if shuffle:
+        ds = ds.shuffle(len(tile_ids), seed=seed, reshuffle_each_iteration=True)
+    return ds.batch(batch_size).map(load, num_parallel_calls=tf.data.AUTOTUNE,
+                                    deterministic=True)
