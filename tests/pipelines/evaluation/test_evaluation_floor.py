@@ -40,7 +40,8 @@ def _params(**floor):
 
 
 def test_floor_is_fitted_on_train_and_scored_on_the_evaluated_split(tmp_path):
-    table = _split(tmp_path, train_groups=3)
+    images = _split(tmp_path, train_groups=3)
+    table = pd.concat([images] * 3).sort_index(kind="stable")  # a row per tile, 3 tiles an image
     out = score_floor(table, tmp_path, _params(), params("evaluation", bootstrap_samples=50))
     assert out["n_images"] == 9 and out["n_train_images"] == 27 and out["split"] == "test"
     assert out["f1_macro"] > 0.8  # the synthetic classes differ plainly in colour and texture

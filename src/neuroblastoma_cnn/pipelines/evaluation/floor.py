@@ -37,8 +37,9 @@ def score_floor(split_table: pd.DataFrame, raw_images: Path,
     if not floor.enabled:
         return {"skipped": "cross_validation.floor.enabled is false"}
     started = time.perf_counter()
-    train = split_table[split_table["split"] == "train"]
-    scored = split_table[split_table["split"] == evaluation.split]
+    images = split_table.drop_duplicates("image_path")  # the split table has a row per tile
+    train = images[images["split"] == "train"]
+    scored = images[images["split"] == evaluation.split]
     try:
         prob, classes = _fit_and_predict(train, scored, Path(raw_images), cross_validation)
     except (DataError, ValueError) as exc:
