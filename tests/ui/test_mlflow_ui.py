@@ -50,6 +50,12 @@ def _run(base: str, experiment_id: str, name: str) -> dict[str, Any]:
     return runs[0]
 
 
+def _without_assistant(page: Page, base: str) -> None:
+    """Marks the assistant panel as seen once, so it does not open by itself over the page."""
+    page.open(f"{base}/health", ready="document.readyState === 'complete'")
+    page.evaluate("localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true')")
+
+
 def test_mlflow_server_shows_runs_metrics_figures_and_models(trained: TrainedProject,
                                                              tmp_path: Path):
     port = free_port()
@@ -101,10 +107,7 @@ def test_mlflow_server_shows_runs_metrics_figures_and_models(trained: TrainedPro
         # The UI draws the run page: the model-metrics charts of the resnet34 run.
         run_id = _run(base, experiment["experiment_id"], "train_resnet34")["info"]["run_id"]
         with Page(tmp_path / "chromium") as page:
-            # Seen once already: the assistant panel does not open by itself over the page.
-            page.open(f"{base}/health", ready="document.readyState === 'complete'")
-            page.evaluate("localStorage.setItem("
-                          "'mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true')")
+            _without_assistant(page, base)
             page.open(f"{base}/#/experiments/{experiment['experiment_id']}/runs/{run_id}/"
                       "model-metrics?workflowType=machine_learning",
                       ready="document.querySelectorAll('.main-svg').length >= 6")
@@ -136,9 +139,7 @@ def test_mlflow_ui_shows_the_model_card_and_the_registered_model(trained: Traine
         tags = {t["key"]: t["value"] for t in version["tags"]}
         assert {"test_f1_macro", "test_ece_before", "temperature"} <= set(tags)
         with Page(tmp_path / "chromium") as page:
-            page.open(f"{base}/health", ready="document.readyState === 'complete'")
-            page.evaluate("localStorage.setItem("
-                          "'mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true')")
+            _without_assistant(page, base)
             page.open(f"{base}/#/experiments/{experiment['experiment_id']}/runs/{run_id}/"
                       "artifacts/resnet34/model_card.html",
                       ready="document.querySelector('iframe.mlflow-html-iframe') !== null")
