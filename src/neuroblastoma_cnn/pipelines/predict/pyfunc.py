@@ -100,12 +100,13 @@ def _row_names(frame: pd.DataFrame) -> list[str]:
 
 
 def _stage(frame: pd.DataFrame, names: list[str], folder: Path
-           ) -> tuple[list[tuple[str, Path]], dict[str, str], dict[str, str]]:
-    """The rows as ``(checked name, file)`` pairs for :func:`nodes.predict_files` (base64
-    written to ``folder``, paths used as they are), with per-name errors and checked names."""
+           ) -> tuple[list[tuple[str, Path]], list[str], dict[str, str]]:
+    """The usable rows as ``(checked name, file)`` pairs for :func:`nodes.predict_files`
+    (base64 written to ``folder``, paths used as they are), the row names they belong to (in
+    the same order), and the errors of the other rows by name."""
     files: list[tuple[str, Path]] = []
+    staged: list[str] = []
     errors: dict[str, str] = {}
-    checked: dict[str, str] = {}
     for i, name in enumerate(names):
         image = frame["image"].iloc[i] if "image" in frame.columns else None
         path = frame["path"].iloc[i] if "path" in frame.columns else None
@@ -115,19 +116,21 @@ def _stage(frame: pd.DataFrame, names: list[str], folder: Path
             except (binascii.Error, ValueError, TypeError) as exc:
                 errors[name] = f"not base64: {exc}"
                 continue
-            checked[name] = _checked_name(name, data)
-            staged = folder / f"{i:06d}{Path(checked[name]).suffix}"
-            staged.write_bytes(data)
-            files.append((checked[name], staged))
+            checked = _checked_name(name, data)
+            file = folder / f"{i:06d}{Path(checked).suffix}"
+            file.write_bytes(data)
         elif _present(path):
-            if not Path(str(path)).is_file():
+            file = Path(str(path))
+            if not file.is_file():
                 errors[name] = f"no such file: '{path}'"
                 continue
-            checked[name] = name if Path(name).suffix else name + Path(str(path)).suffix
-            files.append((checked[name], Path(str(path))))
+            checked = name if Path(name).suffix else name + file.suffix
         else:
             errors[name] = "empty row: give the file's bytes (base64) in 'image'"
-    return files, errors, checked
+            continue
+        files.append((checked, file))
+        staged.append(name)
+    return files, staged, errors
 
 
 def output_columns(classes: list[str], tta: bool) -> list[str]:
@@ -150,21 +153,21 @@ def classify_encoded(frame: pd.DataFrame, model: Any, params: PredictParams) -> 
                          "matched to its result).")
     classes = [str(c) for c in nodes.preprocessing_of(model).classes]
     with tempfile.TemporaryDirectory(prefix="nbcnn-serve-") as tmp:
-        files, errors, checked = _stage(frame, names, Path(tmp))
+        files, staged, errors = _stage(frame, names, Path(tmp))
         predictions = nodes.predict_files(files, model, params)[0] if files else pd.DataFrame()
-    rows = predictions.set_index("file") if len(predictions) else predictions
-    out = [_output_row(name, errors, checked, rows, classes, params.tta) for name in names]
+    # predict_files answers one row per file, in order: matched by position, not by name.
+    results = dict(zip(staged, predictions.to_dict("records"), strict=True))
+    out = [_output_row(name, errors.get(name, ""), results.get(name), classes, params.tta)
+           for name in names]
     return pd.DataFrame(out, columns=output_columns(classes, params.tta))
 
 
-def _output_row(name: str, errors: dict[str, str], checked: dict[str, str], rows: pd.DataFrame,
-                classes: list[str], tta: bool) -> dict[str, Any]:
-    row: dict[str, Any] = {"file": name, "predicted": "", "n_tiles": 0,
-                           "error": errors.get(name, "")}
+def _output_row(name: str, error: str, found: dict[str, Any] | None, classes: list[str],
+                tta: bool) -> dict[str, Any]:
+    row: dict[str, Any] = {"file": name, "predicted": "", "n_tiles": 0, "error": error}
     row.update({probability_column(c): np.nan for c in classes})
-    if name in errors or checked.get(name) not in rows.index:
+    if found is None:
         return row
-    found = rows.loc[checked[name]]
     row["error"] = str(found["reason"]) if bool(found["rejected"]) else ""
     row["predicted"] = str(found["predicted"])
     row["n_tiles"] = 0 if pd.isna(found["n_tiles"]) else int(found["n_tiles"])
