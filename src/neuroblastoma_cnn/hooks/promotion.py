@@ -114,7 +114,7 @@ class ModelPromotionHook:
         dataset = self._catalog.get(dataset_name) if self._catalog is not None else None
         if (isinstance(dataset, KerasModelDataset) and dataset.log_to_mlflow
                 and not dataset.promotion):  # logged at save (fold ensembles)
-            self._log_raw_image_model(dataset)
+            self._log_raw_image_model(dataset, "model")
         namespace = _namespace_of(node)
         pending = self._pending.get(namespace)
         if pending is None:
@@ -138,35 +138,39 @@ class ModelPromotionHook:
                     f" (MLflow model {uri})" if uri else "")
         self._saved.discard(namespace)
         if uri:
-            served = self._log_raw_image_model(dataset)
-            self._register(namespace, dataset, served or uri)
+            architecture, served = self._log_raw_image_model(dataset, namespace)
+            self._register(namespace, architecture, served or uri)
 
-    def _log_raw_image_model(self, dataset: KerasModelDataset) -> str | None:
+    def _log_raw_image_model(self, dataset: KerasModelDataset, default: str
+                             ) -> tuple[str | None, str | None]:
         """Logs the saved model's raw-image pyfunc (what ``mlflow models serve`` runs) beside
-        its Keras flavour; returns its URI. A failure leaves a WARNING: the Keras model is
-        logged and promoted already."""
+        its Keras flavour; returns the architecture its record names (``default`` when it
+        names none; None when the file could not be read) and the pyfunc's URI. One local
+        copy serves both (a remote model is downloaded once). A failure leaves a WARNING: the
+        Keras model is logged and promoted already."""
+        architecture = None
         if mlflow.active_run() is None:
-            return None
+            return architecture, None
         try:
-            settings = PredictParams.parse(self._catalog.load("params:predict"), "predict")
             with local_copy(dataset.saved_path()) as local:
-                name = (dataset.mlflow_model_name or read_record(local).get("architecture")
-                        or "model")
-                return log_raw_image_model(local, settings, name=name + NAME_SUFFIX)
+                architecture = read_record(local).get("architecture") or default
+                settings = PredictParams.parse(self._catalog.load("params:predict"), "predict")
+                name = (dataset.mlflow_model_name or architecture) + NAME_SUFFIX
+                return architecture, log_raw_image_model(local, settings, name=name)
         except Exception as exc:  # DatasetError, MlflowException, OSError, a parameter error
             logger.warning("The raw-image model of '%s' was not logged to MLflow: %s",
                            dataset.saved_path(), exc)
-            return None
+            return architecture, None
 
-    def _register(self, namespace: str, dataset: KerasModelDataset, uri: str) -> None:
+    def _register(self, namespace: str, architecture: str | None, uri: str) -> None:
         """The promoted model as a registry version; ``champion`` if the rules allow. A store
         without a registry (some tracking servers) leaves a WARNING, not a failed run."""
         run = mlflow.active_run()
         if run is None:
             return
         try:
-            with local_copy(dataset.saved_path()) as local:
-                architecture = read_record(local).get("architecture") or namespace
+            if architecture is None:
+                raise OSError("its saved file could not be read")
             experiment = mlflow.get_experiment(run.info.experiment_id).name
             name = registry.registered_name(experiment, architecture)
             version, _ = registry.register_version(
