@@ -187,3 +187,14 @@ def test_svm_refuses_a_single_class(data):
     x, _, groups, _ = data["train"]
     with pytest.raises(DataError, match="one class only"):
         _svm().fit(x, ["Normal"] * len(x), groups)
+
+
+def test_probabilities_over_a_wider_class_list(data):
+    """The floor's columns placed by name among more classes (one it never saw: zeros)."""
+    features, labels, groups, _ = data["train"]
+    svm = _svm().fit(features, labels, groups)
+    test = data["test"][0]
+    wider = ["never seen", *reversed(svm.classes_)]
+    prob = svm.probabilities_over(test, wider)
+    assert prob.shape == (len(test), len(wider)) and (prob[:, 0] == 0).all()
+    np.testing.assert_allclose(prob[:, 1:], svm.predict_proba(test)[:, ::-1])

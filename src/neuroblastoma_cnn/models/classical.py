@@ -294,6 +294,13 @@ class ColourTextureSVM:
                             f"got {x.shape}.")
         return np.asarray(self.model_.predict_proba(x), dtype=np.float64)
 
+    def probabilities_over(self, features: np.ndarray, classes: Sequence[str]) -> np.ndarray:
+        """:meth:`predict_proba` with one column per name of ``classes`` (which hold
+        ``classes_``): a class the floor never saw in training gets probability 0."""
+        prob = np.zeros((len(features), len(classes)))
+        prob[:, [list(classes).index(c) for c in self.classes_]] = self.predict_proba(features)
+        return prob
+
     def predict(self, features: np.ndarray) -> np.ndarray:
         """The most probable class name per row (as the CNNs' image predictions are made)."""
         return np.asarray(self.classes_, dtype=object)[self.predict_proba(features).argmax(1)]

@@ -78,10 +78,5 @@ def _fit_and_predict(train: pd.DataFrame, scored: pd.DataFrame, root: Path,
     features = describe_images([root / p for p in train["image_path"]], floor.downscale)
     svm.fit(features, train["label"].astype(str).to_numpy(),
             train["group"].astype(str).to_numpy())
-    prob = np.zeros((len(scored), len(classes)))
-    fitted = [str(c) for c in svm.classes_]
-    tested = svm.predict_proba(describe_images([root / p for p in scored["image_path"]],
-                                               floor.downscale))
-    for j, name in enumerate(fitted):
-        prob[:, classes.index(name)] = tested[:, j]
-    return prob, classes
+    tested = describe_images([root / p for p in scored["image_path"]], floor.downscale)
+    return svm.probabilities_over(tested, classes), classes

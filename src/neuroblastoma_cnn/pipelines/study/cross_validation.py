@@ -189,9 +189,7 @@ def cross_validate_floor(cv_folds: pd.DataFrame, raw_images: Path,
 
 def _floor_rows(images: pd.DataFrame, svm: Any, features: np.ndarray, classes: list[str],
                 fold: int, name: str) -> pd.DataFrame:
-    prob = np.zeros((len(images), len(classes)))
-    fitted = list(svm.classes_)
-    prob[:, [classes.index(c) for c in fitted]] = svm.predict_proba(features)
+    prob = svm.probabilities_over(features, classes)
     out = images[["image_path", "label", "group"]].reset_index(drop=True).assign(
         model="floor", fold=fold, set=name)
     for i, c in enumerate(classes):
