@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import html
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -67,15 +67,30 @@ def kept_epoch(history: pd.DataFrame, training: TrainingParams) -> int | None:
     return int(history.loc[best, "epoch"]) if "epoch" in history else int(best) + 1
 
 
+def count_parts(table: pd.DataFrame, parts: Sequence[str]) -> pd.DataFrame:
+    """Images and patient groups per class in each part (``parts``: one name per row of
+    ``table``, e.g. its split or fold): ``split, label, groups, images``, counts only."""
+    return (table.assign(split=list(parts), label=table["label"].astype(str))
+            .groupby(["split", "label"])
+            .agg(groups=("group", "nunique"), images=("image_path", "nunique"))
+            .reset_index())
+
+
+def _counts_table(counts: pd.DataFrame, record: Preprocessing, parts: list[str]) -> list[str]:
+    """``images / groups`` per class (rows, in label order) and part (columns)."""
+    pivot = counts.pivot_table(index="label", columns="split", values=["images", "groups"],
+                               aggfunc="sum", fill_value=0)
+    rows = [[c, *(f"{int(pivot.loc[c, ('images', p)])} / {int(pivot.loc[c, ('groups', p)])}"
+                  if ("images", p) in pivot.columns else "0 / 0" for p in parts)]
+            for c in record.classes if c in pivot.index]
+    return _table(["class", *parts], rows)
+
+
 def _data_section(split_summary: pd.DataFrame, record: Preprocessing) -> list[str]:
-    counts = split_summary.pivot_table(index="label", columns="split",
-                                       values=["images", "groups"], aggfunc="sum", fill_value=0)
     splits = [s for s in ("train", "validation", "test") if s in set(split_summary["split"])]
-    rows = [[c, *(f"{int(counts.loc[c, ('images', s)])} / {int(counts.loc[c, ('groups', s)])}"
-                  for s in splits)] for c in record.classes if c in counts.index]
     return ["## Data", "", f"Classes (label order): {', '.join(record.classes)}. Images / "
             "patient groups per split (patients are pseudonymised: counts only).", "",
-            *_table(["class", *splits], rows), ""]
+            *_counts_table(split_summary, record, splits), ""]
 
 
 def _preprocessing_section(record: Preprocessing, training: TrainingParams) -> list[str]:
@@ -188,20 +203,12 @@ def _fold_data_section(cv_folds: pd.DataFrame, record: Preprocessing) -> list[st
     """Images / patient groups per class in each fold and in the outer (never-trained) part."""
     part = [f"fold {int(f)}" if role == "cv" else "outer"
             for role, f in zip(cv_folds["role"], cv_folds["fold"], strict=True)]
-    summary = (cv_folds.assign(split=part, label=cv_folds["label"].astype(str))
-               .groupby(["split", "label"])
-               .agg(groups=("group", "nunique"), images=("image_path", "nunique"))
-               .reset_index())
     parts = sorted(set(part) - {"outer"}, key=lambda name: int(name.split()[1]))
     parts += ["outer"] if "outer" in part else []
-    counts = summary.set_index(["label", "split"])
-    rows = [[c, *(f"{int(counts.loc[(c, p), 'images'])} / {int(counts.loc[(c, p), 'groups'])}"
-                  if (c, p) in counts.index else "0 / 0" for p in parts)]
-            for c in record.classes]
     return ["## Data", "", f"Classes (label order): {', '.join(record.classes)}. Images / "
             "patient groups per fold, each fold holding whole patients (pseudonymised: counts "
             "only); the outer part is never trained on nor used to choose an epoch.", "",
-            *_table(["class", *parts], rows), ""]
+            *_counts_table(count_parts(cv_folds, part), record, parts), ""]
 
 
 def _interval(value: Any, low: Any, high: Any) -> str:

@@ -33,7 +33,11 @@ from neuroblastoma_cnn.analysis.calibration import (
     image_nll,
     plot_reliability,
 )
-from neuroblastoma_cnn.analysis.model_card import build_model_card, markdown_to_html
+from neuroblastoma_cnn.analysis.model_card import (
+    build_model_card,
+    count_parts,
+    markdown_to_html,
+)
 from neuroblastoma_cnn.analysis.predictions import (
     aggregate_image_probabilities,
     class_names_of,
@@ -343,10 +347,7 @@ def write_model_card(
     the split table (the reporting layer's split summary would make kedro-viz see the model
     namespace read a report and write predictions: a layer cycle)."""
     record = Preprocessing.from_store(tiles)
-    counts = (split_table.assign(label=split_table["label"].astype(str))
-              .groupby(["split", "label"])
-              .agg(groups=("group", "nunique"), images=("image_path", "nunique"))
-              .reset_index())
+    counts = count_parts(split_table, split_table["split"])
     card = build_model_card(test_metrics, training_history, counts, record, model,
                             training, evaluation, run_context, floor_metrics)
     return card, markdown_to_html(card, title=f"Model card: {model.architecture}")
