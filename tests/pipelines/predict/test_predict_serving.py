@@ -8,11 +8,8 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -22,6 +19,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from _browser import free_port, serving
 from _params import params, store_metadata
 from PIL import Image
 
@@ -66,12 +64,6 @@ def _files(folder: Path) -> dict[str, Path]:
     return files
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _post(port: int, body: bytes) -> tuple[int, str]:
     request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
                                      headers={"Content-Type": "application/json"})
@@ -80,18 +72,6 @@ def _post(port: int, body: bytes) -> tuple[int, str]:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as error:
         return error.code, error.read().decode()
-
-
-def _wait_until_up(server: subprocess.Popen, port: int, log: Path) -> None:
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        assert server.poll() is None, f"server exited:\n{log.read_text()[-3000:]}"
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5):
-                return
-        except OSError:
-            time.sleep(1)
-    raise AssertionError(f"server not up in 240 s:\n{log.read_text()[-3000:]}")
 
 
 def _frame_body(rows: list[list[str]]) -> bytes:
@@ -122,17 +102,13 @@ def test_mlflow_models_serve_answers_images_and_bad_rows_like_predict(tmp_path):
 
     expected = _cli_predictions(model_file, files, tmp_path / "cli.csv")
 
-    port = _free_port()
-    log = tmp_path / "server.log"
-    with log.open("w") as sink:
-        server = subprocess.Popen(
-            [str(BIN / "mlflow"), "models", "serve", "-m", uri, "--env-manager", "local",
-             "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-            stdout=sink, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path,
-            env={**os.environ, "MLFLOW_TRACKING_URI": store, "TF_CPP_MIN_LOG_LEVEL": "3",
-                 "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"})  # its uvicorn
-    try:
-        _wait_until_up(server, port, log)
+    port = free_port()
+    command = [str(BIN / "mlflow"), "models", "serve", "-m", uri, "--env-manager", "local",
+               "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "TF_CPP_MIN_LOG_LEVEL": "3",
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # its uvicorn
+    with serving(command, f"http://127.0.0.1:{port}/ping", tmp_path, tmp_path / "server.log",
+                 env=env, timeout=240):
         rows = [[name, base64.b64encode(path.read_bytes()).decode()]
                 for name, path in files.items()]
         status, text = _post(port, _frame_body(rows))
@@ -160,9 +136,3 @@ def test_mlflow_models_serve_answers_images_and_bad_rows_like_predict(tmp_path):
         assert status == 200, text
         again = json.loads(text)["predictions"][0]
         assert again["prob_a"] == pytest.approx(served.loc["tissue.jpg", "prob_a"], abs=1e-6)
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
