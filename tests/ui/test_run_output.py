@@ -14,7 +14,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from _tiny_project import TrainedProject, run_env, trained_project
+from _tiny_project import TrainedProject, run_env
 
 from neuroblastoma_cnn.hooks import project_sqlite_uri
 
@@ -40,11 +40,6 @@ ALLOWED: tuple[tuple[str, str], ...] = (
 )
 #: At most this many allowed native lines per process that imports TensorFlow (2 per library).
 MAX_NATIVE_LINES = 4
-
-
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> TrainedProject:
-    return trained_project(tmp_path_factory)
 
 
 @pytest.mark.integration
