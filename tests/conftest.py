@@ -118,7 +118,7 @@ def trained_copy(trained: Any, tmp_path: Path) -> Path:
     return copy_project(trained.path, tmp_path / "trained" / "project")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def run_kedro() -> Callable[..., dict[str, Any]]:
     """Runs pipelines in-process, as ``kedro run`` would, in the current project folder."""
 
