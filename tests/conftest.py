@@ -20,6 +20,8 @@ from PIL import Image
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# As the package sets it (runtime/parallel.py), before anything here loads OpenMP.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 BACH_DIR = Path(os.environ.get("BACH_DIR", PROJECT_ROOT.parent / "shared" / "data" / "bach"))
