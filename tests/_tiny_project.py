@@ -19,11 +19,14 @@ class, so that the test split holds enough patients for a meaningful bootstrap i
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,24 +142,58 @@ class TrainedProject:
 
 
 _trained: TrainedProject | None = None
-_failure: str | None = None
 
 
 def trained_project(factory: pytest.TempPathFactory) -> TrainedProject:
     """`train_resnet34` (raw images to a logged model), then the `resnet50` model half on the
-    same data: once per session, whichever test asks first (the `trained` fixture)."""
-    global _trained, _failure  # noqa: PLW0603
-    if _failure is not None:  # failed once: every dependent test says why, none retrains
-        pytest.fail(_failure)
+    same data: once per test session, whichever test asks first (the `trained` fixture).
+
+    Under pytest-xdist the workers of one session share it: the first to ask builds it under a
+    file lock in the session's common temporary folder, the others wait for that lock and read
+    it. A build that failed fails every test that asks, with that build's output.
+    """
+    global _trained  # noqa: PLW0603
     if _trained is None:
-        project = TrainedProject(make_project(factory.mktemp("trained") / "project"))
-        for pipeline in ("train_resnet34", "resnet50"):
-            result = kedro(project.path, "run", "--env=tiny", f"--pipeline={pipeline}")
-            project.runs[pipeline] = result
-            if result.returncode != 0:
-                _failure = (f"The session's trained project could not be built: kedro run "
-                            f"--env=tiny --pipeline={pipeline} failed:\n"
-                            f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
-                pytest.fail(_failure)
-        _trained = project
+        base = factory.getbasetemp()
+        shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+        root = shared / "trained_project"
+        with _locked(shared / "trained_project.lock"):
+            if not (root / "built").exists() and not (root / "failed").exists():
+                _build_trained(root)
+        if (root / "failed").exists():
+            pytest.fail((root / "failed").read_text())
+        runs = {log.stem: subprocess.CompletedProcess(
+                    [KEDRO, "run", "--env=tiny", f"--pipeline={log.stem}"], 0,
+                    log.read_text(), log.with_suffix(".err").read_text())
+                for log in sorted((root / "runs").glob("*.out"))}
+        _trained = TrainedProject(root / "project", runs)
     return _trained
+
+
+def _build_trained(root: Path) -> None:
+    """Builds the trained project in `root/project`; writes `root/built`, or `root/failed` with
+    the failing run's output."""
+    project = make_project(root / "project")
+    (root / "runs").mkdir()
+    for pipeline in ("train_resnet34", "resnet50"):
+        result = kedro(project, "run", "--env=tiny", f"--pipeline={pipeline}")
+        (root / "runs" / f"{pipeline}.out").write_text(result.stdout)
+        (root / "runs" / f"{pipeline}.err").write_text(result.stderr)
+        if result.returncode != 0:
+            (root / "failed").write_text(
+                f"The session's trained project could not be built: kedro run --env=tiny "
+                f"--pipeline={pipeline} failed:\n{result.stdout[-4000:]}\n"
+                f"{result.stderr[-4000:]}")
+            return
+    (root / "built").write_text("")
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` (POSIX), held while the block runs."""
+    with path.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

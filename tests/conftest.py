@@ -141,3 +141,4 @@ def run_kedro() -> Callable[..., dict[str, Any]]:
         return outputs
 
     return _run
+
