@@ -47,8 +47,8 @@ MOVED: dict[str, str] = {
     "prune": "tracking.prune",
     "privacy": "tracking.privacy",
     "registry": "tracking.registry",
-    "error_display": "cli.error_display",
-    "preflight": "cli.preflight",
+    "error_display": "hooks.error_display",
+    "preflight": "hooks.preflight",
     "study_command": "cli.study_command",
     # cli.py became the package cli/: its entry points stay at neuroblastoma_cnn.cli (see there).
 }

@@ -9,9 +9,8 @@ import pytest
 from IPython.core.interactiveshell import InteractiveShell
 from kedro.io.core import DatasetError
 
-from neuroblastoma_cnn.cli import error_display
 from neuroblastoma_cnn.core.errors import DataError, ModelError, ProjectError
-from neuroblastoma_cnn.hooks import OneLineErrorsHook
+from neuroblastoma_cnn.hooks import OneLineErrorsHook, error_display
 
 
 def _raise_chained() -> None:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from kedro.pipeline import Node, Pipeline
 
-from neuroblastoma_cnn.cli import preflight
 from neuroblastoma_cnn.core.errors import DataError, ModelError, ParameterError, ProjectError
+from neuroblastoma_cnn.hooks import preflight
 from neuroblastoma_cnn.models.resnet50 import IMAGENET_FILE
 
 
