@@ -1,11 +1,8 @@
 """neuroblastoma-cnn: Kedro pipelines for CNN grading of H&E histology images."""
 
-from neuroblastoma_cnn._compat import install as _install_old_module_paths
 from neuroblastoma_cnn.runtime.quiet import install as _install_quiet_output
 
 __version__ = "0.1.0"
 
 # Before TensorFlow, Keras or MLflow are imported by anything in this process: see quiet.py.
 _install_quiet_output()
-# Old module paths (neuroblastoma_cnn.imaging, .params, ...) for one release: see _compat.py.
-_install_old_module_paths()
