@@ -29,13 +29,7 @@ from kedro.framework.hooks import hook_impl
 from pydantic import BaseModel
 
 from neuroblastoma_cnn.core.errors import ParameterError
-from neuroblastoma_cnn.core.params_base import (
-    NonNegativeInt,
-    OpenFraction,
-    Params,
-    PositiveFloat,
-    describe,
-)
+from neuroblastoma_cnn.core.params_base import Params, describe
 from neuroblastoma_cnn.core.params_data import (
     AugmentationParams,
     IngestionParams,
@@ -64,13 +58,15 @@ from neuroblastoma_cnn.core.params_training import (
     TrainingParams,
     WarmupCosineSchedule,
 )
-from neuroblastoma_cnn.images.decoding import (
+from neuroblastoma_cnn.core.types import (
     DecodeMethod,
     Fraction,
-    ImageChecks,
+    NonNegativeInt,
+    OpenFraction,
+    PositiveFloat,
     PositiveInt,
-    TilingConfig,
 )
+from neuroblastoma_cnn.images.decoding import ImageChecks, TilingConfig
 
 __all__ = [
     "CONF_BASE",

@@ -8,15 +8,11 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Mapping
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from neuroblastoma_cnn.core.errors import ParameterError
-
-NonNegativeInt = Annotated[int, Field(ge=0)]
-PositiveFloat = Annotated[float, Field(gt=0.0)]
-OpenFraction = Annotated[float, Field(ge=0.0, lt=1.0)]  # [0, 1)
 
 
 class Params(BaseModel):

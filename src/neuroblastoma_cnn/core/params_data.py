@@ -10,14 +10,16 @@ from typing import Annotated, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from neuroblastoma_cnn.core.params_base import NonNegativeInt, OpenFraction, Params, PositiveFloat
-from neuroblastoma_cnn.images.decoding import (
+from neuroblastoma_cnn.core.params_base import Params
+from neuroblastoma_cnn.core.types import (
     DecodeMethod,
     Fraction,
-    ImageChecks,
+    NonNegativeInt,
+    OpenFraction,
+    PositiveFloat,
     PositiveInt,
-    TilingConfig,
 )
+from neuroblastoma_cnn.images.decoding import ImageChecks, TilingConfig
 
 # ----------------------------------------------------------------------------- data stages
 

@@ -10,8 +10,8 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from neuroblastoma_cnn.core.params_base import NonNegativeInt, Params, PositiveFloat
-from neuroblastoma_cnn.images.decoding import Fraction, PositiveInt
+from neuroblastoma_cnn.core.params_base import Params
+from neuroblastoma_cnn.core.types import Fraction, NonNegativeInt, PositiveFloat, PositiveInt
 
 # ----------------------------------------------------------------------------- outputs
 

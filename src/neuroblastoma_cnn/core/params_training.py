@@ -12,15 +12,16 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import Field, RootModel, ValidationError, model_validator
 
 from neuroblastoma_cnn.core.errors import ParameterError
-from neuroblastoma_cnn.core.params_base import (
+from neuroblastoma_cnn.core.params_base import Params, describe
+from neuroblastoma_cnn.core.types import (
+    Distribution,
+    JitCompile,
     NonNegativeInt,
     OpenFraction,
-    Params,
     PositiveFloat,
-    describe,
+    PositiveInt,
+    Precision,
 )
-from neuroblastoma_cnn.images.decoding import PositiveInt
-from neuroblastoma_cnn.runtime.distribution import Distribution, JitCompile, Precision
 
 Optimizer = Literal["sgd", "sgd_momentum", "rmsprop", "adagrad", "adam", "adamw"]
 Monitor = Literal["val_macro_f1", "val_image_macro_f1", "val_loss", "val_accuracy"]

@@ -11,9 +11,9 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 
 from neuroblastoma_cnn.core.params import Params
+from neuroblastoma_cnn.core.types import PositiveInt
 
 Split = Literal["train", "validation", "test"]
-PositiveInt = Annotated[int, Field(gt=0)]
 
 
 class ExtractorParams(Params):
