@@ -31,7 +31,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from neuroblastoma_cnn.core.params import PredictParams
+from neuroblastoma_cnn.params import PredictParams
 from neuroblastoma_cnn.pipelines.predict.pyfunc import log_raw_image_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _params(options: dict[str, Any]) -> Any:
     """The predict parameters: YAML defaults, then the options given, validated."""
-    from neuroblastoma_cnn.core.params import PredictParams, base_group  # noqa: PLC0415  (lazy)
+    from neuroblastoma_cnn.params import PredictParams, base_group  # noqa: PLC0415  (lazy)
 
     overrides = {
         "model": options["model"], "version": options["model_version"], "head": options["head"],

@@ -36,8 +36,8 @@ from urllib.parse import unquote, urlparse
 import numpy as np
 from kedro.io.core import DatasetError, Version
 
-from neuroblastoma_cnn.core.preprocessing import attach_preprocessing
 from neuroblastoma_cnn.core.storage import FsPath, is_local
+from neuroblastoma_cnn.images.preprocessing import attach_preprocessing
 from neuroblastoma_cnn.tracking.promotion import FAILED, PENDING, PROMOTED, write_status
 
 from .local_versioned import LocalVersionedDataset

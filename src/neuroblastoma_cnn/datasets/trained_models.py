@@ -20,7 +20,7 @@ from typing import Any
 from kedro.io.core import AbstractDataset, DatasetError
 
 from neuroblastoma_cnn.core.errors import ModelError
-from neuroblastoma_cnn.core.preprocessing import attach_preprocessing
+from neuroblastoma_cnn.images.preprocessing import attach_preprocessing
 from neuroblastoma_cnn.tracking.promotion import PROMOTED, is_usable, read_status
 
 from .keras_model import load_keras_model

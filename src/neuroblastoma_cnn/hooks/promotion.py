@@ -11,11 +11,11 @@ import mlflow
 from kedro.framework.hooks import hook_impl
 
 from neuroblastoma_cnn.core.errors import ModelError
-from neuroblastoma_cnn.core.params import PredictParams
 from neuroblastoma_cnn.datasets.keras_model import KerasModelDataset, local_copy, read_record
 from neuroblastoma_cnn.hooks import error_display
 from neuroblastoma_cnn.hooks._catalog import catalog_datasets
 from neuroblastoma_cnn.hooks.run_tags import MlflowRunTagsHook
+from neuroblastoma_cnn.params import PredictParams
 from neuroblastoma_cnn.pipelines.predict.pyfunc import NAME_SUFFIX, log_raw_image_model
 from neuroblastoma_cnn.tracking import promotion, registry
 

@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 
 from neuroblastoma_cnn.core.errors import ModelError
-from neuroblastoma_cnn.core.preprocessing import preprocessing_of
 from neuroblastoma_cnn.datasets.sklearn_heads import (
     HEADS_FILE,
     check_head_extractor,
@@ -27,6 +26,7 @@ from neuroblastoma_cnn.datasets.sklearn_heads import (
     sha256_json,
     weights_sha256,
 )
+from neuroblastoma_cnn.images.preprocessing import preprocessing_of
 
 from . import features_and_head
 

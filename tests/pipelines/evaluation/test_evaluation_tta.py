@@ -12,9 +12,9 @@ import tensorflow as tf
 from _params import params, store_metadata
 
 from neuroblastoma_cnn.core.errors import ModelError
-from neuroblastoma_cnn.core.preprocessing import Preprocessing
 from neuroblastoma_cnn.datasets import write_tile_store
 from neuroblastoma_cnn.images import online_augmentation as oa
+from neuroblastoma_cnn.images.preprocessing import Preprocessing
 from neuroblastoma_cnn.images.stain import fit_stain_reference, normalise_tiles
 from neuroblastoma_cnn.pipelines.evaluation import nodes
 

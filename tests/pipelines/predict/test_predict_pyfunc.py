@@ -15,9 +15,9 @@ import pytest
 from _params import params, store_metadata
 from PIL import Image
 
-from neuroblastoma_cnn.core.preprocessing import Preprocessing
 from neuroblastoma_cnn.datasets.keras_model import save_keras_model
 from neuroblastoma_cnn.datasets.trained_models import TrainedModels
+from neuroblastoma_cnn.images.preprocessing import Preprocessing
 from neuroblastoma_cnn.pipelines.predict import nodes
 from neuroblastoma_cnn.pipelines.predict.pyfunc import classify_encoded, log_raw_image_model
 

@@ -23,8 +23,8 @@ from _browser import free_port, serving
 from _params import params, store_metadata
 from PIL import Image
 
-from neuroblastoma_cnn.core.preprocessing import Preprocessing
 from neuroblastoma_cnn.datasets.keras_model import save_keras_model
+from neuroblastoma_cnn.images.preprocessing import Preprocessing
 from neuroblastoma_cnn.pipelines.predict.pyfunc import log_raw_image_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]

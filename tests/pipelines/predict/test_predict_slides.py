@@ -14,9 +14,9 @@ from _slides import BACH_DIR, bach_image, side_by_side, write_slide
 from PIL import Image
 
 from neuroblastoma_cnn.cli.commands import main
-from neuroblastoma_cnn.core.preprocessing import Preprocessing, attach_preprocessing
 from neuroblastoma_cnn.datasets import save_keras_model
 from neuroblastoma_cnn.images.decoding import ImageRejected
+from neuroblastoma_cnn.images.preprocessing import Preprocessing, attach_preprocessing
 from neuroblastoma_cnn.images.slides import Slide
 from neuroblastoma_cnn.pipelines.predict import nodes, slide_outputs
 

@@ -14,9 +14,9 @@ from _networks import small_cnn
 from _params import params, store_metadata
 
 from neuroblastoma_cnn.core.errors import ParameterError
-from neuroblastoma_cnn.core.params import CrossValidationParams, base_group
 from neuroblastoma_cnn.datasets import write_tile_store
 from neuroblastoma_cnn.models.ensemble import ensemble_members, is_ensemble
+from neuroblastoma_cnn.params import CrossValidationParams, base_group
 from neuroblastoma_cnn.pipelines.evaluation import nodes as evaluation
 from neuroblastoma_cnn.pipelines.study.cross_validation import (
     assign_cv_folds,

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from neuroblastoma_cnn.core.errors import ParameterError
-from neuroblastoma_cnn.core.params import base_parameters
 from neuroblastoma_cnn.datasets import write_tile_store
+from neuroblastoma_cnn.params import base_parameters
 from neuroblastoma_cnn.pipelines.study.trial import (
     finite_predictions,
     parse_trial_params,

@@ -28,9 +28,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from neuroblastoma_cnn.core.errors import DataError
-from neuroblastoma_cnn.core.params import AugmentationParams
-from neuroblastoma_cnn.core.preprocessing import RECORD_KEYS
 from neuroblastoma_cnn.datasets import TileStore, TileStream
+from neuroblastoma_cnn.images.preprocessing import RECORD_KEYS
+from neuroblastoma_cnn.params import AugmentationParams
 
 logger = logging.getLogger(__name__)
 

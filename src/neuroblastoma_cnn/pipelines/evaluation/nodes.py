@@ -46,10 +46,9 @@ from neuroblastoma_cnn.analysis.predictions import (
     probability_columns,
 )
 from neuroblastoma_cnn.core.errors import DataError, ModelError
-from neuroblastoma_cnn.core.params import EvaluationParams, ModelParams, TrainingParams
-from neuroblastoma_cnn.core.preprocessing import Preprocessing, preprocessing_of
 from neuroblastoma_cnn.datasets.tile_store import TileStore
 from neuroblastoma_cnn.images.online_augmentation import tta_probabilities
+from neuroblastoma_cnn.images.preprocessing import Preprocessing, preprocessing_of
 from neuroblastoma_cnn.images.stain import as_seen_by_model
 from neuroblastoma_cnn.images.tf_input import (
     class_names,
@@ -57,6 +56,7 @@ from neuroblastoma_cnn.images.tf_input import (
     make_tf_dataset,
     split_tile_ids,
 )
+from neuroblastoma_cnn.params import EvaluationParams, ModelParams, TrainingParams
 
 from .gallery import misclassified_gallery, worst_misclassified
 

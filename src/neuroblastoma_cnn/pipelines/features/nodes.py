@@ -66,7 +66,7 @@ def select_extractor(trained_models: Any, tiles: TileStore, params: ExtractorPar
         params, "features.extractors")
     if p.source == "trained":
         return trained_models.load(p.architecture, p.version)
-    from neuroblastoma_cnn.core.preprocessing import (  # noqa: PLC0415  (lazy: with the model)
+    from neuroblastoma_cnn.images.preprocessing import (  # noqa: PLC0415  (lazy: with the model)
         Preprocessing,
         attach_preprocessing,
     )

@@ -10,8 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from neuroblastoma_cnn.core.params import Params
 from neuroblastoma_cnn.core.types import PositiveInt
+from neuroblastoma_cnn.params import Params
 
 Split = Literal["train", "validation", "test"]
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from neuroblastoma_cnn.core.params import PredictParams
-from neuroblastoma_cnn.core.preprocessing import Preprocessing
 from neuroblastoma_cnn.images.decoding import Decoded, ImageRejected, TilingConfig, is_hidden
+from neuroblastoma_cnn.images.preprocessing import Preprocessing
 from neuroblastoma_cnn.images.slides import is_slide
 from neuroblastoma_cnn.images.stain import normalise_tiles
+from neuroblastoma_cnn.params import PredictParams
 from neuroblastoma_cnn.runtime.parallel import ordered_map
 
 from .slide_outputs import (

@@ -2,7 +2,7 @@
 
 A model is only ever applied with the preprocessing it was trained with: the image checks and
 tiling come from the model's own record
-(:class:`~neuroblastoma_cnn.core.preprocessing.Preprocessing`), never from the current
+(:class:`~neuroblastoma_cnn.images.preprocessing.Preprocessing`), never from the current
 ``ingestion`` parameters, and new images go through the same code as the training images
 (:mod:`neuroblastoma_cnn.images.decoding`): same decoding, tissue rule, grid and resize.
 Image-level probabilities are the mean of the tile probabilities, as in evaluation
@@ -39,9 +39,9 @@ import pandas as pd
 
 from neuroblastoma_cnn.analysis.predictions import prediction_columns
 from neuroblastoma_cnn.core.errors import DataError
-from neuroblastoma_cnn.core.params import PredictParams
-from neuroblastoma_cnn.core.preprocessing import preprocessing_of
 from neuroblastoma_cnn.images.decoding import Decoded, ImageRejected
+from neuroblastoma_cnn.images.preprocessing import preprocessing_of
+from neuroblastoma_cnn.params import PredictParams
 
 from .images import (
     PreparedImage,

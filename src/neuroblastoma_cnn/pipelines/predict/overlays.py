@@ -21,11 +21,11 @@ from neuroblastoma_cnn.analysis.predictions import (
     probability_column,
 )
 from neuroblastoma_cnn.core.errors import DataError
-from neuroblastoma_cnn.core.params import PredictParams
-from neuroblastoma_cnn.core.preprocessing import Preprocessing, preprocessing_of
 from neuroblastoma_cnn.images.decoding import Decoded, decode_scaled
+from neuroblastoma_cnn.images.preprocessing import Preprocessing, preprocessing_of
 from neuroblastoma_cnn.images.slides import is_slide
 from neuroblastoma_cnn.images.stain import normalise_tiles
+from neuroblastoma_cnn.params import PredictParams
 
 from .slide_outputs import (
     HEATMAP_SUFFIX,

@@ -31,8 +31,8 @@ import numpy as np
 import pandas as pd
 
 from neuroblastoma_cnn.analysis.predictions import probability_column
-from neuroblastoma_cnn.core.params import PredictParams
-from neuroblastoma_cnn.core.preprocessing import Preprocessing
+from neuroblastoma_cnn.images.preprocessing import Preprocessing
+from neuroblastoma_cnn.params import PredictParams
 
 from . import nodes
 

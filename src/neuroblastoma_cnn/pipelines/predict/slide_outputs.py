@@ -29,8 +29,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from neuroblastoma_cnn.analysis.gradcam import overlay
 from neuroblastoma_cnn.analysis.predictions import probability_column
-from neuroblastoma_cnn.core.params import PredictParams
-from neuroblastoma_cnn.core.preprocessing import Preprocessing
+from neuroblastoma_cnn.images.preprocessing import Preprocessing
 from neuroblastoma_cnn.images.slides import (
     chosen_tiles,
     open_slide,
@@ -39,6 +38,7 @@ from neuroblastoma_cnn.images.slides import (
     tissue_fractions,
 )
 from neuroblastoma_cnn.images.stain import normalise_tiles
+from neuroblastoma_cnn.params import PredictParams
 
 logger = logging.getLogger(__name__)
 

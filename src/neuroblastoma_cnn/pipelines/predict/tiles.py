@@ -25,10 +25,10 @@ from neuroblastoma_cnn.analysis.predictions import (
     prediction_columns,
     probability_column,
 )
-from neuroblastoma_cnn.core.params import PredictParams
-from neuroblastoma_cnn.core.preprocessing import preprocessing_of
 from neuroblastoma_cnn.images.decoding import ImageRejected
 from neuroblastoma_cnn.images.online_augmentation import N_DIHEDRAL, dihedral_numpy
+from neuroblastoma_cnn.images.preprocessing import preprocessing_of
+from neuroblastoma_cnn.params import PredictParams
 
 from .images import PreparedImage, Rejection, _prepared_in_order
 from .slide_outputs import (

@@ -18,7 +18,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from neuroblastoma_cnn.core.errors import DataError
-from neuroblastoma_cnn.core.params import SplittingParams
+from neuroblastoma_cnn.params import SplittingParams
 
 from .allocation import _round_half_up, fold_pool, target_shares
 

@@ -21,8 +21,8 @@ import pandas as pd
 
 from neuroblastoma_cnn.analysis.predictions import probability_column
 from neuroblastoma_cnn.core.errors import ParameterError
-from neuroblastoma_cnn.core.params import CrossValidationParams, EvaluationParams
 from neuroblastoma_cnn.datasets.tile_store import TileStore
+from neuroblastoma_cnn.params import CrossValidationParams, EvaluationParams
 
 from . import engine, tracking
 from .config import StudyPlan, Variant

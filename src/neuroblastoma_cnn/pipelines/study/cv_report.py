@@ -28,14 +28,14 @@ from matplotlib.figure import Figure
 from neuroblastoma_cnn.analysis import metrics as m
 from neuroblastoma_cnn.analysis.model_card import build_cv_model_card, markdown_to_html
 from neuroblastoma_cnn.analysis.predictions import probability_columns
-from neuroblastoma_cnn.core.params import (
+from neuroblastoma_cnn.datasets.tile_store import TileStore
+from neuroblastoma_cnn.images.preprocessing import Preprocessing
+from neuroblastoma_cnn.params import (
     CrossValidationParams,
     EvaluationParams,
     ModelParams,
     TrainingParams,
 )
-from neuroblastoma_cnn.core.preprocessing import Preprocessing
-from neuroblastoma_cnn.datasets.tile_store import TileStore
 
 from . import statistics as st
 from .cross_validation import HELD_OUT_SET, OUTER_SET

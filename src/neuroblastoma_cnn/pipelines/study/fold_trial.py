@@ -22,8 +22,8 @@ import pandas as pd
 
 from neuroblastoma_cnn.analysis.predictions import probability_columns
 from neuroblastoma_cnn.core.errors import DataError
-from neuroblastoma_cnn.core.params import EvaluationParams
 from neuroblastoma_cnn.datasets.keras_model import load_keras_model, save_keras_model
+from neuroblastoma_cnn.params import EvaluationParams
 
 from .engine import TrialContext, TrialOutcome, TrialSpec
 from .folds import HELD_OUT, OUTER_SPLIT, as_evaluated, fold_split_table

@@ -17,8 +17,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from neuroblastoma_cnn.core.errors import ParameterError
-from neuroblastoma_cnn.core.params import EvaluationParams
 from neuroblastoma_cnn.datasets.tile_store import TileStore
+from neuroblastoma_cnn.params import EvaluationParams
 
 from . import engine, results, tracking
 from . import statistics as st

@@ -14,8 +14,8 @@ from collections.abc import Callable, Sequence
 import pandas as pd
 from kedro.pipeline import Node, Pipeline
 
-from neuroblastoma_cnn.core.params import CrossValidationParams, EvaluationParams
 from neuroblastoma_cnn.datasets.tile_store import TileStore
+from neuroblastoma_cnn.params import CrossValidationParams, EvaluationParams
 
 from .config import StudyPlan
 from .cross_validation import (

@@ -23,8 +23,8 @@ import pandas as pd
 
 from neuroblastoma_cnn.analysis import metrics as m
 from neuroblastoma_cnn.analysis.predictions import PROB_PREFIX
-from neuroblastoma_cnn.core.params import EvaluationParams, ModelParams, TrainingParams
 from neuroblastoma_cnn.datasets.tile_store import TileStore
+from neuroblastoma_cnn.params import EvaluationParams, ModelParams, TrainingParams
 
 from .engine import TrialContext, TrialOutcome, TrialSpec
 from .repeats import repeat_split_table, training_tile_ids

@@ -40,9 +40,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from neuroblastoma_cnn.core.params import ModelParams, TrainingParams
-from neuroblastoma_cnn.core.preprocessing import Preprocessing
 from neuroblastoma_cnn.datasets.tile_store import TileStore
+from neuroblastoma_cnn.images.preprocessing import Preprocessing
+from neuroblastoma_cnn.params import ModelParams, TrainingParams
 from neuroblastoma_cnn.runtime import distribution
 
 from .fitting import (

@@ -2,7 +2,7 @@
 ``<model>.training`` (:class:`TrainingParams`, with its learning-rate schedules and online
 augmentation).
 
-Re-exported by :mod:`neuroblastoma_cnn.core.params` (import them from there).
+Re-exported by :mod:`neuroblastoma_cnn.params` (import them from there).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import Field, RootModel, ValidationError, model_validator
 
 from neuroblastoma_cnn.core.errors import ParameterError
-from neuroblastoma_cnn.core.params_base import Params, describe
 from neuroblastoma_cnn.core.types import (
     Distribution,
     JitCompile,
@@ -22,6 +21,7 @@ from neuroblastoma_cnn.core.types import (
     PositiveInt,
     Precision,
 )
+from neuroblastoma_cnn.params.base import Params, describe
 
 Optimizer = Literal["sgd", "sgd_momentum", "rmsprop", "adagrad", "adam", "adamw"]
 Monitor = Literal["val_macro_f1", "val_image_macro_f1", "val_loss", "val_accuracy"]

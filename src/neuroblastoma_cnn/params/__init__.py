@@ -11,11 +11,14 @@ line and the tests read them from there with :func:`base_parameters`), so code a
 drift apart. Unknown keys are errors (``extra="forbid"``), types are strict (``true`` is not an
 integer, ``"5"`` is not a number).
 
-This module is the one to import from: it holds the group table (:data:`GROUPS`,
+``neuroblastoma_cnn.params`` is the one import: it holds the group table (:data:`GROUPS`,
 :data:`MODEL_GROUPS`), :func:`validate_parameters`, the YAML defaults and the MLflow hook, and
-re-exports the models, which live by stage in ``params_data.py`` (ingestion, splitting,
-augmentation), ``params_training.py`` (model, training) and ``params_outputs.py`` (evaluation,
-predict, cross-validation), on the base in ``params_base.py``.
+re-exports the models, which live by stage in ``data.py`` (ingestion, splitting, augmentation),
+``training.py`` (model, training) and ``outputs.py`` (evaluation, predict, cross-validation), on
+the base in ``base.py``; the value types they use are ``core.types``.
+
+A package of its own, above ``images`` and ``runtime``: ``IngestionParams`` *is* a
+``TilingConfig`` and an ``ImageChecks`` (one set of tiling fields for the YAML and the record).
 """
 
 from __future__ import annotations
@@ -29,20 +32,29 @@ from kedro.framework.hooks import hook_impl
 from pydantic import BaseModel
 
 from neuroblastoma_cnn.core.errors import ParameterError
-from neuroblastoma_cnn.core.params_base import Params, describe
-from neuroblastoma_cnn.core.params_data import (
+from neuroblastoma_cnn.core.types import (
+    DecodeMethod,
+    Fraction,
+    NonNegativeInt,
+    OpenFraction,
+    PositiveFloat,
+    PositiveInt,
+)
+from neuroblastoma_cnn.images.decoding import ImageChecks, TilingConfig
+from neuroblastoma_cnn.params.base import Params, describe
+from neuroblastoma_cnn.params.data import (
     AugmentationParams,
     IngestionParams,
     SplittingParams,
 )
-from neuroblastoma_cnn.core.params_outputs import (
+from neuroblastoma_cnn.params.outputs import (
     CrossValidationParams,
     EnsembleParams,
     EvaluationParams,
     FloorParams,
     PredictParams,
 )
-from neuroblastoma_cnn.core.params_training import (
+from neuroblastoma_cnn.params.training import (
     MONITORS,
     OPTIMIZERS,
     CosineSchedule,
@@ -58,15 +70,6 @@ from neuroblastoma_cnn.core.params_training import (
     TrainingParams,
     WarmupCosineSchedule,
 )
-from neuroblastoma_cnn.core.types import (
-    DecodeMethod,
-    Fraction,
-    NonNegativeInt,
-    OpenFraction,
-    PositiveFloat,
-    PositiveInt,
-)
-from neuroblastoma_cnn.images.decoding import ImageChecks, TilingConfig
 
 __all__ = [
     "CONF_BASE",

@@ -1,7 +1,7 @@
 """Parameter groups of what comes out of a model: ``evaluation``, ``predict`` and
 ``cross_validation`` (with its floor and fold ensemble).
 
-Re-exported by :mod:`neuroblastoma_cnn.core.params` (import them from there).
+Re-exported by :mod:`neuroblastoma_cnn.params` (import them from there).
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from neuroblastoma_cnn.core.params_base import Params
 from neuroblastoma_cnn.core.types import Fraction, NonNegativeInt, PositiveFloat, PositiveInt
+from neuroblastoma_cnn.params.base import Params
 
 # ----------------------------------------------------------------------------- outputs
 

@@ -1,6 +1,6 @@
 """Parameter groups of the data stages: ``ingestion``, ``splitting``, ``augmentation``.
 
-Re-exported by :mod:`neuroblastoma_cnn.core.params` (import them from there).
+Re-exported by :mod:`neuroblastoma_cnn.params` (import them from there).
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from typing import Annotated, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from neuroblastoma_cnn.core.params_base import Params
 from neuroblastoma_cnn.core.types import (
     DecodeMethod,
     Fraction,
@@ -20,6 +19,7 @@ from neuroblastoma_cnn.core.types import (
     PositiveInt,
 )
 from neuroblastoma_cnn.images.decoding import ImageChecks, TilingConfig
+from neuroblastoma_cnn.params.base import Params
 
 # ----------------------------------------------------------------------------- data stages
 

@@ -1,7 +1,8 @@
 """The base of every parameter model (:class:`Params`: strict, frozen, no unknown key) and the
-one-line error messages (:func:`describe`), shared by the parameter groups in ``params_*.py``.
+one-line error messages (:func:`describe`), shared by the parameter groups (``data.py``,
+``training.py``, ``outputs.py``).
 
-Import the models from :mod:`neuroblastoma_cnn.core.params`, which re-exports these.
+Import the models from :mod:`neuroblastoma_cnn.params`, which re-exports these.
 """
 
 from __future__ import annotations
