@@ -25,6 +25,7 @@ from neuroblastoma_cnn.analysis.predictions import (
     prediction_columns,
     probability_column,
 )
+from neuroblastoma_cnn.analysis.tta import TTA_PREFIX
 from neuroblastoma_cnn.images.decoding import ImageRejected
 from neuroblastoma_cnn.images.online_augmentation import N_DIHEDRAL, dihedral_numpy
 from neuroblastoma_cnn.images.preprocessing import preprocessing_of
@@ -39,10 +40,6 @@ from .slide_outputs import (
 
 #: Logged under the node module's name, as before the split (log filters and readers see it).
 logger = logging.getLogger("neuroblastoma_cnn.pipelines.predict.nodes")
-
-
-#: Prefix of the test-time-augmented columns (``predict.tta``): beside the plain ones.
-TTA_PREFIX = "tta_"
 
 
 def model_source(model: Any) -> str:
