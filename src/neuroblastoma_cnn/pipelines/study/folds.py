@@ -14,9 +14,9 @@ import logging
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedGroupKFold
 
 from neuroblastoma_cnn.core.errors import DataError, ParameterError
+from neuroblastoma_cnn.core.group_folds import fold_of_groups, stratified_group_folds
 
 from .repeats import _draw_validation_groups
 
@@ -63,12 +63,9 @@ def assign_folds(split_table: pd.DataFrame, n_folds: int, seed: int,
     folded = table.loc[~outer]
     labels = group_labels(folded)
     check_fold_count(labels, n_folds)
-    splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     groups = labels.index.to_numpy()
-    fold_of: dict[str, int] = {}
-    for fold, (_, held) in enumerate(splitter.split(np.zeros(len(groups)), labels.to_numpy(),
-                                                    groups)):
-        fold_of.update(dict.fromkeys(groups[held], fold))
+    fold_of = fold_of_groups(stratified_group_folds(labels.to_numpy(), groups, n_folds, seed),
+                             groups)
     images = (table.groupby("image_path", sort=True)
               .agg(label=("label", "first"), group=("group", "first"),
                    n_tiles=("tile_id", "size")).reset_index())
