@@ -75,11 +75,11 @@ def features_and_head(model: keras.Model) -> tuple[keras.Model, keras.Model]:
     here, sharing its layers: ResNet50's ``head_pool`` or ResNet34's ``avg_pool`` features
     (the scikit-learn heads' input)."""
     names = {layer.name for layer in model.layers}
-    if resnet50.FEATURES_LAYER in names:
+    if resnet50.HEAD.features in names:
         return resnet50.backbone_and_head(model)
-    if resnet34.FEATURES_LAYER in names:
+    if resnet34.HEAD.features in names:
         return resnet34.backbone_and_head(model)
     raise ModelError(
-        f"Model '{model.name}' has no pooled-feature layer ('{resnet50.FEATURES_LAYER}' or "
-        f"'{resnet34.FEATURES_LAYER}'): it was not built by this project's ResNet builders."
+        f"Model '{model.name}' has no pooled-feature layer ('{resnet50.HEAD.features}' or "
+        f"'{resnet34.HEAD.features}'): it was not built by this project's ResNet builders."
     )
