@@ -270,7 +270,7 @@ def _predict(options: dict[str, Any]) -> int:
     _configure_mlflow(params.model, options["tracking_uri"])
     model = TrainedModels(options["models_dir"]).load(params.model, params.version)
     if params.head is not None:  # extractor + scikit-learn head, refused unless fitted on it
-        from neuroblastoma_cnn.models.feature_heads import head_classifier  # noqa: PLC0415
+        from neuroblastoma_cnn.datasets.sklearn_heads import head_classifier  # noqa: PLC0415
 
         model = head_classifier(options["models_dir"], model, params.head)
     predictions, tiles = _classify(files, model, params, options)

@@ -27,9 +27,9 @@ import pandas as pd
 
 from neuroblastoma_cnn.analysis import predictions as pt
 from neuroblastoma_cnn.core.errors import DataError, ModelError
-from neuroblastoma_cnn.datasets.sklearn_heads import check_head_extractor, head_probabilities
 from neuroblastoma_cnn.datasets.tile_store import TileStore
 from neuroblastoma_cnn.images.tf_input import class_names, make_tf_dataset
+from neuroblastoma_cnn.models.feature_heads import check_head_extractor, head_probabilities
 
 from .heads import as_heads_params, fit_head, group_folds
 from .params import ExtractionParams, ExtractorParams, HeadsParams

@@ -95,7 +95,7 @@ def select_prediction_model(models: Any, params: PredictParams) -> Any:
     is loaded, before any image is read."""
     model = models.load(params.model, params.version)
     if params.head is not None:  # extractor + scikit-learn head, refused unless fitted on it
-        from neuroblastoma_cnn.models.feature_heads import (  # noqa: PLC0415  (lazy: Keras)
+        from neuroblastoma_cnn.datasets.sklearn_heads import (  # noqa: PLC0415  (lazy: Keras)
             head_classifier,
         )
 
