@@ -49,7 +49,7 @@ import numpy as np  # noqa: E402
 
 from neuroblastoma_cnn.datasets import TrainedModels, save_keras_model  # noqa: E402
 from neuroblastoma_cnn.images.preprocessing import Preprocessing, preprocessing_of  # noqa: E402
-from neuroblastoma_cnn.models import build_model  # noqa: E402
+from neuroblastoma_cnn.models.families import build_model  # noqa: E402
 from neuroblastoma_cnn.params import IngestionParams, PredictParams, base_group  # noqa: E402
 from neuroblastoma_cnn.pipelines.predict.nodes import (  # noqa: E402
     decode_for_prediction,

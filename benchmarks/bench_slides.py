@@ -108,7 +108,7 @@ def resnet(work: Path) -> None:
     weights do not change memory or the cost of a forward pass."""
     from neuroblastoma_cnn.datasets import save_keras_model  # noqa: PLC0415
     from neuroblastoma_cnn.images.preprocessing import Preprocessing  # noqa: PLC0415
-    from neuroblastoma_cnn.models import build_model  # noqa: PLC0415
+    from neuroblastoma_cnn.models.families import build_model  # noqa: PLC0415
 
     settings = _ingestion(tile_size=512, input_size=224)
     model = build_model("resnet34", 224, len(CLASSES), seed=0)

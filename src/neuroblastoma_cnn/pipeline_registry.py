@@ -1,8 +1,9 @@
 """Project pipelines: the data stages, and one namespaced model half per model.
 
-`training` and `evaluation` are templates: each model in MODELS gets its own copy under its
-namespace (`resnet34.train_model`, `resnet34.model`, `params:resnet34.training`...), so the two
-ResNets share code and differ only by parameters and catalog paths.
+`training` and `evaluation` are templates: each model in MODELS (the model families that train,
+read from `models/families.py`) gets its own copy under its namespace (`resnet34.train_model`,
+`resnet34.model`, `params:resnet34.training`...), so the two ResNets share code and differ only
+by parameters and catalog paths.
 
 Why the folders are imported here rather than found with `find_pipelines`: since Kedro 1.x,
 `find_pipelines` loads only the folders named on the command line (`--pipeline=NAME`), and the
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 from kedro.pipeline import Pipeline
 
+from neuroblastoma_cnn.models import families
+from neuroblastoma_cnn.models.families import Capability
 from neuroblastoma_cnn.pipelines import (
     augmentation,
     evaluation,
@@ -24,7 +27,10 @@ from neuroblastoma_cnn.pipelines import (
     training,
 )
 
-MODELS = ("resnet34", "resnet50")
+#: The models with their own training pipelines: the families that train (models/families.py).
+MODELS = tuple(families.names(Capability.TRAIN))
+#: Those whose `cross_validate_<model>` pipeline the registry builds.
+CV_MODELS = tuple(families.names(Capability.TRAIN, Capability.CROSS_VALIDATE))
 #: What `kedro run --pipeline=cross_validate` cross-validates (README "Cross-validation").
 DEFAULT_CV_MODEL = "resnet34"
 # Data-half outputs the model halves read under their plain (shared) names.
@@ -102,7 +108,7 @@ def register_pipelines() -> dict[str, Pipeline]:
     pipelines["study"] = study.create_pipeline(project_steps(), models=MODELS)
     # Cross-validation: raw images to K folds, the floor on them, the ensemble and the report.
     folds = pipelines["ingestion"] + pipelines["splitting"] + study.create_cv_data_pipeline()
-    for model in MODELS:
+    for model in CV_MODELS:
         pipelines[f"cross_validate_{model}"] = folds + cv_pipeline(model)
     pipelines["cross_validate"] = pipelines[f"cross_validate_{DEFAULT_CV_MODEL}"]
     return pipelines

@@ -160,15 +160,6 @@ def test_package_root_holds_few_modules() -> None:
     assert all(is_above_pipelines(name) for name in hooks)
 
 
-def test_trained_models_list_the_registered_models() -> None:
-    """datasets/trained_models.py names the trainable models from models.ARCHITECTURES (the
-    registry is above it); the registry must train exactly those."""
-    from neuroblastoma_cnn import pipeline_registry  # noqa: PLC0415
-    from neuroblastoma_cnn.datasets.trained_models import trainable_models  # noqa: PLC0415
-
-    assert sorted(trainable_models()) == sorted(pipeline_registry.MODELS)
-
-
 def test_the_check_sees_relative_and_nested_imports() -> None:
     """The parser itself: a relative import and an import inside a function are found."""
     names = imported_modules(PIPELINES / "predict" / "nodes.py")

@@ -25,6 +25,8 @@ import click
 
 from neuroblastoma_cnn.cli.study_command import study
 from neuroblastoma_cnn.core.errors import ParameterError, ProjectError
+from neuroblastoma_cnn.models import families
+from neuroblastoma_cnn.models.families import Capability
 from neuroblastoma_cnn.tracking.prune import prune
 
 EXIT_OK = 0
@@ -67,9 +69,9 @@ main_group.add_command(study)  # kedro run --pipeline=study (see cli/study_comma
 )
 @click.argument("paths", nargs=-1, required=True, metavar="PATH...")
 @click.option("-m", "--model", metavar="MODEL",
-              help="architecture name (its latest trained version in --models-dir), a .keras "
-                   "file, or an MLflow model URI models:/NAME/VERSION or runs:/RUN_ID/model "
-                   f"({DEFAULTS_NOTE})")
+              help=f"a trained model's name ({', '.join(families.trainable())}: its latest "
+                   "version in --models-dir), a .keras file, or an MLflow model URI "
+                   f"models:/NAME/VERSION or runs:/RUN_ID/model ({DEFAULTS_NOTE})")
 @click.option("--version", "model_version", metavar="VERSION",
               help="a saved version of the architecture's model (default: latest)")
 @click.option("--head", metavar="NAME",
@@ -196,7 +198,8 @@ def _conf_base() -> Path | None:
 
 
 def _check_outputs(options: dict[str, Any]) -> None:
-    if options["gradcam"] and options["head"]:
+    if options["gradcam"] and options["head"] and not families.family("feature_heads").able(
+            Capability.GRADCAM):
         raise CommandUsageError("--gradcam shows where the CNN's own classifier looked; it "
                                 "cannot explain a --head: drop one of them.")
     for option, value in (("--out", options["out"]), ("--tiles-out", options["tiles_out"])):

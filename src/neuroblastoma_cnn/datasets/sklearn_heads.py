@@ -23,6 +23,7 @@ import numpy as np
 from kedro.io.core import DatasetError, Version
 
 from neuroblastoma_cnn.core.errors import ModelError
+from neuroblastoma_cnn.models import families
 from neuroblastoma_cnn.models.feature_heads import (
     HeadClassifier,
     check_head_extractor,
@@ -150,9 +151,7 @@ def find_head(models_dir: str | Path, model: Any, head: str) -> tuple[dict[str, 
     identity matches the model wins, so predicting with an older model version finds the heads
     fitted on it. Errors say what exists and what to run.
     """
-    from neuroblastoma_cnn.models import features_and_head  # noqa: PLC0415  (lazy: Keras)
-
-    backbone, _ = features_and_head(model)
+    backbone, _ = families.features_and_head(model)
     identity = extractor_identity(model, int(backbone.output_shape[-1]))
     arch = identity["architecture"]
     folder = Path(models_dir) / str(arch) / HEADS_FILE

@@ -21,6 +21,7 @@ import numpy as np
 
 from neuroblastoma_cnn.core.errors import ModelError
 from neuroblastoma_cnn.images.preprocessing import preprocessing_of
+from neuroblastoma_cnn.models import families
 
 
 def sha256_json(value: Any) -> str:
@@ -99,10 +100,10 @@ class HeadClassifier:
     reads, so new images are tiled by the extractor's own record, exactly as for the CNN.
     """
 
-    def __init__(self, model: Any, bundle: Mapping[str, Any], heads_source: str = ""):
-        from . import features_and_head  # noqa: PLC0415  (lazy: Keras, when a head is applied)
+    family = "feature_heads"  # its entry in models/families.py (what prediction may do with it)
 
-        self.backbone, _ = features_and_head(model)
+    def __init__(self, model: Any, bundle: Mapping[str, Any], heads_source: str = ""):
+        self.backbone, _ = families.features_and_head(model)
         check_head_extractor(bundle, extractor_identity(model, self.feature_dim))
         self.model = model
         self.bundle = dict(bundle)

@@ -8,7 +8,9 @@ Import the models from :mod:`neuroblastoma_cnn.params`, which re-exports these.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping
+import functools
+import typing
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -49,11 +51,14 @@ _BOUND_CTX = {"greater_than": "gt", "greater_than_equal": "ge", "less_than": "lt
               "less_than_equal": "le"}
 
 
-def describe(exc: ValidationError, key: str, model: type[BaseModel] | None) -> str:
-    """One line per problem, joined by '; ': ``key.field = value: what is allowed``."""
+def describe(exc: ValidationError, key: str, model: type[BaseModel] | None,
+             tags: Collection[str] | None = None) -> str:
+    """One line per problem, joined by '; ': ``key.field = value: what is allowed``. ``tags``:
+    the discriminated unions' tags, left out of the names (default: those under ``model``)."""
+    tags = union_tags(model) if tags is None else tags
     lines = []
     for error in exc.errors(include_url=False):
-        loc = [str(p) for p in error["loc"] if not _is_union_tag(p, error)]
+        loc = [str(p) for p in error["loc"] if not _is_union_tag(p, error, tags)]
         where = ".".join([key, *loc] if key else loc)
         kind = error["type"]
         if kind == "missing":
@@ -86,10 +91,36 @@ def describe(exc: ValidationError, key: str, model: type[BaseModel] | None) -> s
     return "; ".join(lines)
 
 
-def _is_union_tag(part: Any, error: Mapping[str, Any]) -> bool:
+def _is_union_tag(part: Any, error: Mapping[str, Any], tags: Collection[str]) -> bool:
     """Discriminated unions add the tag (e.g. 'exponential', 'resnet50') to an error's loc."""
-    return isinstance(part, str) and part in {"cosine", "exponential", "plateau", "resnet34",
-                                              "resnet50"} and part != error["loc"][-1]
+    return isinstance(part, str) and part in tags and part != error["loc"][-1]
+
+
+@functools.cache
+def union_tags(model: Any) -> frozenset[str]:
+    """The tags of the unions of models under ``model`` (a schedule's ``cosine``, a model's
+    ``resnet50``): each member's one-valued ``Literal`` field, read from the models themselves."""
+    tags: set[str] = set()
+    seen: set[type] = set()
+
+    def visit(annotation: Any) -> None:
+        args = typing.get_args(annotation)
+        members = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+        for member in members if len(members) > 1 else []:
+            for field in member.model_fields.values():
+                choices = typing.get_args(field.annotation)
+                if typing.get_origin(field.annotation) is typing.Literal and len(choices) == 1:
+                    tags.add(str(choices[0]))
+        for arg in args:
+            visit(arg)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel) and (
+                annotation not in seen):
+            seen.add(annotation)
+            for field in annotation.model_fields.values():
+                visit(field.annotation)
+
+    visit(model)
+    return frozenset(tags)
 
 
 def _known_keys(model: type[BaseModel] | None, path: list[str]) -> list[str]:

@@ -21,7 +21,7 @@ from neuroblastoma_cnn.core.types import (
     PositiveInt,
     Precision,
 )
-from neuroblastoma_cnn.params.base import Params, describe
+from neuroblastoma_cnn.params.base import Params, describe, union_tags
 
 Optimizer = Literal["sgd", "sgd_momentum", "rmsprop", "adagrad", "adam", "adamw"]
 Monitor = Literal["val_macro_f1", "val_image_macro_f1", "val_loss", "val_accuracy"]
@@ -81,7 +81,7 @@ class ModelParams(RootModel[Annotated[ResNet34Model | ResNet50Model,
         try:
             return cls.__pydantic_validator__.validate_python(raw)
         except ValidationError as exc:
-            raise ParameterError(describe(exc, key, None)) from None
+            raise ParameterError(describe(exc, key, None, union_tags(cls))) from None
 
     @classmethod
     def model_validate(cls, obj: Any, **kwargs: Any) -> Any:
@@ -89,7 +89,7 @@ class ModelParams(RootModel[Annotated[ResNet34Model | ResNet50Model,
         try:
             return super().model_validate(obj, **kwargs)
         except ValidationError as exc:
-            raise ParameterError(describe(exc, "", None)) from None
+            raise ParameterError(describe(exc, "", None, union_tags(cls))) from None
 
 
 class CosineSchedule(Params):

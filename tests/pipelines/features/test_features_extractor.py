@@ -18,7 +18,7 @@ from neuroblastoma_cnn.core.errors import DataError, ModelError
 from neuroblastoma_cnn.datasets.sklearn_heads import SklearnHeadsDataset, find_head, head_classifier
 from neuroblastoma_cnn.datasets.tile_store import TileStore, write_tile_store
 from neuroblastoma_cnn.images.preprocessing import Preprocessing, attach_preprocessing
-from neuroblastoma_cnn.models import build_model
+from neuroblastoma_cnn.models.families import build_model
 from neuroblastoma_cnn.models.feature_heads import (
     HeadClassifier,
     extractor_identity,

@@ -32,6 +32,8 @@ import pandas as pd
 
 from neuroblastoma_cnn.analysis.predictions import probability_column
 from neuroblastoma_cnn.images.preprocessing import Preprocessing
+from neuroblastoma_cnn.models import families
+from neuroblastoma_cnn.models.families import Capability
 from neuroblastoma_cnn.params import PredictParams
 
 from . import nodes
@@ -270,6 +272,7 @@ def log_raw_image_model(keras_file: str | Path, params: PredictParams,
     settings = params.model_copy(update={"gradcam": False, "workers": 1, "head": None})
     record = read_record(keras_file)
     preprocessing = Preprocessing.from_dict(record, where=str(keras_file))
+    families.family(preprocessing.architecture or "").require(Capability.SERVE)
     classes = [str(c) for c in preprocessing.classes]
     example = pd.DataFrame({"file": ["example.png"],
                             "image": [_example_png(_example_side(preprocessing))]})
