@@ -131,7 +131,8 @@ def _command_logging(verbose: bool) -> Iterator[None]:
     root = logging.getLogger()
     # The summary says what the pipeline's warnings would, so those stay quiet unless verbose.
     levels = {__package__: level,
-              "neuroblastoma_cnn.pipelines.predict": level if verbose else logging.ERROR}
+              **dict.fromkeys(("neuroblastoma_cnn.pipelines.predict", "neuroblastoma_cnn.serving"),
+                              level if verbose else logging.ERROR)}
     handlers, root_level = root.handlers[:], root.level
     before = {name: logging.getLogger(name).level for name in levels}
     handler = logging.StreamHandler(sys.stderr)

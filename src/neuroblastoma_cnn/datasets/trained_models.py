@@ -226,7 +226,7 @@ class TrainedModelsDataset(AbstractDataset[Any, TrainedModels]):
 
 
 def _load_pyfunc_keras(uri: str, info: Any) -> Any:
-    """The ``.keras`` artifact of a raw-image pyfunc model (``pipelines/predict/pyfunc``),
+    """The ``.keras`` artifact of a raw-image pyfunc model (``serving/pyfunc``),
     downloaded and loaded with the record inside it."""
     import tempfile  # noqa: PLC0415
 

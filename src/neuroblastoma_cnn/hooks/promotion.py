@@ -18,7 +18,7 @@ from neuroblastoma_cnn.hooks.run_tags import MlflowRunTagsHook
 from neuroblastoma_cnn.models import families
 from neuroblastoma_cnn.models.families import Capability
 from neuroblastoma_cnn.params import PredictParams
-from neuroblastoma_cnn.pipelines.predict.pyfunc import NAME_SUFFIX, log_raw_image_model
+from neuroblastoma_cnn.serving.pyfunc import NAME_SUFFIX, log_raw_image_model
 from neuroblastoma_cnn.tracking import promotion, registry
 
 # The name it had as hooks.py: logging configuration that names it keeps working.

@@ -28,13 +28,13 @@ from neuroblastoma_cnn.images.stain import normalise_tiles
 from neuroblastoma_cnn.models import families
 from neuroblastoma_cnn.models.families import Capability
 from neuroblastoma_cnn.params import PredictParams
+from neuroblastoma_cnn.serving.tiles import model_source
 
 from .slide_outputs import (
     HEATMAP_SUFFIX,
     draw_gallery,
     draw_heatmap,
 )
-from .tiles import model_source
 
 #: Logged under the node module's name, as before the split (log filters and readers see it).
 logger = logging.getLogger("neuroblastoma_cnn.pipelines.predict.nodes")

@@ -25,7 +25,7 @@ from PIL import Image
 
 from neuroblastoma_cnn.datasets.keras_model import save_keras_model
 from neuroblastoma_cnn.images.preprocessing import Preprocessing
-from neuroblastoma_cnn.pipelines.predict.pyfunc import log_raw_image_model
+from neuroblastoma_cnn.serving.pyfunc import log_raw_image_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

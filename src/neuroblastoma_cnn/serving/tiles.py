@@ -1,8 +1,8 @@
 """Tiles to the model: batched prediction of many files, and the tables it fills.
 
-Kept apart from ``nodes.py``: the fixed-size batches (shared by images, padded at the end),
-slides streamed chunk by chunk and test-time augmentation are one mechanism behind
-:func:`predict_files`, which the nodes, the served model and the evaluation reuse.
+The fixed-size batches (shared by images, padded at the end), slides streamed chunk by chunk
+and test-time augmentation are one mechanism behind :func:`predict_files`, which the predict
+pipeline, the command line and the served model all call.
 """
 
 from __future__ import annotations
@@ -32,14 +32,9 @@ from neuroblastoma_cnn.images.preprocessing import preprocessing_of
 from neuroblastoma_cnn.params import PredictParams
 
 from .images import PreparedImage, Rejection, _prepared_in_order
-from .slide_outputs import (
-    SlideTiles,
-    add_shares,
-    log_tile_progress,
-)
+from .slide_tiles import SlideTiles, add_shares, log_tile_progress
 
-#: Logged under the node module's name, as before the split (log filters and readers see it).
-logger = logging.getLogger("neuroblastoma_cnn.pipelines.predict.nodes")
+logger = logging.getLogger(__name__)
 
 
 def model_source(model: Any) -> str:

@@ -7,6 +7,6 @@ holds this file and the package's code, and builds the model from them.
 
 import mlflow
 
-from neuroblastoma_cnn.pipelines.predict.pyfunc import RawImageModel
+from neuroblastoma_cnn.serving.pyfunc import RawImageModel
 
 mlflow.models.set_model(RawImageModel())

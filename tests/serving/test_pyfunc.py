@@ -19,7 +19,7 @@ from neuroblastoma_cnn.datasets.keras_model import save_keras_model
 from neuroblastoma_cnn.datasets.trained_models import TrainedModels
 from neuroblastoma_cnn.images.preprocessing import Preprocessing
 from neuroblastoma_cnn.pipelines.predict import nodes
-from neuroblastoma_cnn.pipelines.predict.pyfunc import classify_encoded, log_raw_image_model
+from neuroblastoma_cnn.serving.pyfunc import classify_encoded, log_raw_image_model
 
 
 def _model() -> keras.Model:
@@ -93,7 +93,7 @@ def test_logged_pyfunc_is_self_contained_and_loads_from_the_registry(tmp_path):
     assert any(r.startswith("keras==") for r in requirements)
     assert any(r.startswith("pandas==") for r in requirements)
     assert all("==" in r for r in requirements if not r.startswith("-"))
-    assert (local / "code" / "neuroblastoma_cnn" / "pipelines" / "predict" / "pyfunc.py").is_file()
+    assert (local / "code" / "neuroblastoma_cnn" / "serving" / "pyfunc.py").is_file()
 
     image = tmp_path / "x.png"
     image.write_bytes(base64.b64decode(_png(120)))

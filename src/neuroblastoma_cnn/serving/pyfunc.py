@@ -5,7 +5,7 @@ to decode, tile, normalise and average exactly as the project does. This wrapper
 files themselves (base64 in a DataFrame column ``image``, optional ``file`` names; in process
 also a ``path`` column of local files) and returns, per row, the image-level probabilities, the
 predicted class, the number of tiles and an ``error`` (empty when the image was used), through
-the same :func:`nodes.predict_files` as ``kedro run --pipeline=predict``: the model's own
+the same :func:`tiles.predict_files` as ``kedro run --pipeline=predict``: the model's own
 preprocessing record (tiling, tissue rule, stain reference, temperature) decides everything,
 and a bad file is an error row, never a failed request.
 
@@ -31,12 +31,13 @@ import numpy as np
 import pandas as pd
 
 from neuroblastoma_cnn.analysis.predictions import probability_column
-from neuroblastoma_cnn.images.preprocessing import Preprocessing
+from neuroblastoma_cnn.analysis.tta import TTA_PREFIX
+from neuroblastoma_cnn.images.preprocessing import Preprocessing, preprocessing_of
 from neuroblastoma_cnn.models import families
 from neuroblastoma_cnn.models.families import Capability
 from neuroblastoma_cnn.params import PredictParams
 
-from . import nodes
+from .tiles import predict_files
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def _row_names(frame: pd.DataFrame) -> list[str]:
 
 def _stage(frame: pd.DataFrame, names: list[str], folder: Path
            ) -> tuple[list[tuple[str, Path]], list[str], dict[str, str]]:
-    """The usable rows as ``(checked name, file)`` pairs for :func:`nodes.predict_files`
+    """The usable rows as ``(checked name, file)`` pairs for :func:`tiles.predict_files`
     (base64 written to ``folder``, paths used as they are), the row names they belong to (in
     the same order), and the errors of the other rows by name."""
     files: list[tuple[str, Path]] = []
@@ -138,7 +139,7 @@ def _stage(frame: pd.DataFrame, names: list[str], folder: Path
 def output_columns(classes: list[str], tta: bool) -> list[str]:
     """``file, predicted, prob_<class>..., n_tiles, error`` (+ ``tta_predicted,
     tta_confidence`` with test-time augmentation)."""
-    extra = [nodes.TTA_PREFIX + "predicted", nodes.TTA_PREFIX + "confidence"] if tta else []
+    extra = [TTA_PREFIX + "predicted", TTA_PREFIX + "confidence"] if tta else []
     return ["file", "predicted", *(probability_column(c) for c in classes), "n_tiles", *extra,
             "error"]
 
@@ -153,10 +154,10 @@ def classify_encoded(frame: pd.DataFrame, model: Any, params: PredictParams) -> 
     if len(set(names)) < len(names):
         raise ValueError("Input rows need distinct 'file' names (a name given twice cannot be "
                          "matched to its result).")
-    classes = [str(c) for c in nodes.preprocessing_of(model).classes]
+    classes = [str(c) for c in preprocessing_of(model).classes]
     with tempfile.TemporaryDirectory(prefix="nbcnn-serve-") as tmp:
         files, staged, errors = _stage(frame, names, Path(tmp))
-        predictions = nodes.predict_files(files, model, params)[0] if files else pd.DataFrame()
+        predictions = predict_files(files, model, params)[0] if files else pd.DataFrame()
     # predict_files answers one row per file, in order: matched by position, not by name.
     results = dict(zip(staged, predictions.to_dict("records"), strict=True))
     out = [_output_row(name, errors.get(name, ""), results.get(name), classes, params.tta)
@@ -175,7 +176,7 @@ def _output_row(name: str, error: str, found: dict[str, Any] | None, classes: li
     row["n_tiles"] = 0 if pd.isna(found["n_tiles"]) else int(found["n_tiles"])
     row.update({probability_column(c): float(found[probability_column(c)]) for c in classes})
     if tta:
-        for column in (nodes.TTA_PREFIX + "predicted", nodes.TTA_PREFIX + "confidence"):
+        for column in (TTA_PREFIX + "predicted", TTA_PREFIX + "confidence"):
             row[column] = found[column]
     return row
 
@@ -241,7 +242,7 @@ def _signature(classes: list[str], tta: bool) -> Any:
 
     inputs = Schema([ColSpec("string", column, required=column == "image")
                      for column in ("file", "image")])
-    types = {"n_tiles": "long", nodes.TTA_PREFIX + "confidence": "double"}
+    types = {"n_tiles": "long", TTA_PREFIX + "confidence": "double"}
     outputs = Schema([ColSpec(types.get(c, "double" if c.startswith("prob_") else "string"), c)
                       for c in output_columns(classes, tta)])
     return ModelSignature(inputs=inputs, outputs=outputs)

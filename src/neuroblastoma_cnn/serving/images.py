@@ -1,7 +1,8 @@
 """One image prepared for prediction: listed, checked, decoded and tiled as in training.
 
-Kept apart from ``nodes.py``: what happens to a file before the model sees it (the rejections,
-the background fallback, the threads that decode ahead) is read and tested on its own.
+What happens to a file before the model sees it (the rejections, the background fallback, the
+threads that decode ahead), the same for the predict pipeline, the command line and the served
+model.
 """
 
 from __future__ import annotations
@@ -22,13 +23,9 @@ from neuroblastoma_cnn.images.stain import normalise_tiles
 from neuroblastoma_cnn.params import PredictParams
 from neuroblastoma_cnn.runtime.parallel import ordered_map
 
-from .slide_outputs import (
-    SlideTiles,
-    plan_slide,
-)
+from .slide_tiles import SlideTiles, plan_slide
 
-#: Logged under the node module's name, as before the split (log filters and readers see it).
-logger = logging.getLogger("neuroblastoma_cnn.pipelines.predict.nodes")
+logger = logging.getLogger(__name__)
 
 
 @dataclass
