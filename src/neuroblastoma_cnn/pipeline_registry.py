@@ -18,6 +18,7 @@ from neuroblastoma_cnn.models import families
 from neuroblastoma_cnn.models.families import Capability
 from neuroblastoma_cnn.pipelines import (
     augmentation,
+    cross_validation,
     evaluation,
     features,
     ingestion,
@@ -26,6 +27,7 @@ from neuroblastoma_cnn.pipelines import (
     study,
     training,
 )
+from neuroblastoma_cnn.trials.trial import ProjectSteps
 
 #: The models with their own training pipelines: the families that train (models/families.py).
 MODELS = tuple(families.names(Capability.TRAIN))
@@ -64,9 +66,9 @@ def features_pipeline(model: str, in_run: bool = False) -> Pipeline:
                     parameters=parameters)
 
 
-def project_steps() -> study.ProjectSteps:
+def project_steps() -> ProjectSteps:
     """The training and evaluation node functions that studies and folds run."""
-    return study.ProjectSteps(
+    return ProjectSteps(
         training.nodes.train_model, evaluation.nodes.predict_split_tiles,
         evaluation.nodes.aggregate_image_predictions, evaluation.nodes.compute_test_metrics)
 
@@ -74,7 +76,7 @@ def project_steps() -> study.ProjectSteps:
 def cv_pipeline(model: str) -> Pipeline:
     """One model's cross-validation (folds, ensemble, report) in the model's namespace."""
     return Pipeline(
-        study.create_cv_pipeline(project_steps(), model), namespace=model,
+        cross_validation.create_pipeline(project_steps(), model), namespace=model,
         inputs={"tiles", "split_table", "cv_folds", "cv_floor_predictions", "run_context"},
         parameters={"params:evaluation", "params:cross_validation"},
     )
@@ -107,7 +109,8 @@ def register_pipelines() -> dict[str, Pipeline]:
     # Studies train many models with the training and evaluation functions (not in __default__).
     pipelines["study"] = study.create_pipeline(project_steps(), models=MODELS)
     # Cross-validation: raw images to K folds, the floor on them, the ensemble and the report.
-    folds = pipelines["ingestion"] + pipelines["splitting"] + study.create_cv_data_pipeline()
+    folds = (pipelines["ingestion"] + pipelines["splitting"]
+             + cross_validation.create_data_pipeline())
     for model in CV_MODELS:
         pipelines[f"cross_validate_{model}"] = folds + cv_pipeline(model)
     pipelines["cross_validate"] = pipelines[f"cross_validate_{DEFAULT_CV_MODEL}"]

@@ -19,10 +19,10 @@ from neuroblastoma_cnn.core.group_folds import (
     stratified_group_folds,
 )
 from neuroblastoma_cnn.models.classical import grouped_folds
+from neuroblastoma_cnn.pipelines.cross_validation.folds import assign_folds
 from neuroblastoma_cnn.pipelines.features.heads import group_folds
 from neuroblastoma_cnn.pipelines.features.params import CvParams
 from neuroblastoma_cnn.pipelines.splitting.spanning_groups import _sgkf_folds
-from neuroblastoma_cnn.pipelines.study.folds import assign_folds
 
 
 def tile_table() -> pd.DataFrame:

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from neuroblastoma_cnn.core.errors import DataError, ParameterError
-from neuroblastoma_cnn.pipelines.study import repeats
+from neuroblastoma_cnn.trials import repeats
 
 
 def _table() -> pd.DataFrame:

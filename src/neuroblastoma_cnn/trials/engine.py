@@ -1,4 +1,5 @@
-"""Running a study's trials with Optuna: resumable, several worker processes, several machines.
+"""Running trials with Optuna (a study's variants and repeats, a cross-validation's folds):
+resumable, several worker processes, several machines.
 
 Design (why Optuna and which storage):
 
@@ -48,9 +49,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from neuroblastoma_cnn.core.errors import ProjectError
 
-from . import tracking
-from .config import StudyPlan
-from .optuna_storage import (
+from . import child_runs
+from .plan import StudyPlan
+from .storage import (
     SCHEMA_RACE_ATTEMPTS,
     StaleTrialCallback,
     _redacted,
@@ -88,9 +89,8 @@ from .studies import (
 
 logger = logging.getLogger(__name__)
 
-#: Everything the pipeline, the CLI and the tests reach through this module: the trial
-#: interface and workers (here), the storage (``optuna_storage``) and the study's bookkeeping
-#: (``studies``).
+#: Everything the pipelines and the tests reach through this module: the trial interface and
+#: workers (here), the storage (``storage``) and the study's bookkeeping (``studies``).
 __all__ = [
     "ATTR_DUPLICATE", "ATTR_METRICS", "ATTR_OVERRIDES", "ATTR_RUN", "ATTR_WORKER", "LIVE",
     "REPEAT", "SCHEMA_RACE_ATTEMPTS", "STUDY_EXPERIMENT", "STUDY_HASH", "STUDY_PARENT",
@@ -131,7 +131,7 @@ class TrialOutcome:
 class TrialContext:
     """Handed to the trial function: report per-epoch values (pruning) and the MLflow run."""
 
-    def __init__(self, trial: optuna.Trial | None, prune: bool, run: tracking.NullRun):
+    def __init__(self, trial: optuna.Trial | None, prune: bool, run: child_runs.NullRun):
         self._trial = trial
         self._prune = prune
         self.run = run
@@ -162,7 +162,7 @@ class Objective:
     the space (search), skips duplicates, and wraps the trial in its MLflow child run."""
 
     def __init__(self, plan: StudyPlan, trial_fn: TrialFunction,
-                 target: tracking.TrackingTarget | None, worker: str):
+                 target: child_runs.TrackingTarget | None, worker: str):
         self.plan = plan
         self.trial_fn = trial_fn
         self.target = target
@@ -188,16 +188,16 @@ class Objective:
                 return other.number
         return None
 
-    def _start_run(self, trial: optuna.Trial, spec: TrialSpec) -> tracking.NullRun:
+    def _start_run(self, trial: optuna.Trial, spec: TrialSpec) -> child_runs.NullRun:
         """The trial's MLflow child run (a killed attempt's run is closed as not counted), with
         the worker, overrides and run id recorded on the trial."""
         previous_run = trial.user_attrs.get(ATTR_RUN)  # copied from a killed attempt
         if previous_run and self.target is not None:
-            tracking.close_run(self.target.uri, previous_run, "KILLED",
+            child_runs.close_run(self.target.uri, previous_run, "KILLED",
                                {"study.counted": "false", "study.retried_as": trial.number})
         trial.set_user_attr(ATTR_WORKER, self.worker)
         trial.set_user_attr(ATTR_OVERRIDES, spec.overrides)
-        run = tracking.start_trial_run(
+        run = child_runs.start_trial_run(
             self.target, f"{spec.study} {spec.variant} r{spec.repeat}",
             {"study.name": spec.study, "study.optuna_study": trial.study.study_name,
              "study.variant": spec.variant,
@@ -272,7 +272,7 @@ class WorkerConfig:
     plan: StudyPlan
     study_name: str
     trial_fn: TrialFunction
-    target: tracking.TrackingTarget | None = None
+    target: child_runs.TrackingTarget | None = None
     poll_seconds: float | None = None  # None: the heartbeat interval
 
     @property

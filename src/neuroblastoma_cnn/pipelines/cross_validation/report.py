@@ -36,9 +36,9 @@ from neuroblastoma_cnn.params import (
     ModelParams,
     TrainingParams,
 )
+from neuroblastoma_cnn.trials import statistics as st
 
-from . import statistics as st
-from .cross_validation import HELD_OUT_SET, OUTER_SET
+from .nodes import HELD_OUT_SET, OUTER_SET
 
 logger = logging.getLogger(__name__)
 

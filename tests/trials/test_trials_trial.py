@@ -9,7 +9,7 @@ import pytest
 from neuroblastoma_cnn.core.errors import ParameterError
 from neuroblastoma_cnn.datasets import write_tile_store
 from neuroblastoma_cnn.params import base_parameters
-from neuroblastoma_cnn.pipelines.study.trial import (
+from neuroblastoma_cnn.trials.trial import (
     finite_predictions,
     parse_trial_params,
     subset_store,

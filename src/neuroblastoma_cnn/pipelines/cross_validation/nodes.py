@@ -4,7 +4,7 @@ Why cross-validation: on a few dozen patients one split's test score moves by 0.
 seed and with which patients happen to be tested (README "Cross-validation"), so a single
 figure cannot tell two models apart. K folds score every image once, out of fold, and give the
 spread over folds; the classical floor runs on the very same folds, so each CNN is compared
-with it fold by fold (paired). The folds run as trials of the study engine (resumable, several
+with it fold by fold (paired). The folds run as trials of the trials engine (resumable, several
 workers, MLflow child runs); the fold models together make the fold ensemble.
 """
 
@@ -23,12 +23,12 @@ from neuroblastoma_cnn.analysis.predictions import probability_column
 from neuroblastoma_cnn.core.errors import ParameterError
 from neuroblastoma_cnn.datasets.tile_store import TileStore
 from neuroblastoma_cnn.params import CrossValidationParams, EvaluationParams
+from neuroblastoma_cnn.trials import child_runs, engine
+from neuroblastoma_cnn.trials.plan import StudyPlan, Variant
+from neuroblastoma_cnn.trials.trial import ProjectSteps, parse_trial_params
 
-from . import engine, tracking
-from .config import StudyPlan, Variant
 from .fold_trial import FoldTrial, load_fold_model, read_fold
 from .folds import CV, OUTER, assign_folds, check_folds
-from .trial import ProjectSteps, parse_trial_params
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def run_cv_folds(
         split_table, tiles.index, cv_folds,
         extra=repr(sorted(tiles.producer_metadata.items(), key=str))
         + evaluation.model_dump_json() + str(params.log_fold_models)))
-    active = tracking.active_target()
+    active = child_runs.active_target()
     storage = engine.open_storage(plan.storage, plan.heartbeat_seconds, plan.max_retries,
                                   active.uri if active else None)
     study = engine.create_or_load(plan, storage, name, active)

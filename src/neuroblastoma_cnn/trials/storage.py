@@ -20,12 +20,12 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 from neuroblastoma_cnn.core.errors import DataError
 
-from . import tracking
-from .config import StudyPlan
+from . import child_runs
+from .plan import StudyPlan
 from .studies import ATTR_RUN, describe_point, make_pruner, make_sampler
 
-#: Logged under the engine module's name, as before the split (log filters and tests see it).
-logger = logging.getLogger("neuroblastoma_cnn.pipelines.study.engine")
+#: Logged under the engine's name: one logger for the trials engine's lines.
+logger = logging.getLogger("neuroblastoma_cnn.trials.engine")
 
 
 def _is_sqlite(url: str) -> bool:
@@ -115,7 +115,7 @@ class StaleTrialCallback:
                        trial.number, describe_point(trial))
         run_id = trial.user_attrs.get(ATTR_RUN)
         if run_id and self.tracking_uri:
-            tracking.close_run(self.tracking_uri, run_id, "KILLED",
+            child_runs.close_run(self.tracking_uri, run_id, "KILLED",
                                {"study.counted": "false", "study.reason": "worker stopped"})
         optuna.storages.RetryFailedTrialCallback(max_retry=self.max_retries)(study, trial)
 

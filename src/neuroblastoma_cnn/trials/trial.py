@@ -118,7 +118,7 @@ class KerasTrial:
         images = self.steps.aggregate(tile_predictions)
         metrics, _, report, counts, normalized = self.steps.evaluate(images, tile_predictions,
                                                                      self.evaluation)
-        _log_trial(context, history, metrics, report, counts, normalized)
+        log_trial(context, history, metrics, report, counts, normalized)
         per_class = {f"f1_{name}": float(values["f1"])
                      for name, values in metrics.get("per_class", {}).items()}
         return TrialOutcome(
@@ -157,7 +157,7 @@ def finite_predictions(tile_predictions: pd.DataFrame) -> tuple[pd.DataFrame, in
     return out, int(affected.sum())
 
 
-def _log_trial(context: TrialContext, history: pd.DataFrame, metrics: dict[str, Any],
+def log_trial(context: TrialContext, history: pd.DataFrame, metrics: dict[str, Any],
                report: pd.DataFrame, counts: pd.DataFrame, normalized: pd.DataFrame) -> None:
     run = context.run
     run.log_history({col: list(zip(history["epoch"].astype(int), history[col].astype(float),

@@ -16,7 +16,7 @@ ROUNDS = 6
 
 
 def _open(url: str, barrier: object) -> str:
-    from neuroblastoma_cnn.pipelines.study.engine import open_storage  # noqa: PLC0415
+    from neuroblastoma_cnn.trials.engine import open_storage  # noqa: PLC0415
 
     barrier.wait()  # every worker creates the engine and its tables at once
     try:

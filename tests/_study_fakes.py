@@ -17,7 +17,7 @@ import optuna
 from optuna.trial import TrialState
 
 from neuroblastoma_cnn.pipelines.study import config
-from neuroblastoma_cnn.pipelines.study.engine import TrialContext, TrialOutcome, TrialSpec
+from neuroblastoma_cnn.trials.engine import TrialContext, TrialOutcome, TrialSpec
 
 MODEL_PARAMS = {
     "m": {

@@ -17,14 +17,14 @@ from neuroblastoma_cnn.core.errors import ParameterError
 from neuroblastoma_cnn.datasets import write_tile_store
 from neuroblastoma_cnn.models.ensemble import ensemble_members, is_ensemble
 from neuroblastoma_cnn.params import CrossValidationParams, base_group
-from neuroblastoma_cnn.pipelines.evaluation import nodes as evaluation
-from neuroblastoma_cnn.pipelines.study.cross_validation import (
+from neuroblastoma_cnn.pipelines.cross_validation.nodes import (
     assign_cv_folds,
     build_cv_ensemble,
     run_cv_folds,
 )
-from neuroblastoma_cnn.pipelines.study.trial import ProjectSteps
+from neuroblastoma_cnn.pipelines.evaluation import nodes as evaluation
 from neuroblastoma_cnn.pipelines.training import nodes as training
+from neuroblastoma_cnn.trials.trial import ProjectSteps
 
 CLASSES = ["alpha", "beta", "gamma"]
 GROUPS_PER_CLASS = 4  # 1 outer test group + 3 folded ones

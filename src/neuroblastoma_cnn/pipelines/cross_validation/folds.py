@@ -17,8 +17,7 @@ import pandas as pd
 
 from neuroblastoma_cnn.core.errors import DataError, ParameterError
 from neuroblastoma_cnn.core.group_folds import fold_of_groups, stratified_group_folds
-
-from .repeats import _draw_validation_groups
+from neuroblastoma_cnn.trials.repeats import draw_validation_groups
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +119,7 @@ def fold_split_table(split_table: pd.DataFrame, folds: pd.DataFrame, fold: int, 
     training = (role == CV) & (fold_of != fold)
     table["split"] = np.where(role == OUTER, OUTER_SPLIT,
                               np.where(fold_of == fold, HELD_OUT, "train"))
-    chosen = _draw_validation_groups(table.loc[training], seed + fold, validation_fraction)
+    chosen = draw_validation_groups(table.loc[training], seed + fold, validation_fraction)
     table.loc[training & table["group"].astype(str).isin(chosen), "split"] = "validation"
     if not (table["split"] == "validation").any():
         raise DataError(f"Fold {fold} has no validation group: every class has a single "

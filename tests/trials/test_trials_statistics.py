@@ -10,7 +10,7 @@ import pytest
 from matplotlib.figure import Figure
 from scipy import stats
 
-from neuroblastoma_cnn.pipelines.study import statistics as st
+from neuroblastoma_cnn.trials import statistics as st
 
 
 def test_mean_interval_by_hand():

@@ -57,7 +57,7 @@ def repeat_split_table(
                                  f"{len(folds)} fold(s).")
         validate = non_test & (table["fold"] == folds[repeat])
     elif scheme == "seeded":
-        groups = _draw_validation_groups(table.loc[non_test], seed + repeat, validation_fraction)
+        groups = draw_validation_groups(table.loc[non_test], seed + repeat, validation_fraction)
         validate = non_test & table["group"].astype(str).isin(groups)
     else:
         raise ParameterError(f"Unknown repeat scheme '{scheme}': use folds, seeded or split.")
@@ -68,7 +68,7 @@ def repeat_split_table(
     return table
 
 
-def _draw_validation_groups(rows: pd.DataFrame, seed: int, fraction: float) -> set[str]:
+def draw_validation_groups(rows: pd.DataFrame, seed: int, fraction: float) -> set[str]:
     """Per class (a group's majority label), round(fraction * n) groups, at least one, and
     always leaving one group to train; classes with a single group stay in training."""
     majority = (

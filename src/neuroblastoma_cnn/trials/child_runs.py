@@ -1,5 +1,6 @@
-"""MLflow child runs for a study's trials.
+"""MLflow child runs for trials (a study's variants and repeats, a cross-validation's folds).
 
+Named ``child_runs``, not ``tracking``: the package's ``tracking/`` is the project's run records.
 kedro-mlflow opens one run per ``kedro run``; a study's trials are MLflow *child* runs of the
 study's parent run (the run of the ``kedro run`` that created the study, recorded in the Optuna
 storage), so that every trial of a study sits under one parent in the MLflow UI even when it

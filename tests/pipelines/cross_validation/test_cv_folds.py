@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from neuroblastoma_cnn.core.errors import DataError, ParameterError
-from neuroblastoma_cnn.pipelines.study.folds import (
+from neuroblastoma_cnn.pipelines.cross_validation.folds import (
     CV,
     FOLD_COLUMNS,
     HELD_OUT,
@@ -21,7 +21,7 @@ from neuroblastoma_cnn.pipelines.study.folds import (
     fold_split_table,
     group_labels,
 )
-from neuroblastoma_cnn.pipelines.study.repeats import _draw_validation_groups
+from neuroblastoma_cnn.trials.repeats import draw_validation_groups as _draw_validation_groups
 
 #: Class names with a space, a dash and mixed case; groups per class that are not ``test``.
 FOLDED_GROUPS = {"a b": 6, "Poorly-diff": 7, "c3": 5, "zeta": 3}

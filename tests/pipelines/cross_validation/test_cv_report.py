@@ -17,8 +17,8 @@ from scipy import stats
 from sklearn.metrics import accuracy_score, f1_score
 
 from neuroblastoma_cnn.analysis import metrics as m
-from neuroblastoma_cnn.pipelines.study import cv_report as cr
-from neuroblastoma_cnn.pipelines.study.cross_validation import (
+from neuroblastoma_cnn.pipelines.cross_validation import report as cr
+from neuroblastoma_cnn.pipelines.cross_validation.nodes import (
     HELD_OUT_SET,
     OUTER_SET,
     PREDICTION_KEYS,

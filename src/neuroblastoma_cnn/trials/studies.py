@@ -17,11 +17,11 @@ from optuna.trial import FrozenTrial, TrialState
 
 from neuroblastoma_cnn.core.errors import DataError, ParameterError
 
-from . import tracking
-from .config import StudyPlan
+from . import child_runs
+from .plan import StudyPlan
 
-#: Logged under the engine module's name, as before the split (log filters and tests see it).
-logger = logging.getLogger("neuroblastoma_cnn.pipelines.study.engine")
+#: Logged under the engine's name: one logger for the trials engine's lines.
+logger = logging.getLogger("neuroblastoma_cnn.trials.engine")
 
 VARIANT, REPEAT = "variant", "repeat"
 ATTR_METRICS = "metrics"
@@ -64,7 +64,7 @@ def make_pruner(plan: StudyPlan) -> optuna.pruners.BasePruner:
 
 
 def create_or_load(plan: StudyPlan, storage: optuna.storages.BaseStorage, study_name: str,
-                   target: tracking.TrackingTarget | None = None) -> optuna.Study:
+                   target: child_runs.TrackingTarget | None = None) -> optuna.Study:
     """Creates the Optuna study or loads it (resume, another worker); records the plan and, the
     first time, the MLflow parent run that the trials' child runs nest under."""
     study = optuna.create_study(storage=storage, study_name=study_name, direction="maximize",
@@ -80,8 +80,8 @@ def create_or_load(plan: StudyPlan, storage: optuna.storages.BaseStorage, study_
     return study
 
 
-def study_target(study: optuna.Study, target: tracking.TrackingTarget | None
-                 ) -> tracking.TrackingTarget | None:
+def study_target(study: optuna.Study, target: child_runs.TrackingTarget | None
+                 ) -> child_runs.TrackingTarget | None:
     """Where this study's child runs go: under the parent run recorded when it was created."""
     if target is None:
         return None
@@ -90,7 +90,7 @@ def study_target(study: optuna.Study, target: tracking.TrackingTarget | None
     experiment = attrs.get(STUDY_EXPERIMENT, target.experiment_id)
     if parent is None:
         return target
-    return tracking.TrackingTarget(target.uri, str(experiment), str(parent))
+    return child_runs.TrackingTarget(target.uri, str(experiment), str(parent))
 
 
 def point_of(trial: FrozenTrial) -> tuple[str, int] | None:
@@ -147,12 +147,12 @@ def trial_rows(study: optuna.Study, plan: StudyPlan) -> list[dict[str, Any]]:
     return rows
 
 
-def close_orphan_runs(study: optuna.Study, target: tracking.TrackingTarget) -> int:
+def close_orphan_runs(study: optuna.Study, target: child_runs.TrackingTarget) -> int:
     """Ends the child runs a killed worker left RUNNING (also one killed before it could record
     its run id in the trial): found by their tags, matched to the trial they belong to."""
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     closed = 0
-    for run in tracking.child_runs(target.uri, target.experiment_id, target.parent_run_id):
+    for run in child_runs.child_runs(target.uri, target.experiment_id, target.parent_run_id):
         tags = run.data.tags
         if run.info.status != "RUNNING" or tags.get("study.optuna_study") != study.study_name:
             continue
@@ -161,9 +161,9 @@ def close_orphan_runs(study: optuna.Study, target: tracking.TrackingTarget) -> i
             continue  # still running somewhere
         if trial is not None and trial.state == TrialState.COMPLETE and \
                 trial.user_attrs.get(ATTR_RUN) == run.info.run_id:
-            tracking.close_run(target.uri, run.info.run_id, "FINISHED")  # killed after its tell
+            child_runs.close_run(target.uri, run.info.run_id, "FINISHED")  # killed after its tell
         else:
-            tracking.close_run(target.uri, run.info.run_id, "KILLED", {"study.counted": "false"})
+            child_runs.close_run(target.uri, run.info.run_id, "KILLED", {"study.counted": "false"})
         closed += 1
     return closed
 

@@ -27,8 +27,10 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from neuroblastoma_cnn.core.errors import DataError
-from neuroblastoma_cnn.pipelines.study import config, engine, results, tracking
-from neuroblastoma_cnn.pipelines.study.engine import ATTR_METRICS
+from neuroblastoma_cnn.pipelines.study import config, results
+from neuroblastoma_cnn.trials import child_runs as tracking
+from neuroblastoma_cnn.trials import engine
+from neuroblastoma_cnn.trials.engine import ATTR_METRICS
 
 pytestmark = pytest.mark.timeout(180)
 

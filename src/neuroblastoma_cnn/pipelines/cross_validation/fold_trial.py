@@ -1,10 +1,10 @@
 """One cross-validation fold: train on the other folds, score the held-out fold, keep the model.
 
-A fold is a trial of the study engine (``engine.py``), so folds resume after a kill (a finished
-fold is never trained again; the fold in progress resumes from its per-epoch backup), run on
-several workers and nest as MLflow child runs under the cross-validation's run. Unlike a study
-trial, a fold keeps what it made in its folder (``fold_<k>/``): the model, its out-of-fold and
-outer-test image predictions and its history. The folder appears complete or not at all (it is
+A fold is a trial of the trials engine (``trials/engine.py``), so folds resume after a kill (a
+finished fold is never trained again; the fold in progress resumes from its per-epoch backup),
+run on several workers and nest as MLflow child runs under the cross-validation's run. Unlike a
+study trial, a fold keeps what it made in its folder (``fold_<k>/``): the model, its out-of-fold
+and outer-test image predictions and its history. The folder appears complete or not at all (it is
 written under a temporary name and renamed), so a kill never leaves a fold that looks done.
 """
 
@@ -24,18 +24,18 @@ from neuroblastoma_cnn.analysis.predictions import probability_columns
 from neuroblastoma_cnn.core.errors import DataError
 from neuroblastoma_cnn.datasets.keras_model import load_keras_model, save_keras_model
 from neuroblastoma_cnn.params import EvaluationParams
-
-from .engine import TrialContext, TrialOutcome, TrialSpec
-from .folds import HELD_OUT, OUTER_SPLIT, as_evaluated, fold_split_table
-from .trial import (
+from neuroblastoma_cnn.trials.engine import TrialContext, TrialOutcome, TrialSpec
+from neuroblastoma_cnn.trials.trial import (
     KerasTrial,
-    _log_trial,
     clear_keras_session,
     finite_predictions,
+    log_trial,
     parse_trial_params,
     pruning_callback,
     subset_store,
 )
+
+from .folds import HELD_OUT, OUTER_SPLIT, as_evaluated, fold_split_table
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class FoldTrial(KerasTrial):
                    "f1_macro": outcome["f1_macro"], "accuracy": outcome["accuracy"],
                    "outcome": outcome}
         _finish(staging, fold_dir(self.root, fold), summary)
-        _log_trial(context, history, metrics, report, counts, normalized)
+        log_trial(context, history, metrics, report, counts, normalized)
         if self.log_model:
             context.run.log_artifact(fold_dir(self.root, fold) / MODEL_FILE, "model")
         return TrialOutcome(objective=summary["val_best"], metrics=outcome)
