@@ -32,15 +32,6 @@ from kedro.framework.hooks import hook_impl
 from pydantic import BaseModel
 
 from neuroblastoma_cnn.core.errors import ParameterError
-from neuroblastoma_cnn.core.types import (
-    DecodeMethod,
-    Fraction,
-    NonNegativeInt,
-    OpenFraction,
-    PositiveFloat,
-    PositiveInt,
-)
-from neuroblastoma_cnn.images.decoding import ImageChecks, TilingConfig
 from neuroblastoma_cnn.params.base import Params, describe
 from neuroblastoma_cnn.params.data import (
     AugmentationParams,
@@ -80,30 +71,22 @@ __all__ = [
     "AugmentationParams",
     "CosineSchedule",
     "CrossValidationParams",
-    "DecodeMethod",
     "EnsembleParams",
     "EvaluationParams",
     "ExponentialSchedule",
     "FloorParams",
-    "Fraction",
-    "ImageChecks",
     "IngestionParams",
     "ModelParams",
     "Monitor",
-    "NonNegativeInt",
     "OnlineAugmentationParams",
-    "OpenFraction",
     "Optimizer",
     "Params",
     "PlateauSchedule",
-    "PositiveFloat",
-    "PositiveInt",
     "PredictParams",
     "ResNet34Model",
     "ResNet50Model",
     "Schedule",
     "SplittingParams",
-    "TilingConfig",
     "TrainingParams",
     "TypedParamsMlflowHook",
     "WarmupCosineSchedule",
