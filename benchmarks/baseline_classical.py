@@ -39,13 +39,13 @@ import yaml
 from sklearn.metrics import accuracy_score, f1_score
 
 from neuroblastoma_cnn.analysis.metrics import bootstrap_macro_f1
-from neuroblastoma_cnn.core.params import base_parameters
 from neuroblastoma_cnn.models.classical import (
     C_GRID,
     GAMMA_FACTORS,
     ColourTextureSVM,
     describe_images,
 )
+from neuroblastoma_cnn.params import base_parameters
 from neuroblastoma_cnn.pipelines.ingestion.nodes import build_image_manifest
 from neuroblastoma_cnn.pipelines.splitting.nodes import check_no_leakage, split_tiles
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from neuroblastoma_cnn.core.params import IngestionParams, base_group
+from neuroblastoma_cnn.params import IngestionParams, base_group
 from neuroblastoma_cnn.pipelines.predict.nodes import list_image_files
 
 ROOT = Path(__file__).resolve().parents[1]

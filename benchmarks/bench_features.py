@@ -36,11 +36,11 @@ import keras
 import numpy as np
 import pandas as pd
 
-from neuroblastoma_cnn.core.params import IngestionParams, base_group
-from neuroblastoma_cnn.core.preprocessing import Preprocessing, attach_preprocessing
 from neuroblastoma_cnn.datasets.tile_store import write_tile_store
+from neuroblastoma_cnn.images.preprocessing import Preprocessing, attach_preprocessing
 from neuroblastoma_cnn.images.tf_input import make_tf_dataset
-from neuroblastoma_cnn.models import build_model
+from neuroblastoma_cnn.models.families import build_model
+from neuroblastoma_cnn.params import IngestionParams, base_group
 from neuroblastoma_cnn.pipelines.features.nodes import extract_feature_table, fit_heads
 from neuroblastoma_cnn.pipelines.features.params import ExtractionParams, HeadsParams
 

@@ -56,13 +56,13 @@ DEFAULT_CONFIGS = (
 
 
 def load_resnet34() -> types.ModuleType:
-    """``resnet34.py`` loaded by file path, with ``split.py`` as the module it imports.
+    """``resnet34.py`` loaded by file path, with ``head.py`` as the module it imports.
 
     Why not ``import neuroblastoma_cnn.models.resnet34``: on the GPU machine the package is not
     installed, and its ``models/__init__.py`` imports ``resnet50.py``, which needs TensorFlow
     (absent there). So minimal stub parents are registered in ``sys.modules`` (they run no
-    ``__init__``) and ``split.py`` is registered under its real name first, so resnet34's
-    ``from neuroblastoma_cnn.models.split import split_at_features`` resolves to it.
+    ``__init__``) and ``head.py`` is registered under its real name first, so resnet34's
+    ``from neuroblastoma_cnn.models.head import ...`` resolves to it.
     """
     for name in ("neuroblastoma_cnn", "neuroblastoma_cnn.models"):
         if name not in sys.modules:
@@ -70,7 +70,7 @@ def load_resnet34() -> types.ModuleType:
             stub.__path__ = []  # a package, so submodule imports look in sys.modules
             sys.modules[name] = stub
     module = None
-    for short in ("split", "resnet34"):
+    for short in ("head", "resnet34"):
         full = f"neuroblastoma_cnn.models.{short}"
         spec = importlib.util.spec_from_file_location(full, MODELS_DIR / f"{short}.py")
         if spec is None or spec.loader is None:

@@ -145,8 +145,8 @@ def run_pipeline(raw: Path, overrides: dict[str, Any], before_src: str | None) -
     if before_src:
         sys.path.insert(0, before_src)
     # lazy: which source tree is imported depends on the variant
-    from neuroblastoma_cnn.core.params import IngestionParams, base_parameters  # noqa: PLC0415
     from neuroblastoma_cnn.datasets import write_tile_store  # noqa: PLC0415
+    from neuroblastoma_cnn.params import IngestionParams, base_parameters  # noqa: PLC0415
     from neuroblastoma_cnn.pipelines.ingestion import nodes  # noqa: PLC0415
 
     base = base_parameters()["ingestion"]

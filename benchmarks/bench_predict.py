@@ -47,10 +47,10 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import numpy as np  # noqa: E402
 
-from neuroblastoma_cnn.core.params import IngestionParams, PredictParams, base_group  # noqa: E402
-from neuroblastoma_cnn.core.preprocessing import Preprocessing, preprocessing_of  # noqa: E402
 from neuroblastoma_cnn.datasets import TrainedModels, save_keras_model  # noqa: E402
-from neuroblastoma_cnn.models import build_model  # noqa: E402
+from neuroblastoma_cnn.images.preprocessing import Preprocessing, preprocessing_of  # noqa: E402
+from neuroblastoma_cnn.models.families import build_model  # noqa: E402
+from neuroblastoma_cnn.params import IngestionParams, PredictParams, base_group  # noqa: E402
 from neuroblastoma_cnn.pipelines.predict.nodes import (  # noqa: E402
     decode_for_prediction,
     gradcam_overlays,

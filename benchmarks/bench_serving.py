@@ -31,8 +31,8 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from neuroblastoma_cnn.core.params import PredictParams
-from neuroblastoma_cnn.pipelines.predict.pyfunc import log_raw_image_model
+from neuroblastoma_cnn.params import PredictParams
+from neuroblastoma_cnn.serving.pyfunc import log_raw_image_model
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

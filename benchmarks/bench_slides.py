@@ -44,7 +44,7 @@ TRAIN_IMAGES = 40  # per class (images 0..39); images 60.. are left for the slid
 
 
 def _ingestion(**overrides):
-    from neuroblastoma_cnn.core.params import IngestionParams, base_group  # noqa: PLC0415
+    from neuroblastoma_cnn.params import IngestionParams, base_group  # noqa: PLC0415
 
     values = {"tile_size": 128, "stride": None, "input_size": 64, "workers": 1,
               "tile_um": TILE_UM, **overrides}
@@ -62,8 +62,8 @@ def write(work: Path, side: int) -> None:
 def train(work: Path, epochs: int) -> None:
     import keras  # noqa: PLC0415
 
-    from neuroblastoma_cnn.core.preprocessing import Preprocessing, attach_preprocessing  # noqa: PLC0415
     from neuroblastoma_cnn.datasets import save_keras_model  # noqa: PLC0415
+    from neuroblastoma_cnn.images.preprocessing import Preprocessing, attach_preprocessing  # noqa: PLC0415
     from neuroblastoma_cnn.pipelines.ingestion.nodes import (  # noqa: PLC0415
         build_image_manifest,
         tile_images,
@@ -106,9 +106,9 @@ def train(work: Path, epochs: int) -> None:
 def resnet(work: Path) -> None:
     """An untrained ResNet34 at 224 px with a 215 um (512 px at 0.42 um/px) tiling record:
     weights do not change memory or the cost of a forward pass."""
-    from neuroblastoma_cnn.core.preprocessing import Preprocessing  # noqa: PLC0415
     from neuroblastoma_cnn.datasets import save_keras_model  # noqa: PLC0415
-    from neuroblastoma_cnn.models import build_model  # noqa: PLC0415
+    from neuroblastoma_cnn.images.preprocessing import Preprocessing  # noqa: PLC0415
+    from neuroblastoma_cnn.models.families import build_model  # noqa: PLC0415
 
     settings = _ingestion(tile_size=512, input_size=224)
     model = build_model("resnet34", 224, len(CLASSES), seed=0)
@@ -189,8 +189,8 @@ def throughput(work: Path, rounds: int) -> None:
 
 
 def agreement(work: Path, per_slide: int) -> None:
-    from neuroblastoma_cnn.core.params import PredictParams, base_group  # noqa: PLC0415
     from neuroblastoma_cnn.datasets import load_keras_model  # noqa: PLC0415
+    from neuroblastoma_cnn.params import PredictParams, base_group  # noqa: PLC0415
     from neuroblastoma_cnn.pipelines.predict import nodes  # noqa: PLC0415
 
     model = load_keras_model(work / "model.keras")

@@ -36,8 +36,8 @@ import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from neuroblastoma_cnn.core.params import AugmentationParams, SplittingParams, base_group
 from neuroblastoma_cnn.datasets import TileStore, write_tile_store
+from neuroblastoma_cnn.params import AugmentationParams, SplittingParams, base_group
 from neuroblastoma_cnn.pipelines.augmentation.nodes import (
     augment_training_set,
     plot_augmentation_grid,

@@ -33,10 +33,10 @@ import numpy as np
 import tensorflow as tf
 from timing import EpochTimer
 
-from neuroblastoma_cnn.core.params import TrainingParams, base_group
 from neuroblastoma_cnn.datasets import write_tile_store
 from neuroblastoma_cnn.images.tf_input import make_tf_dataset
-from neuroblastoma_cnn.models import build_model
+from neuroblastoma_cnn.models.families import build_model
+from neuroblastoma_cnn.params import TrainingParams, base_group
 from neuroblastoma_cnn.pipelines.training import nodes
 
 

@@ -8,8 +8,8 @@ from typing import Any
 
 from kedro.config import OmegaConfigLoader
 
-from neuroblastoma_cnn.core.params import GROUPS, MODEL_GROUPS, base_group
-from neuroblastoma_cnn.core.preprocessing import Preprocessing
+from neuroblastoma_cnn.images.preprocessing import Preprocessing
+from neuroblastoma_cnn.params import GROUPS, MODEL_GROUPS, base_group
 
 
 def params(key: str, **overrides: Any) -> Any:

@@ -1,6 +1,5 @@
 """neuroblastoma-cnn: Kedro pipelines for CNN grading of H&E histology images."""
 
-from neuroblastoma_cnn._compat import install as _install_old_module_paths
 from neuroblastoma_cnn.runtime.parallel import install_thread_defaults as _install_threads
 from neuroblastoma_cnn.runtime.quiet import install as _install_quiet_output
 
@@ -10,5 +9,3 @@ __version__ = "0.1.0"
 _install_quiet_output()
 # Before scikit-learn loads OpenMP: threads that sleep between parallel regions (parallel.py).
 _install_threads()
-# Old module paths (neuroblastoma_cnn.imaging, .params, ...) for one release: see _compat.py.
-_install_old_module_paths()

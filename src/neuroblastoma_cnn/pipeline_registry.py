@@ -1,8 +1,9 @@
 """Project pipelines: the data stages, and one namespaced model half per model.
 
-`training` and `evaluation` are templates: each model in MODELS gets its own copy under its
-namespace (`resnet34.train_model`, `resnet34.model`, `params:resnet34.training`...), so the two
-ResNets share code and differ only by parameters and catalog paths.
+`training` and `evaluation` are templates: each model in MODELS (the model families that train,
+read from `models/families.py`) gets its own copy under its namespace (`resnet34.train_model`,
+`resnet34.model`, `params:resnet34.training`...), so the two ResNets share code and differ only
+by parameters and catalog paths.
 
 Why the folders are imported here rather than found with `find_pipelines`: since Kedro 1.x,
 `find_pipelines` loads only the folders named on the command line (`--pipeline=NAME`), and the
@@ -13,8 +14,11 @@ from __future__ import annotations
 
 from kedro.pipeline import Pipeline
 
+from neuroblastoma_cnn.models import families
+from neuroblastoma_cnn.models.families import Capability
 from neuroblastoma_cnn.pipelines import (
     augmentation,
+    cross_validation,
     evaluation,
     features,
     ingestion,
@@ -23,8 +27,12 @@ from neuroblastoma_cnn.pipelines import (
     study,
     training,
 )
+from neuroblastoma_cnn.trials.trial import ProjectSteps
 
-MODELS = ("resnet34", "resnet50")
+#: The models with their own training pipelines: the families that train (models/families.py).
+MODELS = tuple(families.names(Capability.TRAIN))
+#: Those whose `cross_validate_<model>` pipeline the registry builds.
+CV_MODELS = tuple(families.names(Capability.TRAIN, Capability.CROSS_VALIDATE))
 #: What `kedro run --pipeline=cross_validate` cross-validates (README "Cross-validation").
 DEFAULT_CV_MODEL = "resnet34"
 # Data-half outputs the model halves read under their plain (shared) names.
@@ -58,9 +66,9 @@ def features_pipeline(model: str, in_run: bool = False) -> Pipeline:
                     parameters=parameters)
 
 
-def project_steps() -> study.ProjectSteps:
+def project_steps() -> ProjectSteps:
     """The training and evaluation node functions that studies and folds run."""
-    return study.ProjectSteps(
+    return ProjectSteps(
         training.nodes.train_model, evaluation.nodes.predict_split_tiles,
         evaluation.nodes.aggregate_image_predictions, evaluation.nodes.compute_test_metrics)
 
@@ -68,7 +76,7 @@ def project_steps() -> study.ProjectSteps:
 def cv_pipeline(model: str) -> Pipeline:
     """One model's cross-validation (folds, ensemble, report) in the model's namespace."""
     return Pipeline(
-        study.create_cv_pipeline(project_steps(), model), namespace=model,
+        cross_validation.create_pipeline(project_steps(), model), namespace=model,
         inputs={"tiles", "split_table", "cv_folds", "cv_floor_predictions", "run_context"},
         parameters={"params:evaluation", "params:cross_validation"},
     )
@@ -101,8 +109,9 @@ def register_pipelines() -> dict[str, Pipeline]:
     # Studies train many models with the training and evaluation functions (not in __default__).
     pipelines["study"] = study.create_pipeline(project_steps(), models=MODELS)
     # Cross-validation: raw images to K folds, the floor on them, the ensemble and the report.
-    folds = pipelines["ingestion"] + pipelines["splitting"] + study.create_cv_data_pipeline()
-    for model in MODELS:
+    folds = (pipelines["ingestion"] + pipelines["splitting"]
+             + cross_validation.create_data_pipeline())
+    for model in CV_MODELS:
         pipelines[f"cross_validate_{model}"] = folds + cv_pipeline(model)
     pipelines["cross_validate"] = pipelines[f"cross_validate_{DEFAULT_CV_MODEL}"]
     return pipelines

@@ -2,7 +2,6 @@
 
 from kedro.config import OmegaConfigLoader
 
-from neuroblastoma_cnn.core.params import TypedParamsMlflowHook
 from neuroblastoma_cnn.hooks import (
     LineageHook,
     MlflowRunTagsHook,
@@ -12,6 +11,7 @@ from neuroblastoma_cnn.hooks import (
     ProjectMlflowStoreHook,
     RunContextHook,
 )
+from neuroblastoma_cnn.params import TypedParamsMlflowHook
 from neuroblastoma_cnn.runtime.quiet import QuietRunHook
 from neuroblastoma_cnn.tracking.privacy import PrivacyHook
 

@@ -14,7 +14,7 @@ from neuroblastoma_cnn.analysis.calibration import (
 )
 from neuroblastoma_cnn.analysis.predictions import model_probabilities
 from neuroblastoma_cnn.core.errors import DataError
-from neuroblastoma_cnn.core.preprocessing import Preprocessing
+from neuroblastoma_cnn.images.preprocessing import Preprocessing
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ from PIL import Image
 
 from neuroblastoma_cnn.analysis.gradcam import GradCam, feature_tensor, image_gradcam, stitch
 from neuroblastoma_cnn.images.decoding import TilingConfig
-from neuroblastoma_cnn.models import build_model
+from neuroblastoma_cnn.models.families import build_model
 
 
 def tiling(**overrides: object) -> TilingConfig:

@@ -15,8 +15,8 @@ from neuroblastoma_cnn.analysis.model_card import (
     kept_epoch,
     markdown_to_html,
 )
-from neuroblastoma_cnn.core.preprocessing import Preprocessing
 from neuroblastoma_cnn.hooks import RunContextHook, kedro_command, run_context
+from neuroblastoma_cnn.images.preprocessing import Preprocessing
 
 CLASSES = ["Benign", "InSitu"]
 

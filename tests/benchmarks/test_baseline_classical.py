@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from neuroblastoma_cnn.core.params import base_parameters
+from neuroblastoma_cnn.params import base_parameters
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import baseline_classical as bc

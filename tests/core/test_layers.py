@@ -1,14 +1,15 @@
-"""The layers depend downward only, and no module imports itself back.
+"""The layers depend downward only, and nothing imports itself back.
 
-- pipelines use the shared sub-packages, ``datasets/`` and ``models/``, never each other;
-- the shared sub-packages (``core``, ``images``, ``runtime``, ``analysis``, ``tracking``) and
-  ``datasets/``, ``models/`` use no pipeline and nothing that wires or runs the pipelines
-  (``pipeline_registry``, ``hooks``, ``settings``, ``cli``);
-- the import graph of ``src/`` has no cycle;
-- the package root holds the Kedro entry points and sub-packages (``hooks/`` is one), few
-  modules.
+- every sub-package (and root module) of ``src/neuroblastoma_cnn`` sits in one layer of
+  :data:`LAYERS`, and every import points to a lower layer or stays in its own package;
+- packages of one layer do not import each other, and pipelines never import each other;
+- no import cycle, between modules or between packages (package A's modules import package B's
+  and B's import A's: a cycle the module graph need not show);
+- the package root holds the Kedro entry points and sub-packages, few modules.
 
-Checked on the source (imports parsed with ast), so an import hidden inside a function counts too.
+Checked on the source (imports parsed with ast), so an import hidden inside a function counts
+too. ``importlib.import_module`` with a string is not seen: ``models/families.py`` uses it only
+for modules of its own package.
 """
 
 from __future__ import annotations
@@ -18,8 +19,25 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "src" / "neuroblastoma_cnn"
 PIPELINES = PACKAGE / "pipelines"
-#: The shared layer, below the pipelines (docs/architecture.md says what each holds).
-SHARED = ("core", "images", "runtime", "analysis", "tracking", "datasets", "models")
+ROOT = PACKAGE.name
+#: The layers, lowest first (docs/architecture.md says what each holds and why it sits there).
+#: A module may import its own package and the packages of lower layers only.
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("core",),                  # errors, value types, storage paths, grouped folds
+    ("images", "runtime"),      # image file -> tiles, the preprocessing record; devices, pools
+    ("params",),                # the typed parameter groups (IngestionParams is a TilingConfig)
+    ("tracking",),              # lineage, promotion status, privacy, the MLflow Model Registry
+    ("models",),                # the model families' table and builders
+    ("datasets",),              # Kedro datasets: tile stores, .keras files, heads, MLflow
+    ("analysis",),              # what a model's outputs mean: metrics, calibration, Grad-CAM
+    ("serving",),               # image files -> answers: predict_files and the raw-image pyfunc
+    ("trials",),                # the Optuna trials engine that studies and folds run on
+    ("pipelines",),             # one package per stage; none imports another
+    ("hooks", "cli", "pipeline_registry"),  # wire and run the pipelines
+    ("settings", "__main__", ROOT),          # Kedro's entry points, the package itself
+)
+#: Below the pipelines: nothing here may import a pipeline or what wires and runs them.
+SHARED = tuple(name for layer in LAYERS[:LAYERS.index(("pipelines",))] for name in layer)
 #: Above the pipelines: they wire them (registry, settings, hooks) or run them (cli, __main__).
 ABOVE_PIPELINES = ("pipeline_registry", "settings", "hooks", "cli", "__main__")
 #: The most modules the package root may hold besides its sub-packages.
@@ -77,6 +95,24 @@ def import_graph() -> dict[str, set[str]]:
     return graph
 
 
+def package_of(module: str) -> str:
+    """``neuroblastoma_cnn.images.stain`` -> ``images``; a root module is its own package
+    (``settings``); the package itself is ``neuroblastoma_cnn``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """Package -> the other packages its modules import. Importing the package itself
+    (``import neuroblastoma_cnn``) is left out: every import of a sub-module runs it first."""
+    packages: dict[str, set[str]] = {}
+    for module, edges in graph.items():
+        own = package_of(module)
+        packages.setdefault(own, set()).update(
+            package_of(e) for e in edges if package_of(e) not in (own, ROOT))
+    return packages
+
+
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     """One import cycle (its modules in order, the first repeated at the end), or None."""
     state: dict[str, int] = {}  # 1: on the current path, 2: done
@@ -100,16 +136,60 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+def layer_of(package: str, layers: tuple[tuple[str, ...], ...] = LAYERS) -> int | None:
+    return next((i for i, layer in enumerate(layers) if package in layer), None)
+
+
+def imports_against_the_layers(graph: dict[str, set[str]],
+                               layers: tuple[tuple[str, ...], ...] = LAYERS) -> list[str]:
+    """Every import to a package of the same or a higher layer (its own package aside)."""
+    found = []
+    for module, edges in sorted(graph.items()):
+        own = package_of(module)
+        for target in sorted(edges):
+            other = package_of(target)
+            if other in (own, ROOT):
+                continue
+            mine, theirs = layer_of(own, layers), layer_of(other, layers)
+            if mine is None or theirs is None or theirs >= mine:
+                found.append(f"{module} ({own}) imports {target} ({other})")
+    return found
+
+
 def pipeline_of(module: str) -> str | None:
     parts = module.split(".")
-    if parts[:2] == ["neuroblastoma_cnn", "pipelines"] and len(parts) > 2:
+    if parts[:2] == [ROOT, "pipelines"] and len(parts) > 2:
         return parts[2]
     return None
 
 
 def is_above_pipelines(module: str) -> bool:
-    return any(module == f"neuroblastoma_cnn.{name}"
-               or module.startswith(f"neuroblastoma_cnn.{name}.") for name in ABOVE_PIPELINES)
+    return any(module == f"{ROOT}.{name}"
+               or module.startswith(f"{ROOT}.{name}.") for name in ABOVE_PIPELINES)
+
+
+def test_every_package_has_a_layer() -> None:
+    packages = {package_of(name) for name in source_modules()}
+    listed = [name for layer in LAYERS for name in layer]
+    assert len(listed) == len(set(listed)), "a package is in two layers"
+    assert sorted(packages - set(listed)) == [], "packages without a layer: add them to LAYERS"
+    assert sorted(set(listed) - packages) == [], "LAYERS names packages that do not exist"
+
+
+def test_every_import_points_down_the_layers() -> None:
+    found = imports_against_the_layers(import_graph())
+    assert not found, ("imports must point to a lower layer (tests/core/test_layers.py LAYERS, "
+                       "docs/architecture.md):\n" + "\n".join(found))
+
+
+def test_the_layer_check_finds_an_import_up_or_across() -> None:
+    layers = (("a",), ("b", "c"), ("d",))
+    graph = {f"{ROOT}.d.x": {f"{ROOT}.a.y", f"{ROOT}.b"},    # down: fine
+             f"{ROOT}.a.y": {f"{ROOT}.d.x"},                   # up
+             f"{ROOT}.b.z": {f"{ROOT}.c.w", f"{ROOT}.b.v"},    # across one layer; own package
+             f"{ROOT}.c.w": {ROOT}}                            # the package itself: fine
+    assert imports_against_the_layers(graph, layers) == [
+        f"{ROOT}.a.y (a) imports {ROOT}.d.x (d)", f"{ROOT}.b.z (b) imports {ROOT}.c.w (c)"]
 
 
 def test_pipelines_never_import_another_pipeline() -> None:
@@ -130,7 +210,7 @@ def test_shared_layer_imports_no_pipeline_and_nothing_above() -> None:
     assert len(below) > 30, "the shared sub-packages were not found"
     found = [f"{path.relative_to(PACKAGE)} imports {module}"
              for path in sorted(below) for module in imported_modules(path)
-             if pipeline_of(module) or module == "neuroblastoma_cnn.pipelines"
+             if pipeline_of(module) or module == f"{ROOT}.pipelines"
              or is_above_pipelines(module)]
     assert not found, ("the shared layer must not depend on a pipeline, the registry, hooks, "
                        "settings or the command line:\n" + "\n".join(found))
@@ -141,9 +221,24 @@ def test_no_import_cycle_in_src() -> None:
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
 
 
+def test_no_import_cycle_between_packages() -> None:
+    cycle = find_cycle(package_graph(import_graph()))
+    assert cycle is None, "package cycle: " + " -> ".join(cycle or [])
+
+
 def test_the_cycle_check_finds_a_cycle() -> None:
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def test_the_package_check_finds_a_cycle_the_modules_do_not_have() -> None:
+    """a.x imports b.y and b.z imports a.w: no module imports itself back, but the packages
+    do."""
+    planted = {f"{ROOT}.a.x": {f"{ROOT}.b.y"}, f"{ROOT}.a.w": set(),
+               f"{ROOT}.b.y": set(), f"{ROOT}.b.z": {f"{ROOT}.a.w"}, f"{ROOT}.c": {ROOT}}
+    assert find_cycle(planted) is None
+    assert package_graph(planted) == {"a": {"b"}, "b": {"a"}, "c": set()}
+    assert find_cycle(package_graph(planted)) == ["a", "b", "a"]
 
 
 def test_package_root_holds_few_modules() -> None:
@@ -156,26 +251,16 @@ def test_package_root_holds_few_modules() -> None:
     # The hooks are a sub-package (one module per concern), still above the pipelines.
     assert (PACKAGE / "hooks" / "__init__.py").is_file()
     hooks = [module_name(path) for path in sorted((PACKAGE / "hooks").rglob("*.py"))]
-    assert "neuroblastoma_cnn.hooks" in hooks and len(hooks) > 1
+    assert f"{ROOT}.hooks" in hooks and len(hooks) > 1
     assert all(is_above_pipelines(name) for name in hooks)
-
-
-def test_trained_models_list_the_registered_models() -> None:
-    """datasets/trained_models.py names the trainable models from models.ARCHITECTURES (the
-    registry is above it); the registry must train exactly those."""
-    from neuroblastoma_cnn import pipeline_registry  # noqa: PLC0415
-    from neuroblastoma_cnn.datasets.trained_models import trainable_models  # noqa: PLC0415
-
-    assert sorted(trainable_models()) == sorted(pipeline_registry.MODELS)
 
 
 def test_the_check_sees_relative_and_nested_imports() -> None:
     """The parser itself: a relative import and an import inside a function are found."""
     names = imported_modules(PIPELINES / "predict" / "nodes.py")
-    assert "neuroblastoma_cnn.images.decoding" in names
+    assert f"{ROOT}.images.decoding" in names
     names = imported_modules(PIPELINES / "predict" / "pipeline.py")
-    assert "neuroblastoma_cnn.pipelines.predict.nodes" in names
-    assert pipeline_of("neuroblastoma_cnn.pipelines.training.nodes") == "training"
+    assert f"{ROOT}.pipelines.predict.nodes" in names
+    assert pipeline_of(f"{ROOT}.pipelines.training.nodes") == "training"
     # cli/commands.py imports the predict nodes inside a function: that edge is in the graph.
-    assert "neuroblastoma_cnn.pipelines.predict.nodes" in import_graph()[
-        "neuroblastoma_cnn.cli.commands"]
+    assert f"{ROOT}.pipelines.predict.nodes" in import_graph()[f"{ROOT}.cli.commands"]

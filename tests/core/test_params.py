@@ -11,7 +11,7 @@ from _params import CONF, environment_parameters
 from _tiny_project import kedro, make_project
 
 from neuroblastoma_cnn.core.errors import ParameterError
-from neuroblastoma_cnn.core.params import (
+from neuroblastoma_cnn.params import (
     GROUPS,
     MODEL_GROUPS,
     ModelParams,

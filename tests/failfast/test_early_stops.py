@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from _tiny_project import kedro, make_project
 
-from neuroblastoma_cnn.cli import preflight
 from neuroblastoma_cnn.core.errors import ModelError
+from neuroblastoma_cnn.hooks import preflight
 
 pytestmark = pytest.mark.integration
 

@@ -21,7 +21,6 @@ from _params import params
 from PIL import Image, JpegImagePlugin
 
 from neuroblastoma_cnn.core.errors import ParameterError
-from neuroblastoma_cnn.core.preprocessing import Preprocessing
 from neuroblastoma_cnn.images.decoding import (
     Decoded,
     ImageChecks,
@@ -31,6 +30,7 @@ from neuroblastoma_cnn.images.decoding import (
     decode_scaled,
     reduce_rgb,
 )
+from neuroblastoma_cnn.images.preprocessing import Preprocessing
 
 CHECKS = ImageChecks(extensions=[".png", ".jpg"], max_image_pixels=10_000_000, min_image_size=16)
 BASE = params("ingestion").tiling

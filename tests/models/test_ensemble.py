@@ -23,17 +23,17 @@ from PIL import Image
 from neuroblastoma_cnn.analysis.gradcam import GradCam, image_gradcam
 from neuroblastoma_cnn.cli.commands import main
 from neuroblastoma_cnn.core.errors import ModelError, ParameterError
-from neuroblastoma_cnn.core.preprocessing import Preprocessing, attach_preprocessing
 from neuroblastoma_cnn.datasets import load_keras_model, save_keras_model
 from neuroblastoma_cnn.images.decoding import TilingConfig
-from neuroblastoma_cnn.models import (
+from neuroblastoma_cnn.images.preprocessing import Preprocessing, attach_preprocessing
+from neuroblastoma_cnn.models.ensemble import (
     build_ensemble,
-    build_model,
     check_members,
     ensemble_members,
+    ensemble_weights,
     is_ensemble,
 )
-from neuroblastoma_cnn.models.ensemble import ensemble_weights
+from neuroblastoma_cnn.models.families import build_model
 from neuroblastoma_cnn.pipelines.predict.nodes import predict_files
 
 CLASSES = ["a", "b", "c"]

@@ -11,15 +11,16 @@ import pytest
 import tensorflow as tf
 from keras.src.legacy.saving.legacy_h5_format import save_weights_to_hdf5_group
 
-from neuroblastoma_cnn.models import (
+from neuroblastoma_cnn.models.families import build_model
+from neuroblastoma_cnn.models.resnet34 import build_resnet34
+from neuroblastoma_cnn.models.resnet50 import (
+    IMAGENET_FILE,
     WeightsUnavailableError,
     backbone_and_head,
-    build_model,
-    build_resnet34,
     build_resnet50,
+    cache_features,
     set_trainable_top_blocks,
 )
-from neuroblastoma_cnn.models.resnet50 import IMAGENET_FILE, cache_features
 
 # Parameters of torchvision's resnet34 (He et al. 2016 Table 1: "21.8M"); BN running stats are
 # buffers there, non-trainable weights here, so the trainable count must match exactly.

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from _params import store_metadata
 
-from neuroblastoma_cnn.core.preprocessing import Preprocessing
 from neuroblastoma_cnn.datasets.keras_model import log_model_to_mlflow
 from neuroblastoma_cnn.datasets.trained_models import TrainedModels
+from neuroblastoma_cnn.images.preprocessing import Preprocessing
 from neuroblastoma_cnn.tracking import registry
 
 

@@ -30,8 +30,8 @@ import numpy as np
 from matplotlib import colormaps
 from PIL import Image
 
-from neuroblastoma_cnn.core.preprocessing import Preprocessing
 from neuroblastoma_cnn.images.decoding import Decoded, TilingConfig
+from neuroblastoma_cnn.images.preprocessing import Preprocessing
 
 logger = logging.getLogger(__name__)
 

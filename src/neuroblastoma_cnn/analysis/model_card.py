@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from neuroblastoma_cnn.core.params import EvaluationParams, ModelParams, TrainingParams
-from neuroblastoma_cnn.core.preprocessing import Preprocessing
+from neuroblastoma_cnn.images.preprocessing import Preprocessing
+from neuroblastoma_cnn.params import EvaluationParams, ModelParams, TrainingParams
 
 INTENDED_USE = (
     "Research use only, not for diagnosis. The model classifies H&E histology images into the "

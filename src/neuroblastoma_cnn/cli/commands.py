@@ -25,6 +25,8 @@ import click
 
 from neuroblastoma_cnn.cli.study_command import study
 from neuroblastoma_cnn.core.errors import ParameterError, ProjectError
+from neuroblastoma_cnn.models import families
+from neuroblastoma_cnn.models.families import Capability
 from neuroblastoma_cnn.tracking.prune import prune
 
 EXIT_OK = 0
@@ -67,9 +69,9 @@ main_group.add_command(study)  # kedro run --pipeline=study (see cli/study_comma
 )
 @click.argument("paths", nargs=-1, required=True, metavar="PATH...")
 @click.option("-m", "--model", metavar="MODEL",
-              help="architecture name (its latest trained version in --models-dir), a .keras "
-                   "file, or an MLflow model URI models:/NAME/VERSION or runs:/RUN_ID/model "
-                   f"({DEFAULTS_NOTE})")
+              help=f"a trained model's name ({', '.join(families.trainable())}: its latest "
+                   "version in --models-dir), a .keras file, or an MLflow model URI "
+                   f"models:/NAME/VERSION or runs:/RUN_ID/model ({DEFAULTS_NOTE})")
 @click.option("--version", "model_version", metavar="VERSION",
               help="a saved version of the architecture's model (default: latest)")
 @click.option("--head", metavar="NAME",
@@ -129,7 +131,8 @@ def _command_logging(verbose: bool) -> Iterator[None]:
     root = logging.getLogger()
     # The summary says what the pipeline's warnings would, so those stay quiet unless verbose.
     levels = {__package__: level,
-              "neuroblastoma_cnn.pipelines.predict": level if verbose else logging.ERROR}
+              **dict.fromkeys(("neuroblastoma_cnn.pipelines.predict", "neuroblastoma_cnn.serving"),
+                              level if verbose else logging.ERROR)}
     handlers, root_level = root.handlers[:], root.level
     before = {name: logging.getLogger(name).level for name in levels}
     handler = logging.StreamHandler(sys.stderr)
@@ -175,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _params(options: dict[str, Any]) -> Any:
     """The predict parameters: YAML defaults, then the options given, validated."""
-    from neuroblastoma_cnn.core.params import PredictParams, base_group  # noqa: PLC0415  (lazy)
+    from neuroblastoma_cnn.params import PredictParams, base_group  # noqa: PLC0415  (lazy)
 
     overrides = {
         "model": options["model"], "version": options["model_version"], "head": options["head"],
@@ -196,7 +199,8 @@ def _conf_base() -> Path | None:
 
 
 def _check_outputs(options: dict[str, Any]) -> None:
-    if options["gradcam"] and options["head"]:
+    if options["gradcam"] and options["head"] and not families.family("feature_heads").able(
+            Capability.GRADCAM):
         raise CommandUsageError("--gradcam shows where the CNN's own classifier looked; it "
                                 "cannot explain a --head: drop one of them.")
     for option, value in (("--out", options["out"]), ("--tiles-out", options["tiles_out"])):
@@ -270,7 +274,7 @@ def _predict(options: dict[str, Any]) -> int:
     _configure_mlflow(params.model, options["tracking_uri"])
     model = TrainedModels(options["models_dir"]).load(params.model, params.version)
     if params.head is not None:  # extractor + scikit-learn head, refused unless fitted on it
-        from neuroblastoma_cnn.models.feature_heads import head_classifier  # noqa: PLC0415
+        from neuroblastoma_cnn.datasets.sklearn_heads import head_classifier  # noqa: PLC0415
 
         model = head_classifier(options["models_dir"], model, params.head)
     predictions, tiles = _classify(files, model, params, options)

@@ -36,8 +36,8 @@ from urllib.parse import unquote, urlparse
 import numpy as np
 from kedro.io.core import DatasetError, Version
 
-from neuroblastoma_cnn.core.preprocessing import attach_preprocessing
 from neuroblastoma_cnn.core.storage import FsPath, is_local
+from neuroblastoma_cnn.images.preprocessing import attach_preprocessing
 from neuroblastoma_cnn.tracking.promotion import FAILED, PENDING, PROMOTED, write_status
 
 from .local_versioned import LocalVersionedDataset
@@ -87,7 +87,9 @@ def load_keras_model(path: str | Path, where: str | None = None) -> Any:
         )
     import keras  # noqa: PLC0415  (lazy: TensorFlow loads only when a model is used)
 
-    from neuroblastoma_cnn import models  # noqa: F401, PLC0415  (lazy, as keras; registers layers)
+    from neuroblastoma_cnn.models.families import register_keras_layers  # noqa: PLC0415
+
+    register_keras_layers()  # the project's own layers, before Keras reads the file
 
     try:
         model = keras.models.load_model(path, compile=False)

@@ -7,16 +7,14 @@ folder, so a rerun never replaces heads that predictions may have been made with
 flavor with a signature, its chosen hyperparameters, its grouped-CV scores, and tags pointing
 to the extractor model.
 
-Pickles run code when loaded: load only heads this project wrote.
+Pickles run code when loaded: load only heads this project wrote. :func:`head_classifier` finds
+the newest saved head fitted on a given model (prediction's ``predict.head`` / ``--head``).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import pickle
-from collections.abc import Mapping, Sequence
 from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,12 @@ import numpy as np
 from kedro.io.core import DatasetError, Version
 
 from neuroblastoma_cnn.core.errors import ModelError
+from neuroblastoma_cnn.models import families
+from neuroblastoma_cnn.models.feature_heads import (
+    HeadClassifier,
+    check_head_extractor,
+    extractor_identity,
+)
 
 from .local_versioned import LocalVersionedDataset
 
@@ -32,63 +36,6 @@ logger = logging.getLogger(__name__)
 
 MLFLOW_ARTIFACT_PATH = "model"
 HEADS_FILE = "heads.pkl"
-
-
-# ------------------------------------------------------------------------ extractor identity
-
-
-def sha256_json(value: Any) -> str:
-    """Hash of a JSON-able value, independent of key order."""
-    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def weights_sha256(weights: Sequence[np.ndarray]) -> str:
-    """Hash of a network's weights (dtype, shape and bytes of each array, in order): the same
-    file loaded twice gives the same hash, a retrained model another, whatever its path."""
-    digest = hashlib.sha256()
-    for weight in weights:
-        array = np.ascontiguousarray(weight)
-        digest.update(str((array.dtype.str, array.shape)).encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()
-
-
-#: Identity keys a head and its extractor must agree on, with how an error names them.
-MATCHED_KEYS = (("weights_sha256", "weights"), ("record_sha256", "preprocessing record"),
-                ("classes", "classes"), ("feature_dim", "feature dimension"),
-                ("architecture", "architecture"))
-
-
-def _short(value: Any) -> Any:
-    return value[:12] if isinstance(value, str) and len(value) == 64 else value
-
-
-def check_head_extractor(bundle: Mapping[str, Any], extractor: Mapping[str, Any]) -> None:
-    """Refuses a head fitted on another extractor's features, naming what differs."""
-    fitted = dict(bundle.get("extractor") or {})
-    problems = [f"{what} {_short(fitted.get(key))!r} vs {_short(extractor.get(key))!r}"
-                for key, what in MATCHED_KEYS if fitted.get(key) != extractor.get(key)]
-    if problems:
-        arch = extractor.get("architecture") or fitted.get("architecture") or "<model>"
-        raise ModelError(
-            f"Head '{bundle.get('name', '?')}' was fitted on features of "
-            f"{fitted.get('architecture')} model '{fitted.get('source')}', not of "
-            f"'{extractor.get('source')}': "
-            + "; ".join(problems) + ".",
-            hint=f"fit heads on this model with `kedro run --pipeline={arch}_features`, or "
-                 "predict with the model version the head was fitted on")
-
-
-def head_probabilities(estimator: Any, features: np.ndarray, n_classes: int) -> np.ndarray:
-    """Probabilities with one column per class index 0..k-1 (a class the head never saw: 0)."""
-    prob = np.asarray(estimator.predict_proba(features), dtype=np.float64)
-    seen = np.asarray(estimator.classes_, dtype=int)
-    if len(seen) == n_classes and (seen == np.arange(n_classes)).all():
-        return prob
-    out = np.zeros((len(features), n_classes))
-    out[:, seen] = prob
-    return out
 
 
 # ---------------------------------------------------------------------------------- storage
@@ -191,3 +138,55 @@ def log_heads_to_mlflow(bundles: dict[str, dict[str, Any]]) -> dict[str, str]:
         uris[name] = info.model_uri
         logger.info("Logged head %s to MLflow: %s (extractor %s)", name, info.model_uri, extractor)
     return uris
+
+
+# --------------------------------------------------------------------------- finding a head
+
+
+def find_head(models_dir: str | Path, model: Any, head: str) -> tuple[dict[str, Any], Path]:
+    """The newest saved head ``head`` fitted on ``model``'s own features, and its file.
+
+    Heads live in ``<models_dir>/<architecture>/heads.pkl/<version>/heads.pkl`` (the features
+    pipelines' catalog entry). Versions are searched newest first and the first whose extractor
+    identity matches the model wins, so predicting with an older model version finds the heads
+    fitted on it. Errors say what exists and what to run.
+    """
+    backbone, _ = families.features_and_head(model)
+    identity = extractor_identity(model, int(backbone.output_shape[-1]))
+    arch = identity["architecture"]
+    folder = Path(models_dir) / str(arch) / HEADS_FILE
+    versions = sorted(p for p in folder.iterdir() if (p / HEADS_FILE).is_file()) if (
+        folder.is_dir()) else []
+    if not versions:
+        raise ModelError(f"No scikit-learn heads fitted on {arch} features in '{folder}'.",
+                         hint=f"fit them with `kedro run --pipeline={arch}_features`")
+    names: set[str] = set()
+    refused: list[str] = []
+    for version in reversed(versions):
+        path = version / HEADS_FILE
+        bundles = load_heads(path)
+        names |= set(bundles)
+        if head not in bundles:
+            continue
+        try:
+            check_head_extractor(bundles[head], identity)
+        except ModelError as exc:
+            refused.append(f"{version.name}: {exc}")
+            continue
+        logger.info("Head %s from %s (fitted on %s)", head, path,
+                    bundles[head]["extractor"].get("source"))
+        return bundles[head], path
+    if not refused:
+        raise ModelError(f"No head '{head}' in '{folder}'; saved heads: "
+                         f"{', '.join(sorted(names))}.",
+                         hint="name one of them (predict.head / --head)")
+    raise ModelError(
+        f"Head '{head}' exists in {len(refused)} version(s) of '{folder}' but none was fitted on "
+        f"the features of model '{identity['source']}'. Newest: {refused[0]}",
+        hint=f"fit heads on this model with `kedro run --pipeline={arch}_features`")
+
+
+def head_classifier(models_dir: str | Path, model: Any, head: str) -> HeadClassifier:
+    """Extractor ``model`` + its head ``head``, ready for prediction (see :func:`find_head`)."""
+    bundle, path = find_head(models_dir, model, head)
+    return HeadClassifier(model, bundle, heads_source=str(path))

@@ -20,7 +20,8 @@ from typing import Any
 from kedro.io.core import AbstractDataset, DatasetError
 
 from neuroblastoma_cnn.core.errors import ModelError
-from neuroblastoma_cnn.core.preprocessing import attach_preprocessing
+from neuroblastoma_cnn.images.preprocessing import attach_preprocessing
+from neuroblastoma_cnn.models import families
 from neuroblastoma_cnn.tracking.promotion import PROMOTED, is_usable, read_status
 
 from .keras_model import load_keras_model
@@ -33,18 +34,6 @@ MLFLOW_SCHEMES = ("models:/", "runs:/")
 
 class ModelSelectionError(ModelError):
     """The requested model does not exist or cannot be used; the message says what exists."""
-
-
-def trainable_models() -> list[str]:
-    """The models this project trains, one ``train_<name>`` pipeline each: the architectures of
-    :mod:`neuroblastoma_cnn.models` (only asked when a name is not found: they load Keras).
-    ``pipeline_registry.MODELS`` lists the same names (tests/core/test_layers.py checks it); the
-    registry itself is not imported here, as it imports the pipelines, which import datasets."""
-    try:
-        from neuroblastoma_cnn.models import ARCHITECTURES  # noqa: PLC0415  (lazy: Keras)
-    except Exception:  # a broken import must not hide the message being built
-        return []
-    return list(ARCHITECTURES)
 
 
 def is_mlflow_uri(spec: str) -> bool:
@@ -116,7 +105,7 @@ class TrainedModels:
                    else "No trained model there yet.")
         alternatives = ("give a .keras file or an MLflow model URI (models:/NAME/VERSION, "
                         "runs:/RUN_ID/model)")
-        registered = trainable_models()
+        registered = families.trainable()
         if registered and architecture not in registered:
             commands = ", ".join(f"`kedro run --pipeline=train_{m}`" for m in registered)
             return (f"'{architecture}' is not a model this project trains (models: "
@@ -188,7 +177,9 @@ def load_mlflow_model(uri: str) -> Any:
     import mlflow  # noqa: PLC0415  (lazy: MLflow loads only for an MLflow model URI)
     import mlflow.keras  # noqa: PLC0415  (lazy, as mlflow)
 
-    from neuroblastoma_cnn import models  # noqa: F401, PLC0415  (lazy: Keras; registers layers)
+    from neuroblastoma_cnn.models.families import register_keras_layers  # noqa: PLC0415
+
+    register_keras_layers()
 
     try:
         info = mlflow.models.get_model_info(uri)
@@ -235,7 +226,7 @@ class TrainedModelsDataset(AbstractDataset[Any, TrainedModels]):
 
 
 def _load_pyfunc_keras(uri: str, info: Any) -> Any:
-    """The ``.keras`` artifact of a raw-image pyfunc model (``pipelines/predict/pyfunc``),
+    """The ``.keras`` artifact of a raw-image pyfunc model (``serving/pyfunc``),
     downloaded and loaded with the record inside it."""
     import tempfile  # noqa: PLC0415
 

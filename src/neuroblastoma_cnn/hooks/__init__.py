@@ -5,7 +5,10 @@
 - ``run_tags``: MLflow run tags (git commit, manifest hash, tiles version, model used, failure);
 - ``run_command``: how a run was started (``kedro run`` command, commit), for the model card;
 - ``lineage``: ``lineage.json`` beside every versioned output, inputs of one lineage;
-- ``promotion``: a model promoted once evaluated, logged to MLflow and registered.
+- ``promotion``: a model promoted once evaluated, logged to MLflow and registered;
+
+and what they use: ``error_display`` (one line for the project's errors, in ``kedro run`` and
+notebooks) and ``preflight`` (the checks themselves, plain functions).
 
 ``neuroblastoma_cnn.hooks`` is the import path: every hook and helper is re-exported here.
 """

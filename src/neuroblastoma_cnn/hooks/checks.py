@@ -1,6 +1,6 @@
 """Checks before a run starts: the project's own errors as one line, then the environment,
 every parameter group, the raw images and the weights models start from (see
-``cli.preflight``)."""
+``preflight``)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from kedro.config import MissingConfigException
 from kedro.framework.hooks import hook_impl
 from kedro.framework.project import pipelines
 
-from neuroblastoma_cnn.cli import error_display, preflight
-from neuroblastoma_cnn.core.params import GROUPS, validate_parameters
 from neuroblastoma_cnn.datasets.image_folder import ImageFolderDataset
+from neuroblastoma_cnn.hooks import error_display, preflight
 from neuroblastoma_cnn.hooks._catalog import catalog_datasets
+from neuroblastoma_cnn.params import GROUPS, validate_parameters
 
 
 def _parameters(catalog: Any) -> dict[str, Any]:

@@ -10,8 +10,8 @@ from kedro.framework.hooks import hook_impl
 from kedro.framework.project import pipelines
 from kedro.io.core import AbstractVersionedDataset
 
-from neuroblastoma_cnn.cli import preflight
 from neuroblastoma_cnn.core.errors import DataError
+from neuroblastoma_cnn.hooks import preflight
 from neuroblastoma_cnn.hooks._catalog import catalog_datasets
 from neuroblastoma_cnn.hooks.run_tags import MlflowRunTagsHook
 from neuroblastoma_cnn.tracking import lineage

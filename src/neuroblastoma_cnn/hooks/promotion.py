@@ -10,13 +10,15 @@ from typing import Any
 import mlflow
 from kedro.framework.hooks import hook_impl
 
-from neuroblastoma_cnn.cli import error_display
 from neuroblastoma_cnn.core.errors import ModelError
-from neuroblastoma_cnn.core.params import PredictParams
 from neuroblastoma_cnn.datasets.keras_model import KerasModelDataset, local_copy, read_record
+from neuroblastoma_cnn.hooks import error_display
 from neuroblastoma_cnn.hooks._catalog import catalog_datasets
 from neuroblastoma_cnn.hooks.run_tags import MlflowRunTagsHook
-from neuroblastoma_cnn.pipelines.predict.pyfunc import NAME_SUFFIX, log_raw_image_model
+from neuroblastoma_cnn.models import families
+from neuroblastoma_cnn.models.families import Capability
+from neuroblastoma_cnn.params import PredictParams
+from neuroblastoma_cnn.serving.pyfunc import NAME_SUFFIX, log_raw_image_model
 from neuroblastoma_cnn.tracking import promotion, registry
 
 # The name it had as hooks.py: logging configuration that names it keeps working.
@@ -171,12 +173,13 @@ class ModelPromotionHook:
         try:
             if architecture is None:
                 raise OSError("its saved file could not be read")
+            families.family(architecture).require(Capability.SERVE)
             experiment = mlflow.get_experiment(run.info.experiment_id).name
             name = registry.registered_name(experiment, architecture)
             version, _ = registry.register_version(
                 uri, name, self._test_metrics.get(namespace),
                 allowed=not self._untrained.get(namespace), run_id=run.info.run_id)
-        except Exception as exc:  # MlflowException, OSError: the model stays promoted
+        except Exception as exc:  # MlflowException, OSError, a family that cannot be served
             logger.warning("%s was promoted but not registered in the MLflow Model Registry: "
                            "%s", namespace, exc)
             return

@@ -12,7 +12,7 @@ import mlflow
 import pandas as pd
 from kedro.framework.hooks import hook_impl
 
-from neuroblastoma_cnn.cli import error_display
+from neuroblastoma_cnn.hooks import error_display
 from neuroblastoma_cnn.tracking import privacy, promotion
 
 MAX_TAG_LENGTH = 5000  # MLflow refuses longer tag values (8000 in MLflow 3; kept well under)

@@ -48,15 +48,12 @@ import numpy as np
 from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field
 
+from neuroblastoma_cnn.core.types import PositiveInt
 from neuroblastoma_cnn.images.rejection import SYSTEM_FILES, ImageRejected, Reason, is_hidden
 from neuroblastoma_cnn.images.tiling import (
     RESIZE_FILTER,
     SLIDE_TILING_FIELDS,
     Decoded,
-    DecodeMethod,
-    Fraction,
-    PositiveFloat,
-    PositiveInt,
     Tile,
     TilingConfig,
     reduce_rgb,
@@ -70,13 +67,9 @@ __all__ = [
     "RESIZE_FILTER",
     "SLIDE_TILING_FIELDS",
     "SYSTEM_FILES",
-    "DecodeMethod",
     "Decoded",
-    "Fraction",
     "ImageChecks",
     "ImageRejected",
-    "PositiveFloat",
-    "PositiveInt",
     "Reason",
     "Tile",
     "TilingConfig",

@@ -35,7 +35,6 @@ from typing import Any
 
 import numpy as np
 
-from neuroblastoma_cnn.analysis.predictions import model_probabilities
 from neuroblastoma_cnn.core.errors import ParameterError
 from neuroblastoma_cnn.images.stain import HED_FROM_RGB, RGB_FROM_HED
 
@@ -303,27 +302,6 @@ def augment_batches(dataset: Any, augmenter: Augmenter) -> Any:
         lambda step, batch: augmenter(batch[0], batch[1], step),
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True,
     )
-
-
-def tta_probabilities(model: Any, dataset: Any) -> np.ndarray:
-    """Test-time augmentation: the model's class probabilities averaged over the eight exact
-    symmetries of every image (four for non-square images).
-
-    ``dataset`` yields image batches or ``(images, ...)`` tuples, float32 in [0, 255]; it is
-    read once per symmetry, in order, so the rows match a plain ``model.predict(dataset)``.
-    """
-    tf = _tf()
-    spec = dataset.element_spec
-    images = dataset.map(lambda *e: e[0]) if isinstance(spec, tuple) else dataset
-    shape = images.element_spec.shape
-    count = N_DIHEDRAL if shape[1] is not None and shape[1] == shape[2] else 4
-    total: np.ndarray | None = None
-    for k in range(count):
-        variant = images.map(lambda x, k=k: dihedral(x, k), num_parallel_calls=tf.data.AUTOTUNE,
-                             deterministic=True)
-        prob = model_probabilities(model, model.predict(variant, verbose=0))
-        total = prob if total is None else total + prob
-    return total / count
 
 
 def dihedral_numpy(images: np.ndarray, k: int) -> np.ndarray:

@@ -32,7 +32,8 @@ logger = logging.getLogger(__name__)
 METHODS = ("macenko", "reinhard")
 
 # Ruifrok & Johnston's H&E-DAB stain vectors (as in scikit-image): rows are the optical density
-# of haematoxylin, eosin and DAB in R, G, B. Used by stain jitter to move along stain axes.
+# of haematoxylin, eosin and DAB in R, G, B. Stain jitter (offline in the augmentation pipeline,
+# online in training) scales and shifts each stain's amount along these axes.
 RGB_FROM_HED = np.array(
     [[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float64
 )

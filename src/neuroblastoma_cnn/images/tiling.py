@@ -9,19 +9,23 @@ The decisions (tissue rule, grid, resizing, ``full`` or ``reduced`` decoding) ar
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Annotated, Literal, NamedTuple
+from typing import Annotated, NamedTuple
 
 import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from neuroblastoma_cnn.core.types import (
+    DecodeMethod,
+    Fraction,
+    OpenFraction,
+    PositiveFloat,
+    PositiveInt,
+)
+
 #: One filter for every resize, so training and prediction tiles match pixel for pixel.
 RESIZE_FILTER = Image.Resampling.BILINEAR
 
-PositiveInt = Annotated[int, Field(ge=1)]
-PositiveFloat = Annotated[float, Field(gt=0.0)]
-Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
-DecodeMethod = Literal["full", "reduced"]
 #: Tiling fields that only whole-slide images use (absent from older and crop-only records).
 SLIDE_TILING_FIELDS = frozenset({"tile_um", "target_mpp", "slide_fallback_mpp"})
 
@@ -103,7 +107,7 @@ class TilingConfig(BaseModel):
     stride: PositiveInt | None
     min_tissue_fraction: Fraction
     input_size: PositiveInt
-    tissue_min_saturation: Annotated[float, Field(ge=0.0, lt=1.0)]
+    tissue_min_saturation: OpenFraction
     tissue_white_level: Annotated[int, Field(ge=1, le=256)]
     #: Not a parameter default (``ingestion.decoding`` is required): what a record written before
     #: the field existed means, so that older models keep predicting as they were trained.

@@ -24,12 +24,13 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from scipy import ndimage
 from sklearn.calibration import CalibratedClassifierCV
-from sklearn.model_selection import GridSearchCV, StratifiedGroupKFold
+from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
 from neuroblastoma_cnn.core.errors import DataError, ParameterError
+from neuroblastoma_cnn.core.group_folds import Folds, stratified_group_folds
 from neuroblastoma_cnn.images.decoding import ImageRejected, Reason, to_rgb8
 from neuroblastoma_cnn.images.stain import HED_FROM_RGB, optical_density, tissue_od_mask
 
@@ -45,7 +46,6 @@ N_FEATURES = 101
 MIN_SIDE = 8
 CALIBRATIONS = ("sigmoid", "isotonic")
 
-Folds = list[tuple[np.ndarray, np.ndarray]]
 
 
 # ---------------------------------------------------------------------------------- features
@@ -192,16 +192,6 @@ def describe_images(paths: Sequence[Path], downscale: int, where: str | None = N
 # ------------------------------------------------------------------------------------ folds
 
 
-def check_group_folds(folds: Folds, groups: Sequence[Any]) -> None:
-    """Raises :class:`DataError` if a fold has one group on both its train and test sides."""
-    groups = np.asarray([str(g) for g in groups])
-    for i, (train, test) in enumerate(folds):
-        shared = set(groups[train]) & set(groups[test])
-        if shared:
-            raise DataError(f"Inner CV fold {i} has group(s) {sorted(shared)[:5]} on both "
-                            "sides: its scores would reward memorising a patient.")
-
-
 def grouped_folds(labels: Sequence[Any], groups: Sequence[Any], n_splits: int, seed: int = 0
                   ) -> Folds | None:
     """Folds of whole groups as ``(train_rows, test_rows)`` pairs, every class in each train.
@@ -218,10 +208,8 @@ def grouped_folds(labels: Sequence[Any], groups: Sequence[Any], n_splits: int, s
         logger.warning("Classical floor: a class has only %d group(s); %d inner folds instead "
                        "of %d", fewest, n, n_splits)
     for k in range(n, 1, -1):
-        splitter = StratifiedGroupKFold(k, shuffle=True, random_state=seed)
-        folds = list(splitter.split(np.zeros(len(labels)), labels, groups))
+        folds = stratified_group_folds(labels, groups, k, seed)
         if all(len(np.unique(labels[train])) == len(np.unique(labels)) for train, _ in folds):
-            check_group_folds(folds, groups)
             if k < n:
                 logger.warning("Classical floor: %d inner folds (with %d a class would be "
                                "missing from a fold's training groups)", k, k + 1)

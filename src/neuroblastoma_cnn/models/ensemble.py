@@ -29,7 +29,7 @@ from typing import Any
 import keras
 
 from neuroblastoma_cnn.core.errors import ModelError, ParameterError
-from neuroblastoma_cnn.core.preprocessing import (
+from neuroblastoma_cnn.images.preprocessing import (
     Preprocessing,
     attach_preprocessing,
     preprocessing_of,

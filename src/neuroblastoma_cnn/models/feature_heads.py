@@ -4,33 +4,78 @@ The features pipeline fits heads on a model's pooled penultimate features; predi
 extractor + head to new images. Both live here (not in a pipeline) because both need them.
 
 A head is only valid on the features of the exact network it was fitted on, so every head
-carries the extractor's *identity* (:func:`extractor_identity`); the checks on it live with the
-heads' storage format (``datasets/sklearn_heads.py``), which needs no TensorFlow.
+carries the extractor's *identity* (:func:`extractor_identity`), checked by
+:func:`check_head_extractor` wherever a head meets a network. Finding a saved head for a model
+is the heads' storage's (``datasets/sklearn_heads.py``). TensorFlow is imported only when a head
+is applied.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Mapping
-from pathlib import Path
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from neuroblastoma_cnn.core.errors import ModelError
-from neuroblastoma_cnn.core.preprocessing import preprocessing_of
-from neuroblastoma_cnn.datasets.sklearn_heads import (
-    HEADS_FILE,
-    check_head_extractor,
-    head_probabilities,
-    load_heads,
-    sha256_json,
-    weights_sha256,
-)
+from neuroblastoma_cnn.images.preprocessing import preprocessing_of
+from neuroblastoma_cnn.models import families
 
-from . import features_and_head
 
-logger = logging.getLogger(__name__)
+def sha256_json(value: Any) -> str:
+    """Hash of a JSON-able value, independent of key order."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def weights_sha256(weights: Sequence[np.ndarray]) -> str:
+    """Hash of a network's weights (dtype, shape and bytes of each array, in order): the same
+    file loaded twice gives the same hash, a retrained model another, whatever its path."""
+    digest = hashlib.sha256()
+    for weight in weights:
+        array = np.ascontiguousarray(weight)
+        digest.update(str((array.dtype.str, array.shape)).encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+#: Identity keys a head and its extractor must agree on, with how an error names them.
+MATCHED_KEYS = (("weights_sha256", "weights"), ("record_sha256", "preprocessing record"),
+                ("classes", "classes"), ("feature_dim", "feature dimension"),
+                ("architecture", "architecture"))
+
+
+def _short(value: Any) -> Any:
+    return value[:12] if isinstance(value, str) and len(value) == 64 else value
+
+
+def check_head_extractor(bundle: Mapping[str, Any], extractor: Mapping[str, Any]) -> None:
+    """Refuses a head fitted on another extractor's features, naming what differs."""
+    fitted = dict(bundle.get("extractor") or {})
+    problems = [f"{what} {_short(fitted.get(key))!r} vs {_short(extractor.get(key))!r}"
+                for key, what in MATCHED_KEYS if fitted.get(key) != extractor.get(key)]
+    if problems:
+        arch = extractor.get("architecture") or fitted.get("architecture") or "<model>"
+        raise ModelError(
+            f"Head '{bundle.get('name', '?')}' was fitted on features of "
+            f"{fitted.get('architecture')} model '{fitted.get('source')}', not of "
+            f"'{extractor.get('source')}': "
+            + "; ".join(problems) + ".",
+            hint=f"fit heads on this model with `kedro run --pipeline={arch}_features`, or "
+                 "predict with the model version the head was fitted on")
+
+
+def head_probabilities(estimator: Any, features: np.ndarray, n_classes: int) -> np.ndarray:
+    """Probabilities with one column per class index 0..k-1 (a class the head never saw: 0)."""
+    prob = np.asarray(estimator.predict_proba(features), dtype=np.float64)
+    seen = np.asarray(estimator.classes_, dtype=int)
+    if len(seen) == n_classes and (seen == np.arange(n_classes)).all():
+        return prob
+    out = np.zeros((len(features), n_classes))
+    out[:, seen] = prob
+    return out
 
 
 def extractor_identity(model: Any, feature_dim: int, source: str | None = None) -> dict[str, Any]:
@@ -55,8 +100,10 @@ class HeadClassifier:
     reads, so new images are tiled by the extractor's own record, exactly as for the CNN.
     """
 
+    family = "feature_heads"  # its entry in models/families.py (what prediction may do with it)
+
     def __init__(self, model: Any, bundle: Mapping[str, Any], heads_source: str = ""):
-        self.backbone, _ = features_and_head(model)
+        self.backbone, _ = families.features_and_head(model)
         check_head_extractor(bundle, extractor_identity(model, self.feature_dim))
         self.model = model
         self.bundle = dict(bundle)
@@ -80,52 +127,3 @@ class HeadClassifier:
 
     def predict_on_batch(self, batch: np.ndarray) -> np.ndarray:
         return head_probabilities(self.head, self.features(batch), len(self.classes))
-
-
-def find_head(models_dir: str | Path, model: Any, head: str) -> tuple[dict[str, Any], Path]:
-    """The newest saved head ``head`` fitted on ``model``'s own features, and its file.
-
-    Heads live in ``<models_dir>/<architecture>/heads.pkl/<version>/heads.pkl`` (the features
-    pipelines' catalog entry). Versions are searched newest first and the first whose extractor
-    identity matches the model wins, so predicting with an older model version finds the heads
-    fitted on it. Errors say what exists and what to run.
-    """
-    backbone, _ = features_and_head(model)
-    identity = extractor_identity(model, int(backbone.output_shape[-1]))
-    arch = identity["architecture"]
-    folder = Path(models_dir) / str(arch) / HEADS_FILE
-    versions = sorted(p for p in folder.iterdir() if (p / HEADS_FILE).is_file()) if (
-        folder.is_dir()) else []
-    if not versions:
-        raise ModelError(f"No scikit-learn heads fitted on {arch} features in '{folder}'.",
-                         hint=f"fit them with `kedro run --pipeline={arch}_features`")
-    names: set[str] = set()
-    refused: list[str] = []
-    for version in reversed(versions):
-        path = version / HEADS_FILE
-        bundles = load_heads(path)
-        names |= set(bundles)
-        if head not in bundles:
-            continue
-        try:
-            check_head_extractor(bundles[head], identity)
-        except ModelError as exc:
-            refused.append(f"{version.name}: {exc}")
-            continue
-        logger.info("Head %s from %s (fitted on %s)", head, path,
-                    bundles[head]["extractor"].get("source"))
-        return bundles[head], path
-    if not refused:
-        raise ModelError(f"No head '{head}' in '{folder}'; saved heads: "
-                         f"{', '.join(sorted(names))}.",
-                         hint="name one of them (predict.head / --head)")
-    raise ModelError(
-        f"Head '{head}' exists in {len(refused)} version(s) of '{folder}' but none was fitted on "
-        f"the features of model '{identity['source']}'. Newest: {refused[0]}",
-        hint=f"fit heads on this model with `kedro run --pipeline={arch}_features`")
-
-
-def head_classifier(models_dir: str | Path, model: Any, head: str) -> HeadClassifier:
-    """Extractor ``model`` + its head ``head``, ready for prediction (see :func:`find_head`)."""
-    bundle, path = find_head(models_dir, model, head)
-    return HeadClassifier(model, bundle, heads_source=str(path))

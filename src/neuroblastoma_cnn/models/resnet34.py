@@ -12,17 +12,15 @@ from collections.abc import Iterator, Sequence
 import keras
 from keras import layers
 
-from neuroblastoma_cnn.models.split import split_at_features
+from neuroblastoma_cnn.models.head import HeadLayers, classifier_head, split_at_features
 
 # (filters, blocks) of the four stages conv2_x .. conv5_x in Table 1 of He et al. 2016: what
 # `resnet34.model.stages` holds in conf/base. Fewer, narrower stages (the `tiny` environment's
 # two blocks of 16 and 32 filters) keep the code path and make tests about plumbing fast.
 STAGES: tuple[tuple[int, int], ...] = ((64, 3), (128, 4), (256, 6), (512, 3))
 BN_EPSILON = 1.001e-5  # as keras.applications' ResNets
-# The head: pooled penultimate features -> dropout -> classifier (names the helpers rely on).
-FEATURES_LAYER = "avg_pool"
-DROPOUT_LAYER = "dropout"
-DENSE_LAYER = "predictions"
+#: The head's layers (pooled features, dropout, classifier), as keras.applications names them.
+HEAD = HeadLayers(features="avg_pool", dropout="dropout", dense="predictions")
 
 
 class _Init:
@@ -143,10 +141,7 @@ def build_resnet34(
             x = _basic_block(x, filters=filters, stride=stride, name=f"conv{stage}_block{block}",
                              init=init, reg=reg, momentum=batch_norm_momentum)
 
-    x = layers.GlobalAveragePooling2D(name=FEATURES_LAYER)(x)
-    x = layers.Dropout(dropout, seed=seed, name=DROPOUT_LAYER)(x)
-    outputs = layers.Dense(num_classes, activation="softmax", kernel_initializer=init.glorot(),
-                           kernel_regularizer=reg, name=DENSE_LAYER)(x)
+    outputs = classifier_head(x, num_classes, dropout, seed, HEAD, init.glorot(), reg)
     return keras.Model(inputs, outputs, name="resnet34")
 
 
@@ -168,4 +163,4 @@ def backbone_and_head(model: keras.Model) -> tuple[keras.Model, keras.Model]:
 
     Both share their layers, hence their weights, with ``model``.
     """
-    return split_at_features(model, "build_resnet34", FEATURES_LAYER, DROPOUT_LAYER, DENSE_LAYER)
+    return split_at_features(model, "build_resnet34", HEAD)

@@ -34,14 +34,12 @@ import tensorflow as tf
 from keras import layers
 
 from neuroblastoma_cnn.core.errors import ModelError
-from neuroblastoma_cnn.models.split import split_at_features
+from neuroblastoma_cnn.models.head import HeadLayers, classifier_head, split_at_features
 
 logger = logging.getLogger(__name__)
 
 BACKBONE_NAME = "resnet50"
-FEATURES_LAYER = "head_pool"
-DROPOUT_LAYER = "head_dropout"
-DENSE_LAYER = "head_dense"
+HEAD = HeadLayers(features="head_pool", dropout="head_dropout", dense="head_dense")
 
 IMAGENET_FILE = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
 IMAGENET_URL = f"https://storage.googleapis.com/tensorflow/keras-applications/resnet/{IMAGENET_FILE}"
@@ -195,12 +193,8 @@ def build_resnet50(
     inputs = keras.Input(shape=(input_size, input_size, 3), name="image")
     x = ImagenetPreprocess(name="imagenet_preprocess")(inputs)
     x = backbone(x, training=False)
-    x = layers.GlobalAveragePooling2D(name=FEATURES_LAYER)(x)
-    x = layers.Dropout(dropout, seed=seed, name=DROPOUT_LAYER)(x)
-    outputs = layers.Dense(
-        num_classes, activation="softmax", kernel_regularizer=reg,
-        kernel_initializer=keras.initializers.GlorotUniform(seed=seed), name=DENSE_LAYER,
-    )(x)
+    outputs = classifier_head(x, num_classes, dropout, seed, HEAD,
+                              keras.initializers.GlorotUniform(seed=seed), reg)
     return keras.Model(inputs, outputs, name="resnet50_transfer")
 
 
@@ -233,7 +227,7 @@ def backbone_and_head(model: keras.Model) -> tuple[keras.Model, keras.Model]:
     Both share their layers, hence their weights, with ``model``: training the head trains
     ``model``'s head.
     """
-    return split_at_features(model, "build_resnet50", FEATURES_LAYER, DROPOUT_LAYER, DENSE_LAYER)
+    return split_at_features(model, "build_resnet50", HEAD)
 
 
 def set_trainable_top_blocks(model: keras.Model, n_blocks: int) -> list[str]:

@@ -36,18 +36,15 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 import numpy as np
 
 from neuroblastoma_cnn.core.errors import ParameterError
+from neuroblastoma_cnn.core.types import Distribution, Precision
 
 logger = logging.getLogger(__name__)
 
-#: The parameter types (``params.TrainingParams`` uses them: one list of choices).
-Distribution = Literal["auto", "one_device", "mirrored", "multi_worker"]
-Precision = Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"]
-JitCompile = Literal["auto"] | bool
 DISTRIBUTIONS: tuple[str, ...] = get_args(Distribution)
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 

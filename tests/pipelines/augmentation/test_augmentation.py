@@ -11,8 +11,8 @@ from _params import params as typed
 from _params import store_metadata
 
 from neuroblastoma_cnn.core.errors import ParameterError
-from neuroblastoma_cnn.core.preprocessing import Preprocessing
 from neuroblastoma_cnn.datasets import TileStore, write_tile_store
+from neuroblastoma_cnn.images.preprocessing import Preprocessing
 from neuroblastoma_cnn.pipelines.augmentation import create_pipeline
 from neuroblastoma_cnn.pipelines.augmentation.nodes import (
     TileAugmenter,

@@ -15,8 +15,8 @@ from matplotlib.figure import Figure
 
 from neuroblastoma_cnn.analysis.calibration import apply_temperature
 from neuroblastoma_cnn.core.errors import DataError
-from neuroblastoma_cnn.core.preprocessing import Preprocessing
 from neuroblastoma_cnn.datasets import write_tile_store
+from neuroblastoma_cnn.images.preprocessing import Preprocessing
 from neuroblastoma_cnn.pipelines.evaluation import nodes
 
 CLASSES = ["a", "b"]

@@ -11,10 +11,10 @@ import pytest
 import tensorflow as tf
 from _params import params, store_metadata
 
+from neuroblastoma_cnn.analysis.tta import tta_probabilities
 from neuroblastoma_cnn.core.errors import ModelError
-from neuroblastoma_cnn.core.preprocessing import Preprocessing
 from neuroblastoma_cnn.datasets import write_tile_store
-from neuroblastoma_cnn.images import online_augmentation as oa
+from neuroblastoma_cnn.images.preprocessing import Preprocessing
 from neuroblastoma_cnn.images.stain import fit_stain_reference, normalise_tiles
 from neuroblastoma_cnn.pipelines.evaluation import nodes
 
@@ -56,7 +56,7 @@ def test_tta_columns_and_metrics_beside_the_plain_ones(setup):
     model, store, split = setup
     evaluation = params("evaluation", tta=True, bootstrap_samples=50)
     tiles = nodes.predict_split_tiles(model, store, split, evaluation)
-    expected = oa.tta_probabilities(model, tf.data.Dataset.from_tensor_slices(
+    expected = tta_probabilities(model, tf.data.Dataset.from_tensor_slices(
         store.get(tiles["tile_id"].tolist()).astype(np.float32)).batch(4))
     assert np.allclose(tiles[["tta_prob_a", "tta_prob_b"]].to_numpy(), expected, atol=1e-6)
     assert not np.allclose(tiles["prob_a"], tiles["tta_prob_a"])  # the symmetries matter here

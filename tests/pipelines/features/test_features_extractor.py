@@ -15,17 +15,16 @@ from kedro.io.core import Version
 from kedro_datasets.pandas import ParquetDataset
 
 from neuroblastoma_cnn.core.errors import DataError, ModelError
-from neuroblastoma_cnn.core.params import base_group
-from neuroblastoma_cnn.core.preprocessing import Preprocessing, attach_preprocessing
-from neuroblastoma_cnn.datasets.sklearn_heads import SklearnHeadsDataset, head_probabilities
+from neuroblastoma_cnn.datasets.sklearn_heads import SklearnHeadsDataset, find_head, head_classifier
 from neuroblastoma_cnn.datasets.tile_store import TileStore, write_tile_store
-from neuroblastoma_cnn.models import build_model
+from neuroblastoma_cnn.images.preprocessing import Preprocessing, attach_preprocessing
+from neuroblastoma_cnn.models.families import build_model
 from neuroblastoma_cnn.models.feature_heads import (
     HeadClassifier,
     extractor_identity,
-    find_head,
-    head_classifier,
+    head_probabilities,
 )
+from neuroblastoma_cnn.params import base_group
 from neuroblastoma_cnn.pipelines.features import nodes as n
 
 CLASSES = ["a", "b", "c"]

@@ -17,8 +17,8 @@ import pytest
 from kedro.io.core import Version
 
 from neuroblastoma_cnn.core.errors import DataError, ModelError, ParameterError
-from neuroblastoma_cnn.core.params import EvaluationParams, base_group
 from neuroblastoma_cnn.datasets.sklearn_heads import SklearnHeadsDataset
+from neuroblastoma_cnn.params import EvaluationParams, base_group
 from neuroblastoma_cnn.pipelines.evaluation.nodes import (
     aggregate_image_predictions,
     compute_test_metrics,

@@ -16,9 +16,9 @@ from kedro_datasets.pandas import CSVDataset
 from PIL import Image
 
 from neuroblastoma_cnn.core.errors import ParameterError
-from neuroblastoma_cnn.core.preprocessing import Preprocessing
 from neuroblastoma_cnn.datasets import ImageFolderDataset, TileStoreDataset, write_tile_store
 from neuroblastoma_cnn.images.decoding import ImageChecks
+from neuroblastoma_cnn.images.preprocessing import Preprocessing
 from neuroblastoma_cnn.pipelines.ingestion import create_pipeline, nodes
 from neuroblastoma_cnn.pipelines.ingestion.nodes import (
     NoUsableImagesError,

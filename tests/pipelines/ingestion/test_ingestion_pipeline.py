@@ -17,7 +17,7 @@ from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 from PIL import Image
 
-from neuroblastoma_cnn.core.preprocessing import Preprocessing
+from neuroblastoma_cnn.images.preprocessing import Preprocessing
 
 pytestmark = pytest.mark.integration
 

@@ -32,14 +32,14 @@ from PIL import Image
 
 from neuroblastoma_cnn.analysis.predictions import PROB_PREFIX
 from neuroblastoma_cnn.core.errors import ModelError, ParameterError
-from neuroblastoma_cnn.core.params import PredictParams, base_group
-from neuroblastoma_cnn.core.preprocessing import (
+from neuroblastoma_cnn.datasets import TileStore, TrainedModels, load_keras_model, save_keras_model
+from neuroblastoma_cnn.datasets.trained_models import ModelSelectionError
+from neuroblastoma_cnn.images.preprocessing import (
     Preprocessing,
     attach_preprocessing,
     preprocessing_of,
 )
-from neuroblastoma_cnn.datasets import TileStore, TrainedModels, load_keras_model, save_keras_model
-from neuroblastoma_cnn.datasets.trained_models import ModelSelectionError
+from neuroblastoma_cnn.params import PredictParams, base_group
 from neuroblastoma_cnn.pipelines.predict import create_pipeline
 from neuroblastoma_cnn.pipelines.predict.nodes import (
     list_image_files,

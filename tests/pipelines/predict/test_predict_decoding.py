@@ -14,10 +14,10 @@ import pytest
 from _params import params
 from PIL import Image
 
-from neuroblastoma_cnn.core.params import PredictParams, base_group
-from neuroblastoma_cnn.core.preprocessing import Preprocessing, attach_preprocessing
 from neuroblastoma_cnn.datasets import write_tile_store
 from neuroblastoma_cnn.images.decoding import decode_image
+from neuroblastoma_cnn.images.preprocessing import Preprocessing, attach_preprocessing
+from neuroblastoma_cnn.params import PredictParams, base_group
 from neuroblastoma_cnn.pipelines.ingestion.nodes import build_image_manifest, tile_images
 from neuroblastoma_cnn.pipelines.predict.nodes import list_image_files, predict_files, prepare_image
 

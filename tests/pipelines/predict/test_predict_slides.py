@@ -14,11 +14,12 @@ from _slides import BACH_DIR, bach_image, side_by_side, write_slide
 from PIL import Image
 
 from neuroblastoma_cnn.cli.commands import main
-from neuroblastoma_cnn.core.preprocessing import Preprocessing, attach_preprocessing
 from neuroblastoma_cnn.datasets import save_keras_model
 from neuroblastoma_cnn.images.decoding import ImageRejected
+from neuroblastoma_cnn.images.preprocessing import Preprocessing, attach_preprocessing
 from neuroblastoma_cnn.images.slides import Slide
-from neuroblastoma_cnn.pipelines.predict import nodes, slide_outputs
+from neuroblastoma_cnn.pipelines.predict import nodes
+from neuroblastoma_cnn.serving import slide_tiles
 
 pytestmark = pytest.mark.skipif(not (BACH_DIR / "images").is_dir(), reason="no BACH images")
 
@@ -96,7 +97,7 @@ def test_a_slide_failing_half_way_is_rejected_and_the_others_kept(files, monkeyp
     monkeypatch.setattr(Slide, "read_region", fail_late)
     monkeypatch.setattr(  # tissue: level 2
         "neuroblastoma_cnn.images.slides.TISSUE_PIXELS_PER_TILE", 16)
-    monkeypatch.setattr(slide_outputs, "CHUNK_TILES", 8)  # two chunks predicted before the cut
+    monkeypatch.setattr(slide_tiles, "CHUNK_TILES", 8)  # two chunks predicted before the cut
     chosen = [f for f in files if f[0] in ("crop.png", "two.tif")]
     predictions, tiles = nodes.predict_files(chosen[::-1] + chosen, tiny_model(),
                                              PREDICT.model_copy(update={"batch_size": 5}))

@@ -12,8 +12,8 @@ import tensorflow as tf
 from _params import params, store_metadata
 from PIL import Image
 
-from neuroblastoma_cnn.core.preprocessing import Preprocessing, attach_preprocessing
 from neuroblastoma_cnn.images.online_augmentation import dihedral_numpy
+from neuroblastoma_cnn.images.preprocessing import Preprocessing, attach_preprocessing
 from neuroblastoma_cnn.images.stain import fit_stain_reference, normalise_tiles
 from neuroblastoma_cnn.pipelines.predict import nodes
 

@@ -11,9 +11,10 @@ from _study_fakes import MODEL_PARAMS, study_params
 from kedro.config import OmegaConfigLoader
 
 from neuroblastoma_cnn.core.errors import DataError, ParameterError
-from neuroblastoma_cnn.core.params import base_parameters
-from neuroblastoma_cnn.pipelines.study import config, engine
+from neuroblastoma_cnn.params import base_parameters
+from neuroblastoma_cnn.pipelines.study import config
 from neuroblastoma_cnn.pipelines.study.nodes import prepare_study
+from neuroblastoma_cnn.trials import engine
 
 PROJECT = Path(__file__).resolve().parents[3]
 

@@ -24,7 +24,7 @@ import yaml
 from _tiny_project import KEDRO, kedro, latest, make_project, run_env
 from optuna.trial import TrialState
 
-from neuroblastoma_cnn.pipelines.study.engine import open_storage
+from neuroblastoma_cnn.trials.engine import open_storage
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 

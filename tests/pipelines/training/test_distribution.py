@@ -13,7 +13,7 @@ import pytest
 from _params import params
 
 from neuroblastoma_cnn.core.errors import ParameterError
-from neuroblastoma_cnn.core.params import TrainingParams
+from neuroblastoma_cnn.params import TrainingParams
 from neuroblastoma_cnn.runtime import distribution as d
 
 CLUSTER = json.dumps({"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]},

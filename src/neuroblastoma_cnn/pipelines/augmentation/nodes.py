@@ -28,19 +28,12 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from neuroblastoma_cnn.core.errors import DataError
-from neuroblastoma_cnn.core.params import AugmentationParams
-from neuroblastoma_cnn.core.preprocessing import RECORD_KEYS
 from neuroblastoma_cnn.datasets import TileStore, TileStream
+from neuroblastoma_cnn.images.preprocessing import RECORD_KEYS
+from neuroblastoma_cnn.images.stain import HED_FROM_RGB, RGB_FROM_HED
+from neuroblastoma_cnn.params import AugmentationParams
 
 logger = logging.getLogger(__name__)
-
-# Ruifrok & Johnston's H&E-DAB stain vectors (as in scikit-image): rows are the optical density
-# of haematoxylin, eosin and DAB in R, G, B. Stain jitter scales and shifts each stain's amount.
-RGB_FROM_HED = np.array(
-    [[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float64
-)
-HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED)
-
 
 def training_rows(tiles: TileStore, split_table: pd.DataFrame) -> pd.DataFrame:
     """The training split's tiles, checked against the store they will be read from.

@@ -20,7 +20,7 @@ import pandas as pd
 
 from neuroblastoma_cnn.analysis import metrics as m
 from neuroblastoma_cnn.core.errors import DataError
-from neuroblastoma_cnn.core.params import CrossValidationParams, EvaluationParams
+from neuroblastoma_cnn.params import CrossValidationParams, EvaluationParams
 
 logger = logging.getLogger(__name__)
 

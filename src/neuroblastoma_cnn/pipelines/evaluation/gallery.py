@@ -19,10 +19,10 @@ from neuroblastoma_cnn.analysis.predictions import (
     class_names_of,
     probability_column,
 )
-from neuroblastoma_cnn.core.params import EvaluationParams
-from neuroblastoma_cnn.core.preprocessing import preprocessing_of
 from neuroblastoma_cnn.datasets.tile_store import TileStore
+from neuroblastoma_cnn.images.preprocessing import preprocessing_of
 from neuroblastoma_cnn.images.stain import as_seen_by_model
+from neuroblastoma_cnn.params import EvaluationParams
 
 #: Logged under the node module's name, as before the split (log filters and tests see it).
 logger = logging.getLogger("neuroblastoma_cnn.pipelines.evaluation.nodes")

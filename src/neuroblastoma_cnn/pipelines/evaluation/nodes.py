@@ -45,11 +45,10 @@ from neuroblastoma_cnn.analysis.predictions import (
     probability_column,
     probability_columns,
 )
+from neuroblastoma_cnn.analysis.tta import TTA_PREFIX, tta_probabilities
 from neuroblastoma_cnn.core.errors import DataError, ModelError
-from neuroblastoma_cnn.core.params import EvaluationParams, ModelParams, TrainingParams
-from neuroblastoma_cnn.core.preprocessing import Preprocessing, preprocessing_of
 from neuroblastoma_cnn.datasets.tile_store import TileStore
-from neuroblastoma_cnn.images.online_augmentation import tta_probabilities
+from neuroblastoma_cnn.images.preprocessing import Preprocessing, preprocessing_of
 from neuroblastoma_cnn.images.stain import as_seen_by_model
 from neuroblastoma_cnn.images.tf_input import (
     class_names,
@@ -57,6 +56,7 @@ from neuroblastoma_cnn.images.tf_input import (
     make_tf_dataset,
     split_tile_ids,
 )
+from neuroblastoma_cnn.params import EvaluationParams, ModelParams, TrainingParams
 
 from .gallery import misclassified_gallery, worst_misclassified
 
@@ -68,11 +68,6 @@ __all__ = [
     "compute_test_metrics", "misclassified_gallery", "plot_evaluation", "plot_test_reliability",
     "predict_split_tiles", "tta_columns", "worst_misclassified", "write_model_card",
 ]
-
-#: Prefix of the test-time-augmented probability columns (not ``prob_``: the plain ones stay
-#: the table's classes).
-TTA_PREFIX = "tta_"
-
 
 def tta_columns(frame: pd.DataFrame) -> list[str]:
     """The ``tta_prob_<class>`` columns of a predictions table, in class order."""

@@ -36,13 +36,14 @@ from sklearn.base import clone
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import GridSearchCV, StratifiedGroupKFold
+from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 from sklearn.tree import DecisionTreeClassifier
 
 from neuroblastoma_cnn.core.errors import DataError, ParameterError
+from neuroblastoma_cnn.core.group_folds import Folds, check_group_folds, stratified_group_folds
 
 from .params import CvParams, HeadParams, HeadsParams
 
@@ -107,9 +108,6 @@ def _has_own_probabilities(estimator: Any) -> bool:
 # ------------------------------------------------------------------------------------- folds
 
 
-Folds = list[tuple[np.ndarray, np.ndarray]]
-
-
 def group_folds(
     labels: np.ndarray, groups: Sequence[Any], folds: Sequence[int] | None, cv: CvParams,
     classes: Sequence[str] | None = None,
@@ -132,9 +130,7 @@ def group_folds(
                 f"Only {n_groups} patient group(s) among the tiles that fit the heads; "
                 f"features.heads.cv.n_splits is {cv.n_splits}.",
                 hint="lower features.heads.cv.n_splits or add patients")
-        splitter = StratifiedGroupKFold(cv.n_splits, shuffle=cv.shuffle,
-                                        random_state=cv.seed if cv.shuffle else None)
-        out = [(tr, te) for tr, te in splitter.split(np.zeros(len(labels)), labels, groups)]
+        out = stratified_group_folds(labels, groups, cv.n_splits, cv.seed, shuffle=cv.shuffle)
     _check_folds(out, groups, labels, classes)
     return out
 
@@ -162,11 +158,9 @@ def _check_folds(out: Folds, groups: np.ndarray, labels: np.ndarray,
                  classes: Sequence[str] | None) -> None:
     """Each fold: no group on both sides, neither side empty, every class among its training
     rows (a head cannot learn, nor calibrate for, a class it never sees)."""
+    # A guard against a broken split table (its own folds); StratifiedGroupKFold cannot leak.
+    check_group_folds(out, groups, hint="rerun `kedro run --pipeline=splitting`")
     for i, (train, test) in enumerate(out):
-        shared = set(groups[train]) & set(groups[test])
-        if shared:  # cannot happen with the splitters above: a guard against a broken table
-            raise DataError(f"CV fold {i} has group(s) {sorted(shared)[:5]} on both sides.",
-                            hint="rerun `kedro run --pipeline=splitting`")
         if len(train) == 0 or len(test) == 0:
             raise DataError(f"CV fold {i} is empty on one side.",
                             hint="add patients, or lower the number of folds")

@@ -27,9 +27,10 @@ import pandas as pd
 
 from neuroblastoma_cnn.analysis import predictions as pt
 from neuroblastoma_cnn.core.errors import DataError, ModelError
-from neuroblastoma_cnn.datasets.sklearn_heads import check_head_extractor, head_probabilities
 from neuroblastoma_cnn.datasets.tile_store import TileStore
 from neuroblastoma_cnn.images.tf_input import class_names, make_tf_dataset
+from neuroblastoma_cnn.models import families
+from neuroblastoma_cnn.models.feature_heads import check_head_extractor, head_probabilities
 
 from .heads import as_heads_params, fit_head, group_folds
 from .params import ExtractionParams, ExtractorParams, HeadsParams
@@ -66,11 +67,10 @@ def select_extractor(trained_models: Any, tiles: TileStore, params: ExtractorPar
         params, "features.extractors")
     if p.source == "trained":
         return trained_models.load(p.architecture, p.version)
-    from neuroblastoma_cnn.core.preprocessing import (  # noqa: PLC0415  (lazy: with the model)
+    from neuroblastoma_cnn.images.preprocessing import (  # noqa: PLC0415  (lazy: with the model)
         Preprocessing,
         attach_preprocessing,
     )
-    from neuroblastoma_cnn.models import build_model  # noqa: PLC0415  (lazy: Keras)
 
     if p.architecture != "resnet50" and p.weights is not None:
         raise ModelError(f"features.extractors: {p.architecture} has no pretrained weights "
@@ -78,7 +78,7 @@ def select_extractor(trained_models: Any, tiles: TileStore, params: ExtractorPar
                          hint="set weights: null, or source: trained")
     record = Preprocessing.from_store(tiles)
     extra = {"weights": p.weights} if p.architecture == "resnet50" else {}
-    model = build_model(p.architecture, input_size=record.input_size,
+    model = families.build_model(p.architecture, input_size=record.input_size,
                         num_classes=len(record.classes), seed=p.seed, **extra)
     attach_preprocessing(model, record.model_copy(update={"architecture": p.architecture}),
                          where=f"untrained {p.architecture}")
@@ -93,10 +93,8 @@ _SPLITS: weakref.WeakKeyDictionary[Any, tuple[Any, Any]] = weakref.WeakKeyDictio
 def _feature_split(model: Any) -> tuple[Any, Any]:
     """``features_and_head`` once per model: a new Keras model traces its predict function
     again (seconds for a ResNet), which would dominate repeated extractions of small sets."""
-    from neuroblastoma_cnn.models import features_and_head  # noqa: PLC0415  (lazy: Keras)
-
     if model not in _SPLITS:
-        _SPLITS[model] = features_and_head(model)
+        _SPLITS[model] = families.features_and_head(model)
     return _SPLITS[model]
 
 

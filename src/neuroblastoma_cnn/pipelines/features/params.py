@@ -10,10 +10,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from neuroblastoma_cnn.core.params import Params
+from neuroblastoma_cnn.core.types import PositiveInt
+from neuroblastoma_cnn.models import families
+from neuroblastoma_cnn.params import Params
 
 Split = Literal["train", "validation", "test"]
-PositiveInt = Annotated[int, Field(gt=0)]
 
 
 class ExtractorParams(Params):
@@ -25,7 +26,7 @@ class ExtractorParams(Params):
     features`` pipelines always use the model they have just trained.
     """
 
-    architecture: Literal["resnet34", "resnet50"]
+    architecture: Literal[tuple(families.trainable())]  # the CNNs this project trains
     source: Literal["trained", "untrained"]
     version: str | None
     weights: str | None

@@ -18,7 +18,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from neuroblastoma_cnn.analysis import metrics as m
 from neuroblastoma_cnn.analysis import predictions as pt
 from neuroblastoma_cnn.analysis.predictions import aggregate_image_probabilities
-from neuroblastoma_cnn.core.params import EvaluationParams
+from neuroblastoma_cnn.params import EvaluationParams
 
 #: Logged under the node module's name, as before the split (log filters and tests see it).
 logger = logging.getLogger("neuroblastoma_cnn.pipelines.features.nodes")

@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from neuroblastoma_cnn.core.params import IngestionParams
 from neuroblastoma_cnn.images.decoding import ImageRejected, Reason
 from neuroblastoma_cnn.images.slides import (
     is_slide,
@@ -25,6 +24,7 @@ from neuroblastoma_cnn.images.slides import (
     slide_grid,
     tissue_fractions,
 )
+from neuroblastoma_cnn.params import IngestionParams
 
 from .scanning import LAYOUT_HINT, Candidate
 

@@ -4,7 +4,7 @@ The nodes here walk the raw folder, report every file they cannot use, and strea
 the usable ones into the tile store. How an image is decoded, what counts as tissue and how
 tiles are cut live in :mod:`neuroblastoma_cnn.images.decoding`, because prediction must treat
 new images the same way; the tile store records those settings
-(:class:`~neuroblastoma_cnn.core.preprocessing.Preprocessing`), and the trained model carries
+(:class:`~neuroblastoma_cnn.images.preprocessing.Preprocessing`), and the trained model carries
 them on.
 
 Background-only images (no tile kept) stay in the manifest with ``n_tiles = 0`` (they are valid
@@ -33,10 +33,9 @@ import numpy as np
 import pandas as pd
 
 from neuroblastoma_cnn.core.errors import DataError
-from neuroblastoma_cnn.core.params import IngestionParams
-from neuroblastoma_cnn.core.preprocessing import Preprocessing
 from neuroblastoma_cnn.datasets import TileStream
 from neuroblastoma_cnn.images.decoding import ImageRejected, decode_scaled
+from neuroblastoma_cnn.images.preprocessing import Preprocessing
 from neuroblastoma_cnn.images.slides import (
     chosen_tiles,
     iter_slide_tiles,
@@ -44,6 +43,7 @@ from neuroblastoma_cnn.images.slides import (
     slide_grid,
     tissue_fractions,
 )
+from neuroblastoma_cnn.params import IngestionParams
 from neuroblastoma_cnn.runtime.parallel import ordered_map, resolve_workers
 
 from .manifest import (

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from neuroblastoma_cnn.core.params import IngestionParams
 from neuroblastoma_cnn.images.decoding import ImageRejected, Reason, is_hidden
 from neuroblastoma_cnn.images.slides import (
     SLIDE_EXTENSIONS,
 )
+from neuroblastoma_cnn.params import IngestionParams
 
 #: Logged under the node module's name, as before the split (log filters and tests see it).
 logger = logging.getLogger("neuroblastoma_cnn.pipelines.ingestion.nodes")

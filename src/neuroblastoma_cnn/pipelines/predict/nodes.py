@@ -2,7 +2,7 @@
 
 A model is only ever applied with the preprocessing it was trained with: the image checks and
 tiling come from the model's own record
-(:class:`~neuroblastoma_cnn.core.preprocessing.Preprocessing`), never from the current
+(:class:`~neuroblastoma_cnn.images.preprocessing.Preprocessing`), never from the current
 ``ingestion`` parameters, and new images go through the same code as the training images
 (:mod:`neuroblastoma_cnn.images.decoding`): same decoding, tissue rule, grid and resize.
 Image-level probabilities are the mean of the tile probabilities, as in evaluation
@@ -38,12 +38,12 @@ from typing import Any
 import pandas as pd
 
 from neuroblastoma_cnn.analysis.predictions import prediction_columns
+from neuroblastoma_cnn.analysis.tta import TTA_PREFIX
 from neuroblastoma_cnn.core.errors import DataError
-from neuroblastoma_cnn.core.params import PredictParams
-from neuroblastoma_cnn.core.preprocessing import preprocessing_of
 from neuroblastoma_cnn.images.decoding import Decoded, ImageRejected
-
-from .images import (
+from neuroblastoma_cnn.images.preprocessing import preprocessing_of
+from neuroblastoma_cnn.params import PredictParams
+from neuroblastoma_cnn.serving.images import (
     PreparedImage,
     Rejection,
     decode_for_prediction,
@@ -51,15 +51,20 @@ from .images import (
     prepare_image,
     select_tiles,
 )
-from .overlays import OVERLAY_SUFFIX, gradcam_overlays, heatmap_name, overlay_name, slide_heatmaps
-from .slide_outputs import (
-    LogProgress,
+from neuroblastoma_cnn.serving.slide_tiles import LogProgress
+from neuroblastoma_cnn.serving.tiles import (
+    SLIDE_TILE_COLUMNS,
+    _Batcher,
+    model_source,
+    predict_files,
 )
-from .tiles import SLIDE_TILE_COLUMNS, TTA_PREFIX, _Batcher, model_source, predict_files
 
-#: The nodes, and what the CLI, the served model and the tests reach through this module (one
-#: image: ``images``; batched prediction: ``tiles``; Grad-CAM and heatmaps: ``overlays``), with
-#: the decoded image and the rejection that ``decode_for_prediction``/``prepare_image`` use.
+from .overlays import OVERLAY_SUFFIX, gradcam_overlays, heatmap_name, overlay_name, slide_heatmaps
+
+#: The nodes, and what the CLI and the tests reach through this module (one image:
+#: ``serving.images``; batched prediction: ``serving.tiles``; Grad-CAM and heatmaps:
+#: ``overlays``), with the decoded image and the rejection that ``decode_for_prediction`` /
+#: ``prepare_image`` use.
 __all__ = [
     "OVERLAY_SUFFIX",
     "SLIDE_TILE_COLUMNS",
@@ -95,7 +100,7 @@ def select_prediction_model(models: Any, params: PredictParams) -> Any:
     is loaded, before any image is read."""
     model = models.load(params.model, params.version)
     if params.head is not None:  # extractor + scikit-learn head, refused unless fitted on it
-        from neuroblastoma_cnn.models.feature_heads import (  # noqa: PLC0415  (lazy: Keras)
+        from neuroblastoma_cnn.datasets.sklearn_heads import (  # noqa: PLC0415  (lazy: Keras)
             head_classifier,
         )
 

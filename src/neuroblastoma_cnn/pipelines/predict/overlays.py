@@ -21,18 +21,20 @@ from neuroblastoma_cnn.analysis.predictions import (
     probability_column,
 )
 from neuroblastoma_cnn.core.errors import DataError
-from neuroblastoma_cnn.core.params import PredictParams
-from neuroblastoma_cnn.core.preprocessing import Preprocessing, preprocessing_of
 from neuroblastoma_cnn.images.decoding import Decoded, decode_scaled
+from neuroblastoma_cnn.images.preprocessing import Preprocessing, preprocessing_of
 from neuroblastoma_cnn.images.slides import is_slide
 from neuroblastoma_cnn.images.stain import normalise_tiles
+from neuroblastoma_cnn.models import families
+from neuroblastoma_cnn.models.families import Capability
+from neuroblastoma_cnn.params import PredictParams
+from neuroblastoma_cnn.serving.tiles import model_source
 
 from .slide_outputs import (
     HEATMAP_SUFFIX,
     draw_gallery,
     draw_heatmap,
 )
-from .tiles import model_source
 
 #: Logged under the node module's name, as before the split (log filters and readers see it).
 logger = logging.getLogger("neuroblastoma_cnn.pipelines.predict.nodes")
@@ -65,9 +67,10 @@ def gradcam_overlays(
     if not settings.gradcam:
         logger.info("Grad-CAM overlays off (predict.gradcam: false)")
         return {}
-    if getattr(model, "bundle", None) is not None:
-        logger.info("Grad-CAM overlays not drawn: they would show the CNN's own classifier, not "
-                    "the head that classified (%s)", model_source(model))
+    family = getattr(model, "family", None)  # a classifier that is not the CNN alone says which
+    if family is not None and not families.family(family).able(Capability.GRADCAM):
+        logger.info("Grad-CAM overlays not drawn for %s: %s", model_source(model),
+                    families.family(family).cannot)
         return {}
     preprocessing = preprocessing_of(model)
     paths = dict(files)

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from neuroblastoma_cnn.core.errors import DataError
-from neuroblastoma_cnn.core.params import SplittingParams
+from neuroblastoma_cnn.params import SplittingParams
 
 #: Logged under the node module's name, as before the split (log filters and tests see it).
 logger = logging.getLogger("neuroblastoma_cnn.pipelines.splitting.nodes")

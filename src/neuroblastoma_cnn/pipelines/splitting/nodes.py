@@ -43,8 +43,8 @@ from typing import Any
 import pandas as pd
 
 from neuroblastoma_cnn.core.errors import DataError
-from neuroblastoma_cnn.core.params import SplittingParams
 from neuroblastoma_cnn.datasets import TileStore
+from neuroblastoma_cnn.params import SplittingParams
 
 from .allocation import _split_per_class, target_shares
 from .spanning_groups import MAX_FOLD_CHOICES, MAX_FOLDS, MAX_SGKF_ROWS, _split_spanning_groups

@@ -10,15 +10,14 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import warnings
 from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedGroupKFold
 
 from neuroblastoma_cnn.core.errors import DataError
-from neuroblastoma_cnn.core.params import SplittingParams
+from neuroblastoma_cnn.core.group_folds import fold_of_groups, stratified_group_folds
+from neuroblastoma_cnn.params import SplittingParams
 
 from .allocation import _round_half_up, fold_pool, target_shares
 
@@ -57,19 +56,9 @@ def _sgkf_folds(frame: pd.DataFrame, unit: str, n_splits: int, seed: int) -> dic
     repeats = np.ceil(pairs.to_numpy() / scale).astype(int)
     units = np.repeat(pairs.index.get_level_values(0).astype(str).to_numpy(), repeats)
     labels = np.repeat(pairs.index.get_level_values(1).astype(str).to_numpy(), repeats)
-    unit_codes, unit_names = pd.factorize(units, sort=True)
+    unit_codes = pd.factorize(units, sort=True)[0]
     label_codes = pd.factorize(labels, sort=True)[0]
-    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    folds: dict[str, int] = {}
-    with warnings.catch_warnings():
-        # "The least populated class in y has only n members": expected with few groups;
-        # classes missing from a split are reported by the leakage check instead.
-        warnings.filterwarnings("ignore", message="The least populated class")
-        for k, (_, rows) in enumerate(
-            splitter.split(np.zeros(len(unit_codes)), label_codes, unit_codes)
-        ):
-            folds.update(dict.fromkeys(map(str, unit_names[np.unique(unit_codes[rows])]), k))
-    return folds
+    return fold_of_groups(stratified_group_folds(label_codes, unit_codes, n_splits, seed), units)
 
 
 def _split_spanning_groups(

@@ -1,8 +1,6 @@
-"""Studies and cross-validation: many trainings of one model as resumable, parallel trials
-(a study's variants and repeats, or a cross-validation's folds), compared with paired
-statistics."""
+"""Studies: variants of one model's parameters, each trained on several repeats as trials of the
+trials engine (``neuroblastoma_cnn.trials``), compared with paired statistics."""
 
-from .pipeline import create_cv_data_pipeline, create_cv_pipeline, create_pipeline
-from .trial import ProjectSteps
+from .pipeline import create_pipeline
 
-__all__ = ["ProjectSteps", "create_cv_data_pipeline", "create_cv_pipeline", "create_pipeline"]
+__all__ = ["create_pipeline"]

@@ -3,7 +3,8 @@
 ``prepare_study`` needs parameters only, so every configuration mistake (an unknown study, a
 path the model lacks, a value the model refuses, an unreachable storage) stops the run before
 any data is read or any model trained. ``run_study_trials`` then runs the trials with Optuna
-(see ``engine.py``) and returns the trials table; ``summarize_study`` turns it into the report.
+(see ``trials/engine.py``) and returns the trials table; ``summarize_study`` turns it into the
+report.
 """
 
 from __future__ import annotations
@@ -17,14 +18,16 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from neuroblastoma_cnn.core.errors import ParameterError
-from neuroblastoma_cnn.core.params import EvaluationParams
 from neuroblastoma_cnn.datasets.tile_store import TileStore
+from neuroblastoma_cnn.params import EvaluationParams
+from neuroblastoma_cnn.trials import child_runs, engine
+from neuroblastoma_cnn.trials import statistics as st
+from neuroblastoma_cnn.trials.plan import StudyPlan
+from neuroblastoma_cnn.trials.repeats import check_repeats
+from neuroblastoma_cnn.trials.trial import KerasTrial, ProjectSteps, parse_trial_params
 
-from . import engine, results, tracking
-from . import statistics as st
-from .config import StudyPlan, resolve_study
-from .repeats import check_repeats
-from .trial import KerasTrial, ProjectSteps, parse_trial_params
+from . import results
+from .config import resolve_study
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +88,7 @@ def run_study_trials(
         check_repeats(split_table, plan.repeat_scheme, plan.repeats)
     name = engine.optuna_study_name(
         plan, data_fingerprint(split_table, tiles, augmented_train_tiles, evaluation))
-    active = tracking.active_target()
+    active = child_runs.active_target()
     storage = engine.open_storage(plan.storage, plan.heartbeat_seconds, plan.max_retries,
                                   active.uri if active else None)
     study = engine.create_or_load(plan, storage, name, active)

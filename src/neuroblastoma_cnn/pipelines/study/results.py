@@ -13,8 +13,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from . import statistics as st
-from .config import StudyPlan, apply_overrides
+from neuroblastoma_cnn.trials import statistics as st
+from neuroblastoma_cnn.trials.plan import StudyPlan, apply_overrides
 
 METRIC = "f1_macro"
 

@@ -16,7 +16,6 @@ import numpy as np
 import pandas as pd
 
 from neuroblastoma_cnn.core.errors import DataError, ParameterError
-from neuroblastoma_cnn.core.params import TrainingParams
 from neuroblastoma_cnn.datasets.tile_store import TileStore
 from neuroblastoma_cnn.images import sampling
 from neuroblastoma_cnn.images.online_augmentation import make_augmenter
@@ -27,6 +26,7 @@ from neuroblastoma_cnn.images.tf_input import (
     make_tf_dataset,
     split_tile_ids,
 )
+from neuroblastoma_cnn.params import TrainingParams
 from neuroblastoma_cnn.runtime import distribution
 
 from .optimizers import make_optimizer

@@ -40,9 +40,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from neuroblastoma_cnn.core.params import ModelParams, TrainingParams
-from neuroblastoma_cnn.core.preprocessing import Preprocessing
 from neuroblastoma_cnn.datasets.tile_store import TileStore
+from neuroblastoma_cnn.images.preprocessing import Preprocessing
+from neuroblastoma_cnn.params import ModelParams, TrainingParams
 from neuroblastoma_cnn.runtime import distribution
 
 from .fitting import (
@@ -122,7 +122,7 @@ def train_model(
     a finished run removes its backup. In a ``TF_CONFIG`` cluster every worker calls this and
     returns the same weights; only the chief's model should be saved (``distribution.is_chief``).
     """
-    from neuroblastoma_cnn.models import build_model  # noqa: PLC0415  (lazy: needs Keras)
+    from neuroblastoma_cnn.models.families import build_model  # noqa: PLC0415
 
     build = build or build_model
     p = training_params

@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import TypeAdapter
 
 from neuroblastoma_cnn.core.errors import ParameterError
-from neuroblastoma_cnn.core.params import OPTIMIZERS, Schedule
+from neuroblastoma_cnn.params import OPTIMIZERS, Schedule
 
 
 def make_optimizer(

@@ -1,0 +1,90 @@
+"""Parameter groups of what comes out of a model: ``evaluation``, ``predict`` and
+``cross_validation`` (with its floor and fold ensemble).
+
+Re-exported by :mod:`neuroblastoma_cnn.params` (import them from there).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from neuroblastoma_cnn.core.types import Fraction, NonNegativeInt, PositiveFloat, PositiveInt
+from neuroblastoma_cnn.params.base import Params
+
+# ----------------------------------------------------------------------------- outputs
+
+
+class EvaluationParams(Params):
+    """``evaluation``: which split is measured and how the interval is resampled."""
+
+    split: Literal["train", "validation", "test"]
+    batch_size: PositiveInt
+    bootstrap_samples: PositiveInt
+    seed: NonNegativeInt
+    in_memory_limit_mb: PositiveFloat
+    misclassified_per_class: PositiveInt
+    #: Also predict with test-time augmentation (mean over the 8 symmetries), reported beside.
+    tta: bool
+    #: Store the temperature fitted on the validation images in the model's record, so every
+    #: later prediction of the model is scaled by it (false: fitted and reported only).
+    temperature_scaling: bool
+
+
+class PredictParams(Params):
+    """``predict``: which model, and what to do with it (not how images are tiled)."""
+
+    model: Annotated[str, Field(min_length=1)]
+    version: str | None
+    batch_size: PositiveInt
+    workers: PositiveInt
+    min_confidence: Fraction
+    background_fallback_tiles: PositiveInt
+    gradcam: bool
+    gradcam_max_side: PositiveInt | None
+    gradcam_alpha: Fraction
+    #: Also predict with test-time augmentation (mean over the 8 symmetries), in extra columns.
+    tta: bool
+    #: A scikit-learn head fitted on the model's features (`kedro run --pipeline=<model>_features`)
+    #: that classifies them instead of the model's softmax; None = the model's own softmax.
+    head: Annotated[str, Field(min_length=1)] | None
+    #: Whole-slide images: the longest side of the thumbnail under the class heatmaps, and how
+    #: many of the most confident tiles the Grad-CAM gallery shows.
+    slide_thumbnail_side: PositiveInt
+    slide_gallery_tiles: PositiveInt
+
+
+class FloorParams(Params):
+    """``cross_validation.floor``: the classical floor (colour + texture statistics, RBF SVM)."""
+
+    enabled: bool
+    downscale: PositiveInt
+    c_grid: Annotated[list[PositiveFloat], Field(min_length=1)]
+    gamma_factors: Annotated[list[PositiveFloat], Field(min_length=1)]
+    inner_folds: Annotated[int, Field(ge=2)]
+    calibration: Literal["sigmoid", "isotonic"]
+
+
+class EnsembleParams(Params):
+    """``cross_validation.ensemble``: how the fold models' probabilities are averaged."""
+
+    weights: Literal["equal", "validation"]
+
+
+class CrossValidationParams(Params):
+    """``cross_validation``: K folds of whole patients, the floor on the same folds, and the
+    fold ensemble (scored on the outer test patients when ``outer_test``)."""
+
+    n_folds: Annotated[int, Field(ge=2)]
+    seed: NonNegativeInt
+    outer_test: bool
+    validation_fraction: Annotated[float, Field(gt=0.0, lt=1.0)]
+    storage: Annotated[str, Field(min_length=1)]
+    workers: NonNegativeInt
+    heartbeat_seconds: PositiveInt
+    max_retries: NonNegativeInt
+    log_fold_models: bool
+    ensemble: EnsembleParams
+    floor: FloorParams
+
