@@ -155,19 +155,24 @@ def trained_project(factory: pytest.TempPathFactory) -> TrainedProject:
     global _trained  # noqa: PLW0603
     if _trained is None:
         base = factory.getbasetemp()
-        shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-        root = shared / "trained_project"
-        with _locked(shared / "trained_project.lock"):
-            if not (root / "built").exists() and not (root / "failed").exists():
-                _build_trained(root)
-        if (root / "failed").exists():
-            pytest.fail((root / "failed").read_text())
-        runs = {log.stem: subprocess.CompletedProcess(
-                    [KEDRO, "run", "--env=tiny", f"--pipeline={log.stem}"], 0,
-                    log.read_text(), log.with_suffix(".err").read_text())
-                for log in sorted((root / "runs").glob("*.out"))}
-        _trained = TrainedProject(root / "project", runs)
+        _trained = open_trained(base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base)
     return _trained
+
+
+def open_trained(shared: Path) -> TrainedProject:
+    """The trained project in `shared/trained_project`, built there by whichever process gets
+    the lock first; `pytest.fail` with the build's own output if it failed (now or before)."""
+    root = shared / "trained_project"
+    with _locked(shared / "trained_project.lock"):
+        if not (root / "built").exists() and not (root / "failed").exists():
+            _build_trained(root)
+    if (root / "failed").exists():
+        pytest.fail((root / "failed").read_text())
+    runs = {log.stem: subprocess.CompletedProcess(
+                [KEDRO, "run", "--env=tiny", f"--pipeline={log.stem}"], 0,
+                log.read_text(), log.with_suffix(".err").read_text())
+            for log in sorted((root / "runs").glob("*.out"))}
+    return TrainedProject(root / "project", runs)
 
 
 def _build_trained(root: Path) -> None:

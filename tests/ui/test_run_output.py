@@ -80,6 +80,7 @@ def _python(code: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=300, check=False)
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_tensorflow_prints_only_its_accepted_start_up_lines():
     result = _python("""
@@ -95,6 +96,7 @@ def test_tensorflow_prints_only_its_accepted_start_up_lines():
         assert any(re.search(p, line) for p, _ in ALLOWED), line
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_a_native_crash_after_the_package_is_imported_reaches_stderr():
     """Nothing sits between file descriptor 2 and the terminal: a native abort's last words

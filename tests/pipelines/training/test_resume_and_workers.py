@@ -90,6 +90,7 @@ class StopAfterEpochs(keras.callbacks.Callback):
             raise Interrupted(f"after {self.count} epochs")
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_a_transfer_run_interrupted_in_fine_tuning_resumes_there(stores, tmp_path):
     """ResNet50 (random weights, 32 px): the head stage's result is reused, fine-tuning resumes
@@ -185,6 +186,7 @@ def _weights(path: Path) -> list[np.ndarray]:
         return [stored[f"arr_{i}"] for i in range(len(stored.files))]
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_a_killed_run_restarts_after_its_last_epoch(stores, tmp_path):
@@ -229,6 +231,7 @@ def _free_ports(count: int) -> list[int]:
             s.close()
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_two_workers_train_one_model_that_the_chief_saves(stores, tmp_path):
