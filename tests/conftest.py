@@ -7,7 +7,6 @@ pytest's temporary folders (the data's licence forbids committing anything cut f
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,8 @@ from PIL import Image
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# As the package sets it (runtime/parallel.py), before anything here loads OpenMP.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 BACH_DIR = Path(os.environ.get("BACH_DIR", PROJECT_ROOT.parent / "shared" / "data" / "bach"))
@@ -94,29 +95,32 @@ def kedro_project(tmp_path: Path, bach_subset: Path, monkeypatch: pytest.MonkeyP
 
     Tests chdir into it so that every relative catalog path, and MLflow's sqlite store, land there.
     """
-    project = tmp_path / "project"
-    project.mkdir()
-    (project / "src").mkdir()  # bootstrap_project checks that source_dir exists; code is installed
-    shutil.copy(PROJECT_ROOT / "pyproject.toml", project / "pyproject.toml")
-    shutil.copytree(PROJECT_ROOT / "conf", project / "conf", ignore=_ignore_local_conf)
-    (project / "conf" / "local").mkdir(exist_ok=True)
-    for layer in (PROJECT_ROOT / "data").iterdir():
-        if layer.is_dir():
-            (project / "data" / layer.name).mkdir(parents=True, exist_ok=True)
-    shutil.copytree(bach_subset, project / "data" / "01_raw" / "images")
-    # MLflow caches one store per tracking URI string: the relative `sqlite:///mlflow.db` would
-    # keep writing to the first test project's file, so each copy gets its own absolute URI.
-    with (project / "conf" / "tiny" / "mlflow.yml").open("a") as conf:
-        conf.write(f"\nserver:\n  mlflow_tracking_uri: sqlite:///{project / 'mlflow.db'}\n")
+    from _tiny_project import make_project  # noqa: PLC0415  (it imports this module)
+
+    project = make_project(tmp_path / "project", images=bach_subset, tracking_in_conf=True)
     monkeypatch.chdir(project)
     return project
 
 
-def _ignore_local_conf(folder: str, names: list[str]) -> list[str]:
-    return names if Path(folder).name == "local" else []
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The session's tiny trained project (`train_resnet34`, then the `resnet50` half): read
+    it, never run pipelines in it (take `trained_copy` for that). Built by the first test that
+    asks; if building fails, every test that asks fails with that build's error."""
+    from _tiny_project import trained_project  # noqa: PLC0415
+
+    return trained_project(tmp_path_factory)
 
 
 @pytest.fixture
+def trained_copy(trained: Any, tmp_path: Path) -> Path:
+    """This test's own copy of the trained project, to run more pipelines in."""
+    from _tiny_project import copy_project  # noqa: PLC0415
+
+    return copy_project(trained.path, tmp_path / "trained" / "project")
+
+
+@pytest.fixture(scope="session")
 def run_kedro() -> Callable[..., dict[str, Any]]:
     """Runs pipelines in-process, as ``kedro run`` would, in the current project folder."""
 
@@ -137,3 +141,4 @@ def run_kedro() -> Callable[..., dict[str, Any]]:
         return outputs
 
     return _run
+

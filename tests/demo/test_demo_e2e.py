@@ -16,7 +16,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from _kather_like import ARCHIVE_NAME, TOP, make_kather_like, serve, zip_folder
-from _tiny_project import KEDRO, make_project, run_env
+from _params import environment_parameters
+from _tiny_project import KEDRO, latest, make_project, run_env
 from conftest import _require_bach
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -27,6 +28,7 @@ N_SLIDES = 5
 TINY = ("ingestion.input_size=32,ingestion.max_images_per_class=8,"
         "resnet34.training.epochs=1,resnet34.training.batch_size=8,"
         "evaluation.bootstrap_samples=20,splitting.n_folds=2,predict.gradcam_max_side=64")
+TINY_STAGES = environment_parameters("tiny")["resnet34"]["model"]["stages"]
 
 
 @pytest.fixture(scope="module")
@@ -57,16 +59,18 @@ def run(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return result
 
 
-def latest(path: Path) -> Path:
-    return sorted(p for p in path.iterdir() if p.is_dir())[-1] / path.name
-
-
 @pytest.fixture
 def demo_project(tmp_path: Path) -> Path:
     """A fresh project as cloned: no raw images, its own MLflow store."""
     project = make_project(tmp_path / "project", with_images=False)
     with (project / "conf" / "demo" / "mlflow.yml").open("a") as conf:
         conf.write(f"\nserver:\n  mlflow_tracking_uri: sqlite:///{project / 'mlflow.db'}\n")
+    # The tiny environment's two-block network (a list, which --params cannot carry).
+    parameters = project / "conf" / "demo" / "parameters.yml"
+    text = parameters.read_text()
+    assert "\nresnet34:\n  training:" in text, "the demo's resnet34 block moved: update the test"
+    parameters.write_text(text.replace("\nresnet34:\n", "\nresnet34:\n  model:\n    stages: "
+                                       f"{TINY_STAGES}\n", 1))
     return project
 
 

@@ -2,8 +2,9 @@
 the architecture's name and stored once; a run that fails after training leaves no model that
 `predict` would pick; `predict` records the model it used; `prune` drops the failed leftovers.
 
-One project for the module: `data_processing` then `resnet34` (a subprocess each, as a user
-runs them); the failing run is in process, with evaluation made to fail.
+The session's trained project (`train_resnet34`, then the `resnet50` half, subprocesses as a
+user runs them) is read in place; the failing run (in process, with evaluation made to fail),
+`predict` and `prune` run in one copy of it, in that order.
 """
 
 from __future__ import annotations
@@ -17,27 +18,33 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from _tiny_project import kedro, make_project
+from _tiny_project import TrainedProject, copy_project, kedro
 from click.testing import CliRunner
 from kedro.pipeline.node import Node
 
 from neuroblastoma_cnn.datasets import TileStore, TrainedModels, load_keras_model
 from neuroblastoma_cnn.tracking import prune
-from neuroblastoma_cnn.tracking.promotion import read_status, untrained_reasons
+from neuroblastoma_cnn.tracking.promotion import (
+    read_status,
+    single_class_reason,
+    untrained_reasons,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 MODELS = Path("data/06_models/resnet34/model.keras")
 
 
+@pytest.fixture
+def project(trained: TrainedProject) -> Path:
+    """The trained project, read only."""
+    return trained.path
+
+
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory, bach_subset: Path) -> Path:
-    project = make_project(tmp_path_factory.mktemp("promotion") / "project", with_images=False)
-    shutil.copytree(bach_subset, project / "data" / "01_raw" / "images")
-    for pipeline in ("data_processing", "resnet34"):
-        result = kedro(project, "run", "--env=tiny", f"--pipeline={pipeline}")
-        assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    return project
+def working(trained: TrainedProject, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of it in which a run fails, then `predict` runs, then `prune` deletes."""
+    return copy_project(trained.path, tmp_path_factory.mktemp("promotion") / "project")
 
 
 def _client(project: Path) -> mlflow.MlflowClient:
@@ -73,7 +80,7 @@ def test_an_evaluated_model_is_promoted_and_logged_once(project: Path):
     assert status["status"] == "promoted" and status["epochs"] >= 1
     assert TrainedModels(project / "data/06_models").path("resnet34") == folder / "model.keras"
 
-    (run,) = _runs(project, "resnet34")
+    (run,) = _runs(project, "train_resnet34")
     assert run.info.status == "FINISHED"
     tags = run.data.tags
     assert tags["resnet34.model_version"] == version
@@ -97,7 +104,9 @@ def test_an_evaluated_model_is_promoted_and_logged_once(project: Path):
     if not served_file.is_absolute():
         served_file = project / served_file
     assert served_file.stat().st_ino == catalog_file.stat().st_ino
-    unique, apparent = _unique_bytes(project / "data/06_models", project / "mlartifacts")
+    # resnet34's models and its two logged models (the project also holds resnet50's)
+    unique, apparent = _unique_bytes(project / "data/06_models/resnet34",
+                                     artifact.parents[1], served_file.parents[1])
     size = catalog_file.stat().st_size
     print(f"\nmodel file {size} bytes; models + MLflow artifacts: {unique} bytes on disk, "
           f"{apparent} bytes if stored twice")
@@ -111,15 +120,21 @@ def test_an_evaluated_model_is_promoted_and_logged_once(project: Path):
     np.testing.assert_allclose(np.asarray(got), expected, atol=1e-5)
 
 
-def test_the_model_records_the_three_versions_it_was_made_from(project: Path):
-    (version,) = sorted(p.name for p in (project / MODELS).iterdir())
-    record = json.loads((project / MODELS / version / "lineage.json").read_text())
-    (data_run,) = _runs(project, "data_processing")
+@pytest.mark.parametrize("model", ["resnet34", "resnet50"])
+def test_the_model_records_the_three_versions_it_was_made_from(project: Path, model: str):
+    """resnet34 was trained in the run that made the data; resnet50 in a later run on it."""
+    folder = project / "data/06_models" / model / "model.keras"
+    (version,) = sorted(p.name for p in folder.iterdir())
+    record = json.loads((folder / version / "lineage.json").read_text())
+    (data_run,) = _runs(project, "train_resnet34")
     data_version = data_run.data.tags["run_id"]
     assert {k: record["made_from"][k] for k in ("tiles", "split_table",
                                                 "augmented_train_tiles")} == {
         "tiles": data_version, "split_table": data_version,
         "augmented_train_tiles": data_version}
+    if model == "resnet50":
+        (model_run,) = _runs(project, "resnet50")
+        assert version == model_run.data.tags["run_id"] != data_version
     split = json.loads(next((project / "data/05_model_input/split_table.csv").glob(
         "*/lineage.json")).read_text())
     assert split["made_from"]["tiles"] == data_version
@@ -130,18 +145,23 @@ def test_the_model_records_the_three_versions_it_was_made_from(project: Path):
 
 
 def test_the_untrained_flag_follows_the_history(project: Path):
-    (run,) = _runs(project, "resnet34")
+    (run,) = _runs(project, "train_resnet34")
     history = pd.read_csv(next((project / "data/06_models/resnet34/training_history.csv")
                                .glob("*/training_history.csv")))
+    predictions = pd.read_csv(next((project / "data/07_model_output/resnet34/"
+                                    "image_predictions.csv").glob("*/image_predictions.csv")))
     reasons = untrained_reasons(history)
-    print(f"\nresnet34 val_loss per epoch: {history['val_loss'].tolist()}; untrained: {reasons}")
-    assert ("resnet34.untrained" in run.data.tags) == bool(reasons)
-    for reason in reasons:  # (the test-set check may add one more)
+    single_class = single_class_reason(predictions)  # the test-set check
+    print(f"\nresnet34 val_loss per epoch: {history['val_loss'].tolist()}; untrained: {reasons}"
+          f"; test set: {single_class}")
+    assert ("resnet34.untrained" in run.data.tags) == bool(reasons or single_class)
+    for reason in [*reasons, *([single_class] if single_class else [])]:
         assert reason in run.data.tags["resnet34.untrained"]
 
 
-def test_a_run_failing_in_evaluation_leaves_no_usable_model(project: Path, run_kedro,
+def test_a_run_failing_in_evaluation_leaves_no_usable_model(working: Path, run_kedro,
                                                             monkeypatch):
+    project = working
     monkeypatch.chdir(project)
     promoted = TrainedModels(project / "data/06_models").versions("resnet34")
     original = Node.run
@@ -167,13 +187,15 @@ def test_a_run_failing_in_evaluation_leaves_no_usable_model(project: Path, run_k
     assert "resnet34.model_uri" not in failed.data.tags
     experiment = failed.info.experiment_id
     logged = mlflow.search_logged_models(experiment_ids=[experiment], output_format="list")
-    # Only the promoted run's models (the Keras flavour and its raw-image pyfunc).
-    assert sorted((m.name, m.source_run_id) for m in logged) == [
-        (name, _runs(project, "resnet34")[0].info.run_id)
-        for name in ("resnet34", "resnet34_raw_images")]
+    # resnet34's models are the promoted run's only (the Keras flavour and its raw-image pyfunc)
+    assert sorted((m.name, m.source_run_id) for m in logged if m.name.startswith("resnet34")) \
+        == [(name, _runs(project, "train_resnet34")[0].info.run_id)
+            for name in ("resnet34", "resnet34_raw_images")]
+    assert failed.info.run_id not in {m.source_run_id for m in logged}
 
 
-def test_predict_records_the_model_it_used_and_logs_its_table(project: Path):
+def test_predict_records_the_model_it_used_and_logs_its_table(working: Path):
+    project = working
     predict_dir = project / "data" / "01_raw" / "predict"
     predict_dir.mkdir(parents=True, exist_ok=True)
     for image in sorted((project / "data" / "01_raw" / "images").rglob("*.png"))[:2]:
@@ -191,7 +213,8 @@ def test_predict_records_the_model_it_used_and_logs_its_table(project: Path):
     assert artifacts == ["predict/predictions.csv"]
 
 
-def test_prune_drops_the_failed_model_and_keeps_what_runs_use(project: Path, monkeypatch):
+def test_prune_drops_the_failed_model_and_keeps_what_runs_use(working: Path, monkeypatch):
+    project = working
     monkeypatch.chdir(project)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     failed, = [v for v in sorted(p.name for p in (project / MODELS).iterdir())

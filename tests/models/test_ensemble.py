@@ -143,6 +143,7 @@ def test_saved_ensemble_loads_with_the_same_outputs_and_record(ensemble, saved) 
         np.testing.assert_array_equal(copy.predict_on_batch(x), original.predict_on_batch(x))
 
 
+@pytest.mark.integration
 def test_saved_ensemble_loads_in_a_fresh_process(ensemble, saved, tmp_path) -> None:
     """No custom_objects: importing the package's loader registers the layer."""
     np.save(tmp_path / "x.npy", tiles(seed=2))

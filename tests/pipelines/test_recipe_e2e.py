@@ -11,6 +11,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from _tiny_project import latest
 
 from neuroblastoma_cnn.datasets import load_keras_model
 
@@ -29,26 +30,22 @@ RECIPE = {
 }
 
 
-def _latest(path: Path) -> Path:
-    return sorted(p for p in path.iterdir() if p.is_dir())[-1] / path.name
-
-
 def test_recipe_run_records_stain_reference_tta_and_input_grid(kedro_project: Path, run_kedro):
     run_kedro("train_resnet34", runtime_params=RECIPE)
 
-    model = load_keras_model(_latest(kedro_project / "data/06_models/resnet34/model.keras"))
+    model = load_keras_model(latest(kedro_project / "data/06_models/resnet34/model.keras"))
     reference = model.preprocessing.stain_reference
     assert reference["method"] == "macenko"
     assert np.asarray(reference["stain_matrix"]).shape == (2, 3)
 
-    history = pd.read_csv(_latest(kedro_project / "data/06_models/resnet34/"
+    history = pd.read_csv(latest(kedro_project / "data/06_models/resnet34/"
                                   "training_history.csv"))
     assert history["val_image_macro_f1"].notna().all()
     assert history["monitor_smoothed"].notna().all()
-    metrics = json.loads(_latest(kedro_project / "data/08_reporting/resnet34/"
+    metrics = json.loads(latest(kedro_project / "data/08_reporting/resnet34/"
                                  "test_metrics.json").read_text())
     assert 0 <= metrics["tta"]["f1_macro"] <= 1
-    images = pd.read_csv(_latest(kedro_project / "data/07_model_output/resnet34/"
+    images = pd.read_csv(latest(kedro_project / "data/07_model_output/resnet34/"
                                  "image_predictions.csv"))
     assert {"tta_predicted", "predicted"} <= set(images.columns)
     assert (kedro_project / "data/08_reporting/resnet34/training_input.png").is_dir()

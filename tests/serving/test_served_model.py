@@ -27,7 +27,7 @@ from neuroblastoma_cnn.datasets.keras_model import save_keras_model
 from neuroblastoma_cnn.images.preprocessing import Preprocessing
 from neuroblastoma_cnn.serving.pyfunc import log_raw_image_model
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 
 BIN = Path(sys.executable).parent
 CLASSES = ["a", "b", "c"]

@@ -104,6 +104,7 @@ def _mlflow_target(tmp_path: Path) -> tracking.TrackingTarget:
     return tracking.TrackingTarget(uri, experiment, parent.info.run_id)
 
 
+@pytest.mark.integration
 def test_resume_after_kill_runs_only_unfinished_trials(tmp_path):
     plan = grid_plan(f"sqlite:///{tmp_path / 'study.db'}", values=(0.0, 0.5), repeats=2)
     target = _mlflow_target(tmp_path)
@@ -162,6 +163,7 @@ def test_resume_after_kill_runs_only_unfinished_trials(tmp_path):
     assert client.get_run(orphan.info.run_id).info.status == "KILLED"
 
 
+@pytest.mark.integration
 def test_two_workers_share_one_storage(tmp_path):
     plan = grid_plan(f"sqlite:///{tmp_path / 'study.db'}", values=(0.0, 0.25, 0.5), repeats=2)
     _, name = _start(plan)

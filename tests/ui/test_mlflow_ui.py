@@ -17,17 +17,12 @@ from urllib.request import Request, urlopen
 
 import pytest
 from _browser import Page, assert_not_blank, copy_to_docs, free_port, serving
-from _tiny_project import TrainedProject, run_env, trained_project
+from _tiny_project import TrainedProject, run_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 EXPERIMENT = "neuroblastoma_cnn_tiny"
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
-
-
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> TrainedProject:
-    return trained_project(tmp_path_factory)
 
 
 def _get(base: str, endpoint: str, **query: str) -> Any:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from _tiny_project import TrainedProject, trained_project
+from _tiny_project import TrainedProject
 from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 
@@ -18,11 +18,6 @@ NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 NAMES = ("01_exploration", "02_results")
 # What a notebook's outputs must never show (kernel noise, failures, library warnings).
 NOISE = re.compile(r"WARNING|Traceback|Error|oneDNN|absl|Warning:")
-
-
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> TrainedProject:
-    return trained_project(tmp_path_factory)
 
 
 def test_committed_notebooks_have_no_outputs():

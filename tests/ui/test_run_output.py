@@ -14,7 +14,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from _tiny_project import TrainedProject, run_env, trained_project
+from _tiny_project import TrainedProject, run_env
 
 from neuroblastoma_cnn.hooks import project_sqlite_uri
 
@@ -40,11 +40,6 @@ ALLOWED: tuple[tuple[str, str], ...] = (
 )
 #: At most this many allowed native lines per process that imports TensorFlow (2 per library).
 MAX_NATIVE_LINES = 4
-
-
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> TrainedProject:
-    return trained_project(tmp_path_factory)
 
 
 @pytest.mark.integration
@@ -85,6 +80,7 @@ def _python(code: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=300, check=False)
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_tensorflow_prints_only_its_accepted_start_up_lines():
     result = _python("""
@@ -100,6 +96,7 @@ def test_tensorflow_prints_only_its_accepted_start_up_lines():
         assert any(re.search(p, line) for p, _ in ALLOWED), line
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_a_native_crash_after_the_package_is_imported_reaches_stderr():
     """Nothing sits between file descriptor 2 and the terminal: a native abort's last words

@@ -7,14 +7,16 @@ so the preprocessing is saved with the model and serving cannot feed it differen
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import keras
 from keras import layers
 
 from neuroblastoma_cnn.models.head import HeadLayers, classifier_head, split_at_features
 
-# (filters, blocks) of the four stages conv2_x .. conv5_x in Table 1 of He et al. 2016.
+# (filters, blocks) of the four stages conv2_x .. conv5_x in Table 1 of He et al. 2016: what
+# `resnet34.model.stages` holds in conf/base. Fewer, narrower stages (the `tiny` environment's
+# two blocks of 16 and 32 filters) keep the code path and make tests about plumbing fast.
 STAGES: tuple[tuple[int, int], ...] = ((64, 3), (128, 4), (256, 6), (512, 3))
 BN_EPSILON = 1.001e-5  # as keras.applications' ResNets
 #: The head's layers (pooled features, dropout, classifier), as keras.applications names them.
@@ -101,6 +103,7 @@ def build_resnet34(
     l2: float = 0.0,
     seed: int | None = None,
     batch_norm_momentum: float = 0.99,
+    stages: Sequence[Sequence[int]] = STAGES,
 ) -> keras.Model:
     """Builds an uncompiled ResNet34 for ``input_size`` x ``input_size`` RGB tiles in [0, 255].
 
@@ -110,10 +113,16 @@ def build_resnet34(
     initial weights and the dropout mask sequence reproducible. ``batch_norm_momentum`` is the
     weight of the old value in BatchNormalization's moving statistics (Keras' default 0.99;
     PyTorch's is 0.9): with a few hundred steps an epoch, 0.99 lags the weights and the
-    validation predictions swing between epochs.
+    validation predictions swing between epochs. ``stages`` lists (filters, blocks) per stage
+    (the paper's four by default); the stem has the first stage's width.
     """
-    if input_size < 32:
-        raise ValueError(f"ResNet34 needs input_size >= 32 (5 stride-2 steps), got {input_size}.")
+    stages = [(int(filters), int(blocks)) for filters, blocks in stages]
+    if not stages or any(f < 1 or b < 1 for f, b in stages):
+        raise ValueError(f"stages must be (filters, blocks) pairs of positive ints, got {stages}.")
+    smallest = 2 ** (len(stages) + 1)  # the stem halves twice, each later stage once
+    if input_size < smallest:
+        raise ValueError(f"This ResNet needs input_size >= {smallest} ({len(stages) + 1} "
+                         f"stride-2 steps), got {input_size}.")
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}.")
     if not 0.0 <= dropout < 1.0:
@@ -125,8 +134,8 @@ def build_resnet34(
 
     inputs = keras.Input(shape=(input_size, input_size, 3), name="image")
     x = layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
-    x = _stem(x, init=init, reg=reg, momentum=batch_norm_momentum)
-    for stage, (filters, blocks) in enumerate(STAGES, start=2):
+    x = _stem(x, filters=stages[0][0], init=init, reg=reg, momentum=batch_norm_momentum)
+    for stage, (filters, blocks) in enumerate(stages, start=2):
         for block in range(1, blocks + 1):
             stride = 2 if (block == 1 and stage > 2) else 1
             x = _basic_block(x, filters=filters, stride=stride, name=f"conv{stage}_block{block}",
@@ -136,11 +145,11 @@ def build_resnet34(
     return keras.Model(inputs, outputs, name="resnet34")
 
 
-def _stem(x: keras.KerasTensor, init: _Init, reg: keras.regularizers.Regularizer | None,
-          momentum: float) -> keras.KerasTensor:
+def _stem(x: keras.KerasTensor, filters: int, init: _Init,
+          reg: keras.regularizers.Regularizer | None, momentum: float) -> keras.KerasTensor:
     """The stem: 7x7/2 conv, BN, ReLU, 3x3/2 max-pool (explicit padding as in the paper)."""
     x = layers.ZeroPadding2D(3, name="conv1_pad")(x)
-    x = layers.Conv2D(64, 7, strides=2, use_bias=False, kernel_initializer=init.he(),
+    x = layers.Conv2D(filters, 7, strides=2, use_bias=False, kernel_initializer=init.he(),
                       kernel_regularizer=reg, name="conv1_conv")(x)
     x = layers.BatchNormalization(momentum=momentum, epsilon=BN_EPSILON, name="conv1_bn")(x)
     x = layers.Activation("relu", name="conv1_relu")(x)

@@ -40,6 +40,9 @@ class ResNet34Model(Params):
     l1: Annotated[float, Field(ge=0.0)]
     l2: Annotated[float, Field(ge=0.0)]
     batch_norm_momentum: Annotated[float, Field(gt=0.0, lt=1.0)]
+    #: (filters, blocks) per stage: He et al.'s four in base, two small ones in `tiny`.
+    stages: Annotated[list[Annotated[list[PositiveInt], Field(min_length=2, max_length=2)]],
+                      Field(min_length=1, max_length=4)]
 
     @property
     def transfer(self) -> bool:

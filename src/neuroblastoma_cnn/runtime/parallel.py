@@ -23,6 +23,18 @@ from typing import TypeVar
 T = TypeVar("T")
 R = TypeVar("R")
 
+#: Set (as defaults) when the package is imported, before scikit-learn loads OpenMP. With the
+#: default (active) wait policy, OpenMP threads spin between parallel regions and steal the
+#: cores from TensorFlow's threads and other processes: a HistGradientBoosting head of 20
+#: iterations on 112 x 2048 features took 18 s on a busy 2-core machine, 1.6 s with PASSIVE.
+THREAD_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def install_thread_defaults() -> None:
+    """Sets :data:`THREAD_DEFAULTS` where the environment has no value of its own."""
+    for name, value in THREAD_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+
 
 def cpu_count() -> int:
     """CPU cores this process may run on (its affinity mask, e.g. a container's share)."""

@@ -11,6 +11,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+from _tiny_project import latest, make_project
 from conftest import make_bach_subset
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
@@ -21,10 +22,6 @@ from neuroblastoma_cnn.models.ensemble import ensemble_members, is_ensemble
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 MODEL = "resnet34"
-
-
-def _latest(path: Path) -> Path:
-    return sorted(p for p in path.iterdir() if p.is_dir())[-1] / path.name
 
 
 def _run(project: Path, pipeline: str, params: dict | None = None) -> None:
@@ -38,18 +35,9 @@ def _run(project: Path, pipeline: str, params: dict | None = None) -> None:
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A project whose raw data is 4 classes x 4 patients x 1 image: one patient a class is
     the outer test part, three are folded."""
-    from conftest import PROJECT_ROOT  # noqa: PLC0415
-
-    root = tmp_path_factory.mktemp("cv") / "project"
-    (root / "src").mkdir(parents=True)
-    shutil.copy(PROJECT_ROOT / "pyproject.toml", root)
-    shutil.copytree(PROJECT_ROOT / "conf", root / "conf",
-                    ignore=lambda folder, names: names if Path(folder).name == "local" else [])
-    (root / "conf" / "local").mkdir(exist_ok=True)
-    with (root / "conf" / "tiny" / "mlflow.yml").open("a") as conf:
-        conf.write(f"\nserver:\n  mlflow_tracking_uri: sqlite:///{root / 'mlflow.db'}\n")
-    make_bach_subset(root / "data" / "01_raw" / "images", images_per_patient=1,
-                     patients_per_class=4)
+    folder = tmp_path_factory.mktemp("cv")
+    images = make_bach_subset(folder / "images", images_per_patient=1, patients_per_class=4)
+    root = make_project(folder / "project", images=images, tracking_in_conf=True)
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
         _run(root, "cross_validate")
@@ -58,26 +46,26 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_every_image_is_scored_once_out_of_fold_with_the_floor_beside(project: Path):
     data = project / "data"
-    folds = pd.read_csv(_latest(data / "05_model_input/cv_folds.csv"))
+    folds = pd.read_csv(latest(data / "05_model_input/cv_folds.csv"))
     assert sorted(folds.loc[folds["role"] == "cv", "fold"].unique()) == [0, 1, 2]
     assert (folds["role"] == "outer").sum() == 4  # one patient (image) per class
     assert folds.groupby("group")["fold"].nunique().max() == 1
 
-    predictions = pd.read_csv(_latest(data / f"07_model_output/{MODEL}/cv_predictions.csv"))
+    predictions = pd.read_csv(latest(data / f"07_model_output/{MODEL}/cv_predictions.csv"))
     held = predictions[predictions["set"] == "held_out"]
     assert sorted(held["image_path"]) == sorted(folds.loc[folds["role"] == "cv", "image_path"])
-    floor = pd.read_csv(_latest(data / "05_model_input/cv_floor_predictions.csv"))
+    floor = pd.read_csv(latest(data / "05_model_input/cv_floor_predictions.csv"))
     assert sorted(floor.loc[floor["set"] == "held_out", "image_path"]) == sorted(
         held["image_path"])
 
-    summary = pd.read_csv(_latest(data / f"08_reporting/{MODEL}/cv_summary.csv"))
+    summary = pd.read_csv(latest(data / f"08_reporting/{MODEL}/cv_summary.csv"))
     assert list(summary["model"]) == [MODEL, "floor", f"{MODEL}+floor"]
     assert summary[["wins", "losses"]].iloc[0].sum() <= 3
     assert summary["outer_ensemble_f1"].between(0, 1).all()
-    report = _latest(data / f"08_reporting/{MODEL}/cv_report.md").read_text()
+    report = latest(data / f"08_reporting/{MODEL}/cv_report.md").read_text()
     assert "Pooled out-of-fold" in report and "| floor |" in report
     # The run's model card: the fold ensemble's, with the summary beside the floor.
-    card = _latest(data / f"08_reporting/{MODEL}/cv_model_card.md").read_text()
+    card = latest(data / f"08_reporting/{MODEL}/cv_model_card.md").read_text()
     assert card.startswith(f"# Model card: {MODEL} fold ensemble")
     assert "## Cross-validation" in card and "| floor |" in card and "not for diagnosis" in card
     assert "| class | fold 0 | fold 1 | fold 2 | outer |" in card  # counts per fold
@@ -107,7 +95,7 @@ def test_one_parent_run_with_a_child_run_per_fold(project: Path):
 
 
 def test_the_fold_ensemble_predicts_like_a_single_model(project: Path):
-    path = _latest(project / f"data/06_models/{MODEL}/cv_ensemble.keras")
+    path = latest(project / f"data/06_models/{MODEL}/cv_ensemble.keras")
     ensemble = load_keras_model(path)
     assert is_ensemble(ensemble) and len(ensemble_members(ensemble)) == 3
     predict = project / "data" / "01_raw" / "predict"
@@ -115,7 +103,7 @@ def test_the_fold_ensemble_predicts_like_a_single_model(project: Path):
     for image in sorted((project / "data/01_raw/images").glob("*/*/*.png"))[:2]:
         shutil.copy(image, predict / image.name)
     _run(project, "predict", {"predict": {"model": str(path), "gradcam": True}})
-    table = pd.read_csv(_latest(project / "data/07_model_output/predictions.csv"))
+    table = pd.read_csv(latest(project / "data/07_model_output/predictions.csv"))
     assert len(table) == 2 and table["predicted"].notna().all()
-    assert len(list(_latest(project / "data/08_reporting/gradcam").glob("*.png"))) == 2
+    assert len(list(latest(project / "data/08_reporting/gradcam").glob("*.png"))) == 2
 

@@ -96,8 +96,18 @@ def run(tmp: Path, data, train, storage: Path | None = None
                         models_dir=tmp / "models")
 
 
-def test_interrupted_cross_validation_resumes_with_the_missing_fold_only(tmp_path: Path, data):
-    reference_trials, reference = run(tmp_path / "once", data, CountingTrain())
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory, data
+                  ) -> tuple[Path, pd.DataFrame, pd.DataFrame]:
+    """(folder, trials, predictions) of one cross-validation that ran through."""
+    folder = tmp_path_factory.mktemp("cv_once")
+    trials, predictions = run(folder, data, CountingTrain())
+    return folder, trials, predictions
+
+
+def test_interrupted_cross_validation_resumes_with_the_missing_fold_only(tmp_path: Path, data,
+                                                                        uninterrupted):
+    _, reference_trials, reference = uninterrupted
 
     stopped = CountingTrain(stop_at=3)
     with pytest.raises(KeyboardInterrupt):
@@ -131,9 +141,9 @@ def test_interrupted_cross_validation_resumes_with_the_missing_fold_only(tmp_pat
                                   reference.sort_values(key, ignore_index=True))
 
 
-def test_fold_ensemble_is_the_mean_of_the_fold_models(tmp_path: Path, data):
-    trials, predictions = run(tmp_path, data, CountingTrain())
-    ensemble = build_cv_ensemble(trials, cv_params(tmp_path))
+def test_fold_ensemble_is_the_mean_of_the_fold_models(data, uninterrupted):
+    folder, trials, predictions = uninterrupted
+    ensemble = build_cv_ensemble(trials, cv_params(folder))
     assert is_ensemble(ensemble) and len(ensemble_members(ensemble)) == 3
     store, split = data
     outer = split[split["split"] == "test"]

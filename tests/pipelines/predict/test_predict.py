@@ -1,7 +1,7 @@
 """Prediction on new images: the `predict` pipeline, the `neuroblastoma-cnn` command, Grad-CAM.
 
-One tiny ResNet34 is trained once for the module (`train_resnet34` in the tiny environment, in a
-throw-away copy of the project); every test then predicts with it. The images to classify are
+The tiny ResNet34 of the session's trained project (`train_resnet34` in the tiny environment)
+predicts, in a copy of that project made once for the module. The images to classify are
 real BACH tissue (copies of training images, so their tiles can be checked against the tile
 store pixel for pixel) mixed with files that must be rejected, not fatal.
 """
@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from _tiny_project import TrainedProject, copy_project, latest
 from click.testing import CliRunner
 from kedro.framework.cli.cli import KedroCLI
 from kedro.framework.session import KedroSession
@@ -62,12 +63,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _latest(path: Path) -> Path:
-    versions = sorted(p for p in path.iterdir() if p.is_dir())
-    assert versions, f"no version of {path}"
-    return versions[-1] / path.name
 
 
 def _read_predictions(path: Path) -> pd.DataFrame:
@@ -119,34 +114,29 @@ def _write_bad_files(folder: Path, real_png: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory, bach_subset: Path) -> Iterator[Path]:
-    """A project copy with a trained tiny ResNet34 and a prediction folder (good + bad files);
-    the working directory for the whole module. `predict` has run once with the defaults."""
-    root = tmp_path_factory.mktemp("predict") / "project"
-    (root / "src").mkdir(parents=True)
-    shutil.copy(PROJECT_ROOT / "pyproject.toml", root / "pyproject.toml")
-    shutil.copytree(PROJECT_ROOT / "conf", root / "conf",
-                    ignore=lambda folder, names: names if Path(folder).name == "local" else [])
-    (root / "conf" / "local").mkdir(exist_ok=True)
-    shutil.copytree(bach_subset, root / "data" / "01_raw" / "images")
-    with (root / "conf" / "tiny" / "mlflow.yml").open("a") as conf:  # as conftest does
-        conf.write(f"\nserver:\n  mlflow_tracking_uri: sqlite:///{root / 'mlflow.db'}\n")
+def project(tmp_path_factory: pytest.TempPathFactory, trained: TrainedProject) -> Iterator[Path]:
+    """A copy of the session's trained project (tiny ResNet34 and ResNet50) and a prediction
+    folder (good + bad files); the working directory for the whole module. `predict` has run
+    once with the defaults. Its ResNet50 is removed, so that asking for it gives the message
+    that says how to train one."""
+    root = copy_project(trained.path, tmp_path_factory.mktemp("predict") / "project")
+    shutil.rmtree(root / "data" / "06_models" / "resnet50")
+    raw = root / "data" / "01_raw" / "images"
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
-        _run("train_resnet34")
         predict_dir = root / PREDICT_DIR
-        for i, image in enumerate(sorted(bach_subset.rglob("*.png"))[::3]):
+        for i, image in enumerate(sorted(raw.rglob("*.png"))[::7]):
             target = predict_dir / ("batch" if i % 2 else "nested/slide") / image.name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(image, target)
-        _write_bad_files(predict_dir, next(bach_subset.rglob("*.png")))
+        _write_bad_files(predict_dir, next(raw.rglob("*.png")))
         _run("predict")
         yield root
 
 
 @pytest.fixture(scope="module")
 def predictions(project: Path) -> pd.DataFrame:
-    return _read_predictions(_latest(project / "data/07_model_output/predictions.csv"))
+    return _read_predictions(latest(project / "data/07_model_output/predictions.csv"))
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +161,7 @@ def test_pipeline_predicts_every_file_and_flags_bad_ones(project: Path, predicti
 
     good = predictions[~predictions["rejected"]]
     assert len(good) == len(files) - len(BAD_FILES) >= 5
-    classes = TileStore(_latest(project / "data/03_primary/tiles")).metadata["classes"]
+    classes = TileStore(latest(project / "data/03_primary/tiles")).metadata["classes"]
     assert _prob_columns(good) == [f"{PROB_PREFIX}{c}" for c in classes]
     prob = good[_prob_columns(good)].to_numpy(dtype=float)
     np.testing.assert_allclose(prob.sum(axis=1), 1.0, atol=1e-6)
@@ -185,7 +175,7 @@ def test_pipeline_predicts_every_file_and_flags_bad_ones(project: Path, predicti
 
 
 def test_image_result_is_the_mean_of_its_tiles(project: Path, predictions):
-    tiles = pd.read_csv(_latest(project / "data/07_model_output/predicted_tiles.csv"))
+    tiles = pd.read_csv(latest(project / "data/07_model_output/predicted_tiles.csv"))
     good = predictions[~predictions["rejected"]].set_index("file")
     columns = _prob_columns(good)
     means = tiles.groupby("file")[columns].mean()
@@ -199,8 +189,8 @@ def test_image_result_is_the_mean_of_its_tiles(project: Path, predictions):
 def test_new_images_are_tiled_exactly_like_training_images(project: Path, model, predictions):
     """The prediction folder holds copies of training images: their tiles must be the tile
     store's, pixel for pixel, and get the probabilities the model gives the stored tiles."""
-    store = TileStore(_latest(project / "data/03_primary/tiles"))
-    tiles = pd.read_csv(_latest(project / "data/07_model_output/predicted_tiles.csv"))
+    store = TileStore(latest(project / "data/03_primary/tiles"))
+    tiles = pd.read_csv(latest(project / "data/07_model_output/predicted_tiles.csv"))
     preprocessing = preprocessing_of(model)
     checked = 0
     for name, path in list_image_files(PREDICT_DIR):
@@ -220,7 +210,7 @@ def test_new_images_are_tiled_exactly_like_training_images(project: Path, model,
 
 def test_pipeline_writes_gradcam_overlays_and_never_reads_ingestion_params(project, predictions):
     assert "params:ingestion" not in create_pipeline().inputs()
-    overlays = _latest(project / "data/08_reporting/gradcam")
+    overlays = latest(project / "data/08_reporting/gradcam")
     written = sorted(p.relative_to(overlays).as_posix() for p in overlays.rglob("*.png"))
     good = predictions.loc[~predictions["rejected"], "file"]
     assert written == sorted(f"{f}.png" for f in good)
@@ -229,7 +219,7 @@ def test_pipeline_writes_gradcam_overlays_and_never_reads_ingestion_params(proje
 
 
 def test_evaluation_logs_a_misclassified_gallery(project: Path):
-    gallery = _latest(project / "data/08_reporting/resnet34/misclassified_gallery.png")
+    gallery = latest(project / "data/08_reporting/resnet34/misclassified_gallery.png")
     with Image.open(gallery) as picture:
         assert picture.width > 100 and picture.height > 100
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
@@ -261,9 +251,9 @@ def test_model_selection_latest_given_version_and_mlflow_uri(project: Path, mode
     save_keras_model(newer, Path("data/06_models/resnet34/model.keras") / newer_version /
                      "model.keras")
     try:
-        latest = _run_predict()
-        last_class = _prob_columns(latest)[-1][len(PROB_PREFIX):]
-        good = latest[~latest["rejected"]]
+        newest = _run_predict()
+        last_class = _prob_columns(newest)[-1][len(PROB_PREFIX):]
+        good = newest[~newest["rejected"]]
         assert (good["predicted"] == last_class).all()
         assert good["model"].str.contains(newer_version).all()
 

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 from _params import params, store_metadata
 from _slides import BACH_DIR, bach_image, side_by_side, write_slide
+from _tiny_project import latest
 from PIL import Image
 
 from neuroblastoma_cnn.cli.commands import main
@@ -140,10 +141,6 @@ def test_the_command_predicts_a_slide(files, tmp_path) -> None:
     assert (heat / "two.tif.heatmap.png").is_file() and (cams / "two.tif.png").is_file()
 
 
-def _latest(folder: Path) -> Path:
-    return sorted(p for p in folder.iterdir() if p.is_dir())[-1] / folder.name
-
-
 @pytest.mark.integration
 @pytest.mark.slow
 def test_the_predict_pipeline_predicts_slides_beside_crops(files, kedro_project, run_kedro
@@ -155,10 +152,10 @@ def test_the_predict_pipeline_predicts_slides_beside_crops(files, kedro_project,
     for name in ("two.tif", "crop.png"):
         (folder / name).write_bytes(dict(files)[name].read_bytes())
     run_kedro("predict", runtime_params={"predict": {"model": str(model_path), "workers": 1}})
-    predictions = pd.read_csv(_latest(kedro_project / "data/07_model_output/predictions.csv"))
+    predictions = pd.read_csv(latest(kedro_project / "data/07_model_output/predictions.csv"))
     assert predictions["rejected"].tolist() == [False, False]
     assert predictions["share_Benign"].notna().all()
-    heatmaps = _latest(kedro_project / "data/08_reporting/slide_heatmaps")
+    heatmaps = latest(kedro_project / "data/08_reporting/slide_heatmaps")
     assert [p.name for p in heatmaps.rglob("*.png")] == ["two.tif.heatmap.png"]
-    cams = _latest(kedro_project / "data/08_reporting/gradcam")
+    cams = latest(kedro_project / "data/08_reporting/gradcam")
     assert sorted(p.name for p in cams.rglob("*.png")) == ["crop.png.png", "two.tif.png"]

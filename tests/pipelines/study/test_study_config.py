@@ -142,3 +142,27 @@ def test_a_value_the_model_refuses_stops_before_training(tmp_path):
     plan = prepare_study(study, resnet34=params["resnet34"], resnet50=params["resnet50"])
     assert plan.variant_names == ["optimizer=sgd", "optimizer=adam"]
     assert (tmp_path / "s.db").exists()  # the storage was opened before any training
+
+
+@pytest.mark.parametrize("env", ["base", "tiny"])
+@pytest.mark.parametrize("name", sorted(base_parameters()["study"]["studies"]))
+def test_every_shipped_study_is_validated_into_its_trials(env, name, tmp_path):
+    """What `kedro run --pipeline=study --params study.name=<name>` does before its first trial,
+    for every shipped study: resolved, every variant (or every end of the search space) parsed
+    as the training node's own parameters, the storage opened, the grid laid out. One study runs
+    end to end in test_study_pipeline.py (`search`), beside the kill/resume test (`dropout`)."""
+    params = _conf(env)
+    study = dict(params["study"], name=name, storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    plan = prepare_study(study, **{m: params[m] for m in ("resnet34", "resnet50")})
+    assert plan.name == name and (tmp_path / "optuna.db").exists()
+    spec = params["study"]["studies"][name]
+    if plan.mode == "search":
+        assert plan.n_trials == spec["n_trials"] and set(plan.space) == set(spec["space"])
+        return
+    points = engine.grid_points(plan)
+    assert len(points) == len(set(points)) == len(plan.variants) * plan.repeats
+    assert plan.repeat_scheme == spec.get("repeat_scheme", params["study"]["repeat_scheme"])
+    for variant in plan.variants:
+        trial_params = plan.params_for(variant.set)
+        for path, value in {**spec.get("fixed", {}), **variant.set}.items():
+            assert config.get_path(trial_params, path) == value, (name, variant.name, path)

@@ -3,7 +3,8 @@
 One project runs `data_processing` once; the `dropout` study (2 values x 2 repeats, 1 epoch) is
 started, killed with SIGKILL while a trial runs, and resumed with two worker processes. Then
 the trials, the MLflow child runs, the summary with its paired test and the best parameters are
-checked. `test_every_shipped_study_runs` (slow) runs each shipped study at its tiny size.
+checked. `test_a_search_study_runs_end_to_end` (slow) runs the shipped `search` study at its
+tiny size; every shipped study is validated into its trials in test_study_config.py.
 """
 
 from __future__ import annotations
@@ -20,10 +21,9 @@ import optuna
 import pandas as pd
 import pytest
 import yaml
-from _tiny_project import KEDRO, kedro, make_project, run_env
+from _tiny_project import KEDRO, kedro, latest, make_project, run_env
 from optuna.trial import TrialState
 
-from neuroblastoma_cnn.params import base_parameters
 from neuroblastoma_cnn.trials.engine import open_storage
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
@@ -37,12 +37,6 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     result = kedro(path, "run", "--env=tiny", "--pipeline=data_processing")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return path
-
-
-def _latest(path: Path) -> Path:
-    versions = sorted(p for p in path.iterdir() if p.is_dir())
-    assert versions, f"no version of {path}"
-    return versions[-1] / path.name
 
 
 def _study(project: Path, prefix: str) -> optuna.Study | None:
@@ -133,7 +127,7 @@ def _check_mlflow(project: Path) -> None:
 
 
 def _check_summary(project: Path) -> None:
-    summary = pd.read_csv(_latest(project / "data/08_reporting/study/summary.csv"))
+    summary = pd.read_csv(latest(project / "data/08_reporting/study/summary.csv"))
     assert list(summary["variant"]) == ["dropout=0", "dropout=0.5"]
     assert summary["n"].tolist() == [2, 2]
     assert summary["baseline"].tolist() == [True, False]
@@ -144,9 +138,9 @@ def _check_summary(project: Path) -> None:
         assert column in summary
     classes = sorted(p.name for p in (project / "data/01_raw/images").iterdir())
     assert {f"f1_{c}_mean" for c in classes} <= set(summary.columns)
-    report = _latest(project / "data/08_reporting/study/summary.md").read_text()
+    report = latest(project / "data/08_reporting/study/summary.md").read_text()
     assert "| Variant | n | Macro-F1 mean ± sd | 95% CI |" in report
-    best = yaml.safe_load(_latest(project / "data/08_reporting/study/best_parameters.yml")
+    best = yaml.safe_load(latest(project / "data/08_reporting/study/best_parameters.yml")
                           .read_text())
     assert set(best) == {"resnet34"} and "dropout" in best["resnet34"]["model"]
     assert best["resnet34"]["training"]["learning_rate"] == 0.001
@@ -183,22 +177,19 @@ def test_bad_study_is_one_line_before_training(project: Path):
     assert "neuroblastoma-cnn: error: Unknown study 'dropuot'" in command.stderr
 
 
-SHIPPED = sorted(base_parameters()["study"]["studies"])
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("name", SHIPPED)
-def test_every_shipped_study_runs(project: Path, name: str):
+def test_a_search_study_runs_end_to_end(project: Path):
+    """The representative shipped study end to end: `search` (TPE, the median pruner on
+    per-epoch validation macro-F1, best parameters). Grid studies run end to end in the
+    kill/resume test above; every shipped study is resolved and validated into its trials in
+    test_study_config.py::test_every_shipped_study_is_validated_into_its_trials."""
     result = kedro(project, "run", "--env=tiny", "--pipeline=study",
-                   f"--params=study.name={name},{ONE_EPOCH}", timeout=900)
+                   f"--params=study.name=search,{ONE_EPOCH}", timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    study = _study(project, f"{name}-")
-    expected = {"repeated_splits": 2}.get(name, 4)  # its one variant x 2; search: 4 trials
-    if name == "search":
-        finished = _states(study)[TrialState.COMPLETE] + _states(study)[TrialState.PRUNED]
-    else:
-        # Grid points done: the dropout study may be the kill test's, resumed by two workers,
-        # whose duplicate trials end PRUNED without training (how many depends on timing).
-        finished = len({(t.params["variant"], t.params["repeat"]) for t in study.get_trials()
-                        if t.state == TrialState.COMPLETE})
-    assert finished == expected
+    states = _states(_study(project, "search-"))
+    assert states[TrialState.COMPLETE] + states[TrialState.PRUNED] == 4, states
+    best = yaml.safe_load(latest(project / "data/08_reporting/study/best_parameters.yml")
+                          .read_text())
+    assert set(best) == {"resnet34"}, best
+    assert {"optimizer", "learning_rate"} <= set(best["resnet34"]["training"]), best
+    assert {"dropout", "l2"} <= set(best["resnet34"]["model"]), best
