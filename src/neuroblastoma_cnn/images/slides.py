@@ -8,7 +8,10 @@ slide's tiles here, with the same :class:`~.decoding.TilingConfig` that crops us
 Decisions:
 
 - Backends: OpenSlide when the ``openslide`` module imports and recognises the file, else
-  ``tiffslide`` (pure Python: SVS and pyramidal TIFF). Both sit behind :class:`Slide`.
+  ``tiffslide`` (pure Python: SVS and pyramidal TIFF). Both sit behind :class:`Slide`, and the
+  tests read the same slides with both (same pixels). ``NEUROBLASTOMA_CNN_SLIDE_READER``
+  (``auto``, ``openslide``, ``tiffslide``) forces one, e.g. to compare them or to step around
+  one that misreads a file.
 - What is a slide: a file with a slide extension (``.svs``, ``.ndpi``...), or a TIFF that is
   tiled and has more than one pyramid level. Any other TIFF is a crop, read as before.
 - Tile size: ``tile_um`` (edge in microns) or ``target_mpp`` (``tile_size`` pixels counted at
@@ -35,6 +38,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from neuroblastoma_cnn.core.errors import ParameterError
 from neuroblastoma_cnn.images.decoding import (
     ImageRejected,
     Reason,
@@ -56,6 +60,9 @@ TISSUE_PIXELS_PER_TILE = 32
 STRIP_PIXELS = 4096
 #: Largest strip (bytes of RGB) read at once for a thumbnail.
 STRIP_BYTES = 64 << 20
+#: The environment variable choosing the slide reader, and its values.
+READER_VARIABLE = "NEUROBLASTOMA_CNN_SLIDE_READER"
+READERS = ("auto", "openslide", "tiffslide")
 
 
 def is_slide(path: str | os.PathLike[str]) -> bool:
@@ -161,19 +168,37 @@ def _mpp(properties: Any) -> float | None:
     return float(np.mean(values)) if len(values) == 2 else None
 
 
-def open_slide(path: str | os.PathLike[str], name: str | None = None) -> Slide:
-    """Opens a slide with OpenSlide if installed and it knows the format, else tiffslide;
-    :class:`ImageRejected` naming the file when neither can."""
-    name = name or str(path)
-    try:
-        import openslide  # noqa: PLC0415  (optional)
+def slide_reader() -> str:
+    """The reader asked for in :data:`READER_VARIABLE`: ``auto`` (default), ``openslide`` or
+    ``tiffslide``; anything else is a :class:`ParameterError` naming the variable."""
+    reader = os.environ.get(READER_VARIABLE, "auto").strip().lower() or "auto"
+    if reader not in READERS:
+        raise ParameterError(f"{READER_VARIABLE}={reader!r}: must be one of "
+                             f"{', '.join(READERS)}")
+    return reader
 
-        if openslide.OpenSlide.detect_format(str(path)):
-            return Slide(openslide.OpenSlide(str(path)), "openslide", name)
-    except ImportError:
-        pass
-    except Exception as exc:
-        logger.debug("OpenSlide cannot open '%s' (%s); trying tiffslide", name, exc)
+
+def open_slide(path: str | os.PathLike[str], name: str | None = None,
+               reader: str | None = None) -> Slide:
+    """Opens a slide with ``reader`` (default :func:`slide_reader`): ``auto`` takes OpenSlide if
+    installed and it knows the format, else tiffslide; :class:`ImageRejected` naming the file
+    when the reader(s) cannot."""
+    name = name or str(path)
+    reader = reader or slide_reader()
+    if reader in ("auto", "openslide"):
+        try:
+            import openslide  # noqa: PLC0415  (optional)
+
+            if openslide.OpenSlide.detect_format(str(path)):
+                return Slide(openslide.OpenSlide(str(path)), "openslide", name)
+            problem = "OpenSlide does not know its format"
+        except ImportError:
+            problem = "OpenSlide is not installed (pip install openslide-python openslide-bin)"
+        except Exception as exc:
+            problem = f"OpenSlide cannot open it ({exc})"
+        if reader == "openslide":
+            raise ImageRejected(name, f"{Reason.SLIDE_UNREADABLE}: {problem}")
+        logger.debug("'%s': %s; trying tiffslide", name, problem)
     try:
         import tiffslide  # noqa: PLC0415
 
