@@ -121,3 +121,52 @@ def write_large_slide(path: Path, sources: list[np.ndarray], width: int, height:
             tif.write(tiles(down), shape=shape, resolution=(1e4 / (mpp * down),) * 2,
                       subfiletype=1 if i else 0, **options)
     return path
+
+
+# ----------------------------------------------------------------------------- annotations
+#: A region: (id, class or None, polygons as rings of (x, y) level-0 pixels; a polygon's first
+#: ring is its outline, the others its holes).
+RegionSpec = tuple[str, str | None, list[list[list[tuple[float, float]]]]]
+
+
+def rectangle(x0: float, y0: float, x1: float, y1: float) -> list[tuple[float, float]]:
+    """A closed ring around ``(x0, y0)-(x1, y1)``."""
+    return [(x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0)]
+
+
+def write_qupath_geojson(path: Path, regions: list[RegionSpec]) -> Path:
+    """``regions`` as QuPath 0.4+ exports annotations (File > Export objects as GeoJSON)."""
+    import json  # noqa: PLC0415
+
+    features = []
+    for region_id, label, polygons in regions:
+        coordinates = [[[list(p) for p in ring] for ring in polygon] for polygon in polygons]
+        geometry = ({"type": "Polygon", "coordinates": coordinates[0]} if len(polygons) == 1
+                    else {"type": "MultiPolygon", "coordinates": coordinates})
+        properties: dict = {"objectType": "annotation"}
+        if label is not None:
+            properties["classification"] = {"name": label, "color": [200, 0, 0]}
+        features.append({"type": "Feature", "id": region_id, "geometry": geometry,
+                         "properties": properties})
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    return path
+
+
+def write_imagescope_xml(path: Path, layers: dict[str, list[tuple[list[tuple[float, float]],
+                                                                  bool]]]) -> Path:
+    """``{layer name: [(vertices, negative)]}`` as ImageScope saves it beside a slide (open
+    rings: ImageScope does not repeat the first vertex)."""
+    lines = ['<?xml version="1.0" encoding="UTF-8"?>', '<Annotations MicronsPerPixel="0.5">']
+    for layer_id, (name, regions) in enumerate(layers.items(), start=1):
+        lines.append(f'<Annotation Id="{layer_id}" Name="{name}" LineColor="65280">'
+                     '<Regions>')
+        for region_id, (vertices, negative) in enumerate(regions, start=1):
+            lines.append(f'<Region Id="{region_id}" Type="0" Text="" '
+                         f'NegativeROA="{int(negative)}"><Attributes/><Vertices>')
+            ring = vertices[:-1] if vertices[0] == vertices[-1] else vertices
+            lines.extend(f'<Vertex X="{x}" Y="{y}" Z="0"/>' for x, y in ring)
+            lines.append("</Vertices></Region>")
+        lines.append("</Regions><Plots/></Annotation>")
+    lines.append("</Annotations>")
+    path.write_text("\n".join(lines))
+    return path

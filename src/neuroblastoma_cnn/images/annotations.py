@@ -35,7 +35,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 from xml.etree import ElementTree
 
 import shapely
@@ -43,11 +43,11 @@ from shapely import affinity
 from shapely.geometry import box, mapping, shape
 from shapely.geometry.base import BaseGeometry
 
-from neuroblastoma_cnn.images.rejection import ImageRejected
+from neuroblastoma_cnn.core.types import ImageScopeClass
+from neuroblastoma_cnn.images.rejection import ImageRejected, Reason
 
 #: Files read as annotations beside a slide (``<slide stem>`` or ``<slide name>`` + suffix).
 ANNOTATION_SUFFIXES = (".geojson", ".json", ".xml")
-ImageScopeClass = Literal["annotation_name", "region_text"]
 #: Vertices of the polygon an ImageScope ellipse becomes.
 ELLIPSE_VERTICES = 64
 
@@ -57,7 +57,8 @@ class AnnotationsRejected(ImageRejected):
     annotations")."""
 
 
-UNREADABLE = "unreadable annotations"
+def _unreadable(name: str, detail: str) -> AnnotationsRejected:
+    return AnnotationsRejected(name, f"{Reason.ANNOTATIONS_UNREADABLE}: {detail}")
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,7 @@ def read_qupath_geojson(data: bytes, name: str,
     try:
         document = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AnnotationsRejected(name, f"{UNREADABLE}: not valid GeoJSON ({exc})") from exc
+        raise _unreadable(name, f"not valid GeoJSON ({exc})") from exc
     features = _features(document, name)
     wanted = set(object_types)
     found = Annotations(name)
@@ -167,9 +168,8 @@ def _features(document: Any, name: str) -> list[Any]:
         return document["features"]
     if isinstance(document, Mapping) and document.get("type") == "Feature":
         return [document]
-    raise AnnotationsRejected(name, f"{UNREADABLE}: not a GeoJSON FeatureCollection, feature "
-                                    "list or feature (QuPath: File > Export objects as "
-                                    "GeoJSON)")
+    raise _unreadable(name, "not a GeoJSON FeatureCollection, feature list or feature "
+                            "(QuPath: File > Export objects as GeoJSON)")
 
 
 def _add_feature(found: Annotations, region_id: str, feature: Mapping[str, Any],
@@ -218,10 +218,10 @@ def read_imagescope_xml(data: bytes, name: str, imagescope_class: ImageScopeClas
     try:
         root = ElementTree.fromstring(data)
     except ElementTree.ParseError as exc:
-        raise AnnotationsRejected(name, f"{UNREADABLE}: not valid XML ({exc})") from exc
+        raise _unreadable(name, f"not valid XML ({exc})") from exc
     if root.tag != "Annotations":
-        raise AnnotationsRejected(name, f"{UNREADABLE}: not ImageScope XML (root element "
-                                        f"<{root.tag}>, not <Annotations>)")
+        raise _unreadable(name, f"not ImageScope XML (root element <{root.tag}>, not "
+                                "<Annotations>)")
     found = Annotations(name)
     for layer_number, layer in enumerate(root.iter("Annotation"), start=1):
         layer_id = layer.get("Id") or str(layer_number)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from neuroblastoma_cnn.core.errors import DataError
 from neuroblastoma_cnn.images.decoding import ImageRejected, Reason
 from neuroblastoma_cnn.images.slides import (
     is_slide,
@@ -37,6 +38,9 @@ MANIFEST_COLUMNS = [
 ]
 #: Added to the manifest only when it lists a slide (crop-only manifests keep their columns).
 SLIDE_MANIFEST_COLUMNS = ["slide", "mpp", "levels", "tile_px", "read_level"]
+#: Added after those when it lists an annotated slide (one row per region: ``annotated.py``).
+ANNOTATION_MANIFEST_COLUMNS = ["slide_path", "region", "annotations", "annotations_sha256",
+                               "n_tiles_mixed"]
 REJECTED_COLUMNS = ["file", "reason"]
 HASH_CHUNK = 16 << 20
 
@@ -75,6 +79,29 @@ def inspect_slide(path: Path, name: str, settings: IngestionParams) -> dict[str,
             "slide": True, "mpp": grid.mpp, "levels": len(slide.level_dimensions),
             "tile_px": grid.side0, "read_level": grid.read_level,
         }
+
+
+class RawDataChangedError(DataError):
+    """Raised when a raw file no longer matches the manifest it was listed in."""
+
+
+def read_verified(path: Path, sha256: str, whole: bool) -> bytes:
+    """The file's bytes (``whole``; else only its hash is checked, in chunks), or
+    RawDataChangedError if it cannot be read or no longer matches the manifest."""
+    try:
+        data = path.read_bytes() if whole else b""
+        digest = hashlib.sha256(data).hexdigest() if whole else file_sha256(path)[0]
+    except OSError as exc:
+        raise RawDataChangedError(
+            f"'{path}' is in the image manifest but cannot be read ({exc}); "
+            "rerun the ingestion pipeline."
+        ) from exc
+    if digest != sha256:
+        raise RawDataChangedError(
+            f"'{path}' changed since the image manifest was built (sha256 differs); "
+            "rerun the ingestion pipeline."
+        )
+    return data
 
 
 def file_sha256(path: Path) -> tuple[str, int]:
@@ -232,10 +259,14 @@ def manifest_tables(rows: list[dict[str, Any]], threshold: float,
     when it lists a slide; images without a tile at ``threshold`` are listed as rejected too
     (they stay in the manifest with ``n_tiles`` 0)."""
     has_slides = any(row.get("slide") for row in rows)
-    columns = MANIFEST_COLUMNS + (SLIDE_MANIFEST_COLUMNS if has_slides else [])
+    has_regions = any(row.get("region") is not None for row in rows)
+    columns = (MANIFEST_COLUMNS + (SLIDE_MANIFEST_COLUMNS if has_slides else [])
+               + (ANNOTATION_MANIFEST_COLUMNS if has_regions else []))
     manifest = pd.DataFrame(rows, columns=columns)
     if has_slides:
         manifest["slide"] = manifest["slide"].eq(True)
+    if has_regions:
+        manifest["n_tiles_mixed"] = manifest["n_tiles_mixed"].astype("Int64")
     manifest = manifest.sort_values("image_path", ignore_index=True)
     for row in manifest.itertuples():
         if row.n_tiles == 0:

@@ -1,0 +1,200 @@
+"""Ingestion of slides with annotated regions (QuPath GeoJSON, ImageScope XML): a manifest row
+per region, every tile of the class of the image it was cut from and inside its region, mixed
+tiles dropped and counted, and every bad input one line naming its file and region."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import shapely
+from _params import params
+from _slides import (
+    BACH_DIR,
+    bach_image,
+    rectangle,
+    side_by_side,
+    write_imagescope_xml,
+    write_qupath_geojson,
+    write_slide,
+)
+
+from neuroblastoma_cnn.images.slides import open_slide
+from neuroblastoma_cnn.pipelines.ingestion.annotated import plan_regions
+from neuroblastoma_cnn.pipelines.ingestion.nodes import (
+    NoUsableImagesError,
+    RawDataChangedError,
+    build_image_manifest,
+    tile_images,
+)
+
+pytestmark = pytest.mark.skipif(not (BACH_DIR / "images").is_dir(), reason="no BACH images")
+
+#: 32 px tiles (16 um at 0.5 um/px) read at level 0 as they are.
+PARAMS = params("ingestion", tile_size=32, stride=None, input_size=32, min_tissue_fraction=0.5,
+                workers=1, tile_um=16.0, annotation_classes=["Benign", "Invasive"])
+#: Where each class's BACH image lies on the slides (side by side, 32 px of white around each).
+EXTENT = {"Benign": (32, 32, 288, 224), "Invasive": (352, 32, 608, 224)}
+BENIGN = [rectangle(40, 40, 280, 216), rectangle(120, 96, 184, 160)]  # with a hole
+WRONG = rectangle(192, 152, 288, 224)  # "Invasive", drawn over the Benign image
+
+
+@pytest.fixture(scope="module")
+def slides() -> dict[str, np.ndarray]:
+    return {name: side_by_side([bach_image("Benign", i), bach_image("Invasive", i)], margin=32)
+            for i, name in enumerate(("caseA", "caseB"))}
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory: pytest.TempPathFactory, slides) -> Path:
+    """caseA with QuPath regions (good and bad), caseB with ImageScope layers, a crop folder."""
+    root = tmp_path_factory.mktemp("raw")
+    for name, pixels in slides.items():
+        write_slide(root / f"{name}.tif", pixels, mpp=0.5)
+    write_qupath_geojson(root / "caseA.geojson", [
+        ("b1", "Benign", [BENIGN]),
+        ("i1", "Invasive", [[rectangle(352, 32, 480, 224)], [rectangle(480, 32, 600, 128)]]),
+        ("wrong", "Invasive", [[WRONG]]),
+        ("unnamed", None, [[rectangle(360, 150, 400, 200)]]),
+        ("stroma", "Stroma", [[rectangle(0, 0, 30, 30)]]),
+        ("far", "Benign", [[rectangle(600, 200, 700, 300)]]),
+    ])
+    write_imagescope_xml(root / "caseB.xml", {
+        "Benign": [(BENIGN[0], False), (BENIGN[1], True)],
+        "Invasive": [(rectangle(352, 32, 600, 224), False)],
+    })
+    crops = root / "Benign" / "P1"
+    crops.mkdir(parents=True)
+    from PIL import Image  # noqa: PLC0415
+
+    Image.fromarray(bach_image("Benign", 3)).save(crops / "crop.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def ingested(raw: Path) -> tuple[pd.DataFrame, pd.DataFrame, list]:
+    manifest, rejected = build_image_manifest(raw, PARAMS)
+    return manifest, rejected, list(tile_images(raw, manifest, PARAMS))
+
+
+def test_one_manifest_row_per_region(ingested) -> None:
+    manifest, rejected, _ = ingested
+    rows = manifest.set_index("image_path")
+    assert list(rows.index) == ["Benign/P1/crop.png", "caseA.tif#b1", "caseA.tif#i1",
+                                "caseB.tif#1.1", "caseB.tif#2.1"]
+    regions = rows.loc[rows["slide_path"].notna()]
+    assert regions["label"].tolist() == ["Benign", "Invasive", "Benign", "Invasive"]
+    assert regions["group"].tolist() == ["caseA.tif", "caseA.tif", "caseB.tif", "caseB.tif"]
+    assert regions["annotations"].tolist() == ["caseA.geojson"] * 2 + ["caseB.xml"] * 2
+    assert (regions["n_tiles"] > 20).all() and regions["mpp"].eq(0.5).all()
+    assert rows.loc["caseA.tif#b1", "n_tiles_mixed"] > 0  # its border with "wrong"
+    assert rows.loc["caseB.tif#1.1", "n_tiles_mixed"] == 0
+    reasons = rejected[rejected["file"] == "caseA.geojson"]["reason"].tolist()
+    assert len(reasons) == 4 and all(r.startswith("region refused: region '") for r in reasons)
+    why = {r.split("'")[1]: r.split("': ", 1)[1] for r in reasons}
+    assert why["unnamed"].startswith("no class")
+    assert why["stroma"].startswith("class 'Stroma' is not in ingestion.annotation_classes")
+    assert why["far"].startswith("coordinates outside the slide")
+    assert why["wrong"].startswith("no tile kept")  # every tile of it is mixed
+
+
+def test_every_tile_is_of_its_image_and_inside_its_region(ingested, slides) -> None:
+    manifest, _, records = ingested
+    meta = pd.DataFrame([m for _, m in records])
+    annotated = meta[meta["slide_path"].notna()]
+    assert len(annotated) == manifest.loc[manifest["slide_path"].notna(), "n_tiles"].sum()
+    assert set(annotated["level"]) == {0} and set(annotated["tile_px"]) == {32}
+    outline = {"Benign": shapely.Polygon(BENIGN[0], [BENIGN[1]]),
+               "Invasive": shapely.box(352, 32, 600, 224)}
+    wrong = shapely.box(*WRONG[0], *WRONG[2])
+    for (tile, m) in records:
+        if not isinstance(m.get("slide_path"), str):
+            continue
+        x, y, label = m["x"], m["y"], m["label"]
+        x0, y0, x1, y1 = EXTENT[label]
+        assert x0 <= x and x + 32 <= x1 and y0 <= y and y + 32 <= y1  # on its class's image
+        box = shapely.box(x, y, x + 32, y + 32)
+        assert box.intersection(outline[label]).area >= 0.5 * 32 * 32  # inside its region
+        if m["slide_path"] == "caseA.tif":  # never a mixed tile
+            assert box.intersection(wrong).area <= 0.01 * 32 * 32
+        pixels = slides[m["slide_path"][:-4]]
+        assert np.array_equal(tile, pixels[y:y + 32, x:x + 32])  # cut from there, as it is
+        assert m["image_path"] == f"{m['slide_path']}#{m['region']}"
+
+
+def test_imagescope_and_qupath_regions_cut_the_same_tiles(raw, tmp_path) -> None:
+    """The same regions (a Benign one with a hole, an Invasive one in two parts) drawn in both
+    formats over caseA give the same tiles of the same classes."""
+    parts = [rectangle(352, 32, 480, 224), rectangle(480, 32, 600, 128)]
+    qupath = write_qupath_geojson(tmp_path / "a.geojson", [
+        ("b", "Benign", [BENIGN]), ("i", "Invasive", [[part] for part in parts])])
+    imagescope = write_imagescope_xml(tmp_path / "a.xml", {
+        "Benign": [(BENIGN[0], False), (BENIGN[1], True)],
+        "Invasive": [(part, False) for part in parts]})
+    tiles = {}
+    with open_slide(raw / "caseA.tif") as slide:
+        for name, path in (("qupath", qupath), ("imagescope", imagescope)):
+            plan = plan_regions(slide, path.read_bytes(), path.name, PARAMS)
+            tiles[name] = [(int(i), plan.regions[r].label)
+                           for i, r in zip(plan.tiles.indices, plan.tiles.region, strict=True)]
+    assert tiles["qupath"] == tiles["imagescope"]
+    assert {label for _, label in tiles["qupath"]} == {"Benign", "Invasive"}
+
+
+def test_bad_annotations_one_line_each(tmp_path, caplog) -> None:
+    pixels = bach_image("Benign", 4)  # 256 x 192
+    for name in ("lonely", "broken", "allbad", "bowtie", "two"):
+        write_slide(tmp_path / f"{name}.tif", pixels, mpp=0.5)
+    (tmp_path / "orphan.geojson").write_text('{"type": "FeatureCollection", "features": []}')
+    (tmp_path / "broken.geojson").write_text('{"type": "FeatureCollection", "features": [')
+    write_imagescope_xml(tmp_path / "allbad.xml", {"": [(rectangle(10, 10, 200, 180), False)]})
+    write_qupath_geojson(tmp_path / "bowtie.geojson", [
+        ("x", "Benign", [[[(0, 0), (256, 192), (256, 0), (0, 192), (0, 0)]]])])
+    for suffix in (".geojson", ".xml"):
+        shutil.copy(tmp_path / "bowtie.geojson", tmp_path / f"two{suffix}")
+    (tmp_path / "notes.txt").write_text("")
+    with caplog.at_level(logging.WARNING):
+        manifest, rejected = build_image_manifest(tmp_path, PARAMS)
+    reasons = dict(zip(rejected["file"], rejected["reason"], strict=True))
+    assert reasons["orphan.geojson"].startswith("annotations without a slide: no slide named "
+                                                "'orphan'")
+    assert reasons["lonely.tif"].startswith("slide without annotations: a slide outside class "
+                                            "folders needs its regions beside it")
+    assert reasons["broken.geojson"].startswith("unreadable annotations: not valid GeoJSON")
+    assert reasons["broken.tif"] == ("no usable region: its annotations 'broken.geojson' "
+                                     "cannot be read")
+    assert reasons["allbad.xml"].startswith("region refused: region '1.1': no class")
+    assert reasons["allbad.tif"].startswith("no usable region: every region was refused (1; "
+                                            "see the lines of 'allbad.xml')")
+    assert reasons["two.tif"] == ("several annotation files: two.geojson, two.xml; keep one")
+    assert reasons["notes.txt"].startswith("not inside a class folder")
+    assert all("\n" not in r for r in reasons.values())
+    assert manifest["image_path"].tolist() == ["bowtie.tif#x"]  # repaired, kept, and said so
+    warning = [r.getMessage() for r in caplog.records if "bowtie.geojson" in r.getMessage()]
+    assert warning == ["Annotations 'bowtie.geojson', region 'x': Self-intersection[128 96]; "
+                       "repaired with shapely.make_valid"]
+
+
+def test_nothing_usable_stops_with_the_reasons(tmp_path) -> None:
+    write_slide(tmp_path / "case.tif", bach_image("Benign", 4), mpp=0.5)
+    write_qupath_geojson(tmp_path / "case.geojson", [
+        ("a", "Stroma", [[rectangle(10, 10, 200, 180)]])])
+    with pytest.raises(NoUsableImagesError, match=r"case\.tif: no usable region: every region "
+                                                  r"was refused"):
+        build_image_manifest(tmp_path, PARAMS)
+
+
+def test_annotations_changed_after_the_manifest_write_nothing(raw, tmp_path) -> None:
+    copy = tmp_path / "raw"
+    copy.mkdir()
+    for name in ("caseA.tif", "caseA.geojson"):
+        shutil.copy(raw / name, copy / name)
+    manifest, _ = build_image_manifest(copy, PARAMS)
+    write_qupath_geojson(copy / "caseA.geojson", [("b1", "Invasive", [BENIGN])])
+    with pytest.raises(RawDataChangedError, match=r"caseA\.geojson.*changed since the image "
+                                                  r"manifest"):
+        next(iter(tile_images(copy, manifest, PARAMS)))
