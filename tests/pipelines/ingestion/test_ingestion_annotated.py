@@ -22,6 +22,8 @@ from _slides import (
     write_qupath_geojson,
     write_slide,
 )
+from kedro.framework.session import KedroSession
+from kedro.framework.startup import bootstrap_project
 
 from neuroblastoma_cnn.images.slides import open_slide
 from neuroblastoma_cnn.pipelines.ingestion.annotated import plan_regions
@@ -198,3 +200,29 @@ def test_annotations_changed_after_the_manifest_write_nothing(raw, tmp_path) -> 
     with pytest.raises(RawDataChangedError, match=r"caseA\.geojson.*changed since the image "
                                                   r"manifest"):
         next(iter(tile_images(copy, manifest, PARAMS)))
+
+
+@pytest.mark.integration
+def test_annotated_slides_through_ingestion_and_splitting(kedro_project, run_kedro) -> None:
+    """`kedro run` (env tiny: 128 px tiles) on the BACH subset plus an annotated slide at the
+    top of the raw folder: its regions come back from the catalog as strings, its tiles stay
+    in one split with the slide as their patient."""
+    raw = kedro_project / "data" / "01_raw" / "images"
+    pixels = side_by_side([bach_image("Benign", 5, 4), bach_image("Invasive", 5, 4)], margin=32)
+    write_slide(raw / "case 7.tif", pixels, mpp=0.5)  # 1088 x 448: images of 512 x 384
+    write_qupath_geojson(raw / "case 7.geojson", [
+        ("1", "Benign", [[rectangle(32, 32, 544, 416)]]),
+        ("2", "Invasive", [[rectangle(576, 32, 1088, 416)]])])
+    run_kedro("ingestion")
+    run_kedro("splitting")
+    bootstrap_project(kedro_project)
+    with KedroSession.create(project_path=kedro_project, env="tiny") as session:
+        catalog = session.load_context().catalog
+        manifest, store = catalog.load("image_manifest"), catalog.load("tiles")
+        split = catalog.load("split_table")
+    rows = manifest[manifest["slide_path"] == "case 7.tif"]
+    assert rows["region"].tolist() == ["1", "2"] and rows["group"].eq("case 7.tif").all()
+    tiles = store.index[store.index["slide_path"] == "case 7.tif"]
+    assert set(tiles["region"]) == {"1", "2"} and len(tiles) == rows["n_tiles"].sum() > 0
+    assert (tiles["label"] == tiles["region"].map({"1": "Benign", "2": "Invasive"})).all()
+    assert split[split["group"] == "case 7.tif"]["split"].nunique() == 1
