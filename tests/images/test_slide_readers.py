@@ -63,3 +63,13 @@ def test_a_file_openslide_cannot_read_is_one_reason(tmp_path) -> None:
     text.write_text("not a slide")
     with pytest.raises(ImageRejected, match="unreadable slide: OpenSlide does not know"):
         open_slide(text, reader="openslide")
+
+
+def test_openslide_beyond_the_edge_is_white(slides) -> None:
+    """OpenSlide gives transparent pixels outside the slide: composited on white, while an
+    opaque region takes the fast path (its alpha dropped)."""
+    with open_slide(slides["generic"], reader="openslide") as slide:
+        region = slide.read_region(600, 40, 0, 80, 32)  # the slide is 640 px wide
+        inside = slide.read_region(64, 40, 0, 80, 32)
+    assert region.shape == inside.shape == (32, 80, 3) and region.flags.c_contiguous
+    assert (region[:, 40:] == 255).all() and inside.flags.c_contiguous

@@ -110,7 +110,11 @@ class Slide:
                 if region.ndim == 3 and region.shape[2] == 3 and region.dtype == np.uint8:
                     return np.ascontiguousarray(region)
                 return to_rgb8(Image.fromarray(np.asarray(region)), self.name)
-            return to_rgb8(self._handle.read_region((x, y), level, (width, height)), self.name)
+            region = self._handle.read_region((x, y), level, (width, height))
+            pixels = np.asarray(region)
+            if region.mode == "RGBA" and pixels[..., 3].min() == 255:  # opaque: the usual case
+                return np.ascontiguousarray(pixels[..., :3])
+            return to_rgb8(region, self.name)
         except ImageRejected:
             raise
         except Exception as exc:

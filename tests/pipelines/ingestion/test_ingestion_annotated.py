@@ -25,7 +25,7 @@ from _slides import (
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 
-from neuroblastoma_cnn.images.slides import open_slide
+from neuroblastoma_cnn.images.slides import READER_VARIABLE, open_slide
 from neuroblastoma_cnn.pipelines.ingestion.annotated import plan_regions
 from neuroblastoma_cnn.pipelines.ingestion.nodes import (
     NoUsableImagesError,
@@ -226,3 +226,34 @@ def test_annotated_slides_through_ingestion_and_splitting(kedro_project, run_ked
     assert set(tiles["region"]) == {"1", "2"} and len(tiles) == rows["n_tiles"].sum() > 0
     assert (tiles["label"] == tiles["region"].map({"1": "Benign", "2": "Invasive"})).all()
     assert split[split["group"] == "case 7.tif"]["split"].nunique() == 1
+
+
+def test_group_pattern_finds_the_patient_in_the_slide_name(tmp_path) -> None:
+    """Two slides of patient P7 share a group; a slide the pattern misses is one line."""
+    pixels = bach_image("Benign", 4)  # 256 x 192
+    for stem in ("P7_a", "P7_b", "x"):
+        write_slide(tmp_path / f"{stem}.tif", pixels, mpp=0.5)
+        write_qupath_geojson(tmp_path / f"{stem}.geojson", [
+            ("r", "Benign", [[rectangle(0, 0, 256, 192)]])])
+    settings = PARAMS.model_copy(update={"group_pattern": r"^(?P<group>P\d+)_"})
+    manifest, rejected = build_image_manifest(tmp_path, settings)
+    assert dict(zip(manifest["image_path"], manifest["group"], strict=True)) == {
+        "P7_a.tif#r": "P7", "P7_b.tif#r": "P7"}
+    assert rejected.set_index("file").loc["x.tif", "reason"].startswith(
+        r"group_pattern does not match: '^(?P<group>P\d+)_' finds no patient")
+
+
+def test_openslide_and_tiffslide_cut_the_same_tiles(raw, tmp_path, monkeypatch) -> None:
+    pytest.importorskip("openslide", reason="OpenSlide is in the dev extra")
+    copy = tmp_path / "raw"
+    copy.mkdir()
+    for name in ("caseB.tif", "caseB.xml"):
+        shutil.copy(raw / name, copy / name)
+    cut = {}
+    for reader in ("openslide", "tiffslide"):
+        monkeypatch.setenv(READER_VARIABLE, reader)
+        manifest, _ = build_image_manifest(copy, PARAMS)
+        cut[reader] = list(tile_images(copy, manifest, PARAMS))
+    assert len(cut["openslide"]) == len(cut["tiffslide"]) > 20
+    for (a, meta_a), (b, meta_b) in zip(cut["openslide"], cut["tiffslide"], strict=True):
+        assert meta_a == meta_b and np.array_equal(a, b)
