@@ -267,7 +267,9 @@ def slide_grid(slide: Slide, tiling: TilingConfig) -> SlideGrid:
 
 def tissue_fractions(slide: Slide, grid: SlideGrid, tiling: TilingConfig) -> np.ndarray:
     """Tissue fraction of every grid tile, measured on a low-resolution level one strip of
-    tiles at a time (the strips of a grid row are read once, then every tile counted)."""
+    tiles at a time (the strips of a grid row are read once, then every tile counted). A strip
+    holds neighbours only: a grid with gaps (the tiles inside an annotated slide's regions)
+    reads its runs of tiles, not the background between them."""
     level = slide.best_level(grid.side0 / TISSUE_PIXELS_PER_TILE)
     down = slide.level_downsamples[level]
     level_w, level_h = slide.level_dimensions[level]
@@ -278,8 +280,7 @@ def tissue_fractions(slide: Slide, grid: SlideGrid, tiling: TilingConfig) -> np.
     fractions = np.zeros(len(grid.positions))
     for y, members in rows.items():
         top = min(round(y / down), max(0, level_h - side))
-        for start in range(0, len(members), max(1, STRIP_PIXELS // side)):
-            chunk = members[start:start + max(1, STRIP_PIXELS // side)]
+        for chunk in _runs(grid, members, max(1, STRIP_PIXELS // side)):
             left = round(grid.positions[chunk[0]][0] / down)
             right = min(level_w, round(grid.positions[chunk[-1]][0] / down) + side)
             strip = slide.read_region(round(left * down), round(top * down), level,
@@ -290,6 +291,20 @@ def tissue_fractions(slide: Slide, grid: SlideGrid, tiling: TilingConfig) -> np.
                 window = mask[:, x0:x0 + side]
                 fractions[i] = np.count_nonzero(window) / window.size if window.size else 0.0
     return fractions
+
+
+def _runs(grid: SlideGrid, members: list[int], longest: int) -> Iterator[list[int]]:
+    """``members`` (indices of one grid row, left to right) cut into runs of neighbours (one
+    grid step apart), each at most ``longest`` tiles."""
+    start = 0
+    while start < len(members):
+        end = start + 1
+        while (end < len(members) and end - start < longest
+               and grid.positions[members[end]][0] - grid.positions[members[end - 1]][0]
+               == grid.step0):
+            end += 1
+        yield members[start:end]
+        start = end
 
 
 def read_tile(slide: Slide, grid: SlideGrid, x: int, y: int, input_size: int) -> np.ndarray:
