@@ -5,6 +5,7 @@ tiles dropped and counted, and every bad input one line naming its file and regi
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 
 from neuroblastoma_cnn.images.slides import READER_VARIABLE, open_slide
+from neuroblastoma_cnn.pipelines.ingestion import manifest as manifest_module
 from neuroblastoma_cnn.pipelines.ingestion.annotated import plan_regions
 from neuroblastoma_cnn.pipelines.ingestion.nodes import (
     NoUsableImagesError,
@@ -200,6 +202,56 @@ def test_annotations_changed_after_the_manifest_write_nothing(raw, tmp_path) -> 
     with pytest.raises(RawDataChangedError, match=r"caseA\.geojson.*changed since the image "
                                                   r"manifest"):
         next(iter(tile_images(copy, manifest, PARAMS)))
+
+
+def _written_an_hour_ago(path: Path) -> None:
+    old = path.stat().st_mtime - 3600
+    os.utime(path, (old, old))
+
+
+def test_slide_changed_after_the_manifest_write_nothing(raw, tmp_path) -> None:
+    copy = tmp_path / "raw"
+    copy.mkdir()
+    for name in ("caseA.tif", "caseA.geojson"):
+        shutil.copy(raw / name, copy / name)
+    _written_an_hour_ago(copy / "caseA.tif")  # its hash is kept for tiling
+    manifest, _ = build_image_manifest(copy, PARAMS)
+    data = bytearray((copy / "caseA.tif").read_bytes())
+    data[-1] ^= 0xFF  # same size, other bytes
+    (copy / "caseA.tif").write_bytes(bytes(data))
+    with pytest.raises(RawDataChangedError, match=r"caseA\.tif.*changed since the image "
+                                                  r"manifest"):
+        next(iter(tile_images(copy, manifest, PARAMS)))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_each_slide_is_hashed_once_per_ingestion(raw, tmp_path, monkeypatch, workers) -> None:
+    """Listing hashes each slide (on a worker process with several), and tiling checks it
+    against the manifest without reading it again; the annotations are read whole each time."""
+    copy = tmp_path / "raw"
+    for name in ("caseA.tif", "caseA.geojson"):
+        (copy / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(raw / name, copy / name)
+    (copy / "Benign" / "P1").mkdir(parents=True)
+    shutil.copy(raw / "caseB.tif", copy / "Benign" / "P1" / "caseB.tif")  # a slide, no regions
+    for slide in ("caseA.tif", "Benign/P1/caseB.tif"):  # a file just written is hashed again
+        _written_an_hour_ago(copy / slide)
+    real = manifest_module.hashlib.sha256
+    chunked: list[int] = []
+
+    def counting(*args, **kwargs):  # sha256() with no data: file_sha256, reading a file
+        if not args and not kwargs:
+            chunked.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(manifest_module.hashlib, "sha256", counting)
+    settings = PARAMS.model_copy(update={"workers": workers})
+    manifest, _ = build_image_manifest(copy, settings)
+    assert len(chunked) == (2 if workers == 1 else 0)  # on the workers with 2
+    tiles = list(tile_images(copy, manifest, settings))
+    assert len(chunked) == (2 if workers == 1 else 0)
+    assert {m["image_path"].split("#")[0] for _, m in tiles} == {"caseA.tif",
+                                                                 "Benign/P1/caseB.tif"}
 
 
 @pytest.mark.integration

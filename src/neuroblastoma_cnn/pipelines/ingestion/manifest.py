@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -43,6 +44,9 @@ ANNOTATION_MANIFEST_COLUMNS = ["slide_path", "region", "annotations", "annotatio
                                "n_tiles_mixed"]
 REJECTED_COLUMNS = ["file", "reason"]
 HASH_CHUNK = 16 << 20
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 
@@ -104,14 +108,55 @@ def read_verified(path: Path, sha256: str, whole: bool) -> bytes:
     return data
 
 
+#: What :func:`file_sha256` hashed in this process: the file's stamp -> ``(sha256, bytes)``.
+#: Only files last written more than ``_SETTLED_NS`` before are kept: file times are coarse
+#: (a clock tick), so a file written again within the tick of its last write, at the same size,
+#: would keep its stamp (git's "racily clean" files).
+_SETTLED_NS = 2_000_000_000
+_HASHED: dict[tuple[int, ...], tuple[str, int]] = {}
+
+
+def _stamp(path: Path) -> tuple[int, ...]:
+    """What identifies one state of a file: device, inode, size, modification and change
+    times (a write changes the last two; the change time cannot be set back)."""
+    info = path.stat()
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+
+
 def file_sha256(path: Path) -> tuple[str, int]:
-    """SHA-256 and size of a file read in chunks (a slide may be larger than memory)."""
+    """SHA-256 and size of a file read in chunks (a slide may be larger than memory).
+
+    Hashed once per run: a file this process (or a worker whose hashes it kept, see
+    :func:`hashes_kept`) hashed before, and whose stamp has not changed since, is not read
+    again; so ingestion reads a slide once to list it, and tiling checks it against the
+    manifest without a second pass over it. A file that changed while it was read, or was
+    written in the last two seconds, is not kept (it is read again next time).
+    """
+    before = _stamp(path)
+    if (known := _HASHED.get(before)) is not None:
+        return known
     digest, size = hashlib.sha256(), 0
     with path.open("rb") as handle:
         while chunk := handle.read(HASH_CHUNK):
             digest.update(chunk)
             size += len(chunk)
-    return digest.hexdigest(), size
+    result = digest.hexdigest(), size
+    if _stamp(path) == before and time.time_ns() - before[3] > _SETTLED_NS:
+        _HASHED[before] = result
+    return result
+
+
+def hashes_kept(fn: Callable[[T], R], item: T) -> tuple[R, dict[tuple[int, ...], tuple[str, int]]]:
+    """``fn(item)`` on a worker process, with what :func:`file_sha256` hashed meanwhile, for
+    :func:`keep_hashes` in the main process (where tiling checks the files again)."""
+    before = set(_HASHED)
+    result = fn(item)
+    return result, {stamp: known for stamp, known in _HASHED.items() if stamp not in before}
+
+
+def keep_hashes(hashed: Mapping[tuple[int, ...], tuple[str, int]]) -> None:
+    """Adds a worker's hashes (from :func:`hashes_kept`) to this process's."""
+    _HASHED.update(hashed)
 
 
 def _inspect_slide_file(

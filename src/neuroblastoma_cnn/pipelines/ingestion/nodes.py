@@ -61,8 +61,10 @@ from .manifest import (
     _nothing_usable_message,
     _warn_about_layout,
     file_sha256,
+    hashes_kept,
     inspect_image,
     inspect_slide,
+    keep_hashes,
     manifest_rows,
     manifest_tables,
     read_verified,
@@ -127,10 +129,12 @@ def _inspected_rows(candidates: list[Candidate], settings: IngestionParams,
     by_hash: dict[str, list[Candidate]] = defaultdict(list)
     results: dict[str, dict[str, Any] | str] = {}
     sizes: dict[str, int] = {}
-    inspected = ordered_map(partial(_inspect_file, settings), candidates,
-                            resolve_workers(settings.workers))
+    inspected = ordered_map(partial(hashes_kept, partial(_inspect_file, settings)),
+                            candidates, resolve_workers(settings.workers))
     with closing(inspected):
-        for candidate, (digest, size, result) in zip(candidates, inspected, strict=True):
+        for candidate, ((digest, size, result), hashed) in zip(candidates, inspected,
+                                                               strict=True):
+            keep_hashes(hashed)  # tiling checks a slide against its hash without reading it
             if digest is None:
                 rejected.append((candidate.rel, str(result)))
                 continue
@@ -143,10 +147,13 @@ def _inspected_rows(candidates: list[Candidate], settings: IngestionParams,
 def _annotated_rows(candidates: list[Candidate], settings: IngestionParams,
                     rejected: list[tuple[str, str]]) -> list[dict[str, Any]]:
     """Manifest rows of the annotated slides: one per usable region (see ``annotated``)."""
-    inspected = ordered_map(partial(inspect_annotated, settings), candidates,
-                            resolve_workers(settings.workers))
+    inspected = ordered_map(partial(hashes_kept, partial(inspect_annotated, settings)),
+                            candidates, resolve_workers(settings.workers))
+    results = []
     with closing(inspected):
-        results = list(inspected)
+        for result, hashed in inspected:
+            keep_hashes(hashed)
+            results.append(result)
     log_annotated(results)
     for result in results:
         rejected.extend(result.rejected)
