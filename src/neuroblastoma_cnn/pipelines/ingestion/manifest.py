@@ -43,7 +43,10 @@ SLIDE_MANIFEST_COLUMNS = ["slide", "mpp", "levels", "tile_px", "read_level"]
 ANNOTATION_MANIFEST_COLUMNS = ["slide_path", "region", "annotations", "annotations_sha256",
                                "n_tiles_mixed"]
 REJECTED_COLUMNS = ["file", "reason"]
-HASH_CHUNK = 16 << 20
+#: Bytes read at a time to hash a file. 1 MiB rather than 16: a 16 MiB chunk is a fresh
+#: allocation whose pages fault in on every read, a third more CPU time to hash a 0.6 GB slide
+#: (0.76 s against 0.50 s of CPU on a 2-vCPU Xeon).
+HASH_CHUNK = 1 << 20
 
 T = TypeVar("T")
 R = TypeVar("R")
