@@ -3,12 +3,13 @@
 from .image_folder import ImageFolderDataset
 from .keras_model import KerasModelDataset, load_keras_model, save_keras_model
 from .mlflow_artifact import MlflowArtifactDataset
-from .png_folder import PngFolderDataset
+from .png_folder import GeoJsonFolderDataset, PngFolderDataset
 from .remote_archive import RemoteArchiveDataset
 from .tile_store import TileStore, TileStoreDataset, TileStream, write_tile_store
 from .trained_models import ModelSelectionError, TrainedModels, TrainedModelsDataset
 
 __all__ = [
+    "GeoJsonFolderDataset",
     "ImageFolderDataset",
     "KerasModelDataset",
     "MlflowArtifactDataset",
