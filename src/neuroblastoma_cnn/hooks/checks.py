@@ -61,6 +61,7 @@ class PreflightHook:
         self._conf_source = source if source.is_absolute() else self._project_path / source
         preflight.check_environment(self._conf_source, getattr(loader, "env", None),
                                     getattr(loader, "default_run_env", None))
+        preflight.check_keras_backend()
         # Every parameter group at once, as one line, before kedro-mlflow sets up its store
         # (Kedro's own validation, later, reports a multi-line pydantic dump).
         try:
