@@ -79,6 +79,13 @@ FAMILIES: tuple[Family, ...] = (
            cannot="it is fitted inside evaluation (the model card's floor) and on every "
                   "cross-validation's folds, is not saved, and has no raw-image model to serve "
                   "or predict with yet"),
+    Family("selected_floor", "classical",
+           "colour/texture statistics; scale, feature groups and head (SVM, logistic "
+           "regression, gradient boosting) chosen on grouped inner folds", "selected_floor",
+           "SelectedFloor", frozenset({Capability.CROSS_VALIDATE}),
+           cannot="it is fitted on grouped folds by benchmarks/bach_floor.py; the selection "
+                  "pipeline that trains, saves and serves it is not built yet, and it has no "
+                  "convolutions for Grad-CAM"),
     Family("feature_heads", "feature_head", "scikit-learn heads on a trained CNN's features",
            "feature_heads", "HeadClassifier", frozenset({Capability.PREDICT}),
            cannot="heads are fitted by `<model>_features` on a trained CNN (not trained or "

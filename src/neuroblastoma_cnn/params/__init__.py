@@ -39,11 +39,13 @@ from neuroblastoma_cnn.params.data import (
     SplittingParams,
 )
 from neuroblastoma_cnn.params.outputs import (
+    ConformalParams,
     CrossValidationParams,
     EnsembleParams,
     EvaluationParams,
     FloorParams,
     PredictParams,
+    SelectedFloorParams,
 )
 from neuroblastoma_cnn.params.training import (
     MONITORS,
@@ -69,6 +71,7 @@ __all__ = [
     "MONITORS",
     "OPTIMIZERS",
     "AugmentationParams",
+    "ConformalParams",
     "CosineSchedule",
     "CrossValidationParams",
     "EnsembleParams",
@@ -86,6 +89,7 @@ __all__ = [
     "ResNet34Model",
     "ResNet50Model",
     "Schedule",
+    "SelectedFloorParams",
     "SplittingParams",
     "TrainingParams",
     "TypedParamsMlflowHook",
