@@ -18,13 +18,14 @@ stacked hybrid from their stored probabilities without refitting them (MAPIE 1.x
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from crepes import ConformalClassifier
 
+from neuroblastoma_cnn.analysis.predictions import probability_column
 from neuroblastoma_cnn.core.errors import DataError, ParameterError
 
 #: The columns every answer gains.
@@ -86,6 +87,26 @@ class ClassConditionalConformal:
         self.calibration_counts_ = {c: int((y == c).sum()) for c in self.classes_}
         return self
 
+    def to_record(self) -> dict[str, Any]:
+        """Plain JSON for a model's preprocessing record (``Preprocessing.conformal``)."""
+        alphas, bins = self.conformal_.alphas, self.conformal_.bins
+        return {"coverage": self.coverage, "classes": list(self.classes_),
+                "scores": {c: [round(float(a), 6) for a in alphas[bins == c]]
+                           for c in self.classes_}}
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> ClassConditionalConformal:
+        """The calibration :meth:`to_record` wrote (no size checks: they held when it was
+        made)."""
+        out = cls(record["coverage"], min_images=0)
+        out.classes_ = [str(c) for c in record["classes"]]
+        scores = record["scores"]
+        alphas = np.concatenate([np.asarray(scores[c], dtype=np.float64) for c in out.classes_])
+        bins = np.concatenate([np.full(len(scores[c]), c, dtype=object) for c in out.classes_])
+        out.conformal_ = ConformalClassifier().fit(alphas, bins=bins.astype(str))
+        out.calibration_counts_ = {c: len(scores[c]) for c in out.classes_}
+        return out
+
     def predict_sets(self, prob: np.ndarray) -> np.ndarray:
         """Boolean ``(n, n_classes)``: class ``c`` is in an image's set when its p-value among
         the calibration images *of class c* is at least ``1 - coverage``."""
@@ -115,6 +136,27 @@ class ClassConditionalConformal:
             SET_COLUMN: [SEPARATOR.join(names[row]) for row in sets],
             REFER_COLUMN: sets.sum(axis=1) != 1,
         })
+
+
+def add_prediction_sets(predictions: pd.DataFrame, calibration: Mapping[str, Any] | None,
+                        classes: Sequence[str]) -> pd.DataFrame:
+    """``predictions`` (``prob_<class>`` columns) with ``prediction_set`` and ``refer`` when the
+    model carries a calibration; a row without probabilities (a rejected file) is referred with
+    an empty set. Unchanged without a calibration."""
+    if calibration is None:
+        return predictions
+    conformal = ClassConditionalConformal.from_record(calibration)
+    prob = predictions[[probability_column(c) for c in classes]].to_numpy(dtype=np.float64)
+    usable = np.isfinite(prob).all(axis=1)
+    out = predictions.copy()
+    out[SET_COLUMN] = ""
+    out[REFER_COLUMN] = True
+    if usable.any():
+        columns = conformal.set_columns(prob[usable])
+        out.loc[usable, SET_COLUMN] = columns[SET_COLUMN].to_numpy()
+        out.loc[usable, REFER_COLUMN] = columns[REFER_COLUMN].to_numpy()
+    out[REFER_COLUMN] = out[REFER_COLUMN].astype(bool)
+    return out
 
 
 def set_report(sets: np.ndarray, labels: Sequence[Any], classes: Sequence[str],

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from neuroblastoma_cnn.analysis.conformal import REFER_COLUMN, SET_COLUMN
 from neuroblastoma_cnn.analysis.predictions import probability_column
 from neuroblastoma_cnn.analysis.tta import TTA_PREFIX
 from neuroblastoma_cnn.images.preprocessing import Preprocessing, preprocessing_of
@@ -136,10 +137,12 @@ def _stage(frame: pd.DataFrame, names: list[str], folder: Path
     return files, staged, errors
 
 
-def output_columns(classes: list[str], tta: bool) -> list[str]:
+def output_columns(classes: list[str], tta: bool, sets: bool = False) -> list[str]:
     """``file, predicted, prob_<class>..., n_tiles, error`` (+ ``tta_predicted,
-    tta_confidence`` with test-time augmentation)."""
+    tta_confidence`` with test-time augmentation, + ``prediction_set, refer`` where the model
+    carries a conformal calibration)."""
     extra = [TTA_PREFIX + "predicted", TTA_PREFIX + "confidence"] if tta else []
+    extra += [SET_COLUMN, REFER_COLUMN] if sets else []
     return ["file", "predicted", *(probability_column(c) for c in classes), "n_tiles", *extra,
             "error"]
 
@@ -154,21 +157,25 @@ def classify_encoded(frame: pd.DataFrame, model: Any, params: PredictParams) -> 
     if len(set(names)) < len(names):
         raise ValueError("Input rows need distinct 'file' names (a name given twice cannot be "
                          "matched to its result).")
-    classes = [str(c) for c in preprocessing_of(model).classes]
+    preprocessing = preprocessing_of(model)
+    classes = [str(c) for c in preprocessing.classes]
+    sets = preprocessing.conformal is not None
     with tempfile.TemporaryDirectory(prefix="nbcnn-serve-") as tmp:
         files, staged, errors = _stage(frame, names, Path(tmp))
         predictions = predict_files(files, model, params)[0] if files else pd.DataFrame()
     # predict_files answers one row per file, in order: matched by position, not by name.
     results = dict(zip(staged, predictions.to_dict("records"), strict=True))
-    out = [_output_row(name, errors.get(name, ""), results.get(name), classes, params.tta)
-           for name in names]
-    return pd.DataFrame(out, columns=output_columns(classes, params.tta))
+    out = [_output_row(name, errors.get(name, ""), results.get(name), classes, params.tta,
+                       sets) for name in names]
+    return pd.DataFrame(out, columns=output_columns(classes, params.tta, sets))
 
 
 def _output_row(name: str, error: str, found: dict[str, Any] | None, classes: list[str],
-                tta: bool) -> dict[str, Any]:
+                tta: bool, sets: bool = False) -> dict[str, Any]:
     row: dict[str, Any] = {"file": name, "predicted": "", "n_tiles": 0, "error": error}
     row.update({probability_column(c): np.nan for c in classes})
+    if sets:  # a file that could not be used is referred, with no set
+        row.update({SET_COLUMN: "", REFER_COLUMN: True})
     if found is None:
         return row
     row["error"] = str(found["reason"]) if bool(found["rejected"]) else ""
@@ -178,6 +185,8 @@ def _output_row(name: str, error: str, found: dict[str, Any] | None, classes: li
     if tta:
         for column in (TTA_PREFIX + "predicted", TTA_PREFIX + "confidence"):
             row[column] = found[column]
+    if sets:
+        row.update({SET_COLUMN: str(found[SET_COLUMN]), REFER_COLUMN: bool(found[REFER_COLUMN])})
     return row
 
 
@@ -236,15 +245,15 @@ def _example_side(preprocessing: Preprocessing) -> int:
                tiling.input_size)
 
 
-def _signature(classes: list[str], tta: bool) -> Any:
+def _signature(classes: list[str], tta: bool, sets: bool = False) -> Any:
     from mlflow.models import ModelSignature  # noqa: PLC0415  (lazy: MLflow)
     from mlflow.types import ColSpec, Schema  # noqa: PLC0415
 
     inputs = Schema([ColSpec("string", column, required=column == "image")
                      for column in ("file", "image")])
-    types = {"n_tiles": "long", TTA_PREFIX + "confidence": "double"}
+    types = {"n_tiles": "long", TTA_PREFIX + "confidence": "double", REFER_COLUMN: "boolean"}
     outputs = Schema([ColSpec(types.get(c, "double" if c.startswith("prob_") else "string"), c)
-                      for c in output_columns(classes, tta)])
+                      for c in output_columns(classes, tta, sets)])
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
@@ -284,7 +293,7 @@ def log_raw_image_model(keras_file: str | Path, params: PredictParams,
             name=name, python_model=str(Path(__file__).with_name("pyfunc_model.py")),
             artifacts={MODEL_ARTIFACT: str(keras_file), PARAMS_ARTIFACT: str(params_file)},
             code_paths=[str(_package_code(Path(tmp)))],
-            signature=_signature(classes, settings.tta),
+            signature=_signature(classes, settings.tta, preprocessing.conformal is not None),
             input_example=example,
             pip_requirements=serving_requirements(),
             metadata={"preprocessing": record, "input": "raw image files (base64)"})
