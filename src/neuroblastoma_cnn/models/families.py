@@ -45,7 +45,7 @@ class Family:
     """One model family: its name, what it is, its builder and what it can do."""
 
     name: str
-    kind: str  # "cnn", "classical", "feature_head" or "ensemble"
+    kind: str  # "cnn", "classical", "hybrid", "feature_head" or "ensemble"
     summary: str
     module: str  # under neuroblastoma_cnn.models
     builder: str  # the attribute of ``module`` that builds (or fits) one
@@ -86,6 +86,12 @@ FAMILIES: tuple[Family, ...] = (
            cannot="it is fitted on grouped folds by benchmarks/bach_floor.py; the selection "
                   "pipeline that trains, saves and serves it is not built yet, and it has no "
                   "convolutions for Grad-CAM"),
+    Family("hybrid", "hybrid",
+           "a meta-learner (logistic regression or gradient boosting) over out-of-fold "
+           "probabilities of other families", "stacking", "StackedHybrid",
+           frozenset({Capability.CROSS_VALIDATE}),
+           cannot="it is scored nested on stored out-of-fold probabilities; a saved hybrid "
+                  "that predicts raw images (its base models inside) is not built yet"),
     Family("feature_heads", "feature_head", "scikit-learn heads on a trained CNN's features",
            "feature_heads", "HeadClassifier", frozenset({Capability.PREDICT}),
            cannot="heads are fitted by `<model>_features` on a trained CNN (not trained or "
