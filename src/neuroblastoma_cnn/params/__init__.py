@@ -44,8 +44,10 @@ from neuroblastoma_cnn.params.outputs import (
     EnsembleParams,
     EvaluationParams,
     FloorParams,
+    HybridParams,
     PredictParams,
     SelectedFloorParams,
+    SelectModelParams,
 )
 from neuroblastoma_cnn.params.training import (
     MONITORS,
@@ -78,6 +80,7 @@ __all__ = [
     "EvaluationParams",
     "ExponentialSchedule",
     "FloorParams",
+    "HybridParams",
     "IngestionParams",
     "ModelParams",
     "Monitor",
@@ -89,6 +92,7 @@ __all__ = [
     "ResNet34Model",
     "ResNet50Model",
     "Schedule",
+    "SelectModelParams",
     "SelectedFloorParams",
     "SplittingParams",
     "TrainingParams",
@@ -111,6 +115,7 @@ GROUPS: dict[str, type[Params]] = {
     "evaluation": EvaluationParams,
     "predict": PredictParams,
     "cross_validation": CrossValidationParams,
+    "select_model": SelectModelParams,
 }
 MODEL_GROUPS: dict[str, Any] = {"model": ModelParams, "training": TrainingParams}
 

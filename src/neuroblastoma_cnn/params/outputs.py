@@ -107,3 +107,27 @@ class ConformalParams(Params):
 
     coverage: Annotated[float, Field(gt=0.0, lt=1.0)]
     min_images: Annotated[int, Field(ge=2)]
+
+
+class HybridParams(Params):
+    """``select_model.hybrid``: the stacked hybrid's bases and meta-learners."""
+
+    bases: Annotated[list[str], Field(min_length=2)]
+    meta: Annotated[dict[Literal["logistic", "boosting"],
+                         dict[str, Annotated[list[PositiveFloat], Field(min_length=1)]]],
+                    Field(min_length=1)]
+    inner_folds: Annotated[int, Field(ge=2)]
+
+
+class SelectModelParams(Params):
+    """``select_model``: candidates scored on the same grouped folds, the tie rule, the selected
+    floor's search, the hybrid and the prediction sets (checked against the family table by
+    the pipeline's first node)."""
+
+    candidates: Annotated[list[str], Field(min_length=1)]
+    tie_rule: Literal["best", "cheaper"]
+    bootstrap_samples: PositiveInt
+    seed: NonNegativeInt
+    floor: SelectedFloorParams
+    conformal: ConformalParams
+    hybrid: HybridParams
