@@ -133,7 +133,9 @@ def candidate_predictions(params: SelectModelParams, floor: pd.DataFrame,
     """Each scored candidate's predictions (held-out and outer rows), by family name; the
     hybrid's held-out rows are nested out of fold, its outer rows from a hybrid fitted on every
     out-of-fold row."""
-    available = {"floor": floor, "selected_floor": selected_floor, **cnn}
+    available = dict(cnn)
+    available["floor"] = floor  # the cross-validation's floor (ColourTextureSVM)
+    available["selected_floor"] = selected_floor
     out = {}
     for name in check_candidates(params):
         if name == "hybrid":
