@@ -41,7 +41,7 @@ def is_mlflow_uri(spec: str) -> bool:
 
 
 def _is_file_spec(spec: str) -> bool:
-    return spec.endswith(".keras") or "/" in spec or "\\" in spec
+    return spec.endswith((".keras", ".joblib")) or "/" in spec or "\\" in spec
 
 
 class TrainedModels:
@@ -151,6 +151,15 @@ class TrainedModels:
 
 
 def _load_file(path: Path) -> Any:
+    if path.suffix == ".joblib":  # a classical model a selection chose (CLASSICAL_SUFFIX)
+        from neuroblastoma_cnn.models.selected_floor import (  # noqa: PLC0415  (scikit-learn)
+            load_classical,
+        )
+
+        try:
+            return load_classical(path)
+        except ModelError as exc:
+            raise ModelSelectionError(str(exc)) from exc
     try:
         model = load_keras_model(path)  # checks the preprocessing record (attach_preprocessing)
     except DatasetError as exc:

@@ -76,16 +76,18 @@ FAMILIES: tuple[Family, ...] = (
     Family("resnet50", "cnn", "ResNet50, ImageNet backbone fine-tuned", "resnet50",
            "build_resnet50", _CNN, keras=True, cost=5),
     Family("floor", "classical", "colour and texture statistics + RBF SVM", "classical",
-           "ColourTextureSVM", frozenset({Capability.CROSS_VALIDATE}), cost=1,
-           cannot="it is fitted inside evaluation (the model card's floor) and on every "
-                  "cross-validation's folds, is not saved, and has no raw-image model to serve "
-                  "or predict with yet"),
+           "ColourTextureSVM",
+           frozenset({Capability.CROSS_VALIDATE, Capability.PREDICT, Capability.SERVE}),
+           cost=1,
+           cannot="it is trained inside evaluation and cross-validation, and saved only when "
+                  "`select_model` chooses it; it has no convolutions for Grad-CAM"),
     Family("selected_floor", "classical",
            "colour/texture statistics; scale, feature groups and head (SVM, logistic "
            "regression, gradient boosting) chosen on grouped inner folds", "selected_floor",
-           "SelectedFloor", frozenset({Capability.CROSS_VALIDATE}), cost=2,
-           cannot="it is fitted on grouped folds by benchmarks/bach_floor.py; the selection "
-                  "pipeline that trains, saves and serves it is not built yet, and it has no "
+           "SelectedFloor",
+           frozenset({Capability.CROSS_VALIDATE, Capability.PREDICT, Capability.SERVE}),
+           cost=2,
+           cannot="it is trained by `select_model` (no pipeline of its own) and has no "
                   "convolutions for Grad-CAM"),
     Family("hybrid", "hybrid",
            "a meta-learner (logistic regression or gradient boosting) over out-of-fold "

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import itertools
 import logging
+import pickle
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import joblib
 import numpy as np
 from sklearn.base import clone
 from sklearn.calibration import CalibratedClassifierCV
@@ -35,7 +37,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
-from neuroblastoma_cnn.core.errors import DataError, ParameterError
+from neuroblastoma_cnn.core.errors import DataError, ModelError, ParameterError
+from neuroblastoma_cnn.images.preprocessing import Preprocessing
 
 from .classical import (
     CALIBRATIONS,
@@ -233,3 +236,57 @@ class SelectedFloor:
             ColourTextureSVM._checked(bank[scale], y, g)  # same rows, finite, two classes
         return y, g
 
+
+
+# --------------------------------------------------------------------- a servable model
+
+
+class ClassicalImageModel:
+    """A fitted classical model (:class:`SelectedFloor`) with the preprocessing record every
+    served model carries (classes, image checks, the tile store's tiling for the record's
+    sake, ``architecture`` = its family, the conformal calibration): what ``predict``, the
+    command line and the raw-image pyfunc take like a Keras model. It reads whole images at its
+    chosen scale (no tiles, no convolutions: no Grad-CAM)."""
+
+    kind = "classical"
+
+    def __init__(self, floor: SelectedFloor, preprocessing: Preprocessing):
+        if list(preprocessing.classes) != list(floor.classes_):
+            raise ModelError(f"Classical model: record classes {list(preprocessing.classes)} "
+                             f"differ from the fitted classes {floor.classes_}.")
+        self.floor = floor
+        self.preprocessing = preprocessing
+        self.name = preprocessing.architecture or "classical"
+        self.family = self.name  # what Grad-CAM asks: a family without convolutions says so
+        self.model_source = self.name
+
+    def predict_file(self, path: Path) -> np.ndarray:
+        """One image file's probabilities (``ImageRejected`` when it cannot be described)."""
+        return self.floor.predict_proba(describe_bank([path], [self.floor.chosen_.scale]))[0]
+
+
+def save_classical(model: ClassicalImageModel, path: str | Path) -> None:
+    """Writes the model (joblib) to ``path``, through a temporary file: never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    joblib.dump({"format": CLASSICAL_FORMAT, "model": model}, partial)
+    partial.replace(path)
+
+
+def load_classical(path: str | Path) -> ClassicalImageModel:
+    """A model :func:`save_classical` wrote (this project's own files only: joblib runs code)."""
+    try:
+        content = joblib.load(path)
+    except (OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+        raise ModelError(f"Classical model file '{path}' cannot be read: {exc}") from exc
+    if not isinstance(content, dict) or content.get("format") != CLASSICAL_FORMAT:
+        raise ModelError(f"'{path}' is not a classical model saved by this project.")
+    model = content["model"]
+    model.model_source = str(path)
+    return model
+
+
+CLASSICAL_FORMAT = "neuroblastoma_cnn.classical/1"
+#: The file suffix of a saved classical model.
+CLASSICAL_SUFFIX = ".joblib"

@@ -36,6 +36,7 @@ from neuroblastoma_cnn.analysis.tta import TTA_PREFIX
 from neuroblastoma_cnn.images.preprocessing import Preprocessing, preprocessing_of
 from neuroblastoma_cnn.models import families
 from neuroblastoma_cnn.models.families import Capability
+from neuroblastoma_cnn.models.selected_floor import CLASSICAL_SUFFIX, load_classical
 from neuroblastoma_cnn.params import PredictParams
 
 from .tiles import predict_files
@@ -194,15 +195,31 @@ class RawImageModel(PythonModel):
     """The pyfunc model: a ``.keras`` file with its record, and the prediction settings."""
 
     def load_context(self, context: Any) -> None:
-        from neuroblastoma_cnn.datasets.keras_model import load_keras_model  # noqa: PLC0415
-
-        self.model = load_keras_model(context.artifacts[MODEL_ARTIFACT])
+        self.model = _load_model_file(context.artifacts[MODEL_ARTIFACT])
         raw = json.loads(Path(context.artifacts[PARAMS_ARTIFACT]).read_text())
         self.params = PredictParams.parse(raw, "predict")
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: Any = None
                 ) -> pd.DataFrame:
         return classify_encoded(model_input, self.model, self.params)
+
+
+def _load_model_file(path: str | Path) -> Any:
+    """A ``.keras`` file with its record, or a classical model (``.joblib``)."""
+    if str(path).endswith(CLASSICAL_SUFFIX):
+        return load_classical(path)
+    from neuroblastoma_cnn.datasets.keras_model import load_keras_model  # noqa: PLC0415
+
+    return load_keras_model(path)
+
+
+def _record_of(path: Path) -> dict[str, Any]:
+    """The preprocessing record inside a model file, as plain JSON."""
+    if path.suffix == CLASSICAL_SUFFIX:
+        return load_classical(path).preprocessing.to_dict()
+    from neuroblastoma_cnn.datasets.keras_model import read_record  # noqa: PLC0415
+
+    return read_record(path)
 
 
 def serving_requirements() -> list[str]:
@@ -276,11 +293,10 @@ def log_raw_image_model(keras_file: str | Path, params: PredictParams,
 
     from neuroblastoma_cnn.datasets.keras_model import (  # noqa: PLC0415
         link_artifact_to_source,
-        read_record,
     )
 
     settings = params.model_copy(update={"gradcam": False, "workers": 1, "head": None})
-    record = read_record(keras_file)
+    record = _record_of(Path(keras_file))
     preprocessing = Preprocessing.from_dict(record, where=str(keras_file))
     families.family(preprocessing.architecture or "").require(Capability.SERVE)
     classes = [str(c) for c in preprocessing.classes]

@@ -119,6 +119,10 @@ def predict_files(
     size; with a slide among the files, tiles also get ``level, tile_px, mpp`` and predictions
     ``share_<class>``.
     """
+    if getattr(model, "kind", None) == "classical":  # whole images, no tiles
+        from .classical import predict_classical_files  # noqa: PLC0415  (no cycle at import)
+
+        return predict_classical_files(files, model, params, progress)
     preprocessing = preprocessing_of(model)
     settings = params
     source = model_source(model)

@@ -27,11 +27,24 @@ from neuroblastoma_cnn.analysis.conformal import (
 )
 from neuroblastoma_cnn.analysis.predictions import probability_column
 from neuroblastoma_cnn.core.errors import DataError, ModelError, ParameterError
+from neuroblastoma_cnn.images.preprocessing import Preprocessing
 from neuroblastoma_cnn.models import families
+from neuroblastoma_cnn.models.classical import CORE_GROUPS
 from neuroblastoma_cnn.models.families import Capability
-from neuroblastoma_cnn.models.selected_floor import SelectedFloor, describe_bank
+from neuroblastoma_cnn.models.selected_floor import (
+    ClassicalImageModel,
+    SelectedFloor,
+    describe_bank,
+)
 from neuroblastoma_cnn.models.stacking import StackedHybrid, nested_oof
-from neuroblastoma_cnn.params import SelectModelParams
+from neuroblastoma_cnn.params import (
+    CrossValidationParams,
+    FloorParams,
+    PredictParams,
+    SelectModelParams,
+)
+from neuroblastoma_cnn.serving.pyfunc import log_raw_image_model
+from neuroblastoma_cnn.tracking import registry
 from neuroblastoma_cnn.trials import statistics as st
 
 logger = logging.getLogger(__name__)
@@ -321,3 +334,110 @@ def prediction_set_report(model_selection: pd.DataFrame, selection_predictions: 
         logger.warning("No outer patients (cross_validation.outer_test: false): prediction "
                        "sets calibrated but not checked")
     return report, curve
+
+
+# --------------------------------------------------------------------------- the champion
+
+
+def _refit_space(winner: str, params: SelectModelParams, floor: FloorParams) -> SelectedFloor:
+    """The winner's search, refitted on every training patient: the selected floor's space, or
+    the cross-validation floor's (its scale, its 101 numbers, its RBF SVM grid)."""
+    if winner == "selected_floor":
+        s = params.floor
+        return SelectedFloor(s.scales, s.feature_sets, s.heads, s.inner_folds, s.calibration,
+                             seed=params.seed)
+    return SelectedFloor([floor.downscale], [list(CORE_GROUPS)],
+                         {"svm": {"C": floor.c_grid, "gamma_factor": floor.gamma_factors}},
+                         floor.inner_folds, floor.calibration, seed=params.seed)
+
+
+def refit_champion(model_selection: pd.DataFrame, prediction_sets: dict[str, Any],
+                   cv_folds: pd.DataFrame, raw_images: Path, tiles: Any,
+                   params: SelectModelParams, cross_validation: CrossValidationParams
+                   ) -> tuple[Any, dict[str, Any], str]:
+    """The winner refitted on every training (cross-validated) patient, its prediction sets
+    attached, scored once on the outer patients nobody chose on; returns (model, outer scores,
+    model card). A winner that is not a classical model cannot be saved here yet: one clear
+    error, nothing saved or registered."""
+    winner = str(model_selection.loc[model_selection["chosen"], "model"].iloc[0])
+    if families.family(winner).kind != "classical":
+        raise ModelError(
+            f"select_model: the winner is '{winner}', which this pipeline cannot save as a "
+            "served champion yet (only classical winners are refitted and served)",
+            hint="serve its cross-validation's fold ensemble (`<model>.cv_ensemble`) or set "
+                 "select_model.candidates to classical families")
+    is_cv = (cv_folds["role"] == CV).to_numpy()
+    train = cv_folds[is_cv]
+    model = _refit_space(winner, params, cross_validation.floor).fit_images(
+        [Path(raw_images) / p for p in train["image_path"]], train["label"], train["group"])
+    record = Preprocessing.from_store(tiles).model_copy(update={
+        "architecture": winner, "classes": tuple(model.classes_), "stain_reference": None,
+        "temperature": None}).with_conformal(prediction_sets["calibration"])
+    champion = ClassicalImageModel(model, record)
+    outer = cv_folds[~is_cv]
+    scores: dict[str, Any] = {"model": winner, "chosen": model.chosen_.describe(),
+                              "inner_cv_f1": model.cv_score_, "train_images": len(train)}
+    if len(outer):
+        prob = model.predict_proba(describe_bank([Path(raw_images) / p
+                                                  for p in outer["image_path"]],
+                                                 [model.chosen_.scale]))
+        frame = _rows(outer, prob, model.classes_, winner, -1, OUTER)
+        scores.update({f"outer_{k}": v for k, v in _pooled(frame, model.classes_, params).items()})
+        scores["outer_images"] = len(outer)
+        logger.info("Champion %s on %d outer images: macro-F1 %.3f [%.3f-%.3f]", winner,
+                    len(outer), scores["outer_f1"], scores["outer_low"], scores["outer_high"])
+    return champion, scores, champion_card(model_selection, scores, prediction_sets, params)
+
+
+def champion_card(model_selection: pd.DataFrame, scores: dict[str, Any],
+                  prediction_sets: dict[str, Any], params: SelectModelParams) -> str:
+    """The champion's model card: what won, how it was chosen, its outer score and its doubt."""
+    def f(v: Any) -> str:
+        return f"{v:.3f}" if isinstance(v, (int, float)) and np.isfinite(v) else "-"
+
+    lines = [f"# Model card: {scores['model']} (selection champion)", "",
+             f"Chosen among {len(model_selection)} candidates on the same grouped folds "
+             f"(tie rule `{params.tie_rule}`), refitted on {scores['train_images']} training "
+             f"images: {scores['chosen']} (inner CV macro-F1 {f(scores['inner_cv_f1'])}).", ""]
+    if "outer_f1" in scores:
+        lines += [f"Outer patients ({scores['outer_images']} images, chosen on by nobody): "
+                  f"macro-F1 {f(scores['outer_f1'])} [{f(scores['outer_low'])}-"
+                  f"{f(scores['outer_high'])}], accuracy {f(scores['outer_accuracy'])}.", ""]
+    outer = prediction_sets.get("outer")
+    if outer:
+        per_class = ", ".join(f"{c} {f(v)}" for c, v in outer["coverage_per_class"].items())
+        lines += ["## When the model is unsure", "",
+                  f"Prediction sets at coverage {prediction_sets['coverage_target']:g}, "
+                  f"calibrated on {prediction_sets['calibration_images']} out-of-fold images; "
+                  f"on the outer patients: coverage {f(outer['coverage'])} ({per_class}), mean "
+                  f"set size {f(outer['mean_set_size'])}, referred {f(outer['referred_share'])}"
+                  f", accuracy of the accepted {f(outer['accepted_accuracy'])}.", ""]
+    lines += ["## Selection", "", selection_markdown(model_selection, params)
+              .split("\n", 2)[2]]
+    return "\n".join(lines)
+
+
+def register_champion(champion: Any, scores: dict[str, Any], card: str,
+                      predict: PredictParams, experiment: str = "neuroblastoma_cnn") -> str:
+    """Logs the *saved* champion (``champion.model_source``: the catalog's file) as the
+    raw-image pyfunc, registers it as ``<experiment>-select_model`` and gives it the alias
+    ``champion`` with its model card as the version's description; returns the model URI.
+    Without an active MLflow run (MLflow off) nothing is logged."""
+    import mlflow  # noqa: PLC0415  (lazy: MLflow)
+
+    run = mlflow.active_run()
+    if run is None:
+        logger.warning("select_model: no active MLflow run; champion saved, not registered")
+        return ""
+    uri = log_raw_image_model(champion.model_source, predict, name="champion_raw_images")
+    name = registry.registered_name(
+        mlflow.get_experiment(run.info.experiment_id).name or experiment, "select_model")
+    client = mlflow.MlflowClient()
+    version = mlflow.register_model(uri, name, tags={
+        "family": scores["model"], "outer_f1": f"{scores.get('outer_f1', float('nan')):.6g}",
+        "run_id": run.info.run_id}).version
+    client.update_model_version(name, version, description=card)
+    client.set_registered_model_alias(name, registry.CHAMPION, version)
+    logger.info("Registered %s version %s: models:/%s@%s", name, version, name,
+                registry.CHAMPION)
+    return f"models:/{name}@{registry.CHAMPION}"

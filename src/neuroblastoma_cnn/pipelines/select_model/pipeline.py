@@ -9,7 +9,13 @@ from collections.abc import Sequence
 
 from kedro.pipeline import Node, Pipeline
 
-from .nodes import prediction_set_report, select_model, selected_floor_predictions
+from .nodes import (
+    prediction_set_report,
+    refit_champion,
+    register_champion,
+    select_model,
+    selected_floor_predictions,
+)
 
 TAGS = ["model", "select_model"]
 
@@ -30,6 +36,16 @@ def create_pipeline(cnn_models: Sequence[str] = (), **kwargs) -> Pipeline:
             Node(prediction_set_report,
                  inputs=["model_selection", "selection_predictions", "params:select_model"],
                  outputs=["prediction_sets", "risk_coverage"], name="prediction_set_report"),
+            Node(refit_champion,
+                 inputs=["model_selection", "prediction_sets", "cv_folds", "raw_images", "tiles",
+                         "params:select_model", "params:cross_validation"],
+                 outputs=["champion_model", "champion_scores", "champion_model_card"],
+                 name="refit_champion"),
+            # Reads the champion back from the catalog: only a completely saved file is logged.
+            Node(register_champion,
+                 inputs=["champion_model", "champion_scores", "champion_model_card",
+                         "params:predict"],
+                 outputs="champion_uri", name="register_champion"),
         ],
         tags=TAGS,
     )
