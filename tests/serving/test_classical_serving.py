@@ -96,5 +96,7 @@ def test_the_command_line_and_the_pyfunc_take_it(saved, tmp_path) -> None:
     with mlflow.start_run():
         uri = log_raw_image_model(model_file, params("predict"), name="champion_raw_images")
     served = mlflow.pyfunc.load_model(uri).predict(frame)
+    # The URI through the project's own loader (`predict -m models:/...`), as a classical model.
+    assert TrainedModels().load(uri).floor.classes_ == model.floor.classes_
     assert served.loc[0, "predicted"] == answer.loc[0, "predicted"]
     assert served.loc[0, "prediction_set"] == answer.loc[0, "prediction_set"]

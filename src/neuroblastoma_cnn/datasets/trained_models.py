@@ -235,15 +235,15 @@ class TrainedModelsDataset(AbstractDataset[Any, TrainedModels]):
 
 
 def _load_pyfunc_keras(uri: str, info: Any) -> Any:
-    """The ``.keras`` artifact of a raw-image pyfunc model (``serving/pyfunc``),
-    downloaded and loaded with the record inside it."""
+    """The ``.keras`` (or classical ``.joblib``) artifact of a raw-image pyfunc model
+    (``serving/pyfunc``), downloaded and loaded with the record inside it."""
     import tempfile  # noqa: PLC0415
 
     import mlflow  # noqa: PLC0415  (lazy: MLflow)
 
     artifacts = (info.flavors.get("python_function") or {}).get("artifacts") or {}
     relative = (artifacts.get("model") or {}).get("path")
-    if not relative or not str(relative).endswith(".keras"):
+    if not relative or not str(relative).endswith((".keras", ".joblib")):
         raise ModelSelectionError(
             f"MLflow model '{uri}' is neither a Keras model nor this project's raw-image model "
             f"(flavors: {', '.join(info.flavors)}).")
