@@ -122,4 +122,6 @@ def register_pipelines() -> dict[str, Pipeline]:
     for model in cnns:
         selection += cv_pipeline(model)
     pipelines["select_model"] = selection + select_model.create_pipeline(cnn_models=cnns)
+    # The classical candidates only (no CNN trained): for `candidates` without a CNN.
+    pipelines["select_model_classical"] = folds + select_model.create_pipeline()
     return pipelines
