@@ -282,11 +282,7 @@ class ColourTextureSVM:
         if not c_grid or not gamma_factors or min(*c_grid, *gamma_factors) <= 0:
             raise ParameterError("Classical floor: c_grid and gamma_factors must be non-empty "
                                  f"lists of positive numbers (got {c_grid}, {gamma_factors}).")
-        if int(inner_folds) < 2:
-            raise ParameterError(f"Classical floor: inner_folds = {inner_folds}: must be >= 2.")
-        if calibration not in CALIBRATIONS:
-            raise ParameterError(f"Classical floor: calibration = {calibration!r}: must be one "
-                                 f"of {', '.join(CALIBRATIONS)}.")
+        check_inner_folds("Classical floor", inner_folds, calibration)
         self.c_grid = [float(c) for c in c_grid]
         self.gamma_factors = [float(g) for g in gamma_factors]
         self.inner_folds = int(inner_folds)
@@ -369,6 +365,15 @@ class ColourTextureSVM:
         if len(np.unique(y)) < 2:
             raise DataError(f"Classical floor: one class only ({sorted(set(y))}); need two.")
         return x, y, g
+
+
+def check_inner_folds(who: str, inner_folds: int, calibration: str | None = None) -> None:
+    """One line naming ``who`` when the inner folds or the calibration cannot work."""
+    if int(inner_folds) < 2:
+        raise ParameterError(f"{who}: inner_folds = {inner_folds}: must be >= 2.")
+    if calibration is not None and calibration not in CALIBRATIONS:
+        raise ParameterError(f"{who}: calibration = {calibration!r}: must be one of "
+                             f"{', '.join(CALIBRATIONS)}.")
 
 
 def _middle(values: Sequence[float]) -> float:

@@ -41,8 +41,8 @@ from neuroblastoma_cnn.core.errors import DataError, ModelError, ParameterError
 from neuroblastoma_cnn.images.preprocessing import Preprocessing
 
 from .classical import (
-    CALIBRATIONS,
     ColourTextureSVM,
+    check_inner_folds,
     describe_images,
     group_columns,
     grouped_folds,
@@ -78,18 +78,25 @@ def describe_bank(paths: Sequence[Path], scales: Sequence[int], where: str | Non
             for s in scales}
 
 
-def _estimator(candidate: Candidate, n_features: int, seed: int) -> Any:
-    settings = dict(candidate.settings)
-    if candidate.head == "svm":
+def make_head(head: str, settings: Mapping[str, float], n_features: int, seed: int,
+              max_leaf_nodes: int = 15) -> Any:
+    """An unfitted scikit-learn head of :data:`HEADS` with ``settings`` (balanced classes):
+    the selected floor's learners and the stacked hybrid's meta-learners."""
+    if head == "svm":
         return make_pipeline(StandardScaler(), SVC(
             kernel="rbf", class_weight="balanced", C=settings["C"],
             gamma=settings["gamma_factor"] / n_features))
-    if candidate.head == "logistic":
+    if head == "logistic":
         return make_pipeline(StandardScaler(), LogisticRegression(
             C=settings["C"], class_weight="balanced", max_iter=5000))
     return HistGradientBoostingClassifier(
         learning_rate=settings["learning_rate"], max_iter=int(settings["max_iter"]),
-        max_leaf_nodes=15, class_weight="balanced", early_stopping=False, random_state=seed)
+        max_leaf_nodes=max_leaf_nodes, class_weight="balanced", early_stopping=False,
+        random_state=seed)
+
+
+def _estimator(candidate: Candidate, n_features: int, seed: int) -> Any:
+    return make_head(candidate.head, dict(candidate.settings), n_features, seed)
 
 
 class SelectedFloor:
@@ -122,11 +129,7 @@ class SelectedFloor:
             if missing or any(not list(v) for v in settings.values()):
                 raise ParameterError(f"Selected floor: heads.{head} needs non-empty lists for "
                                      f"{', '.join(HEAD_SETTINGS[head])}.")
-        if int(inner_folds) < 2:
-            raise ParameterError(f"Selected floor: inner_folds = {inner_folds}: must be >= 2.")
-        if calibration not in CALIBRATIONS:
-            raise ParameterError(f"Selected floor: calibration = {calibration!r}: must be one "
-                                 f"of {', '.join(CALIBRATIONS)}.")
+        check_inner_folds("Selected floor", inner_folds, calibration)
         self.scales = [int(s) for s in scales]
         self.feature_sets = [tuple(g) for g in feature_sets]
         self.heads = {h: {k: [float(v) for v in heads[h][k]] for k in HEAD_SETTINGS[h]}

@@ -19,15 +19,12 @@ from typing import Any
 
 import numpy as np
 from sklearn.base import clone
-from sklearn.ensemble import HistGradientBoostingClassifier
-from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from neuroblastoma_cnn.core.errors import DataError, ParameterError
 
-from .classical import grouped_folds
+from .classical import check_inner_folds, grouped_folds
+from .selected_floor import make_head
 
 logger = logging.getLogger(__name__)
 
@@ -46,12 +43,7 @@ def meta_features(base_prob: Mapping[str, np.ndarray], bases: Sequence[str]) -> 
 
 
 def _learner(name: str, settings: Mapping[str, float], seed: int) -> Any:
-    if name == "logistic":
-        return make_pipeline(StandardScaler(), LogisticRegression(
-            C=settings["C"], class_weight="balanced", max_iter=5000))
-    return HistGradientBoostingClassifier(
-        learning_rate=settings["learning_rate"], max_iter=int(settings["max_iter"]),
-        max_leaf_nodes=7, class_weight="balanced", early_stopping=False, random_state=seed)
+    return make_head(name, settings, n_features=0, seed=seed, max_leaf_nodes=7)
 
 
 class StackedHybrid:
@@ -71,8 +63,7 @@ class StackedHybrid:
         if len(bases) < 2:
             raise ParameterError(f"Stacked hybrid: bases = {list(bases)}: stack two or more "
                                  "models.")
-        if int(inner_folds) < 2:
-            raise ParameterError(f"Stacked hybrid: inner_folds = {inner_folds}: must be >= 2.")
+        check_inner_folds("Stacked hybrid", inner_folds)
         self.bases = list(bases)
         self.meta = {m: {k: [float(v) for v in meta[m][k]] for k in META_LEARNERS[m]}
                      for m in META_LEARNERS if m in meta}
