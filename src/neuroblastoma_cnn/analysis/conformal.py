@@ -18,15 +18,25 @@ stacked hybrid from their stored probabilities without refitting them (MAPIE 1.x
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from crepes import ConformalClassifier
 
 from neuroblastoma_cnn.analysis.predictions import probability_column
 from neuroblastoma_cnn.core.errors import DataError, ParameterError
+
+
+def _conformal_classifier() -> Any:
+    """crepes' ``ConformalClassifier``, imported so that crepes' module-level
+    ``warnings.simplefilter("always", UserWarning)`` does not undo the project's warning
+    filters (runtime/quiet.py) for the whole process."""
+    with warnings.catch_warnings():
+        from crepes import ConformalClassifier  # noqa: PLC0415
+    return ConformalClassifier()
+
 
 #: The columns every answer gains.
 SET_COLUMN, REFER_COLUMN = "prediction_set", "refer"
@@ -83,7 +93,7 @@ class ClassConditionalConformal:
                             f"model's classes {self.classes_}.")
         truth = np.asarray([self.classes_.index(v) for v in y], dtype=int)
         alphas = 1.0 - prob[np.arange(len(y)), truth]
-        self.conformal_ = ConformalClassifier().fit(alphas, bins=y)
+        self.conformal_ = _conformal_classifier().fit(alphas, bins=y)
         self.calibration_counts_ = {c: int((y == c).sum()) for c in self.classes_}
         return self
 
@@ -103,7 +113,7 @@ class ClassConditionalConformal:
         scores = record["scores"]
         alphas = np.concatenate([np.asarray(scores[c], dtype=np.float64) for c in out.classes_])
         bins = np.concatenate([np.full(len(scores[c]), c, dtype=object) for c in out.classes_])
-        out.conformal_ = ConformalClassifier().fit(alphas, bins=bins.astype(str))
+        out.conformal_ = _conformal_classifier().fit(alphas, bins=bins.astype(str))
         out.calibration_counts_ = {c: len(scores[c]) for c in out.classes_}
         return out
 

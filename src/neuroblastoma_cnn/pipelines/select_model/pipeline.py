@@ -4,7 +4,6 @@ registry puts before this one), the winner's prediction sets."""
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 from kedro.pipeline import Node, Pipeline
@@ -50,9 +49,6 @@ def create_pipeline(cnn_models: Sequence[str] = (), **kwargs) -> Pipeline:
         tags=TAGS,
     )
     # The CNNs' predictions under their namespaced names, the cross_validate pipelines'
-    # outputs: Kedro's warning about dots in dataset names concerns names a user chose.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="One or more dataset names contain",
-                                category=UserWarning)
-        return Pipeline(nodes, inputs={f"{model}_cv_predictions": f"{model}.cv_predictions"
-                                       for model in cnn_models})
+    # outputs (Kedro's warning about dots in dataset names: runtime/quiet.py).
+    return Pipeline(nodes, inputs={f"{model}_cv_predictions": f"{model}.cv_predictions"
+                                   for model in cnn_models})
