@@ -46,3 +46,15 @@ def test_a_better_family_wins_and_is_registered_as_champion(kedro_project: Path,
     predictions, _ = nodes.predict_files([(p.name, p) for p in images], champion,
                                          params("predict", workers=1))
     assert {"prediction_set", "refer"} <= set(predictions.columns)
+
+
+def test_an_unknown_candidate_stops_the_run_before_anything_is_written(kedro_project: Path,
+                                                                      run_kedro):
+    from neuroblastoma_cnn.core.errors import ParameterError  # noqa: PLC0415
+
+    with pytest.raises(ParameterError, match=r"select_model\.candidates: Unknown model family "
+                                             r"'resnet43'"):
+        run_kedro("select_model_classical",
+                  runtime_params={"select_model": {"candidates": ["floor", "resnet43"]}})
+    assert not (kedro_project / "data" / "05_model_input" / "cv_folds.csv").exists()
+    assert not (kedro_project / "data" / "02_intermediate" / "image_manifest.csv").exists()
