@@ -99,7 +99,7 @@ class SelectedFloorParams(Params):
                           dict[str, Annotated[list[PositiveFloat], Field(min_length=1)]]],
                      Field(min_length=1)]
     inner_folds: Annotated[int, Field(ge=2)]
-    calibration: Literal["sigmoid", "isotonic"]
+    calibration: Literal["temperature", "sigmoid", "isotonic"]
 
 
 class ConformalParams(Params):
