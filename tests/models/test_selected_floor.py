@@ -90,3 +90,18 @@ def test_the_yaml_defaults_are_typed() -> None:
     assert conformal.coverage == 0.9
     with pytest.raises(ParameterError, match=r"select_model\.conformal\.coverage"):
         ConformalParams.parse({"coverage": 1.2, "min_images": 20}, "select_model.conformal")
+
+
+def test_the_temperature_keeps_the_svm_decision() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(72, N_ALL_FEATURES))
+    y = np.asarray(CLASSES * 24)
+    for i, c in enumerate(CLASSES):
+        x[y == c, i] += 1.5
+    floor = SelectedFloor([8], [list(CORE_GROUPS)], {"svm": {"C": [1.0], "gamma_factor": [0.3]}},
+                          3, "temperature").fit({8: x}, y, np.arange(72) // 3)
+    assert floor.temperature_ > 0
+    prob = floor.predict_proba({8: x})
+    np.testing.assert_allclose(prob.sum(axis=1), 1.0)
+    svm = floor.model_.predict(x[:, group_columns(CORE_GROUPS)])
+    assert (prob.argmax(axis=1) == svm).mean() >= 0.97  # ties aside, the SVM's own answer
