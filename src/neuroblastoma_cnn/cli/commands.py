@@ -114,7 +114,9 @@ def predict(**options: Any) -> int:
     rejected, reason. Whole-slide images (.svs, pyramidal TIFF...) are read region by region
     (a progress bar over their tiles); their row is the mean of their tiles, with share_<class>;
     with --tiles-out or --heatmaps, each slide's tiles also go to <file>.geojson, a QuPath
-    GeoJSON (File > Import objects) of tiles classified with their probabilities.
+    GeoJSON (File > Import objects) of tiles classified with their probabilities. A model
+    calibrated by `kedro run --pipeline=select_model` adds prediction_set (the classes it
+    cannot rule out, joined by |) and refer (true: the set is not one class; look at it).
     """
     if options["quiet"] and options["verbose"]:
         raise click.UsageError("--quiet and --verbose exclude each other")
@@ -427,6 +429,9 @@ def _print_summary(predictions: Any, model: Any, options: dict[str, Any], not_dr
          f"{int(predictions['low_confidence'].sum())} low confidence, "
          f"{int(predictions['mostly_background'].sum())} mostly background, "
          f"{len(rejected)} rejected")
+    if "refer" in predictions.columns:
+        echo(f"{int(predictions['refer'].sum())} referred (prediction set not one class, at "
+             f"coverage {model.preprocessing.conformal['coverage']:g})")
     for row in rejected.head(10).itertuples(index=False):
         echo(f"  rejected {row.file}: {row.reason}")
     if len(rejected) > 10:

@@ -14,7 +14,7 @@ from kedro.framework.project import pipelines
 from neuroblastoma_cnn.datasets.image_folder import ImageFolderDataset
 from neuroblastoma_cnn.hooks import error_display, preflight
 from neuroblastoma_cnn.hooks._catalog import catalog_datasets
-from neuroblastoma_cnn.params import GROUPS, validate_parameters
+from neuroblastoma_cnn.params import GROUPS, SelectModelParams, validate_parameters
 
 
 def _parameters(catalog: Any) -> dict[str, Any]:
@@ -86,6 +86,14 @@ class PreflightHook:
                 preflight.check_folder_has_files(folder, name)
         for key, weights in preflight.model_weight_params(pipeline, parameters):
             preflight.check_weights(key, weights)
+        if "params:select_model" in pipeline.inputs():  # candidates name known families
+            from neuroblastoma_cnn.pipelines.select_model.nodes import (  # noqa: PLC0415
+                check_candidates,  # (scikit-learn: only for this pipeline)
+            )
+
+            chosen = parameters["select_model"]
+            check_candidates(chosen if isinstance(chosen, SelectModelParams)
+                             else SelectModelParams.parse(chosen, "select_model"))
 
 
 def _pipeline_groups(parameters: dict[str, Any]) -> dict[str, Any]:
