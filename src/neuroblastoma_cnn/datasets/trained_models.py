@@ -248,9 +248,10 @@ def _load_pyfunc_keras(uri: str, info: Any) -> Any:
             f"MLflow model '{uri}' is neither a Keras model nor this project's raw-image model "
             f"(flavors: {', '.join(info.flavors)}).")
     with tempfile.TemporaryDirectory(prefix="mlflow-model-") as tmp:
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"{uri.rstrip('/')}/{relative}", dst_path=tmp)
-        model = _load_file(Path(local))
+        # The whole model folder: "<uri>/<file>" is misread as a registered name for a logged
+        # model's id URI (models:/m-...); the folder holds little beside the file.
+        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
+        model = _load_file(Path(local) / relative)
     model.model_source = uri
     logger.info("Prediction model: %s", uri)
     return model
