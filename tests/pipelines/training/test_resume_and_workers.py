@@ -245,8 +245,11 @@ def test_two_workers_train_one_model_that_the_chief_saves(stores, tmp_path):
         for index in range(2):
             config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
             logs.append(tmp_path / f"worker{index}.log")
+            # float32: the kept epoch's validation loss is compared with the saved (float32)
+            # model's to 1e-5, which a bfloat16 validation pass would not reach.
             children.append(_child(stores, tmp_path / f"worker{index}.npz", tmp_path / "root",
-                                   {}, env={"TF_CONFIG": config}, log=logs[-1]))
+                                   {"precision": "float32"}, env={"TF_CONFIG": config},
+                                   log=logs[-1]))
         for child, log in zip(children, logs, strict=True):
             assert child.wait(timeout=200) == 0, log.read_text()[-3000:]
     finally:

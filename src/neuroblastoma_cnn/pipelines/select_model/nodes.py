@@ -286,7 +286,7 @@ def select_model(cv_folds: pd.DataFrame, cv_floor_predictions: pd.DataFrame,
         logger.info("Selection: %-15s pooled out-of-fold macro-F1 %.3f [%.3f-%.3f]%s",
                     r["model"], r["pooled_f1"], r["pooled_ci_low"], r["pooled_ci_high"],
                     "  <- chosen" if r["chosen"] else "")
-    metrics = {f"select.{r['model']}.{k}": {"value": float(r[k]), "step": 0}
+    metrics = {f"{r['model']}.{k}": {"value": float(r[k]), "step": 0}  # prefix: select
                for r in table.to_dict("records")
                for k in ("pooled_f1", "pooled_ci_low", "pooled_ci_high")}
     everything = pd.concat(list(predictions.values()), ignore_index=True)
