@@ -29,10 +29,7 @@ import keras
 import numpy as np
 from timing import EpochTimer
 
-from neuroblastoma_cnn.models.resnet50 import (
-    build_resnet50,
-    fit_head_on_cached_features,
-)
+from neuroblastoma_cnn.models.resnet50 import build_resnet50, cache_features
 
 
 def project(epoch_times: list[float], target: int, one_off: float = 0.0) -> float:
@@ -69,11 +66,10 @@ def main() -> None:
     model.set_weights(initial)
     cached_timer = EpochTimer()
     started = time.perf_counter()
-    fit_head_on_cached_features(
-        model, x, y, None, None, epochs=args.epochs, batch_size=args.batch,
-        optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy",
-        callbacks=[cached_timer], seed=args.seed,
-    )
+    cached = cache_features(model, x, y, batch_size=args.batch, seed=args.seed)
+    cached.head.compile(optimizer=keras.optimizers.Adam(1e-3),
+                        loss="sparse_categorical_crossentropy")
+    cached.head.fit(cached.train, epochs=args.epochs, callbacks=[cached_timer], verbose=0)
     cached_total = time.perf_counter() - started
     cache_cost = cached_total - sum(cached_timer.times)
 
