@@ -31,7 +31,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from neuroblastoma_cnn.params import PredictParams
+from neuroblastoma_cnn.params import PredictParams, base_group
 from neuroblastoma_cnn.serving.pyfunc import log_raw_image_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,10 +128,8 @@ def main() -> None:
         mlflow.set_tracking_uri(store)
         mlflow.set_experiment("bench_serving")
         settings = PredictParams.parse(
-            {"model": str(args.model), "version": None, "batch_size": args.batch_size,
-             "workers": 1, "min_confidence": 0.6, "background_fallback_tiles": 3,
-             "gradcam": False, "gradcam_max_side": None, "gradcam_alpha": 0.5, "tta": False,
-             "head": None, "slide_thumbnail_side": 1024, "slide_gallery_tiles": 8}, "predict")
+            base_group("predict", model=str(args.model), batch_size=args.batch_size, workers=1,
+                       gradcam=False), "predict")
         with mlflow.start_run():
             uri = log_raw_image_model(args.model, settings, name="bench_raw_images")
         cli_wall, cli_predict_s = cli_predict(args.model, files, workdir / "cli.csv",
