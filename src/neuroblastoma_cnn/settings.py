@@ -10,6 +10,7 @@ from neuroblastoma_cnn.hooks import (
     PreflightHook,
     ProjectMlflowStoreHook,
     RunContextHook,
+    RunStopHook,
 )
 from neuroblastoma_cnn.params import TypedParamsMlflowHook
 from neuroblastoma_cnn.runtime.quiet import QuietRunHook
@@ -26,6 +27,7 @@ HOOKS = (
     QuietRunHook(),
     PrivacyHook(),            # patient ids pseudonymised in whatever reaches MLflow
     RunContextHook(),         # how the run was started, for the model card
+    RunStopHook(),            # SIGINT/SIGTERM end the MLflow run KILLED; orphans marked too
 )
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader

@@ -6,6 +6,7 @@
 - ``run_command``: how a run was started (``kedro run`` command, commit), for the model card;
 - ``lineage``: ``lineage.json`` beside every versioned output, inputs of one lineage;
 - ``promotion``: a model promoted once evaluated, logged to MLflow and registered;
+- ``stopping``: a run stopped by SIGINT/SIGTERM ends KILLED; runs whose process is gone too;
 
 and what they use: ``error_display`` (one line for the project's errors, in ``kedro run`` and
 notebooks) and ``preflight`` (the checks themselves, plain functions).
@@ -25,6 +26,7 @@ from neuroblastoma_cnn.hooks.run_tags import (
     git_commit,
     model_tags,
 )
+from neuroblastoma_cnn.hooks.stopping import RunStopHook
 
 __all__ = [
     "MAX_TAG_LENGTH",
@@ -35,6 +37,7 @@ __all__ = [
     "PreflightHook",
     "ProjectMlflowStoreHook",
     "RunContextHook",
+    "RunStopHook",
     "frame_sha256",
     "git_commit",
     "kedro_command",
