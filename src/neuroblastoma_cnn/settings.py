@@ -7,6 +7,7 @@ from neuroblastoma_cnn.hooks import (
     MlflowRunTagsHook,
     ModelPromotionHook,
     OneLineErrorsHook,
+    OneWriterHook,
     PreflightHook,
     ProjectMlflowStoreHook,
     RunContextHook,
@@ -28,6 +29,7 @@ HOOKS = (
     PrivacyHook(),            # patient ids pseudonymised in whatever reaches MLflow
     RunContextHook(),         # how the run was started, for the model card
     RunStopHook(),            # SIGINT/SIGTERM end the MLflow run KILLED; orphans marked too
+    OneWriterHook(),          # several TF_CONFIG workers: only the chief writes and logs
 )
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader

@@ -7,6 +7,7 @@
 - ``lineage``: ``lineage.json`` beside every versioned output, inputs of one lineage;
 - ``promotion``: a model promoted once evaluated, logged to MLflow and registered;
 - ``stopping``: a run stopped by SIGINT/SIGTERM ends KILLED; runs whose process is gone too;
+- ``workers``: in a multi-worker (``TF_CONFIG``) run only the chief writes, logs and registers;
 
 and what they use: ``error_display`` (one line for the project's errors, in ``kedro run`` and
 notebooks) and ``preflight`` (the checks themselves, plain functions).
@@ -27,6 +28,7 @@ from neuroblastoma_cnn.hooks.run_tags import (
     model_tags,
 )
 from neuroblastoma_cnn.hooks.stopping import RunStopHook
+from neuroblastoma_cnn.hooks.workers import OneWriterHook
 
 __all__ = [
     "MAX_TAG_LENGTH",
@@ -34,6 +36,7 @@ __all__ = [
     "MlflowRunTagsHook",
     "ModelPromotionHook",
     "OneLineErrorsHook",
+    "OneWriterHook",
     "PreflightHook",
     "ProjectMlflowStoreHook",
     "RunContextHook",
