@@ -78,6 +78,21 @@ def predict_in_process(model_file: Path, files: list[Path], settings: PredictPar
     return time.perf_counter() - started
 
 
+def logged_pyfunc(model: Path, workdir: Path, experiment: str, **settings: object
+                  ) -> tuple[str, PredictParams, str]:
+    """The model's raw-image pyfunc logged to a throw-away SQLite store in ``workdir``:
+    ``(store URI, prediction settings, model URI)``."""
+    store = f"sqlite:///{workdir / 'mlflow.db'}"
+    mlflow.set_tracking_uri(store)
+    mlflow.set_experiment(experiment)
+    params = PredictParams.parse(
+        base_group("predict", model=str(model), workers=1, gradcam=False, **settings),
+        "predict")
+    with mlflow.start_run():
+        uri = log_raw_image_model(model, params, name=f"{experiment}_raw_images")
+    return store, params, uri
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -124,14 +139,8 @@ def main() -> None:
     files = spread(args.images, args.n)
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         workdir = Path(tmp)
-        store = f"sqlite:///{workdir / 'mlflow.db'}"
-        mlflow.set_tracking_uri(store)
-        mlflow.set_experiment("bench_serving")
-        settings = PredictParams.parse(
-            base_group("predict", model=str(args.model), batch_size=args.batch_size, workers=1,
-                       gradcam=False), "predict")
-        with mlflow.start_run():
-            uri = log_raw_image_model(args.model, settings, name="bench_raw_images")
+        store, settings, uri = logged_pyfunc(args.model, workdir, "bench_serving",
+                                             batch_size=args.batch_size)
         cli_wall, cli_predict_s = cli_predict(args.model, files, workdir / "cli.csv",
                                               args.batch_size)
         in_process_s = predict_in_process(args.model, files, settings)

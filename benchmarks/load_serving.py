@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,15 +37,12 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import mlflow
 import numpy as np
 from PIL import Image
 
-from neuroblastoma_cnn.params import PredictParams, base_group
-from neuroblastoma_cnn.serving.pyfunc import log_raw_image_model
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from _hostile import bad_images
+from _hostile import bad_images  # the tests' builders of bad files
+from bench_serving import free_port, logged_pyfunc  # this folder: run as a script
 
 BIN = Path(sys.executable).parent
 logger = logging.getLogger("load_serving")
@@ -97,12 +93,6 @@ def post(port: int, rows: list[list[str]], timeout: float) -> tuple[int, list[di
             return response.status, json.loads(response.read())["predictions"]
     except urllib.error.HTTPError as error:
         return error.code, error.read().decode(errors="replace")[:300]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -256,13 +246,7 @@ def main() -> None:
     bad = [(n, base64.b64encode(d).decode()) for n, d in bad_images(buffer.getvalue()).items()]
     with tempfile.TemporaryDirectory(prefix="load-serving-") as tmp:
         workdir = Path(tmp)
-        store = f"sqlite:///{workdir / 'mlflow.db'}"
-        mlflow.set_tracking_uri(store)
-        mlflow.set_experiment("load_serving")
-        settings = PredictParams.parse(
-            base_group("predict", model=str(args.model), workers=1, gradcam=False), "predict")
-        with mlflow.start_run():
-            uri = log_raw_image_model(args.model, settings, name="load_raw_images")
+        store, _, uri = logged_pyfunc(args.model, workdir, "load_serving")
         for workers in args.server_workers:
             print(json.dumps(measure(uri, store, workdir, workers, good, bad, args)),
                   flush=True)
