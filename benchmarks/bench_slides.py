@@ -9,12 +9,23 @@ Everything derived from BACH is written under ``--workdir`` (a temporary folder;
                                                             # peak RSS: `predict big.tif` vs whole
     .venv/bin/python benchmarks/bench_slides.py throughput  # our tiling vs a bare tiffslide loop
     .venv/bin/python benchmarks/bench_slides.py agreement   # single-class slides vs crops; heatmap
+    .venv/bin/python benchmarks/bench_slides.py regions     # 50 QuPath regions over big.tif
+    .venv/bin/python benchmarks/bench_slides.py annotated   # ingestion tiles/s and peak RSS:
+                                                            # annotated vs unannotated big.tif
 
 The model (``train``): BACH images of the four classes downscaled 4x (1.68 um/px, BACH being
 0.42 um/px), tiles of 128 px = 215 um (``tile_um`` in its record, so it tiles a full-resolution
 slide at 512 px), resized to 64 px; three conv blocks, a few epochs. The big slide tiles four
 full-resolution BACH images (one per class) in a cycle at 0.42 um/px, levels 1, 1/4, 1/16, 1/64,
 JPEG tiles of 512 px, written tile by tile.
+
+The regions (``regions``): 50 irregular polygons of 60 vertices (radius 1,500-3,000 px, every
+fifth with a hole), two classes, seeded, over big.tif as a QuPath GeoJSON export. ``annotated``
+runs ingestion's two nodes (manifest, then every tile of the stream) in a fresh process each,
+on big.tif in a class folder (today's path) and at the top with its regions, alternately,
+under ``/usr/bin/time``: tiles per second (tiles kept / both nodes' time), the same after the
+first tile (once the files are checked and the slide planned), and peak RSS.
+``NEUROBLASTOMA_CNN_SLIDE_READER=tiffslide`` measures the other reader.
 """
 
 from __future__ import annotations
@@ -37,6 +48,7 @@ from _slides import bach_image, side_by_side, write_large_slide, write_slide  # 
 from PIL import Image  # noqa: E402
 
 CLASSES = ["Benign", "InSitu", "Invasive", "Normal"]
+READER = "NEUROBLASTOMA_CNN_SLIDE_READER"  # auto (OpenSlide if installed), openslide, tiffslide
 BACH_MPP = 0.42
 DOWN = 4
 TILE_UM = 128 * BACH_MPP * DOWN  # 215.04 um
@@ -118,6 +130,7 @@ def resnet(work: Path) -> None:
 
 
 def _max_rss_mb(command: list[str]) -> tuple[float, float, str]:
+    """Peak RSS (MB) and seconds of ``command``, and what it printed."""
     started = time.perf_counter()
     done = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True,
                           check=False)
@@ -125,7 +138,7 @@ def _max_rss_mb(command: list[str]) -> tuple[float, float, str]:
     found = re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)
     if done.returncode != 0 or not found:
         raise RuntimeError(done.stderr[-2000:])
-    return int(found.group(1)) / 1024, seconds, done.stderr
+    return int(found.group(1)) / 1024, seconds, done.stdout
 
 
 def memory(work: Path, model: str, whole_too: bool) -> None:
@@ -234,10 +247,89 @@ def agreement(work: Path, per_slide: int) -> None:
     print(f"two-class slide -> {result.iloc[0]['predicted']}; heatmap {target}")
 
 
+def regions(work: Path, n_regions: int, side: int) -> None:
+    """``big.geojson``: ``n_regions`` seeded star-shaped polygons, half of each class."""
+    from _slides import write_qupath_geojson  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    specs = []
+    for i in range(n_regions):
+        cx, cy = rng.uniform(4_000, side - 4_000, 2)
+        radius = rng.uniform(1_500, 3_000)
+        angles = np.sort(rng.uniform(0, 2 * np.pi, 60))
+        lengths = radius * rng.uniform(0.7, 1.0, 60)
+        ring = [(float(cx + r * np.cos(a)), float(cy + r * np.sin(a)))
+                for a, r in zip(angles, lengths, strict=True)]
+        rings = [[*ring, ring[0]]]
+        if i % 5 == 0:  # a hole in the middle
+            hole = [(float(cx + 0.3 * radius * np.cos(a)), float(cy + 0.3 * radius * np.sin(a)))
+                    for a in np.linspace(0, 2 * np.pi, 24)]
+            rings.append(hole)
+        specs.append((f"r{i:02d}", ("Benign", "Invasive")[i % 2], [rings]))
+    path = write_qupath_geojson(work / "big.geojson", specs)
+    print(f"wrote {path}: {n_regions} regions")
+
+
+def ingest(work: Path, annotated: bool) -> None:
+    """Ingestion's manifest and tiles of big.tif (symlinked into a raw folder): one JSON line."""
+    from neuroblastoma_cnn.pipelines.ingestion.nodes import (  # noqa: PLC0415
+        build_image_manifest,
+        tile_images,
+    )
+
+    raw = work / ("raw_annotated" if annotated else "raw_plain")
+    folder = raw if annotated else raw / "Benign" / "P1"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("big.tif", "big.geojson") if annotated else ("big.tif",):
+        if not (folder / name).exists():
+            (folder / name).symlink_to(work / name)
+    settings = _ingestion(annotation_classes=["Benign", "Invasive"])
+    started = time.perf_counter()
+    manifest, _ = build_image_manifest(raw, settings)
+    listed = time.perf_counter() - started
+    stream = iter(tile_images(raw, manifest, settings))
+    tiles = 1 if next(stream, None) is not None else 0
+    first = time.perf_counter() - started  # + checking the files and planning the slide again
+    tiles += sum(1 for _ in stream)
+    seconds = time.perf_counter() - started
+    print(json.dumps({"annotated": annotated, "reader": os.environ.get(READER, "auto"),
+                      "tiles": tiles, "seconds": round(seconds, 2),
+                      "manifest_seconds": round(listed, 2), "first_tile_seconds": round(first, 2),
+                      "tiles_per_s": round(tiles / seconds, 1),
+                      "streaming_tiles_per_s": round((tiles - 1) / (seconds - first), 1)}))
+
+
+def annotated_vs_plain(work: Path, rounds: int) -> None:
+    """``ingest`` plain and annotated, alternately, each in a fresh process under
+    ``/usr/bin/time`` (peak RSS); the best round of each."""
+    results: dict[bool, list[dict]] = {False: [], True: []}
+    for _ in range(rounds):
+        for annotated in (False, True):
+            command = [sys.executable, __file__, "ingest", "--workdir", str(work)]
+            rss, _, out = _max_rss_mb([*command, *(["--annotated"] if annotated else [])])
+            line = [x for x in out.splitlines() if x.startswith("{")]
+            if not line:
+                raise RuntimeError(out[-2000:])
+            results[annotated].append({**json.loads(line[-1]), "peak_rss_mb": round(rss)})
+            print(json.dumps(results[annotated][-1]))
+    best = {k: max(v, key=lambda r: r["tiles_per_s"]) for k, v in results.items()}
+    ratio = best[True]["tiles_per_s"] / best[False]["tiles_per_s"]
+    streaming = (max(r["streaming_tiles_per_s"] for r in results[True])
+                 / max(r["streaming_tiles_per_s"] for r in results[False]))
+    print(f"reader {os.environ.get(READER, 'auto')}; unannotated: {best[False]['tiles']} tiles, "
+          f"best {best[False]['tiles_per_s']} tiles/s; annotated (50 regions): "
+          f"{best[True]['tiles']} tiles, best {best[True]['tiles_per_s']} tiles/s: {ratio:.2f}x "
+          f"(after the first tile: {streaming:.2f}x); peak RSS "
+          f"{max(r['peak_rss_mb'] for r in results[False])} MB unannotated, "
+          f"{max(r['peak_rss_mb'] for r in results[True])} MB annotated")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("step", choices=["write", "train", "resnet", "memory", "throughput",
-                                         "agreement"])
+                                         "agreement", "regions", "ingest", "annotated"])
+    parser.add_argument("--annotated", action="store_true", help="ingest: big.tif annotated")
+    parser.add_argument("--regions", type=int, default=50, help="regions: how many")
     parser.add_argument("--model", default="model.keras", help="memory: the model file")
     parser.add_argument("--whole", action="store_true", help="memory: also decode it whole")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/wsi_bench"))
@@ -258,6 +350,12 @@ def main() -> None:
         memory(args.workdir, args.model, args.whole)
     elif step == "throughput":
         throughput(args.workdir, args.rounds)
+    elif step == "regions":
+        regions(args.workdir, args.regions, args.side)
+    elif step == "ingest":
+        ingest(args.workdir, args.annotated)
+    elif step == "annotated":
+        annotated_vs_plain(args.workdir, args.rounds)
     else:
         agreement(args.workdir, args.per_slide)
 

@@ -23,6 +23,7 @@ from neuroblastoma_cnn.pipelines import (
     features,
     ingestion,
     predict,
+    select_model,
     splitting,
     study,
     training,
@@ -114,4 +115,13 @@ def register_pipelines() -> dict[str, Pipeline]:
     for model in CV_MODELS:
         pipelines[f"cross_validate_{model}"] = folds + cv_pipeline(model)
     pipelines["cross_validate"] = pipelines[f"cross_validate_{DEFAULT_CV_MODEL}"]
+    # Model selection: the same folds, the CNNs it trains itself (finished folds reused), the
+    # selected floor, the hybrid, the ranking and the winner's prediction sets.
+    cnns = select_model.nodes.SELF_TRAINED_CNNS
+    selection = folds
+    for model in cnns:
+        selection += cv_pipeline(model)
+    pipelines["select_model"] = selection + select_model.create_pipeline(cnn_models=cnns)
+    # The classical candidates only (no CNN trained): for `candidates` without a CNN.
+    pipelines["select_model_classical"] = folds + select_model.create_pipeline()
     return pipelines

@@ -84,6 +84,14 @@ def test_a_mistyped_environment_is_named_with_the_existing_ones(raw_project: Pat
     assert runs(raw_project) == []
 
 
+def test_another_keras_backend_is_refused_before_anything_runs(
+        raw_project: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("KERAS_BACKEND", "jax")
+    line, _ = stops_in_one_line(raw_project, "--env=tiny", "--pipeline=train_resnet34")
+    assert "KERAS_BACKEND=jax" in line and "unset KERAS_BACKEND" in line
+    assert runs(raw_project) == []
+
+
 def test_no_raw_images_points_to_the_layout(tmp_path: Path):
     project = make_project(tmp_path / "project", with_images=False)
     line, _ = stops_in_one_line(project, "--env=tiny", "--pipeline=train_resnet34")

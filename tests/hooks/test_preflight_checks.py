@@ -32,6 +32,17 @@ def test_a_mistyped_environment_names_it_and_lists_the_others(tmp_path):
     assert "\n" not in line
 
 
+def test_only_the_tensorflow_backend_passes():
+    preflight.check_keras_backend({})
+    preflight.check_keras_backend({"KERAS_BACKEND": "TensorFlow"})
+    for other in ("jax", "torch", "numpy"):
+        with pytest.raises(ParameterError) as caught:
+            preflight.check_keras_backend({"KERAS_BACKEND": other})
+        line = caught.value.one_line()
+        assert f"KERAS_BACKEND={other}:" in line and "set it to tensorflow" in line
+        assert "\n" not in line
+
+
 def test_the_default_environment_may_be_absent(tmp_path):
     """conf/local is git-ignored: a fresh clone runs on base alone."""
     conf = _conf(tmp_path, "base")

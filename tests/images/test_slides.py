@@ -3,6 +3,7 @@ and one clear reason for a slide that cannot be used."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +95,29 @@ def test_background_is_never_read_at_full_resolution(slide_path, monkeypatch):
     assert sum(width * height for _, width, height in full) == len(kept) * 32 * 32
     assert len(full) < len(kept)  # row neighbours share a read
     assert all(np.array_equal(t.tile, o) for t, o in zip(tiles, one_by_one, strict=True))
+
+
+def test_tissue_of_some_tiles_reads_them_not_the_gaps_between(slide_path, monkeypatch):
+    """An annotated slide's tiles inside regions: each run of neighbours is one strip, and the
+    fractions are the whole grid's."""
+    reads: list[int] = []
+    original = Slide.read_region
+
+    def spy(self, x, y, level, width, height):
+        reads.append(width * height)
+        return original(self, x, y, level, width, height)
+
+    monkeypatch.setattr(Slide, "read_region", spy)
+    with open_slide(slide_path) as slide:
+        grid = slide_grid(slide, tiling())  # 10 x 4 tiles of 64 px
+        whole = tissue_fractions(slide, grid, tiling())
+        read_whole, reads[:] = sum(reads), []
+        some = [0, 1, 7, 8, 9, 13, 24, 25]  # runs of a row, a gap inside a row
+        part = tissue_fractions(slide, replace(grid, positions=tuple(
+            grid.positions[i] for i in some)), tiling())
+    assert np.array_equal(part, whole[some])
+    assert len(reads) == 4  # (0, 1), (7, 8, 9), (13), (24, 25): tiles 2..6 are not read
+    assert sum(reads) == read_whole * len(some) // len(grid.positions)
 
 
 def test_a_slide_without_resolution(tmp_path, pixels):

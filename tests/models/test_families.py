@@ -89,11 +89,12 @@ def test_the_capabilities_say_what_each_family_can_and_cannot_do() -> None:
     for name in families.names(kind="cnn"):
         assert families.family(name).can == frozenset(Capability)
     floor = families.family("floor")
-    assert floor.can == {Capability.CROSS_VALIDATE}
-    with pytest.raises(ModelError, match=r"'floor'.*cannot serve: .*no raw-image model"):
-        floor.require(Capability.SERVE)
+    assert floor.can == {Capability.CROSS_VALIDATE, Capability.PREDICT, Capability.SERVE}
+    with pytest.raises(ModelError, match=r"'floor'.*cannot gradcam: .*no convolutions"):
+        floor.require(Capability.GRADCAM)
     assert not families.family("feature_heads").able(Capability.GRADCAM)
-    assert families.names(Capability.SERVE) == ["resnet34", "resnet50", "cv_ensemble"]
+    assert families.names(Capability.SERVE) == ["resnet34", "resnet50", "floor", "selected_floor",
+                                                "cv_ensemble"]
     assert all(f.cannot for f in families.FAMILIES if f.can != frozenset(Capability))
 
 

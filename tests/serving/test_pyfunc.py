@@ -15,7 +15,7 @@ import pytest
 from _params import params, store_metadata
 from PIL import Image
 
-from neuroblastoma_cnn.datasets.keras_model import save_keras_model
+from neuroblastoma_cnn.datasets.keras_model import load_keras_model, save_keras_model
 from neuroblastoma_cnn.datasets.trained_models import TrainedModels
 from neuroblastoma_cnn.images.preprocessing import Preprocessing
 from neuroblastoma_cnn.pipelines.predict import nodes
@@ -117,3 +117,33 @@ def test_logged_pyfunc_is_self_contained_and_loads_from_the_registry(tmp_path):
     tiles = np.random.default_rng(0).integers(0, 255, (2, 16, 16, 3)).astype("float32")
     np.testing.assert_allclose(loaded.predict_on_batch(tiles), model.predict_on_batch(tiles),
                                atol=1e-6)
+
+
+def test_a_calibrated_model_answers_with_prediction_sets_everywhere(tmp_path):
+    """A record carrying a conformal calibration adds prediction_set and refer to predict_files
+    and to the pyfunc's answer (a file that cannot be used is referred with no set); the
+    calibration survives saving and loading."""
+    from neuroblastoma_cnn.analysis.conformal import ClassConditionalConformal  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    p_true = rng.uniform(0.3, 1.0, 40)
+    truth = np.array([0, 1] * 20)
+    prob = np.where(truth[:, None] == np.arange(2), p_true[:, None], 1 - p_true[:, None])
+    calibration = ClassConditionalConformal(0.9).fit(prob, np.array(["a", "b"])[truth],
+                                                     ["a", "b"], range(40)).to_record()
+    model = _model()
+    model.preprocessing = model.preprocessing.with_conformal(calibration)
+    save_keras_model(model, tmp_path / "model.keras")
+    model = load_keras_model(tmp_path / "model.keras")
+    assert model.preprocessing.conformal == calibration
+    frame = pd.DataFrame({"file": ["x.png", "bad.png"], "image": [_png(120), "not base64!"]})
+    out = classify_encoded(frame, model, params("predict", gradcam=False, workers=1))
+    assert list(out.columns)[-3:] == ["prediction_set", "refer", "error"]
+    row = out.set_index("file").loc["x.png"]
+    assert set(row["prediction_set"].split("|")) <= {"a", "b"}
+    assert row["refer"] == (row["prediction_set"].count("|") != 0 or row["prediction_set"] == "")
+    assert out.set_index("file").loc["bad.png", ["prediction_set", "refer"]].tolist() == ["", True]
+    (tmp_path / "x.png").write_bytes(base64.b64decode(frame["image"][0]))
+    direct, _ = nodes.predict_files([("x.png", tmp_path / "x.png")], model,
+                                    params("predict", gradcam=False, workers=1))
+    assert direct.loc[0, "prediction_set"] == row["prediction_set"]

@@ -86,11 +86,13 @@ main_group.add_command(study)  # kedro run --pipeline=study (see cli/study_comma
 @click.option("-o", "--out", metavar="CSV",
               help="write the predictions here (default: standard output)")
 @click.option("--tiles-out", metavar="CSV",
-              help="also write one row per tile used, with its probabilities")
+              help="also write one row per tile used, with its probabilities (and each slide's "
+                   "tiles for QuPath, <file>.geojson, beside it unless --heatmaps is given)")
 @click.option("--gradcam", metavar="DIR",
               help="write a Grad-CAM overlay PNG of the predicted class per image")
 @click.option("--heatmaps", metavar="DIR",
-              help="write each slide's class heatmaps over its thumbnail (<file>.heatmap.png)")
+              help="write each slide's class heatmaps over its thumbnail (<file>.heatmap.png) "
+                   "and its tiles for QuPath (<file>.geojson)")
 @click.option("--overwrite", is_flag=True, help="replace existing output files")
 @click.option("--batch-size", type=int, metavar="N", help=f"tiles per model call ({DEFAULTS_NOTE})")
 @click.option("--workers", type=int, metavar="N",
@@ -113,7 +115,11 @@ def predict(**options: Any) -> int:
     own record); an image's probabilities are the mean of its tiles'. Writes one CSV row per
     file: file, predicted, prob_<class>..., n_tiles, low_confidence, mostly_background,
     rejected, reason. Whole-slide images (.svs, pyramidal TIFF...) are read region by region
-    (a progress bar over their tiles); their row is the mean of their tiles, with share_<class>.
+    (a progress bar over their tiles); their row is the mean of their tiles, with share_<class>;
+    with --tiles-out or --heatmaps, each slide's tiles also go to <file>.geojson, a QuPath
+    GeoJSON (File > Import objects) of tiles classified with their probabilities. A model
+    calibrated by `kedro run --pipeline=select_model` adds prediction_set (the classes it
+    cannot rule out, joined by |) and refer (true: the set is not one class; look at it).
     """
     if options["quiet"] and options["verbose"]:
         raise click.UsageError("--quiet and --verbose exclude each other")
@@ -275,6 +281,7 @@ def _predict(options: dict[str, Any]) -> int:
     files, short_names = _collect(paths)
     if not files:
         raise CommandUsageError(f"no files found in {', '.join(paths)}")
+    _check_geojson_outputs(files, short_names, options)
     _configure_mlflow(params.model, options["tracking_uri"])
     model = TrainedModels(options["models_dir"]).load(params.model, params.version)
     if params.head is not None:  # extractor + scikit-learn head, refused unless fitted on it
@@ -284,9 +291,10 @@ def _predict(options: dict[str, Any]) -> int:
     predictions, tiles = _classify(files, model, params, options)
     not_drawn = _draw(files, short_names, model, predictions, tiles, params, options)
     not_drawn += _draw_heatmaps(files, short_names, model, predictions, tiles, params, options)
+    n_geojson = _write_geojson(short_names, model, predictions, tiles, options)
     rejected = predictions[predictions["rejected"]]
     if not options["quiet"]:
-        _print_summary(predictions, model, options, not_drawn)
+        _print_summary(predictions, model, options, not_drawn, n_geojson)
     return EXIT_REJECTED if len(rejected) else EXIT_OK
 
 
@@ -348,6 +356,53 @@ def _draw_heatmaps(files: list[tuple[str, Path]], short_names: dict[str, str], m
                           "Heatmaps", options)
 
 
+def _geojson_folder(options: dict[str, Any]) -> Path | None:
+    """Where slides' QuPath GeoJSON go: the heatmaps folder, else beside the tile CSV."""
+    if options["heatmaps"]:
+        return Path(options["heatmaps"])
+    return Path(options["tiles_out"]).parent if options["tiles_out"] else None
+
+
+def _check_geojson_outputs(files: list[tuple[str, Path]], short_names: dict[str, str],
+                           options: dict[str, Any]) -> None:
+    """Beside the tile CSV, a slide's ``<file>.geojson`` is not replaced without --overwrite
+    (the heatmaps folder is checked whole)."""
+    if options["heatmaps"] or not options["tiles_out"] or options["overwrite"]:
+        return
+    from neuroblastoma_cnn.images.slides import is_slide  # noqa: PLC0415
+    from neuroblastoma_cnn.pipelines.predict.nodes import geojson_name  # noqa: PLC0415
+
+    folder = _geojson_folder(options)
+    for name, path in files:
+        target = folder / geojson_name(short_names[name]) if folder else None
+        if target is not None and target.exists() and is_slide(path):
+            raise CommandUsageError(f"'{target}' exists; pass --overwrite to replace it.")
+
+
+def _write_geojson(short_names: dict[str, str], model: Any, predictions: Any, tiles: Any,
+                   options: dict[str, Any]) -> int:
+    """Writes each predicted slide's QuPath GeoJSON where :func:`_geojson_folder` says;
+    returns how many."""
+    folder = _geojson_folder(options)
+    if folder is None:
+        return 0
+    import json  # noqa: PLC0415
+
+    from neuroblastoma_cnn.pipelines.predict.nodes import (  # noqa: PLC0415
+        geojson_name,
+        preprocessing_of,
+        slide_geojsons,
+    )
+
+    collections = slide_geojsons(predictions, tiles, list(preprocessing_of(model).classes))
+    for file, collection in collections.items():
+        path = folder / geojson_name(short_names[file])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(collection))
+        logger.info("QuPath GeoJSON of '%s': %s", file, path)
+    return len(collections)
+
+
 def _save_pictures(jobs: dict[str, Any], folder: Path, name: Any, what: str,
                    options: dict[str, Any]) -> int:
     """Draws and saves each picture (a bar over them); returns how many could not be drawn."""
@@ -368,7 +423,8 @@ def _save_pictures(jobs: dict[str, Any], folder: Path, name: Any, what: str,
     return not_drawn
 
 
-def _print_summary(predictions: Any, model: Any, options: dict[str, Any], not_drawn: int) -> None:
+def _print_summary(predictions: Any, model: Any, options: dict[str, Any], not_drawn: int,
+                   n_geojson: int) -> None:
     rejected = predictions[predictions["rejected"]]
     done = len(predictions) - len(rejected)
     where = f" -> {options['out']}" if options["out"] else ""
@@ -377,12 +433,18 @@ def _print_summary(predictions: Any, model: Any, options: dict[str, Any], not_dr
          f"{int(predictions['low_confidence'].sum())} low confidence, "
          f"{int(predictions['mostly_background'].sum())} mostly background, "
          f"{len(rejected)} rejected")
+    if "refer" in predictions.columns:
+        echo(f"{int(predictions['refer'].sum())} referred (prediction set not one class, at "
+             f"coverage {model.preprocessing.conformal['coverage']:g})")
     for row in rejected.head(10).itertuples(index=False):
         echo(f"  rejected {row.file}: {row.reason}")
     if len(rejected) > 10:
         echo(f"  ... and {len(rejected) - 10} more (see the 'reason' column)")
     if options["heatmaps"]:
         echo(f"Slide heatmaps in {options['heatmaps']}")
+    if n_geojson:
+        echo(f"{n_geojson} slide(s) for QuPath (<file>.geojson: File > Import objects) in "
+             f"{_geojson_folder(options)}")
     if options["gradcam"]:
         echo(f"Grad-CAM overlays in {options['gradcam']}"
              + (f"; {not_drawn} could not be drawn (-v says why)" if not_drawn else ""))

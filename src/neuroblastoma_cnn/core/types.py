@@ -18,11 +18,16 @@ PositiveFloat = Annotated[float, Field(gt=0.0)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 #: [0, 1)
 OpenFraction = Annotated[float, Field(ge=0.0, lt=1.0)]
+#: (0, 1]
+PositiveFraction = Annotated[float, Field(gt=0.0, le=1.0)]
 
 #: How an image is decoded before tiling (``images.tiling``): at full resolution, or reduced to
 #: no more pixels than the model sees.
 DecodeMethod = Literal["full", "reduced"]
 #: How training runs on the machine's devices (``runtime.distribution``).
 Distribution = Literal["auto", "one_device", "mirrored", "multi_worker"]
+#: Where an ImageScope region's class is read (``images.annotations``): its layer's ``Name`` or
+#: its own ``Text``.
+ImageScopeClass = Literal["annotation_name", "region_text"]
 Precision = Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"]
 JitCompile = Literal["auto"] | bool

@@ -1,14 +1,17 @@
 """Custom Kedro datasets of this project."""
 
+from .classical_model import ClassicalModelDataset
 from .image_folder import ImageFolderDataset
 from .keras_model import KerasModelDataset, load_keras_model, save_keras_model
 from .mlflow_artifact import MlflowArtifactDataset
-from .png_folder import PngFolderDataset
+from .png_folder import GeoJsonFolderDataset, PngFolderDataset
 from .remote_archive import RemoteArchiveDataset
 from .tile_store import TileStore, TileStoreDataset, TileStream, write_tile_store
 from .trained_models import ModelSelectionError, TrainedModels, TrainedModelsDataset
 
 __all__ = [
+    "ClassicalModelDataset",
+    "GeoJsonFolderDataset",
     "ImageFolderDataset",
     "KerasModelDataset",
     "MlflowArtifactDataset",

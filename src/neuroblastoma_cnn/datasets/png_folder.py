@@ -1,8 +1,9 @@
-"""A versioned folder of PNG pictures (e.g. one Grad-CAM overlay per predicted image).
+"""Versioned folders of files, one per item: PNG pictures (e.g. one Grad-CAM overlay per
+predicted image) and GeoJSON documents (one per predicted slide, for QuPath).
 
 Why not ``PartitionedDataset``: it cannot be versioned, and reporting artifacts here never
-replace an earlier run's. Like ``PartitionedDataset``, saving takes ``{name: picture}`` where a
-picture may be a zero-argument callable, called only when that file is written, so a node can
+replace an earlier run's. Like ``PartitionedDataset``, saving takes ``{name: item}`` where an
+item may be a zero-argument callable, called only when that file is written, so a node can
 hand over thousands of pictures without holding them in memory. A callable returning None is
 skipped (it could not draw its picture).
 """
@@ -10,9 +11,11 @@ skipped (it could not draw its picture).
 from __future__ import annotations
 
 import io
+import json
 import logging
 import posixpath
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -30,11 +33,11 @@ SUFFIX = ".png"
 EMPTY_MARK = ".empty"  # on object stores, where a folder exists only through its files
 
 
-def _safe_name(name: str) -> PurePosixPath:
+def _safe_name(name: str, suffix: str = SUFFIX) -> PurePosixPath:
     path = PurePosixPath(str(name).replace("\\", "/"))
     if path.is_absolute() or ".." in path.parts or not path.parts:
-        raise DatasetError(f"Picture name '{name}' must be a relative path without '..'.")
-    return path if path.suffix.lower() == SUFFIX else path.with_name(path.name + SUFFIX)
+        raise DatasetError(f"File name '{name}' must be a relative path without '..'.")
+    return path if path.suffix.lower() == suffix else path.with_name(path.name + suffix)
 
 
 def save_picture(picture: Any, path: Path | FsPath) -> None:
@@ -52,9 +55,12 @@ def save_picture(picture: Any, path: Path | FsPath) -> None:
         picture.save(out, format="PNG")
 
 
-class PngFolderDataset(LocalVersionedDataset):
-    """``save({relative_name: picture_or_callable})`` writes ``<folder>/<name>.png`` files;
-    ``load()`` returns ``{name: callable}`` that opens each PNG as a PIL image on demand."""
+class _FolderDataset(LocalVersionedDataset):
+    """``save({relative_name: item_or_callable})`` writes ``<folder>/<name><suffix>`` files;
+    ``load()`` returns ``{name: callable}`` that reads each file on demand."""
+
+    suffix = SUFFIX
+    what = "pictures"
 
     def __init__(
         self,
@@ -70,37 +76,59 @@ class PngFolderDataset(LocalVersionedDataset):
         # Object stores have no empty folders: an empty version keeps a marker file there.
         return bool(self._fs.isdir(path) or self._fs.exists(posixpath.join(path, EMPTY_MARK)))
 
+    def _write(self, item: Any, path: Path | FsPath) -> None:
+        raise NotImplementedError
+
+    def _read(self, path: Path | FsPath) -> Any:
+        raise NotImplementedError
+
     def load(self) -> dict[str, Callable[[], Any]]:
         root = self._load_path()
-
-        def opener(path: Path | FsPath) -> Callable[[], Any]:
-            def open_png() -> Any:
-                source = path if is_local(path) else io.BytesIO(path.read_bytes())
-                with Image.open(source) as image:
-                    image.load()
-                    return image
-
-            return open_png
-
-        return {
-            p.relative_to(root).as_posix(): opener(p) for p in sorted(root.rglob(f"*{SUFFIX}"))
-        }
+        return {p.relative_to(root).as_posix(): partial(self._read, p)
+                for p in sorted(root.rglob(f"*{self.suffix}"))}
 
     def save(self, data: Mapping[str, Any]) -> None:
         root = self._save_path()
-        names = {name: _safe_name(name) for name in data}
+        names = {name: _safe_name(name, self.suffix) for name in data}
         if len(set(names.values())) != len(names):
-            raise DatasetError("Two pictures map to the same file name.")
+            raise DatasetError(f"Two {self.what} map to the same file name.")
         root.mkdir(parents=True, exist_ok=True)  # an empty version is still a version
         saved = 0
         for name, item in data.items():
-            picture = item() if callable(item) else item
-            if picture is None:  # the producer could not draw this one (and said why)
+            value = item() if callable(item) else item
+            if value is None:  # the producer could not make this one (and said why)
                 continue
-            save_picture(picture, root / str(names[name]))
+            self._write(value, root / str(names[name]))
             saved += 1
         if not self.is_local:
             if not saved:
                 (root / EMPTY_MARK).write_text("")
             self._invalidate_cache()
-        logger.info("Saved %d pictures to '%s'", saved, root)
+        logger.info("Saved %d %s to '%s'", saved, self.what, root)
+
+
+class PngFolderDataset(_FolderDataset):
+    """A versioned folder of PNG pictures: PIL images or uint8 arrays in, PIL images out."""
+
+    def _write(self, item: Any, path: Path | FsPath) -> None:
+        save_picture(item, path)
+
+    def _read(self, path: Path | FsPath) -> Any:
+        source = path if is_local(path) else io.BytesIO(path.read_bytes())
+        with Image.open(source) as image:
+            image.load()
+            return image
+
+
+class GeoJsonFolderDataset(_FolderDataset):
+    """A versioned folder of GeoJSON documents (``<name>.geojson``): dicts in, dicts out."""
+
+    suffix = ".geojson"
+    what = "GeoJSON files"
+
+    def _write(self, item: Any, path: Path | FsPath) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(item))
+
+    def _read(self, path: Path | FsPath) -> Any:
+        return json.loads(path.read_text())

@@ -44,7 +44,8 @@ RESERVED_COLUMNS = ("tile_id", "shard", "offset")
 # Fields write_tile_store puts in store.json itself; everything else came from the producer.
 STORE_FIELDS = ("format", "version", "tile_shape", "count", "shards")
 # Names like "001" (patients) or "1" (classes) must not come back as numbers.
-STRING_COLUMNS = {"image_path": str, "label": str, "group": str}
+STRING_COLUMNS = {"image_path": str, "label": str, "group": str, "slide_path": str,
+                  "region": str}
 
 TileRecord = tuple[np.ndarray, Mapping[str, Any]]
 

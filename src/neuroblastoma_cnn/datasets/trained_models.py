@@ -41,7 +41,7 @@ def is_mlflow_uri(spec: str) -> bool:
 
 
 def _is_file_spec(spec: str) -> bool:
-    return spec.endswith(".keras") or "/" in spec or "\\" in spec
+    return spec.endswith((".keras", ".joblib")) or "/" in spec or "\\" in spec
 
 
 class TrainedModels:
@@ -151,6 +151,15 @@ class TrainedModels:
 
 
 def _load_file(path: Path) -> Any:
+    if path.suffix == ".joblib":  # a classical model a selection chose (CLASSICAL_SUFFIX)
+        from neuroblastoma_cnn.models.selected_floor import (  # noqa: PLC0415  (scikit-learn)
+            load_classical,
+        )
+
+        try:
+            return load_classical(path)
+        except ModelError as exc:
+            raise ModelSelectionError(str(exc)) from exc
     try:
         model = load_keras_model(path)  # checks the preprocessing record (attach_preprocessing)
     except DatasetError as exc:
@@ -226,22 +235,23 @@ class TrainedModelsDataset(AbstractDataset[Any, TrainedModels]):
 
 
 def _load_pyfunc_keras(uri: str, info: Any) -> Any:
-    """The ``.keras`` artifact of a raw-image pyfunc model (``serving/pyfunc``),
-    downloaded and loaded with the record inside it."""
+    """The ``.keras`` (or classical ``.joblib``) artifact of a raw-image pyfunc model
+    (``serving/pyfunc``), downloaded and loaded with the record inside it."""
     import tempfile  # noqa: PLC0415
 
     import mlflow  # noqa: PLC0415  (lazy: MLflow)
 
     artifacts = (info.flavors.get("python_function") or {}).get("artifacts") or {}
     relative = (artifacts.get("model") or {}).get("path")
-    if not relative or not str(relative).endswith(".keras"):
+    if not relative or not str(relative).endswith((".keras", ".joblib")):
         raise ModelSelectionError(
             f"MLflow model '{uri}' is neither a Keras model nor this project's raw-image model "
             f"(flavors: {', '.join(info.flavors)}).")
     with tempfile.TemporaryDirectory(prefix="mlflow-model-") as tmp:
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"{uri.rstrip('/')}/{relative}", dst_path=tmp)
-        model = _load_file(Path(local))
+        # The whole model folder: "<uri>/<file>" is misread as a registered name for a logged
+        # model's id URI (models:/m-...); the folder holds little beside the file.
+        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
+        model = _load_file(Path(local) / relative)
     model.model_source = uri
     logger.info("Prediction model: %s", uri)
     return model

@@ -14,7 +14,7 @@ from kedro.framework.project import pipelines
 from neuroblastoma_cnn.datasets.image_folder import ImageFolderDataset
 from neuroblastoma_cnn.hooks import error_display, preflight
 from neuroblastoma_cnn.hooks._catalog import catalog_datasets
-from neuroblastoma_cnn.params import GROUPS, validate_parameters
+from neuroblastoma_cnn.params import GROUPS, SelectModelParams, validate_parameters
 
 
 def _parameters(catalog: Any) -> dict[str, Any]:
@@ -61,6 +61,7 @@ class PreflightHook:
         self._conf_source = source if source.is_absolute() else self._project_path / source
         preflight.check_environment(self._conf_source, getattr(loader, "env", None),
                                     getattr(loader, "default_run_env", None))
+        preflight.check_keras_backend()
         # Every parameter group at once, as one line, before kedro-mlflow sets up its store
         # (Kedro's own validation, later, reports a multi-line pydantic dump).
         try:
@@ -85,6 +86,14 @@ class PreflightHook:
                 preflight.check_folder_has_files(folder, name)
         for key, weights in preflight.model_weight_params(pipeline, parameters):
             preflight.check_weights(key, weights)
+        if "params:select_model" in pipeline.inputs():  # candidates name known families
+            from neuroblastoma_cnn.pipelines.select_model.nodes import (  # noqa: PLC0415
+                check_candidates,  # (scikit-learn: only for this pipeline)
+            )
+
+            chosen = parameters["select_model"]
+            check_candidates(chosen if isinstance(chosen, SelectModelParams)
+                             else SelectModelParams.parse(chosen, "select_model"))
 
 
 def _pipeline_groups(parameters: dict[str, Any]) -> dict[str, Any]:

@@ -31,6 +31,24 @@ NETWORK_TIMEOUT_S = 5.0
 
 # ------------------------------------------------------------------------------ environment
 
+
+#: The Keras backend the project runs on: tf.data input, TensorFlow's fused kernels and its
+#: multi-worker strategy. JAX and PyTorch trained the ResNet34 about 10x slower on a CPU
+#: (README "Training speed").
+KERAS_BACKEND = "tensorflow"
+
+
+def check_keras_backend(environ: dict[str, str] | None = None) -> None:
+    """``KERAS_BACKEND`` names TensorFlow or nothing: Keras would otherwise load another backend
+    (or fail to import one that is not installed) deep inside the first training node."""
+    chosen = (os.environ if environ is None else environ).get("KERAS_BACKEND", KERAS_BACKEND)
+    if chosen.strip().lower() != KERAS_BACKEND:
+        raise ParameterError(
+            f"KERAS_BACKEND={chosen}: this project trains and predicts on Keras' TensorFlow "
+            f"backend (tf.data input, fused kernels); unset KERAS_BACKEND or set it to "
+            f"tensorflow (README 'Training speed' has the other backends' figures).")
+
+
 def environments(conf_source: Path) -> list[str]:
     """Configuration environments: the folders of ``conf_source``."""
     if not conf_source.is_dir():

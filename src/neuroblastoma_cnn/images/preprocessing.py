@@ -66,6 +66,10 @@ class Preprocessing(BaseModel):
     #: probability the model outputs is reported as ``softmax(log p / T)``; None = as output.
     #: Records written before calibration existed have none and read as None.
     temperature: Annotated[float, Field(gt=0.0)] | None = None
+    #: Class-conditional conformal calibration (``analysis.conformal``): the coverage and each
+    #: class's out-of-fold non-conformity scores, from which every answer gets its prediction
+    #: set and ``refer`` flag; None = no sets (records before prediction sets read as None).
+    conformal: dict[str, Any] | None = None
 
     @property
     def input_size(self) -> int:
@@ -76,14 +80,20 @@ class Preprocessing(BaseModel):
         without a temperature is written as before temperatures existed (same bytes, so the
         hash a feature head keeps of its extractor's record is unchanged)."""
         values = self.model_dump(mode="json")
-        if values["temperature"] is None:
-            del values["temperature"]
+        for optional in ("temperature", "conformal"):
+            if values[optional] is None:
+                del values[optional]
         return {"record_version": RECORD_VERSION, **values}
 
     def with_temperature(self, temperature: float | None) -> Preprocessing:
         """The same record with ``temperature`` (None: none)."""
         return self.model_copy(update={"temperature": None if temperature is None
                                        else float(temperature)})
+
+    def with_conformal(self, calibration: Mapping[str, Any] | None) -> Preprocessing:
+        """The same record with a conformal calibration (None: none)."""
+        return self.model_copy(update={"conformal": None if calibration is None
+                                       else dict(calibration)})
 
     # ``dict(record)`` gives :meth:`to_dict`: code that stores a model's record as a plain
     # mapping (the ``.keras`` zip, MLflow metadata) keeps working with the typed record.

@@ -40,6 +40,12 @@ class Reason:
     BACKGROUND = "mostly background"
     SLIDE_UNREADABLE = "unreadable slide"
     NO_RESOLUTION = "no slide resolution"
+    NO_ANNOTATIONS = "slide without annotations"
+    SEVERAL_ANNOTATIONS = "several annotation files"
+    ORPHAN_ANNOTATIONS = "annotations without a slide"
+    ANNOTATIONS_UNREADABLE = "unreadable annotations"
+    REGION_REFUSED = "region refused"
+    NO_REGION = "no usable region"
 
 
 class ImageRejected(DataError):

@@ -8,7 +8,10 @@ slide's tiles here, with the same :class:`~.decoding.TilingConfig` that crops us
 Decisions:
 
 - Backends: OpenSlide when the ``openslide`` module imports and recognises the file, else
-  ``tiffslide`` (pure Python: SVS and pyramidal TIFF). Both sit behind :class:`Slide`.
+  ``tiffslide`` (pure Python: SVS and pyramidal TIFF). Both sit behind :class:`Slide`, and the
+  tests read the same slides with both (same pixels). ``NEUROBLASTOMA_CNN_SLIDE_READER``
+  (``auto``, ``openslide``, ``tiffslide``) forces one, e.g. to compare them or to step around
+  one that misreads a file.
 - What is a slide: a file with a slide extension (``.svs``, ``.ndpi``...), or a TIFF that is
   tiled and has more than one pyramid level. Any other TIFF is a crop, read as before.
 - Tile size: ``tile_um`` (edge in microns) or ``target_mpp`` (``tile_size`` pixels counted at
@@ -35,6 +38,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from neuroblastoma_cnn.core.errors import ParameterError
 from neuroblastoma_cnn.images.decoding import (
     ImageRejected,
     Reason,
@@ -56,6 +60,9 @@ TISSUE_PIXELS_PER_TILE = 32
 STRIP_PIXELS = 4096
 #: Largest strip (bytes of RGB) read at once for a thumbnail.
 STRIP_BYTES = 64 << 20
+#: The environment variable choosing the slide reader, and its values.
+READER_VARIABLE = "NEUROBLASTOMA_CNN_SLIDE_READER"
+READERS = ("auto", "openslide", "tiffslide")
 
 
 def is_slide(path: str | os.PathLike[str]) -> bool:
@@ -103,7 +110,11 @@ class Slide:
                 if region.ndim == 3 and region.shape[2] == 3 and region.dtype == np.uint8:
                     return np.ascontiguousarray(region)
                 return to_rgb8(Image.fromarray(np.asarray(region)), self.name)
-            return to_rgb8(self._handle.read_region((x, y), level, (width, height)), self.name)
+            region = self._handle.read_region((x, y), level, (width, height))
+            pixels = np.asarray(region)
+            if region.mode == "RGBA" and pixels[..., 3].min() == 255:  # opaque: the usual case
+                return np.ascontiguousarray(pixels[..., :3])
+            return to_rgb8(region, self.name)
         except ImageRejected:
             raise
         except Exception as exc:
@@ -161,19 +172,37 @@ def _mpp(properties: Any) -> float | None:
     return float(np.mean(values)) if len(values) == 2 else None
 
 
-def open_slide(path: str | os.PathLike[str], name: str | None = None) -> Slide:
-    """Opens a slide with OpenSlide if installed and it knows the format, else tiffslide;
-    :class:`ImageRejected` naming the file when neither can."""
-    name = name or str(path)
-    try:
-        import openslide  # noqa: PLC0415  (optional)
+def slide_reader() -> str:
+    """The reader asked for in :data:`READER_VARIABLE`: ``auto`` (default), ``openslide`` or
+    ``tiffslide``; anything else is a :class:`ParameterError` naming the variable."""
+    reader = os.environ.get(READER_VARIABLE, "auto").strip().lower() or "auto"
+    if reader not in READERS:
+        raise ParameterError(f"{READER_VARIABLE}={reader!r}: must be one of "
+                             f"{', '.join(READERS)}")
+    return reader
 
-        if openslide.OpenSlide.detect_format(str(path)):
-            return Slide(openslide.OpenSlide(str(path)), "openslide", name)
-    except ImportError:
-        pass
-    except Exception as exc:
-        logger.debug("OpenSlide cannot open '%s' (%s); trying tiffslide", name, exc)
+
+def open_slide(path: str | os.PathLike[str], name: str | None = None,
+               reader: str | None = None) -> Slide:
+    """Opens a slide with ``reader`` (default :func:`slide_reader`): ``auto`` takes OpenSlide if
+    installed and it knows the format, else tiffslide; :class:`ImageRejected` naming the file
+    when the reader(s) cannot."""
+    name = name or str(path)
+    reader = reader or slide_reader()
+    if reader in ("auto", "openslide"):
+        try:
+            import openslide  # noqa: PLC0415  (optional)
+
+            if openslide.OpenSlide.detect_format(str(path)):
+                return Slide(openslide.OpenSlide(str(path)), "openslide", name)
+            problem = "OpenSlide does not know its format"
+        except ImportError:
+            problem = "OpenSlide is not installed (pip install openslide-python openslide-bin)"
+        except Exception as exc:
+            problem = f"OpenSlide cannot open it ({exc})"
+        if reader == "openslide":
+            raise ImageRejected(name, f"{Reason.SLIDE_UNREADABLE}: {problem}")
+        logger.debug("'%s': %s; trying tiffslide", name, problem)
     try:
         import tiffslide  # noqa: PLC0415
 
@@ -238,7 +267,9 @@ def slide_grid(slide: Slide, tiling: TilingConfig) -> SlideGrid:
 
 def tissue_fractions(slide: Slide, grid: SlideGrid, tiling: TilingConfig) -> np.ndarray:
     """Tissue fraction of every grid tile, measured on a low-resolution level one strip of
-    tiles at a time (the strips of a grid row are read once, then every tile counted)."""
+    tiles at a time (the strips of a grid row are read once, then every tile counted). A strip
+    holds neighbours only: a grid with gaps (the tiles inside an annotated slide's regions)
+    reads its runs of tiles, not the background between them."""
     level = slide.best_level(grid.side0 / TISSUE_PIXELS_PER_TILE)
     down = slide.level_downsamples[level]
     level_w, level_h = slide.level_dimensions[level]
@@ -249,8 +280,7 @@ def tissue_fractions(slide: Slide, grid: SlideGrid, tiling: TilingConfig) -> np.
     fractions = np.zeros(len(grid.positions))
     for y, members in rows.items():
         top = min(round(y / down), max(0, level_h - side))
-        for start in range(0, len(members), max(1, STRIP_PIXELS // side)):
-            chunk = members[start:start + max(1, STRIP_PIXELS // side)]
+        for chunk in _runs(grid, members, max(1, STRIP_PIXELS // side)):
             left = round(grid.positions[chunk[0]][0] / down)
             right = min(level_w, round(grid.positions[chunk[-1]][0] / down) + side)
             strip = slide.read_region(round(left * down), round(top * down), level,
@@ -261,6 +291,20 @@ def tissue_fractions(slide: Slide, grid: SlideGrid, tiling: TilingConfig) -> np.
                 window = mask[:, x0:x0 + side]
                 fractions[i] = np.count_nonzero(window) / window.size if window.size else 0.0
     return fractions
+
+
+def _runs(grid: SlideGrid, members: list[int], longest: int) -> Iterator[list[int]]:
+    """``members`` (indices of one grid row, left to right) cut into runs of neighbours (one
+    grid step apart), each at most ``longest`` tiles."""
+    start = 0
+    while start < len(members):
+        end = start + 1
+        while (end < len(members) and end - start < longest
+               and grid.positions[members[end]][0] - grid.positions[members[end - 1]][0]
+               == grid.step0):
+            end += 1
+        yield members[start:end]
+        start = end
 
 
 def read_tile(slide: Slide, grid: SlideGrid, x: int, y: int, input_size: int) -> np.ndarray:

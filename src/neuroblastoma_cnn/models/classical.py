@@ -120,8 +120,20 @@ def gradient_features(grey: np.ndarray) -> list[float]:
     return [magnitude.mean(), magnitude.std(), *np.percentile(magnitude, [50, 90])]
 
 
-def image_features(rgb: np.ndarray) -> np.ndarray:
-    """:data:`N_FEATURES` colour and texture numbers describing one (downscaled) image."""
+def colour_histograms(rgb: np.ndarray, bins: int = 16) -> list[float]:
+    """Per-channel RGB histograms (``bins`` each) with each channel's mean and spread: the
+    plain colour description simple floors use (stain intensity and tissue density)."""
+    flat = rgb.reshape(-1, 3).astype(np.float64) / 255.0
+    out: list[float] = []
+    for channel in flat.T:
+        out.extend(_histogram(channel, bins, 0, 1).tolist())
+        out.extend([channel.mean(), channel.std()])
+    return out
+
+
+def feature_groups(rgb: np.ndarray) -> dict[str, np.ndarray]:
+    """The image's statistics by group (:data:`FEATURE_GROUPS`): what the selected floor
+    switches on and off."""
     flat = rgb.reshape(-1, 3)
     od = optical_density(flat)
     tissue = tissue_od_mask(od)
@@ -133,20 +145,52 @@ def image_features(rgb: np.ndarray) -> np.ndarray:
     haema = np.clip(haema / max(np.percentile(haema, 99.5), 1e-6), 0.0, 1.0)
     half = grey[: grey.shape[0] // 2 * 2, : grey.shape[1] // 2 * 2]
     half = half.reshape(half.shape[0] // 2, 2, half.shape[1] // 2, 2).mean(axis=(1, 3))
-    parts = [
-        [tissue.mean()],
-        _histogram(hsv[:, 0], 18, 0, 1), _histogram(hsv[:, 1], 8, 0, 1),
-        _histogram(hsv[:, 2], 8, 0, 1),
-        *[[s.mean(), s.std(), *np.percentile(s, [10, 50, 90])] for s in tissue_stains[:, :2].T],
-        _histogram(tissue_stains[:, 0], 8, -0.2, 1.8),
-        glcm_features(grey), glcm_features(haema, distances=(1, 4)),
-        lbp_histogram(grey, 1), lbp_histogram(grey, 2),
-        gradient_features(grey), gradient_features(half),
-    ]
-    return np.concatenate([np.asarray(p, dtype=np.float64).ravel() for p in parts])
+    parts = {
+        "colour": [[tissue.mean()], _histogram(hsv[:, 0], 18, 0, 1),
+                   _histogram(hsv[:, 1], 8, 0, 1), _histogram(hsv[:, 2], 8, 0, 1)],
+        "stain": [*[[s.mean(), s.std(), *np.percentile(s, [10, 50, 90])]
+                    for s in tissue_stains[:, :2].T],
+                  _histogram(tissue_stains[:, 0], 8, -0.2, 1.8)],
+        "glcm": [glcm_features(grey), glcm_features(haema, distances=(1, 4))],
+        "lbp": [lbp_histogram(grey, 1), lbp_histogram(grey, 2)],
+        "gradient": [gradient_features(grey), gradient_features(half)],
+        "rgb": [colour_histograms(rgb)],
+    }
+    return {name: np.concatenate([np.asarray(p, dtype=np.float64).ravel() for p in group])
+            for name, group in parts.items()}
 
 
-def _describe_one(path: Path, downscale: int) -> np.ndarray:
+#: Feature groups and their sizes, in column order; the first five make :func:`image_features`.
+FEATURE_GROUPS: dict[str, int] = {"colour": 35, "stain": 18, "glcm": 20, "lbp": 20,
+                                  "gradient": 8, "rgb": 54}
+#: The groups of :data:`N_FEATURES` (the floor's original description).
+CORE_GROUPS = ("colour", "stain", "glcm", "lbp", "gradient")
+N_ALL_FEATURES = sum(FEATURE_GROUPS.values())
+
+
+def group_columns(groups: Sequence[str]) -> np.ndarray:
+    """The column indices of ``groups`` in an :func:`all_features` row."""
+    unknown = sorted(set(groups) - set(FEATURE_GROUPS))
+    if unknown:
+        raise ParameterError(f"Unknown feature group(s) {unknown}: known groups are "
+                             f"{', '.join(FEATURE_GROUPS)}.")
+    starts = np.cumsum([0, *FEATURE_GROUPS.values()])
+    spans = {name: range(starts[i], starts[i + 1]) for i, name in enumerate(FEATURE_GROUPS)}
+    return np.asarray([c for g in FEATURE_GROUPS if g in groups for c in spans[g]], dtype=int)
+
+
+def all_features(rgb: np.ndarray) -> np.ndarray:
+    """Every group of :data:`FEATURE_GROUPS`, :data:`N_ALL_FEATURES` numbers."""
+    return np.concatenate(list(feature_groups(rgb).values()))
+
+
+def image_features(rgb: np.ndarray) -> np.ndarray:
+    """:data:`N_FEATURES` colour and texture numbers describing one (downscaled) image."""
+    groups = feature_groups(rgb)
+    return np.concatenate([groups[g] for g in CORE_GROUPS])
+
+
+def _describe_one(path: Path, downscale: int, describe=image_features) -> np.ndarray:
     """One image's features, or :class:`ImageRejected` saying why it cannot be described."""
     try:
         rgb = load_downscaled(path, downscale)
@@ -160,15 +204,16 @@ def _describe_one(path: Path, downscale: int) -> np.ndarray:
     if min(rgb.shape[:2]) < MIN_SIDE:
         raise ImageRejected(path, f"{Reason.TOO_SMALL}: {rgb.shape[1]}x{rgb.shape[0]} px at "
                             f"1/{downscale} scale, texture statistics need {MIN_SIDE} a side")
-    features = image_features(rgb)
+    features = describe(rgb)
     if not np.isfinite(features).all():  # a guard: every statistic above is bounded
         raise ImageRejected(path, "features are not finite")
     return features
 
 
-def describe_images(paths: Sequence[Path], downscale: int, where: str | None = None
-                    ) -> np.ndarray:
-    """``(n_images, N_FEATURES)`` float64 features, one row per path, in order.
+def describe_images(paths: Sequence[Path], downscale: int, where: str | None = None,
+                    every_group: bool = False) -> np.ndarray:
+    """``(n_images, N_FEATURES)`` float64 features, one row per path, in order
+    (``every_group``: ``(n_images, N_ALL_FEATURES)``, every group of :data:`FEATURE_GROUPS`).
 
     Images are read one at a time, so memory stays that of one downscaled image. A file that
     cannot be described raises :class:`DataError` (:class:`ImageRejected` without ``where``)
@@ -177,10 +222,11 @@ def describe_images(paths: Sequence[Path], downscale: int, where: str | None = N
     """
     if int(downscale) < 1:
         raise ParameterError(f"downscale = {downscale}: must be >= 1.")
-    rows = np.empty((len(paths), N_FEATURES), dtype=np.float64)
+    describe = all_features if every_group else image_features
+    rows = np.empty((len(paths), N_ALL_FEATURES if every_group else N_FEATURES))
     for i, path in enumerate(paths):
         try:
-            rows[i] = _describe_one(Path(path), int(downscale))
+            rows[i] = _describe_one(Path(path), int(downscale), describe)
         except ImageRejected as exc:
             if not where:
                 raise
@@ -236,11 +282,7 @@ class ColourTextureSVM:
         if not c_grid or not gamma_factors or min(*c_grid, *gamma_factors) <= 0:
             raise ParameterError("Classical floor: c_grid and gamma_factors must be non-empty "
                                  f"lists of positive numbers (got {c_grid}, {gamma_factors}).")
-        if int(inner_folds) < 2:
-            raise ParameterError(f"Classical floor: inner_folds = {inner_folds}: must be >= 2.")
-        if calibration not in CALIBRATIONS:
-            raise ParameterError(f"Classical floor: calibration = {calibration!r}: must be one "
-                                 f"of {', '.join(CALIBRATIONS)}.")
+        check_inner_folds("Classical floor", inner_folds, calibration)
         self.c_grid = [float(c) for c in c_grid]
         self.gamma_factors = [float(g) for g in gamma_factors]
         self.inner_folds = int(inner_folds)
@@ -323,6 +365,15 @@ class ColourTextureSVM:
         if len(np.unique(y)) < 2:
             raise DataError(f"Classical floor: one class only ({sorted(set(y))}); need two.")
         return x, y, g
+
+
+def check_inner_folds(who: str, inner_folds: int, calibration: str | None = None) -> None:
+    """One line naming ``who`` when the inner folds or the calibration cannot work."""
+    if int(inner_folds) < 2:
+        raise ParameterError(f"{who}: inner_folds = {inner_folds}: must be >= 2.")
+    if calibration is not None and calibration not in CALIBRATIONS:
+        raise ParameterError(f"{who}: calibration = {calibration!r}: must be one of "
+                             f"{', '.join(CALIBRATIONS)}.")
 
 
 def _middle(values: Sequence[float]) -> float:

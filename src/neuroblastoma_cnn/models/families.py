@@ -45,13 +45,14 @@ class Family:
     """One model family: its name, what it is, its builder and what it can do."""
 
     name: str
-    kind: str  # "cnn", "classical", "feature_head" or "ensemble"
+    kind: str  # "cnn", "classical", "hybrid", "feature_head" or "ensemble"
     summary: str
     module: str  # under neuroblastoma_cnn.models
     builder: str  # the attribute of ``module`` that builds (or fits) one
     can: frozenset[Capability]
     cannot: str = ""  # what it cannot do yet, and why
     keras: bool = False  # a Keras model: importing its module registers its custom layers
+    cost: int = 0  # relative cost to train and serve: model selection's tie rule prefers lower
 
     def able(self, capability: Capability) -> bool:
         return capability in self.can
@@ -71,22 +72,37 @@ class Family:
 _CNN = frozenset(Capability)
 FAMILIES: tuple[Family, ...] = (
     Family("resnet34", "cnn", "ResNet34 trained from scratch", "resnet34", "build_resnet34",
-           _CNN, keras=True),
+           _CNN, keras=True, cost=4),
     Family("resnet50", "cnn", "ResNet50, ImageNet backbone fine-tuned", "resnet50",
-           "build_resnet50", _CNN, keras=True),
+           "build_resnet50", _CNN, keras=True, cost=5),
     Family("floor", "classical", "colour and texture statistics + RBF SVM", "classical",
-           "ColourTextureSVM", frozenset({Capability.CROSS_VALIDATE}),
-           cannot="it is fitted inside evaluation (the model card's floor) and on every "
-                  "cross-validation's folds, is not saved, and has no raw-image model to serve "
-                  "or predict with yet"),
+           "ColourTextureSVM",
+           frozenset({Capability.CROSS_VALIDATE, Capability.PREDICT, Capability.SERVE}),
+           cost=1,
+           cannot="it is trained inside evaluation and cross-validation, and saved only when "
+                  "`select_model` chooses it; it has no convolutions for Grad-CAM"),
+    Family("selected_floor", "classical",
+           "colour/texture statistics; scale, feature groups and head (SVM, logistic "
+           "regression, gradient boosting) chosen on grouped inner folds", "selected_floor",
+           "SelectedFloor",
+           frozenset({Capability.CROSS_VALIDATE, Capability.PREDICT, Capability.SERVE}),
+           cost=2,
+           cannot="it is trained by `select_model` (no pipeline of its own) and has no "
+                  "convolutions for Grad-CAM"),
+    Family("hybrid", "hybrid",
+           "a meta-learner (logistic regression or gradient boosting) over out-of-fold "
+           "probabilities of other families", "stacking", "StackedHybrid",
+           frozenset({Capability.CROSS_VALIDATE}), cost=7,
+           cannot="it is scored nested on stored out-of-fold probabilities; a saved hybrid "
+                  "that predicts raw images (its base models inside) is not built yet"),
     Family("feature_heads", "feature_head", "scikit-learn heads on a trained CNN's features",
-           "feature_heads", "HeadClassifier", frozenset({Capability.PREDICT}),
+           "feature_heads", "HeadClassifier", frozenset({Capability.PREDICT}), cost=3,
            cannot="heads are fitted by `<model>_features` on a trained CNN (not trained or "
                   "cross-validated on their own); Grad-CAM would show the CNN's classifier, not "
                   "the head's; the raw-image model serves Keras models only"),
     Family("cv_ensemble", "ensemble", "a cross-validation's fold models, averaged", "ensemble",
            "build_ensemble",
-           frozenset({Capability.PREDICT, Capability.GRADCAM, Capability.SERVE}),
+           frozenset({Capability.PREDICT, Capability.GRADCAM, Capability.SERVE}), cost=6,
            cannot="it is built from the fold models of `cross_validate_<model>`, not trained",
            keras=True),
 )

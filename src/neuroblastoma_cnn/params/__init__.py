@@ -39,11 +39,15 @@ from neuroblastoma_cnn.params.data import (
     SplittingParams,
 )
 from neuroblastoma_cnn.params.outputs import (
+    ConformalParams,
     CrossValidationParams,
     EnsembleParams,
     EvaluationParams,
     FloorParams,
+    HybridParams,
     PredictParams,
+    SelectedFloorParams,
+    SelectModelParams,
 )
 from neuroblastoma_cnn.params.training import (
     MONITORS,
@@ -69,12 +73,14 @@ __all__ = [
     "MONITORS",
     "OPTIMIZERS",
     "AugmentationParams",
+    "ConformalParams",
     "CosineSchedule",
     "CrossValidationParams",
     "EnsembleParams",
     "EvaluationParams",
     "ExponentialSchedule",
     "FloorParams",
+    "HybridParams",
     "IngestionParams",
     "ModelParams",
     "Monitor",
@@ -86,6 +92,8 @@ __all__ = [
     "ResNet34Model",
     "ResNet50Model",
     "Schedule",
+    "SelectModelParams",
+    "SelectedFloorParams",
     "SplittingParams",
     "TrainingParams",
     "TypedParamsMlflowHook",
@@ -107,6 +115,7 @@ GROUPS: dict[str, type[Params]] = {
     "evaluation": EvaluationParams,
     "predict": PredictParams,
     "cross_validation": CrossValidationParams,
+    "select_model": SelectModelParams,
 }
 MODEL_GROUPS: dict[str, Any] = {"model": ModelParams, "training": TrainingParams}
 

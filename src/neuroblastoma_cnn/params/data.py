@@ -13,9 +13,11 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from neuroblastoma_cnn.core.types import (
     DecodeMethod,
     Fraction,
+    ImageScopeClass,
     NonNegativeInt,
     OpenFraction,
     PositiveFloat,
+    PositiveFraction,
     PositiveInt,
 )
 from neuroblastoma_cnn.images.decoding import ImageChecks, TilingConfig
@@ -39,6 +41,21 @@ class IngestionParams(TilingConfig, ImageChecks, Params):
     tile_um: PositiveFloat | None
     target_mpp: PositiveFloat | None
     slide_fallback_mpp: PositiveFloat | None
+    # Slides with annotated regions (QuPath GeoJSON, ImageScope XML beside them).
+    min_region_fraction: PositiveFraction
+    annotation_classes: list[str] | None
+    imagescope_class: ImageScopeClass
+
+    @field_validator("annotation_classes")
+    @classmethod
+    def _classes_named_once(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return value
+        names = [name.strip() for name in value]
+        if not names or not all(names) or len(set(names)) < len(names):
+            raise ValueError("needs at least one class, each named once (or null: every class "
+                             "the annotations name)")
+        return names
 
     @field_validator("group_pattern")
     @classmethod

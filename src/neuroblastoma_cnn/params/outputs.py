@@ -94,3 +94,46 @@ class CrossValidationParams(Params):
     ensemble: EnsembleParams
     floor: FloorParams
 
+
+
+class SelectedFloorParams(Params):
+    """``select_model.floor``: the selected floor's search space (``models.selected_floor``)."""
+
+    scales: Annotated[list[PositiveInt], Field(min_length=1)]
+    feature_sets: Annotated[list[Annotated[list[str], Field(min_length=1)]], Field(min_length=1)]
+    heads: Annotated[dict[Literal["logistic", "svm", "boosting"],
+                          dict[str, Annotated[list[PositiveFloat], Field(min_length=1)]]],
+                     Field(min_length=1)]
+    inner_folds: Annotated[int, Field(ge=2)]
+    calibration: Literal["temperature", "sigmoid", "isotonic"]
+
+
+class ConformalParams(Params):
+    """``select_model.conformal``: class-conditional prediction sets (``analysis.conformal``)."""
+
+    coverage: Annotated[float, Field(gt=0.0, lt=1.0)]
+    min_images: Annotated[int, Field(ge=2)]
+
+
+class HybridParams(Params):
+    """``select_model.hybrid``: the stacked hybrid's bases and meta-learners."""
+
+    bases: Annotated[list[str], Field(min_length=2)]
+    meta: Annotated[dict[Literal["logistic", "boosting"],
+                         dict[str, Annotated[list[PositiveFloat], Field(min_length=1)]]],
+                    Field(min_length=1)]
+    inner_folds: Annotated[int, Field(ge=2)]
+
+
+class SelectModelParams(Params):
+    """``select_model``: candidates scored on the same grouped folds, the tie rule, the selected
+    floor's search, the hybrid and the prediction sets (checked against the family table by
+    the pipeline's first node)."""
+
+    candidates: Annotated[list[str], Field(min_length=1)]
+    tie_rule: Literal["best", "cheaper"]
+    bootstrap_samples: PositiveInt
+    seed: NonNegativeInt
+    floor: SelectedFloorParams
+    conformal: ConformalParams
+    hybrid: HybridParams

@@ -43,6 +43,9 @@ class ResNet34Model(Params):
     #: (filters, blocks) per stage: He et al.'s four in base, two small ones in `tiny`.
     stages: Annotated[list[Annotated[list[PositiveInt], Field(min_length=2, max_length=2)]],
                       Field(min_length=1, max_length=4)]
+    #: BatchNormalization's implementation, same maths: ``fused`` (one TensorFlow kernel) or
+    #: ``keras`` (Keras 3's separate ops, slower).
+    batch_norm: Literal["fused", "keras"]
 
     @property
     def transfer(self) -> bool:
@@ -172,9 +175,10 @@ class TrainingParams(Params):
     input_grid_samples: PositiveInt
     #: ``auto``: one device, several local GPUs (mirrored) or the cluster of ``TF_CONFIG``.
     distribution: Distribution
-    #: ``auto``: mixed_float16 on GPU, float32 on CPU. ``mixed_bfloat16``: layers compute in
-    #: bfloat16 (variables and the classifier's output stay float32); about twice the training
-    #: steps per hour on CPUs with AVX-512 BF16. The saved model is float32 in every case.
+    #: ``auto``: mixed_float16 on GPU; mixed_bfloat16 on a CPU that multiplies bfloat16 natively
+    #: (AMX-BF16, AVX-512 BF16), float32 on other CPUs. ``mixed_bfloat16``: layers compute in
+    #: bfloat16 (variables and the classifier's output stay float32). The saved model is
+    #: float32 in every case.
     precision: Precision
     #: XLA compilation of the training step; ``auto``: on GPU only.
     jit_compile: JitCompile

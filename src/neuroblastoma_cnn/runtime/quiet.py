@@ -63,6 +63,9 @@ SHOWN_WARNINGS_DROPPED: tuple[tuple[str, str], ...] = (
     (r"Add type hints to the `predict` method",
      "MLflow's notice about kedro-mlflow's PythonModel class (not ours), raised while the class "
      "is defined"),
+    (r"One or more dataset names contain '\.' characters",
+     "Kedro's advice against dots in names a user chose; select_model reads each CNN's "
+     "namespaced `<model>.cv_predictions`, the cross_validate outputs it reuses"),
 )
 
 # Python log records dropped: (logger, message regex, why it is safe to hide).

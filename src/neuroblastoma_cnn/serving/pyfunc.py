@@ -30,12 +30,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from neuroblastoma_cnn.analysis.conformal import REFER_COLUMN, SET_COLUMN
 from neuroblastoma_cnn.analysis.predictions import probability_column
 from neuroblastoma_cnn.analysis.tta import TTA_PREFIX
 from neuroblastoma_cnn.images.decoding import image_format
 from neuroblastoma_cnn.images.preprocessing import Preprocessing, preprocessing_of
 from neuroblastoma_cnn.models import families
 from neuroblastoma_cnn.models.families import Capability
+from neuroblastoma_cnn.models.selected_floor import CLASSICAL_SUFFIX, load_classical
 from neuroblastoma_cnn.params import PredictParams
 
 from .tiles import predict_files
@@ -131,10 +133,12 @@ def _stage(frame: pd.DataFrame, names: list[str], folder: Path
     return files, staged, errors
 
 
-def output_columns(classes: list[str], tta: bool) -> list[str]:
+def output_columns(classes: list[str], tta: bool, sets: bool = False) -> list[str]:
     """``file, predicted, prob_<class>..., n_tiles, error`` (+ ``tta_predicted,
-    tta_confidence`` with test-time augmentation)."""
+    tta_confidence`` with test-time augmentation, + ``prediction_set, refer`` where the model
+    carries a conformal calibration)."""
     extra = [TTA_PREFIX + "predicted", TTA_PREFIX + "confidence"] if tta else []
+    extra += [SET_COLUMN, REFER_COLUMN] if sets else []
     return ["file", "predicted", *(probability_column(c) for c in classes), "n_tiles", *extra,
             "error"]
 
@@ -149,21 +153,25 @@ def classify_encoded(frame: pd.DataFrame, model: Any, params: PredictParams) -> 
     if len(set(names)) < len(names):
         raise ValueError("Input rows need distinct 'file' names (a name given twice cannot be "
                          "matched to its result).")
-    classes = [str(c) for c in preprocessing_of(model).classes]
+    preprocessing = preprocessing_of(model)
+    classes = [str(c) for c in preprocessing.classes]
+    sets = preprocessing.conformal is not None
     with tempfile.TemporaryDirectory(prefix="nbcnn-serve-") as tmp:
         files, staged, errors = _stage(frame, names, Path(tmp))
         predictions = predict_files(files, model, params)[0] if files else pd.DataFrame()
     # predict_files answers one row per file, in order: matched by position, not by name.
     results = dict(zip(staged, predictions.to_dict("records"), strict=True))
-    out = [_output_row(name, errors.get(name, ""), results.get(name), classes, params.tta)
-           for name in names]
-    return pd.DataFrame(out, columns=output_columns(classes, params.tta))
+    out = [_output_row(name, errors.get(name, ""), results.get(name), classes, params.tta,
+                       sets) for name in names]
+    return pd.DataFrame(out, columns=output_columns(classes, params.tta, sets))
 
 
 def _output_row(name: str, error: str, found: dict[str, Any] | None, classes: list[str],
-                tta: bool) -> dict[str, Any]:
+                tta: bool, sets: bool = False) -> dict[str, Any]:
     row: dict[str, Any] = {"file": name, "predicted": "", "n_tiles": 0, "error": error}
     row.update({probability_column(c): np.nan for c in classes})
+    if sets:  # a file that could not be used is referred, with no set
+        row.update({SET_COLUMN: "", REFER_COLUMN: True})
     if found is None:
         return row
     row["error"] = str(found["reason"]) if bool(found["rejected"]) else ""
@@ -173,6 +181,8 @@ def _output_row(name: str, error: str, found: dict[str, Any] | None, classes: li
     if tta:
         for column in (TTA_PREFIX + "predicted", TTA_PREFIX + "confidence"):
             row[column] = found[column]
+    if sets:
+        row.update({SET_COLUMN: str(found[SET_COLUMN]), REFER_COLUMN: bool(found[REFER_COLUMN])})
     return row
 
 
@@ -201,9 +211,7 @@ class RawImageModel(PythonModel):
     """The pyfunc model: a ``.keras`` file with its record, and the prediction settings."""
 
     def load_context(self, context: Any) -> None:
-        from neuroblastoma_cnn.datasets.keras_model import load_keras_model  # noqa: PLC0415
-
-        self.model = load_keras_model(context.artifacts[MODEL_ARTIFACT])
+        self.model = _load_model_file(context.artifacts[MODEL_ARTIFACT])
         raw = json.loads(Path(context.artifacts[PARAMS_ARTIFACT]).read_text())
         self.params = PredictParams.parse({**_SETTINGS_ADDED_LATER, **raw}, "predict")
 
@@ -218,6 +226,24 @@ class RawImageModel(PythonModel):
 
             raise MlflowException.invalid_parameter_value(str(exc)) from None
         return classify_encoded(model_input, self.model, self.params)
+
+
+def _load_model_file(path: str | Path) -> Any:
+    """A ``.keras`` file with its record, or a classical model (``.joblib``)."""
+    if str(path).endswith(CLASSICAL_SUFFIX):
+        return load_classical(path)
+    from neuroblastoma_cnn.datasets.keras_model import load_keras_model  # noqa: PLC0415
+
+    return load_keras_model(path)
+
+
+def _record_of(path: Path) -> dict[str, Any]:
+    """The preprocessing record inside a model file, as plain JSON."""
+    if path.suffix == CLASSICAL_SUFFIX:
+        return load_classical(path).preprocessing.to_dict()
+    from neuroblastoma_cnn.datasets.keras_model import read_record  # noqa: PLC0415
+
+    return read_record(path)
 
 
 def serving_requirements() -> list[str]:
@@ -260,15 +286,15 @@ def _example_side(preprocessing: Preprocessing) -> int:
                tiling.input_size)
 
 
-def _signature(classes: list[str], tta: bool) -> Any:
+def _signature(classes: list[str], tta: bool, sets: bool = False) -> Any:
     from mlflow.models import ModelSignature  # noqa: PLC0415  (lazy: MLflow)
     from mlflow.types import ColSpec, Schema  # noqa: PLC0415
 
     inputs = Schema([ColSpec("string", column, required=column == "image")
                      for column in ("file", "image")])
-    types = {"n_tiles": "long", TTA_PREFIX + "confidence": "double"}
+    types = {"n_tiles": "long", TTA_PREFIX + "confidence": "double", REFER_COLUMN: "boolean"}
     outputs = Schema([ColSpec(types.get(c, "double" if c.startswith("prob_") else "string"), c)
-                      for c in output_columns(classes, tta)])
+                      for c in output_columns(classes, tta, sets)])
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
@@ -291,11 +317,10 @@ def log_raw_image_model(keras_file: str | Path, params: PredictParams,
 
     from neuroblastoma_cnn.datasets.keras_model import (  # noqa: PLC0415
         link_artifact_to_source,
-        read_record,
     )
 
     settings = params.model_copy(update={"gradcam": False, "workers": 1, "head": None})
-    record = read_record(keras_file)
+    record = _record_of(Path(keras_file))
     preprocessing = Preprocessing.from_dict(record, where=str(keras_file))
     families.family(preprocessing.architecture or "").require(Capability.SERVE)
     classes = [str(c) for c in preprocessing.classes]
@@ -308,7 +333,7 @@ def log_raw_image_model(keras_file: str | Path, params: PredictParams,
             name=name, python_model=str(Path(__file__).with_name("pyfunc_model.py")),
             artifacts={MODEL_ARTIFACT: str(keras_file), PARAMS_ARTIFACT: str(params_file)},
             code_paths=[str(_package_code(Path(tmp)))],
-            signature=_signature(classes, settings.tta),
+            signature=_signature(classes, settings.tta, preprocessing.conformal is not None),
             input_example=example,
             pip_requirements=serving_requirements(),
             metadata={"preprocessing": record, "input": "raw image files (base64)"})

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from neuroblastoma_cnn.analysis.conformal import add_prediction_sets
 from neuroblastoma_cnn.analysis.predictions import (
     FLAG_COLUMNS,
     aggregate_image_probabilities,
@@ -118,6 +119,10 @@ def predict_files(
     size; with a slide among the files, tiles also get ``level, tile_px, mpp`` and predictions
     ``share_<class>``.
     """
+    if getattr(model, "kind", None) == "classical":  # whole images, no tiles
+        from .classical import predict_classical_files  # noqa: PLC0415  (no cycle at import)
+
+        return predict_classical_files(files, model, params, progress)
     preprocessing = preprocessing_of(model)
     settings = params
     source = model_source(model)
@@ -139,7 +144,9 @@ def predict_files(
         if progress is not None:
             progress(1)
     tiles = _tile_table(tile_meta, batcher, prob_cols, settings.tta)
-    predictions = _prediction_table(outcomes, tiles, classes, settings, source)
+    predictions = add_prediction_sets(
+        _prediction_table(outcomes, tiles, classes, settings, source),
+        preprocessing.conformal, classes)
     _log_summary(predictions, len(tiles), time.perf_counter() - started, source)
     return predictions, tiles
 

@@ -1,8 +1,11 @@
 """Prediction on whole-slide images: tiles streamed with coordinates, the slide's class as the
-mean of its tiles with each class's share, heatmaps, the Grad-CAM gallery, and the command."""
+mean of its tiles with each class's share, heatmaps, the Grad-CAM gallery, the QuPath GeoJSON
+(read back: the same tiles and classes), the same predictions through OpenSlide and tiffslide,
+and the command."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import keras
@@ -10,15 +13,16 @@ import numpy as np
 import pandas as pd
 import pytest
 from _params import params, store_metadata
-from _slides import BACH_DIR, bach_image, side_by_side, write_slide
+from _slides import BACH_DIR, bach_image, side_by_side, write_slide, write_svs
 from _tiny_project import latest
 from PIL import Image
 
 from neuroblastoma_cnn.cli.commands import main
 from neuroblastoma_cnn.datasets import save_keras_model
+from neuroblastoma_cnn.images.annotations import read_qupath_geojson
 from neuroblastoma_cnn.images.decoding import ImageRejected
 from neuroblastoma_cnn.images.preprocessing import Preprocessing, attach_preprocessing
-from neuroblastoma_cnn.images.slides import Slide
+from neuroblastoma_cnn.images.slides import READER_VARIABLE, Slide
 from neuroblastoma_cnn.pipelines.predict import nodes
 from neuroblastoma_cnn.serving import slide_tiles
 
@@ -56,7 +60,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[str, Path]]:
     data = slide.read_bytes()
     cut.write_bytes(data[: len(data) // 3])
     nores = write_slide(root / "nores.tif", pixels, mpp=None)
-    return [(p.name, p) for p in (slide, crop, white, cut, nores)]
+    svs = write_svs(root / "two.svs", pixels, mpp=0.5)
+    return [(p.name, p) for p in (slide, crop, white, cut, nores, svs)]
 
 
 def test_a_slide_is_predicted_from_its_tiles(files) -> None:
@@ -128,6 +133,59 @@ def test_heatmap_and_gallery_of_a_slide(files) -> None:
     assert nodes.heatmap_name("a/two.tif") == "a/two.tif.heatmap.png"
 
 
+def test_the_slide_geojson_reads_back_as_the_same_tiles_and_classes(files) -> None:
+    model = tiny_model(tile_um=32.0)
+    chosen = [f for f in files if f[0] in ("two.tif", "crop.png")]
+    predictions, tiles = nodes.predict_files(chosen, model, PREDICT)
+    tiles["refer"] = tiles["prob_Benign"] < 0.6  # as conformal prediction would add them
+    tiles["prediction_set"] = np.where(tiles["refer"], "Benign|Invasive", "Benign")
+    written = nodes.write_slide_geojson(model, predictions, tiles)
+    assert list(written) == ["two.tif.geojson"]  # slides only
+    text = json.dumps(written["two.tif.geojson"]).encode()
+    back = read_qupath_geojson(text, "two.tif.geojson", object_types=("detection",))
+    slide = tiles[tiles["file"] == "two.tif"].reset_index(drop=True)
+    assert len(back.regions) == len(slide) > 10
+    top = np.where(slide["prob_Benign"] >= slide["prob_Invasive"], "Benign", "Invasive")
+    for region, tile, label in zip(back.regions, slide.itertuples(), top, strict=True):
+        assert region.geometry.bounds == (tile.x, tile.y, tile.x + 64, tile.y + 64)
+        assert region.label == label
+    features = written["two.tif.geojson"]["features"]
+    first = features[0]["properties"]
+    assert first["objectType"] == "detection" and len(first["classification"]["color"]) == 3
+    assert first["measurements"]["prob_Benign"] == pytest.approx(slide.loc[0, "prob_Benign"])
+    assert first["measurements"]["refer"] == float(slide.loc[0, "refer"])
+    assert first["metadata"]["prediction_set"] == slide.loc[0, "prediction_set"]
+    summary = features[-1]["properties"]
+    row = predictions.set_index("file").loc["two.tif"]
+    assert summary["objectType"] == "annotation" and summary["isLocked"]
+    assert summary["classification"]["name"] == row["predicted"]
+    assert summary["measurements"]["share_Invasive"] == pytest.approx(row["share_Invasive"])
+    assert summary["measurements"]["n_tiles"] == len(slide)
+    whole = read_qupath_geojson(text, "two.tif.geojson").regions[0].geometry.bounds
+    assert whole == (slide["x"].min(), slide["y"].min(), slide["x"].max() + 64,
+                     slide["y"].max() + 64)
+
+
+@pytest.mark.parametrize("name", ["two.tif", "two.svs"])
+def test_openslide_and_tiffslide_give_the_same_predictions(files, name, monkeypatch) -> None:
+    """Same tiles, same probabilities: the lossless TIFF exactly, the JPEG SVS within 0.01 (the
+    readers decode JPEG alike here; another JPEG build may differ by a grey level)."""
+    pytest.importorskip("openslide")
+    model = tiny_model(tile_um=32.0)
+    chosen = [f for f in files if f[0] == name]
+    results = {}
+    for reader in ("openslide", "tiffslide"):
+        monkeypatch.setenv(READER_VARIABLE, reader)
+        results[reader] = nodes.predict_files(chosen, model, PREDICT)
+    (p_open, t_open), (p_tiff, t_tiff) = results["openslide"], results["tiffslide"]
+    assert not p_open["rejected"].any() and len(t_open) > 10
+    assert t_open[["x", "y", "level"]].equals(t_tiff[["x", "y", "level"]])
+    tolerance = 0.0 if name.endswith(".tif") else 0.01
+    columns = ["prob_Benign", "prob_Invasive"]
+    assert np.abs(t_open[columns].to_numpy() - t_tiff[columns].to_numpy()).max() <= tolerance
+    assert p_open["predicted"].tolist() == p_tiff["predicted"].tolist()
+
+
 def test_the_command_predicts_a_slide(files, tmp_path) -> None:
     model_path = tmp_path / "tiny.keras"
     save_keras_model(tiny_model(), model_path)
@@ -139,6 +197,23 @@ def test_the_command_predicts_a_slide(files, tmp_path) -> None:
     table = pd.read_csv(out)
     assert table.loc[0, "predicted"] in CLASSES and "share_Invasive" in table.columns
     assert (heat / "two.tif.heatmap.png").is_file() and (cams / "two.tif.png").is_file()
+    assert json.loads((heat / "two.tif.geojson").read_text())["type"] == "FeatureCollection"
+
+
+def test_the_command_writes_the_geojson_beside_the_tiles(files, tmp_path, capsys) -> None:
+    model_path = tmp_path / "tiny.keras"
+    save_keras_model(tiny_model(), model_path)
+    slide, crop = str(dict(files)["two.tif"]), str(dict(files)["crop.png"])
+    tiles_out = tmp_path / "out" / "tiles.csv"
+    args = ["predict", slide, crop, "-m", str(model_path), "-o", str(tmp_path / "p.csv"),
+            "--tiles-out", str(tiles_out)]
+    assert main(args) == 0
+    assert sorted(p.name for p in tiles_out.parent.iterdir()) == ["tiles.csv", "two.tif.geojson"]
+    assert "1 slide(s) for QuPath" in capsys.readouterr().err
+    tiles_out.unlink()
+    (tmp_path / "p.csv").unlink()
+    assert main(args) == 2  # the GeoJSON is not replaced without --overwrite
+    assert "two.tif.geojson' exists; pass --overwrite" in capsys.readouterr().err
 
 
 @pytest.mark.integration
@@ -159,3 +234,5 @@ def test_the_predict_pipeline_predicts_slides_beside_crops(files, kedro_project,
     assert [p.name for p in heatmaps.rglob("*.png")] == ["two.tif.heatmap.png"]
     cams = latest(kedro_project / "data/08_reporting/gradcam")
     assert sorted(p.name for p in cams.rglob("*.png")) == ["crop.png.png", "two.tif.png"]
+    geojson = latest(kedro_project / "data/07_model_output/slide_geojson")
+    assert [p.name for p in geojson.rglob("*.geojson")] == ["two.tif.geojson"]

@@ -30,6 +30,21 @@ def test_auto_picks_by_machine(gpus, tf_config, expected):
     assert d.plan("auto", "auto", "auto", gpus=gpus, tf_config=tf_config) == expected
 
 
+def test_auto_trains_in_bfloat16_on_a_cpu_that_multiplies_it_natively(tmp_path):
+    assert d.plan("auto", "auto", "auto", gpus=0, tf_config=None, bf16_cpu=True) == d.Plan(
+        "one_device", "mixed_bfloat16", False)
+    assert d.plan("auto", "auto", "auto", gpus=1, tf_config=None, bf16_cpu=True).precision \
+        == "mixed_float16"  # a GPU decides
+    assert d.plan("auto", "float32", "auto", gpus=0, tf_config=None, bf16_cpu=True).precision \
+        == "float32"  # an explicit choice stays
+    cpuinfo = tmp_path / "cpuinfo"
+    for flags, native in (("fpu avx2 fma", False), ("fpu avx512f avx512_bf16", True),
+                          ("fpu amx_tile amx_bf16 amx_int8", True), ("fpu avx512f", False)):
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
+        assert d.cpu_bf16(cpuinfo) is native, flags
+    assert d.cpu_bf16(tmp_path / "missing") is False
+
+
 def test_explicit_choices_and_bad_ones():
     assert d.plan("one_device", "float32", False, gpus=8, tf_config=None) == d.Plan(
         "one_device", "float32", False)
@@ -82,13 +97,14 @@ def test_a_bad_training_setting_names_its_key(key, value):
         params("resnet34.training", **{key: value})
 
 
-def test_the_yaml_defaults_keep_one_device_float32_on_this_cpu():
+def test_the_yaml_defaults_keep_one_device_on_a_cpu_in_its_fastest_exact_precision():
     for model in ("resnet34", "resnet50"):
         p = params(f"{model}.training")
         assert (p.distribution, p.precision, p.jit_compile, p.scale_learning_rate) == (
             "auto", "auto", "auto", False)
-        assert d.plan(p.distribution, p.precision, p.jit_compile, gpus=0,
-                      tf_config=None) == d.Plan("one_device", "float32", False)
+        for native, precision in ((False, "float32"), (True, "mixed_bfloat16")):
+            assert d.plan(p.distribution, p.precision, p.jit_compile, gpus=0, tf_config=None,
+                          bf16_cpu=native) == d.Plan("one_device", precision, False)
 
 
 def test_workers_and_the_chief():
@@ -102,3 +118,13 @@ def test_workers_and_the_chief():
     assert d.worker_index(with_chief) == 1 and not d.is_chief(with_chief)
     assert d.run_folder("r", "m", "k", second) == Path("r/.backup/m/k/worker-1")
     assert d.run_folder("r", "m", "k", "") == Path("r/.backup/m/k")
+
+
+def test_an_emulated_precision_is_kept_with_a_warning_line():
+    assert d.slow_precision("float32", gpus=0, bf16_cpu=False) is None
+    assert d.slow_precision("mixed_bfloat16", gpus=0, bf16_cpu=True) is None
+    assert d.slow_precision("mixed_float16", gpus=1, bf16_cpu=False) is None
+    for precision, bf16 in (("mixed_bfloat16", False), ("mixed_float16", True)):
+        line = d.slow_precision(precision, gpus=0, bf16_cpu=bf16)
+        assert line.startswith(f"training.precision = {precision}: ") and "emulated" in line
+        assert "precision: auto" in line

@@ -153,12 +153,16 @@ def test_a_finished_stage_is_not_trained_again(stores, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def test_defaults_on_cpu_are_the_explicit_single_device_float32_run(stores, tmp_path):
+def test_defaults_on_cpu_are_the_explicit_single_device_run(stores, tmp_path):
     """``distribution/precision/jit_compile: auto`` on this CPU trains exactly as one device
-    in float32 without XLA (the weights the code gave before these parameters existed)."""
+    without XLA in the precision the CPU multiplies natively (float32, or mixed bfloat16 where
+    it has AMX-BF16 / AVX-512 BF16)."""
+    from neuroblastoma_cnn.runtime.distribution import cpu_bf16  # noqa: PLC0415
+
     auto, auto_history = train(stores, {"epochs": 2}, tmp_path / "a")
+    precision = "mixed_bfloat16" if cpu_bf16() else "float32"
     explicit, history = train(stores, {"epochs": 2, "distribution": "one_device",
-                                       "precision": "float32", "jit_compile": False},
+                                       "precision": precision, "jit_compile": False},
                               tmp_path / "b")
     _same_run(explicit, history, auto, auto_history)
 

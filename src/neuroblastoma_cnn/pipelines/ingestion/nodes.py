@@ -18,7 +18,6 @@ grow with the number of images.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections import Counter, defaultdict
@@ -46,20 +45,29 @@ from neuroblastoma_cnn.images.slides import (
 from neuroblastoma_cnn.params import IngestionParams
 from neuroblastoma_cnn.runtime.parallel import ordered_map, resolve_workers
 
+from .annotated import (
+    annotated_tiles,
+    inspect_annotated,
+    log_annotated,
+)
 from .manifest import (
     HASH_CHUNK,
     MANIFEST_COLUMNS,
     REJECTED_COLUMNS,
     SLIDE_MANIFEST_COLUMNS,
+    RawDataChangedError,
     _inspect_file,
     _log_manifest_summary,
     _nothing_usable_message,
     _warn_about_layout,
     file_sha256,
+    hashes_kept,
     inspect_image,
     inspect_slide,
+    keep_hashes,
     manifest_rows,
     manifest_tables,
+    read_verified,
 )
 from .scanning import LAYOUT_HINT, Candidate, scan_raw_folder, subset_per_class
 
@@ -77,10 +85,6 @@ __all__ = [
 
 class NoUsableImagesError(DataError):
     """Raised when a raw folder yields nothing to train on; says what was expected and where."""
-
-
-class RawDataChangedError(DataError):
-    """Raised when a raw file no longer matches the manifest it was listed in."""
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -105,31 +109,55 @@ def build_image_manifest(
             f"(extensions {', '.join(extensions)})."
         )
     candidates, rejected = scan_raw_folder(root, settings)
-    candidates = subset_per_class(candidates, settings.max_images_per_class,
-                                  settings.subset_seed)
-
-    # Copies of one content share the first copy's result (and its rejection).
-    by_hash: dict[str, list[Candidate]] = defaultdict(list)
-    results: dict[str, dict[str, Any] | str] = {}
-    sizes: dict[str, int] = {}
-    inspected = ordered_map(partial(_inspect_file, settings), candidates,
-                            resolve_workers(settings.workers))
-    with closing(inspected):
-        for candidate, (digest, size, result) in zip(candidates, inspected, strict=True):
-            if digest is None:
-                rejected.append((candidate.rel, str(result)))
-                continue
-            by_hash[digest].append(candidate)
-            sizes[candidate.rel] = size
-            results.setdefault(digest, result)
-
-    rows = manifest_rows(by_hash, results, sizes, rejected)
+    annotated = [c for c in candidates if c.annotations is not None]
+    candidates = subset_per_class([c for c in candidates if c.annotations is None],
+                                  settings.max_images_per_class, settings.subset_seed)
+    rows = _inspected_rows(candidates, settings, rejected)
+    rows += _annotated_rows(annotated, settings, rejected)
     manifest, rejected_df = manifest_tables(rows, settings.tiling.min_tissue_fraction, rejected)
     _log_manifest_summary(root, manifest, rejected_df)
     if manifest.empty:
         raise NoUsableImagesError(_nothing_usable_message(root, settings, rejected_df))
     _warn_about_layout(manifest, settings)
     return manifest, rejected_df
+
+
+def _inspected_rows(candidates: list[Candidate], settings: IngestionParams,
+                    rejected: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """Manifest rows of the images and slides in class folders (copies of one content share the
+    first copy's result, and its rejection)."""
+    by_hash: dict[str, list[Candidate]] = defaultdict(list)
+    results: dict[str, dict[str, Any] | str] = {}
+    sizes: dict[str, int] = {}
+    inspected = ordered_map(partial(hashes_kept, partial(_inspect_file, settings)),
+                            candidates, resolve_workers(settings.workers))
+    with closing(inspected):
+        for candidate, ((digest, size, result), hashed) in zip(candidates, inspected,
+                                                               strict=True):
+            keep_hashes(hashed)  # tiling checks a slide against its hash without reading it
+            if digest is None:
+                rejected.append((candidate.rel, str(result)))
+                continue
+            by_hash[digest].append(candidate)
+            sizes[candidate.rel] = size
+            results.setdefault(digest, result)
+    return manifest_rows(by_hash, results, sizes, rejected)
+
+
+def _annotated_rows(candidates: list[Candidate], settings: IngestionParams,
+                    rejected: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """Manifest rows of the annotated slides: one per usable region (see ``annotated``)."""
+    inspected = ordered_map(partial(hashes_kept, partial(inspect_annotated, settings)),
+                            candidates, resolve_workers(settings.workers))
+    results = []
+    with closing(inspected):
+        for result, hashed in inspected:
+            keep_hashes(hashed)
+            results.append(result)
+    log_annotated(results)
+    for result in results:
+        rejected.extend(result.rejected)
+    return [row for result in results for row in result.rows]
 
 
 # ----------------------------------------------------------------------------- tiles
@@ -170,7 +198,19 @@ def tile_images(
     metadata = {**record.to_dict(), "n_images": len(rows), "shard_size": params.shard_size}
     slides = (set(map(str, images.loc[images["slide"].astype(bool), "image_path"]))
               if "slide" in images.columns else set())
-    return TileStream(_tile_records(root, rows, params, slides), metadata)
+    return TileStream(_tile_records(root, rows, params, slides, _regions_by_slide(images)),
+                      metadata)
+
+
+def _regions_by_slide(images: pd.DataFrame) -> dict[str, list[dict[str, Any]]]:
+    """Each annotated region's ``image_path`` -> the manifest rows of every region of its
+    slide (a slide is tiled once, for all its regions)."""
+    if "region" not in images.columns:
+        return {}
+    annotated = images[images["region"].notna() & (images["region"].astype(str) != "")]
+    by_slide = {str(slide): frame.to_dict("records")
+                for slide, frame in annotated.groupby("slide_path", sort=False)}
+    return {str(row["image_path"]): rows for rows in by_slide.values() for row in rows}
 
 
 @dataclass(frozen=True)
@@ -183,25 +223,6 @@ class _ImageTiles:
     n_grid: int
 
 
-def _read_verified(path: Path, sha256: str, whole: bool) -> bytes:
-    """The file's bytes (``whole``; else only its hash is checked, in chunks), or
-    RawDataChangedError if it cannot be read or no longer matches the manifest."""
-    try:
-        data = path.read_bytes() if whole else b""
-        digest = hashlib.sha256(data).hexdigest() if whole else file_sha256(path)[0]
-    except OSError as exc:
-        raise RawDataChangedError(
-            f"'{path}' is in the image manifest but cannot be read ({exc}); "
-            "rerun the ingestion pipeline."
-        ) from exc
-    if digest != sha256:
-        raise RawDataChangedError(
-            f"'{path}' changed since the image manifest was built (sha256 differs); "
-            "rerun the ingestion pipeline."
-        )
-    return data
-
-
 def _tile_file(root: Path, settings: IngestionParams, slides: set[str],
                row: tuple[str, str, str, str]) -> _ImageTiles | None:
     """Reads, verifies and tiles one manifest image (on a worker process); None for a slide,
@@ -210,7 +231,7 @@ def _tile_file(root: Path, settings: IngestionParams, slides: set[str],
     if image_path in slides:
         return None
     path = root / PurePosixPath(image_path)
-    data = _read_verified(path, sha256, whole=True)
+    data = read_verified(path, sha256, whole=True)
     tiling = settings.tiling
     decoded = decode_scaled(data, str(path), settings.max_image_pixels, tiling.reduction)
     del data
@@ -228,7 +249,7 @@ def _slide_tiles(root: Path, settings: IngestionParams, row: tuple[str, str, str
     level it was read from, its edge in level-0 pixels and the slide's microns per pixel."""
     image_path, label, group, sha256 = row
     path = root / PurePosixPath(image_path)
-    _read_verified(path, sha256, whole=False)
+    read_verified(path, sha256, whole=False)
     tiling = settings.tiling
     try:
         with open_slide(path, str(path)) as slide:
@@ -245,22 +266,35 @@ def _slide_tiles(root: Path, settings: IngestionParams, row: tuple[str, str, str
         raise RawDataChangedError(f"{exc}; rerun the ingestion pipeline.") from exc
 
 
+def _streamed(root: Path, settings: IngestionParams, row: tuple[str, str, str, str],
+              regions: dict[str, list[dict[str, Any]]], done: set[str]
+              ) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
+    """A slide's tiles; an annotated slide's (all its regions) at its first region's row."""
+    slide_rows = regions.get(row[0])
+    if slide_rows is None:
+        yield from _slide_tiles(root, settings, row)
+    elif str(slide_rows[0]["slide_path"]) not in done:
+        done.add(str(slide_rows[0]["slide_path"]))
+        yield from annotated_tiles(root, settings, slide_rows)
+
+
 def _tile_records(
     root: Path, rows: list[tuple[str, str, str, str]], settings: IngestionParams,
-    slides: set[str],
+    slides: set[str], regions: dict[str, list[dict[str, Any]]],
 ) -> Callable[[], Iterator[tuple[np.ndarray, dict[str, Any]]]]:
     workers = resolve_workers(settings.workers)
 
     def records() -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
         kept: Counter[str] = Counter()
         dropped: Counter[str] = Counter()
+        done: set[str] = set()  # annotated slides already tiled
         tiled = ordered_map(partial(_tile_file, root, settings, slides), rows, workers)
         with closing(tiled):
             for row, image in zip(rows, tiled, strict=True):
                 image_path, label, group, _ = row
                 if image is None:  # a slide: streamed here, tile by tile
-                    for record in _slide_tiles(root, settings, row):
-                        kept[label] += 1
+                    for record in _streamed(root, settings, row, regions, done):
+                        kept[record[1]["label"]] += 1
                         yield record
                     continue
                 for tile, (x, y), fraction in zip(image.tiles, image.positions, image.fractions,

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from neuroblastoma_cnn.images.annotations import ANNOTATION_SUFFIXES, annotation_files
 from neuroblastoma_cnn.images.decoding import ImageRejected, Reason, is_hidden
-from neuroblastoma_cnn.images.slides import (
-    SLIDE_EXTENSIONS,
-)
+from neuroblastoma_cnn.images.slides import SLIDE_EXTENSIONS, is_slide
 from neuroblastoma_cnn.params import IngestionParams
 
 #: Logged under the node module's name, as before the split (log filters and tests see it).
@@ -28,12 +27,14 @@ LAYOUT_HINT = "<CLASS>/<file> or <CLASS>/<PATIENT>/<file>"
 
 @dataclass(frozen=True)
 class Candidate:
-    """A file with an image extension in the expected layout, not yet decoded."""
+    """A file with an image extension in the expected layout, not yet decoded; an annotated
+    slide (top level, ``annotations`` beside it) has no ``label``: its regions have classes."""
 
     path: Path
     rel: str
     label: str
     group: str
+    annotations: Path | None = None
 
 
 def _entries(folder: Path) -> list[os.DirEntry[str]]:
@@ -82,14 +83,16 @@ def scan_raw_folder(
     empty folders and wrong extensions are reported, not silently skipped.
     """
     scan = _Scan(settings)
+    top_files = []
     for entry in _entries(root):
         is_dir = entry.is_dir()
         if is_hidden(entry.name):
             scan.reject(entry.name + ("/" if is_dir else ""), Reason.HIDDEN)
         elif not is_dir:
-            scan.reject(entry.name, f"{Reason.OUTSIDE_CLASS}: expected {LAYOUT_HINT}")
+            top_files.append(Path(entry.path))
         else:
             scan.class_folder(Path(entry.path), entry.name)
+    scan.top_level(top_files)
     return scan.candidates, scan.rejected
 
 
@@ -101,6 +104,49 @@ class _Scan:
 
     def reject(self, rel: str, reason: str) -> None:
         self.rejected.append((rel, reason))
+
+    def top_level(self, files: list[Path]) -> None:
+        """Files outside class folders: a slide with one annotation file beside it is an
+        annotated slide; a slide without one, an annotation file without a slide and any other
+        file are rejected, each with its reason."""
+        slides = [p for p in files if p.suffix.lower() not in ANNOTATION_SUFFIXES and is_slide(p)]
+        claimed: set[Path] = set()
+        for path in slides:
+            found = annotation_files(path)
+            claimed.update(found)
+            if len(found) > 1:
+                self.reject(path.name, f"{Reason.SEVERAL_ANNOTATIONS}: "
+                                       f"{', '.join(p.name for p in found)}; keep one")
+            elif not found:
+                self.reject(path.name, (
+                    f"{Reason.NO_ANNOTATIONS}: a slide outside class folders needs its regions "
+                    f"beside it ({path.stem}.geojson from QuPath or {path.stem}.xml from "
+                    f"ImageScope); else put it in a class folder, {LAYOUT_HINT}"))
+            elif (group := self.group_of(path, path.name, None)) is not None:
+                self.candidates.append(Candidate(path, path.name, "", group, found[0]))
+        for path in files:
+            if path in claimed or path in slides:
+                continue
+            if path.suffix.lower() in ANNOTATION_SUFFIXES:
+                self.reject(path.name, f"{Reason.ORPHAN_ANNOTATIONS}: no slide named "
+                                       f"'{path.stem}' or '{path.stem}.<ext>' beside it")
+            else:
+                self.reject(path.name, f"{Reason.OUTSIDE_CLASS}: expected {LAYOUT_HINT}")
+
+    def group_of(self, path: Path, rel: str, patient: str | None) -> str | None:
+        """The patient group: the patient folder, else ``group_pattern``'s match in the file
+        name (None, the file rejected, when it finds none), else the file itself."""
+        pattern = self.settings.group_regex
+        if patient is not None:
+            return patient
+        if pattern is None:
+            return rel  # no patient information: each image is its own group
+        match = pattern.search(path.name)
+        if not match or not match.group("group"):
+            self.reject(rel, f"{Reason.NO_GROUP}: '{pattern.pattern}' finds no patient in "
+                             "the file name; add a patient folder or fix the pattern")
+            return None
+        return match.group("group")
 
     def class_folder(self, folder: Path, label: str) -> None:
         n_images = 0
@@ -138,17 +184,7 @@ class _Scan:
         except ImageRejected as exc:
             self.reject(rel, exc.reason)
             return 0
-        pattern = self.settings.group_regex
-        if patient is not None:
-            group = patient
-        elif pattern is not None:
-            match = pattern.search(path.name)
-            if not match or not match.group("group"):
-                self.reject(rel, f"{Reason.NO_GROUP}: '{pattern.pattern}' finds no patient in "
-                                 "the file name; add a patient folder or fix the pattern")
-                return 1
-            group = match.group("group")
-        else:
-            group = rel  # no patient information: each image is its own group
-        self.candidates.append(Candidate(path, rel, label, group))
+        group = self.group_of(path, rel, patient)
+        if group is not None:
+            self.candidates.append(Candidate(path, rel, label, group))
         return 1

@@ -60,6 +60,7 @@ from neuroblastoma_cnn.serving.tiles import (
 )
 
 from .overlays import OVERLAY_SUFFIX, gradcam_overlays, heatmap_name, overlay_name, slide_heatmaps
+from .slide_geojson import geojson_name, slide_geojsons
 
 #: The nodes, and what the CLI and the tests reach through this module (one image:
 #: ``serving.images``; batched prediction: ``serving.tiles``; Grad-CAM and heatmaps:
@@ -77,6 +78,7 @@ __all__ = [
     "decode_for_prediction",
     "draw_gradcam_overlays",
     "draw_slide_heatmaps",
+    "geojson_name",
     "gradcam_overlays",
     "heatmap_name",
     "list_image_files",
@@ -89,7 +91,9 @@ __all__ = [
     "preprocessing_of",
     "select_prediction_model",
     "select_tiles",
+    "slide_geojsons",
     "slide_heatmaps",
+    "write_slide_geojson",
 ]
 
 logger = logging.getLogger(__name__)
@@ -144,3 +148,12 @@ def draw_slide_heatmaps(
     """Class heatmaps of the prediction folder's slides, named ``<file>.heatmap.png``."""
     jobs = slide_heatmaps(list_image_files(images_dir), model, predictions, tiles, params)
     return {heatmap_name(file): draw for file, draw in jobs.items()}
+
+
+def write_slide_geojson(model: Any, predictions: pd.DataFrame, tiles: pd.DataFrame
+                        ) -> dict[str, dict[str, Any]]:
+    """Each predicted slide's tiles and summary as a QuPath GeoJSON FeatureCollection, named
+    ``<file>.geojson`` (``slide_geojson``)."""
+    classes = list(preprocessing_of(model).classes)
+    return {geojson_name(file): collection
+            for file, collection in slide_geojsons(predictions, tiles, classes).items()}

@@ -11,6 +11,7 @@ from .nodes import (
     draw_slide_heatmaps,
     predict_images,
     select_prediction_model,
+    write_slide_geojson,
 )
 
 
@@ -44,6 +45,12 @@ def create_pipeline(**kwargs: Any) -> Pipeline:
                         "predicted_tiles", "params:predict"],
                 outputs="slide_heatmaps",
                 name="draw_slide_heatmaps",
+            ),
+            Node(
+                write_slide_geojson,
+                inputs=["prediction_model", "predictions", "predicted_tiles"],
+                outputs="slide_geojson",
+                name="write_slide_geojson",
             ),
         ],
         tags="predict",
