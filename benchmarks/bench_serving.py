@@ -31,7 +31,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from neuroblastoma_cnn.params import PredictParams
+from neuroblastoma_cnn.params import PredictParams, base_group
 from neuroblastoma_cnn.serving.pyfunc import log_raw_image_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,6 +76,21 @@ def predict_in_process(model_file: Path, files: list[Path], settings: PredictPar
     started = time.perf_counter()
     predict_files(pairs, model, settings)
     return time.perf_counter() - started
+
+
+def logged_pyfunc(model: Path, workdir: Path, experiment: str, **settings: object
+                  ) -> tuple[str, PredictParams, str]:
+    """The model's raw-image pyfunc logged to a throw-away SQLite store in ``workdir``:
+    ``(store URI, prediction settings, model URI)``."""
+    store = f"sqlite:///{workdir / 'mlflow.db'}"
+    mlflow.set_tracking_uri(store)
+    mlflow.set_experiment(experiment)
+    params = PredictParams.parse(
+        base_group("predict", model=str(model), workers=1, gradcam=False, **settings),
+        "predict")
+    with mlflow.start_run():
+        uri = log_raw_image_model(model, params, name=f"{experiment}_raw_images")
+    return store, params, uri
 
 
 def free_port() -> int:
@@ -124,16 +139,8 @@ def main() -> None:
     files = spread(args.images, args.n)
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         workdir = Path(tmp)
-        store = f"sqlite:///{workdir / 'mlflow.db'}"
-        mlflow.set_tracking_uri(store)
-        mlflow.set_experiment("bench_serving")
-        settings = PredictParams.parse(
-            {"model": str(args.model), "version": None, "batch_size": args.batch_size,
-             "workers": 1, "min_confidence": 0.6, "background_fallback_tiles": 3,
-             "gradcam": False, "gradcam_max_side": None, "gradcam_alpha": 0.5, "tta": False,
-             "head": None, "slide_thumbnail_side": 1024, "slide_gallery_tiles": 8}, "predict")
-        with mlflow.start_run():
-            uri = log_raw_image_model(args.model, settings, name="bench_raw_images")
+        store, settings, uri = logged_pyfunc(args.model, workdir, "bench_serving",
+                                             batch_size=args.batch_size)
         cli_wall, cli_predict_s = cli_predict(args.model, files, workdir / "cli.csv",
                                               args.batch_size)
         in_process_s = predict_in_process(args.model, files, settings)

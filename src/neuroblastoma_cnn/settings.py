@@ -7,9 +7,11 @@ from neuroblastoma_cnn.hooks import (
     MlflowRunTagsHook,
     ModelPromotionHook,
     OneLineErrorsHook,
+    OneWriterHook,
     PreflightHook,
     ProjectMlflowStoreHook,
     RunContextHook,
+    RunStopHook,
 )
 from neuroblastoma_cnn.params import TypedParamsMlflowHook
 from neuroblastoma_cnn.runtime.quiet import QuietRunHook
@@ -26,6 +28,8 @@ HOOKS = (
     QuietRunHook(),
     PrivacyHook(),            # patient ids pseudonymised in whatever reaches MLflow
     RunContextHook(),         # how the run was started, for the model card
+    RunStopHook(),            # SIGINT/SIGTERM end the MLflow run KILLED; orphans marked too
+    OneWriterHook(),          # several TF_CONFIG workers: only the chief writes and logs
 )
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader

@@ -1,6 +1,7 @@
 """``mlflow models serve`` end to end: the real scoring server on 127.0.0.1, started from the
 raw-image pyfunc logged to a SQLite store, answers a JPEG, a PNG, a truncated JPEG, a text file
-and empty requests; images get the probabilities ``neuroblastoma-cnn predict`` gives on the same
+empty requests, a memory-bomb PNG and a request over ``predict.max_request_bytes``; images get
+the probabilities ``neuroblastoma-cnn predict`` gives on the same
 files (to 1e-5), bad rows their error, and the server keeps answering."""
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from _browser import free_port, serving
+from _hostile import bomb_png
 from _params import params, store_metadata
 from PIL import Image
 
@@ -97,7 +99,8 @@ def test_mlflow_models_serve_answers_images_and_bad_rows_like_predict(tmp_path):
     mlflow.set_tracking_uri(store)
     mlflow.set_experiment("serving_test")
     with mlflow.start_run():
-        uri = log_raw_image_model(model_file, params("predict", batch_size=32),
+        uri = log_raw_image_model(model_file, params("predict", batch_size=32,
+                                                     max_request_bytes=200_000),
                                   name="resnet34_raw_images")
 
     expected = _cli_predictions(model_file, files, tmp_path / "cli.csv")
@@ -126,6 +129,15 @@ def test_mlflow_models_serve_answers_images_and_bad_rows_like_predict(tmp_path):
         for name in ("truncated.jpg", "notes.txt"):  # the reason predict gives, as the error
             assert served.loc[name, "error"] == expected.loc[name, "reason"] != ""
             assert served.loc[name, "n_tiles"] == 0
+
+        bomb = [["bomb.png", base64.b64encode(bomb_png()).decode()]]
+        status, text = _post(port, _frame_body(bomb))  # 10^10 pixels declared: refused unread
+        assert status == 200, text
+        assert json.loads(text)["predictions"][0]["error"].startswith(
+            "decompression bomb: 100000x100000"), text
+        many = [[f"bomb{i}.png", bomb[0][1]] for i in range(80)]  # 80 x 3.2 KB
+        status, text = _post(port, _frame_body(many))
+        assert status == 400 and "more than predict.max_request_bytes = 200000" in text, text
 
         status, text = _post(port, _frame_body([]))  # no rows: no predictions, no failure
         assert status == 200 and json.loads(text)["predictions"] == [], text

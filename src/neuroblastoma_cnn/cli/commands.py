@@ -103,6 +103,9 @@ main_group.add_command(study)  # kedro run --pipeline=study (see cli/study_comma
               help="tiles with the most tissue used for a mostly-background image")
 @click.option("--gradcam-max-side", type=int, metavar="PX",
               help="shrink overlays to at most this many pixels a side")
+@click.option("--max-image-pixels", type=int, metavar="N",
+              help="refuse, before decoding, an image declaring more pixels than this (lowers "
+                   "the model's own limit, predict.max_image_pixels)")
 @click.option("-q", "--quiet", is_flag=True, help="no progress bar, no summary")
 @click.option("-v", "--verbose", is_flag=True, help="log what happens")
 def predict(**options: Any) -> int:
@@ -192,6 +195,7 @@ def _params(options: dict[str, Any]) -> Any:
         "min_confidence": options["min_confidence"],
         "background_fallback_tiles": options["fallback_tiles"],
         "gradcam_max_side": options["gradcam_max_side"],
+        "max_image_pixels": options["max_image_pixels"],
     }
     given = {key: value for key, value in overrides.items() if value is not None}
     given["gradcam"] = options["gradcam"] is not None

@@ -6,6 +6,8 @@
 - ``run_command``: how a run was started (``kedro run`` command, commit), for the model card;
 - ``lineage``: ``lineage.json`` beside every versioned output, inputs of one lineage;
 - ``promotion``: a model promoted once evaluated, logged to MLflow and registered;
+- ``stopping``: a run stopped by SIGINT/SIGTERM ends KILLED; runs whose process is gone too;
+- ``workers``: in a multi-worker (``TF_CONFIG``) run only the chief writes, logs and registers;
 
 and what they use: ``error_display`` (one line for the project's errors, in ``kedro run`` and
 notebooks) and ``preflight`` (the checks themselves, plain functions).
@@ -25,6 +27,8 @@ from neuroblastoma_cnn.hooks.run_tags import (
     git_commit,
     model_tags,
 )
+from neuroblastoma_cnn.hooks.stopping import RunStopHook
+from neuroblastoma_cnn.hooks.workers import OneWriterHook
 
 __all__ = [
     "MAX_TAG_LENGTH",
@@ -32,9 +36,11 @@ __all__ = [
     "MlflowRunTagsHook",
     "ModelPromotionHook",
     "OneLineErrorsHook",
+    "OneWriterHook",
     "PreflightHook",
     "ProjectMlflowStoreHook",
     "RunContextHook",
+    "RunStopHook",
     "frame_sha256",
     "git_commit",
     "kedro_command",

@@ -10,6 +10,8 @@ from typing import Any
 from kedro.config import MissingConfigException
 from kedro.framework.hooks import hook_impl
 
+from neuroblastoma_cnn.hooks import error_display, preflight
+
 
 def project_sqlite_uri(uri: Any, project_path: Path) -> Any:
     """`sqlite:///mlflow.db` (relative) -> `sqlite:////<project>/mlflow.db`; others unchanged."""
@@ -49,12 +51,25 @@ class ProjectMlflowStoreHook:
         if shared and shared not in self._from_project_conf:
             conf = _without_local_artifact_location(conf)
             loader["mlflow"] = {**conf, "server": {**server, "mlflow_tracking_uri": shared}}
+            _check_server(shared)
+            return
+        if isinstance(uri, str) and uri.startswith(("http://", "https://")):
+            conf = _without_local_artifact_location(conf)
+            loader["mlflow"] = conf
+            _check_server(uri)
             return
         absolute = project_sqlite_uri(uri, Path(context.project_path))
         if isinstance(absolute, str):
             self._from_project_conf.add(absolute)
         if absolute != uri:
             loader["mlflow"] = {**conf, "server": {**server, "mlflow_tracking_uri": absolute}}
+
+
+def _check_server(uri: str) -> None:
+    """A tracking server answers and accepts the credentials, as one line before
+    kedro-mlflow contacts it (``preflight.check_tracking_server``)."""
+    error_display.install()  # this hook may run before the others install it
+    preflight.check_tracking_server(uri)
 
 
 def _without_local_artifact_location(conf: dict[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import importlib
 import logging
 import os
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
@@ -203,3 +204,58 @@ def lookup(parameters: Any, dotted: str) -> Any:
         if value is None:
             return None
     return value
+
+
+# ------------------------------------------------------------------------------ tracking server
+
+def shown_uri(uri: str) -> str:
+    """A tracking URI without any password in it (``http://user:secret@host`` -> ``http://user@host``)."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = f"{parts.username}@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def check_tracking_server(uri: str, timeout: float = NETWORK_TIMEOUT_S) -> None:
+    """An HTTP tracking server answers, and accepts this process's credentials
+    (``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``), before any training starts.
+
+    Why: MLflow reports either only once a run logs something, as a multi-line traceback; a
+    team server with logins refuses an anonymous or mistyped user with 401."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import base64  # noqa: PLC0415
+
+    shown = shown_uri(uri)
+    parts = urllib.parse.urlsplit(uri)
+    bare = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+    request = urllib.request.Request(
+        bare.rstrip("/") + "/api/2.0/mlflow/experiments/search",
+        data=b'{"max_results": 1}', headers={"Content-Type": "application/json"})
+    user, password = (parts.username or os.environ.get("MLFLOW_TRACKING_USERNAME"),
+                      parts.password if parts.username
+                      else os.environ.get("MLFLOW_TRACKING_PASSWORD"))
+    if user and password is not None:
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout):
+            return
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            who = f"user '{user}'" if user else "no user (anonymous)"
+            raise ProjectError(
+                f"The MLflow tracking server {shown} refused {who}: HTTP {exc.code}",
+                hint="set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in the "
+                     "environment to an account of that server (README 'Working as a team')",
+            ) from None
+        raise ProjectError(f"The MLflow tracking server {shown} answered HTTP {exc.code}",
+                           hint="check MLFLOW_TRACKING_URI and the server's log") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ProjectError(
+            f"The MLflow tracking server {shown} is unreachable ({reason})",
+            hint="start it (README 'Working as a team') or point MLFLOW_TRACKING_URI at it; "
+                 "unset MLFLOW_TRACKING_URI to track in the project's own mlflow.db",
+        ) from None

@@ -18,6 +18,7 @@ from neuroblastoma_cnn.hooks.run_tags import MlflowRunTagsHook
 from neuroblastoma_cnn.models import families
 from neuroblastoma_cnn.models.families import Capability
 from neuroblastoma_cnn.params import PredictParams
+from neuroblastoma_cnn.runtime import stopping
 from neuroblastoma_cnn.serving.pyfunc import NAME_SUFFIX, log_raw_image_model
 from neuroblastoma_cnn.tracking import promotion, registry
 
@@ -126,7 +127,8 @@ class ModelPromotionHook:
         pending.discard(dataset_name)
         if not pending and namespace in self._saved:
             del self._pending[namespace]
-            self._promote(namespace)
+            with stopping.critical(f"promoting {namespace}"):  # never half-registered
+                self._promote(namespace)
 
     def _promote(self, namespace: str) -> None:
         name = self._models[namespace]

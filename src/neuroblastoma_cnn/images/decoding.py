@@ -64,6 +64,7 @@ from neuroblastoma_cnn.images.tiling import (
 __all__ = [
     "DRAFT_FORMATS",
     "IMAGE_FORMATS",
+    "PIXEL_LIMIT_PARAMETER",
     "RESIZE_FILTER",
     "SLIDE_TILING_FIELDS",
     "SYSTEM_FILES",
@@ -75,6 +76,7 @@ __all__ = [
     "TilingConfig",
     "decode_image",
     "decode_scaled",
+    "image_format",
     "is_hidden",
     "reduce_rgb",
     "resize_tile",
@@ -131,13 +133,32 @@ class _DecodingGlobals:
 _decoding_globals = _DecodingGlobals()
 
 
-def decode_image(data: bytes, name: str, max_image_pixels: int) -> tuple[np.ndarray, str]:
+#: The parameter a decompression-bomb refusal names unless told another (prediction's own).
+PIXEL_LIMIT_PARAMETER = "ingestion.max_image_pixels"
+
+
+def image_format(data: bytes) -> str | None:
+    """The image format the header of ``data`` declares (``PNG``, ``JPEG``...), or None.
+
+    Reads the header only, under the same Pillow settings as decoding: Pillow's own bomb
+    check raises ``DecompressionBombError`` (not an ``OSError``) on a huge declared size, which
+    would otherwise escape a caller that only wants the format."""
+    with _decoding_globals:
+        try:
+            with Image.open(io.BytesIO(data), formats=list(IMAGE_FORMATS)) as image:
+                return str(image.format)
+        except Exception:  # anything unreadable is simply not an image
+            return None
+
+
+def decode_image(data: bytes, name: str, max_image_pixels: int,
+                 limit_name: str = PIXEL_LIMIT_PARAMETER) -> tuple[np.ndarray, str]:
     """Decodes image bytes into 8-bit RGB at native resolution, EXIF orientation applied.
 
     Returns ``(rgb, source_mode)``; raises :class:`ImageRejected` with the reason otherwise.
     Works on bytes so that a file is read once for both its hash and its pixels.
     """
-    decoded = decode_scaled(data, name, max_image_pixels, _no_reduction)
+    decoded = decode_scaled(data, name, max_image_pixels, _no_reduction, limit_name)
     return decoded.rgb, decoded.mode
 
 
@@ -146,14 +167,18 @@ def _no_reduction(width: int, height: int) -> int:
 
 
 def decode_scaled(
-    data: bytes, name: str, max_image_pixels: int, reduction: Callable[[int, int], int]
+    data: bytes, name: str, max_image_pixels: int, reduction: Callable[[int, int], int],
+    limit_name: str = PIXEL_LIMIT_PARAMETER,
 ) -> Decoded:
     """Decodes image bytes into 8-bit RGB at ``1/reduction(width, height)`` of the native size.
 
     ``reduction`` gets the native size from the header (a power of two; 1 = native). JPEG is
     decoded at reduced scale by libjpeg (draft mode), so fewer pixels are ever made; the rest of
     the reduction is a box average. The same bytes and reduction always give the same pixels.
-    Raises :class:`ImageRejected` with the reason.
+    Raises :class:`ImageRejected` with the reason. The pixel limit is checked on the size the
+    header declares, before a single pixel is decoded (``Image.open`` is lazy), so a few-KB
+    file that declares 10^10 pixels costs no memory; ``limit_name`` is the parameter the
+    refusal names (the fix).
     """
     if not data:
         raise ImageRejected(name, f"{Reason.EMPTY_FILE}: 0 bytes")
@@ -169,7 +194,8 @@ def decode_scaled(
             raise ImageRejected(
                 name,
                 f"{Reason.BOMB}: {width}x{height} = {width * height} pixels is more than "
-                f"max_image_pixels = {max_image_pixels}",
+                f"{limit_name} = {max_image_pixels} (refused before decoding; raise "
+                f"{limit_name} if such images are expected)",
             )
         mode = image.mode
         factor = int(reduction(width, height))
@@ -285,9 +311,10 @@ class ImageChecks(BaseModel):
         self._check_size(name, width, height, tile_size)
         return rgb, mode
 
-    def decode_for(self, data: bytes, name: str, tiling: TilingConfig) -> Decoded:
+    def decode_for(self, data: bytes, name: str, tiling: TilingConfig,
+                   limit_name: str = PIXEL_LIMIT_PARAMETER) -> Decoded:
         """Decodes as ``tiling`` records (full or reduced scale) and checks the native size."""
-        decoded = decode_scaled(data, name, self.max_image_pixels, tiling.reduction)
+        decoded = decode_scaled(data, name, self.max_image_pixels, tiling.reduction, limit_name)
         self._check_size(name, decoded.width, decoded.height, tiling.tile_size)
         return decoded
 
@@ -312,6 +339,7 @@ class ImageChecks(BaseModel):
         content, size)."""
         return self.decode(self.read_bytes(path, name), name, tile_size)[0]
 
-    def read_for(self, path: str | os.PathLike[str], name: str, tiling: TilingConfig) -> Decoded:
+    def read_for(self, path: str | os.PathLike[str], name: str, tiling: TilingConfig,
+                 limit_name: str = PIXEL_LIMIT_PARAMETER) -> Decoded:
         """Reads one file as ingestion decodes it for ``tiling`` (prediction, Grad-CAM)."""
-        return self.decode_for(self.read_bytes(path, name), name, tiling)
+        return self.decode_for(self.read_bytes(path, name), name, tiling, limit_name)

@@ -53,6 +53,12 @@ class PredictParams(Params):
     #: many of the most confident tiles the Grad-CAM gallery shows.
     slide_thumbnail_side: PositiveInt
     slide_gallery_tiles: PositiveInt
+    #: Lowers the model's own pixel limit (``ingestion.max_image_pixels`` at training) for
+    #: prediction: an image declaring more pixels is refused before decoding. None = the model's.
+    max_image_pixels: PositiveInt | None
+    #: The served model refuses a request whose images (base64) total more bytes than this;
+    #: None = no limit (what models logged before the setting existed get).
+    max_request_bytes: PositiveInt | None
 
 
 class FloorParams(Params):

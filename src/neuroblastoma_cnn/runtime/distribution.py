@@ -174,6 +174,37 @@ def is_chief(tf_config: str | None = None) -> bool:
     return worker_index(tf_config) in (None, 0)
 
 
+def average_local_statistics(model: Any, strategy: Any) -> None:
+    """Makes the non-trainable weights (batch-normalisation moving statistics) the mean over
+    the cluster's workers, on every worker.
+
+    Why: gradients are all-reduced, so trainable weights agree, but each worker updates its
+    moving statistics from its own shard of every batch; without this the workers end with
+    different models (the chief's saved, the others' silently different)."""
+    import tensorflow as tf  # noqa: PLC0415
+
+    variables = list(model.non_trainable_weights)
+    if not variables:
+        return
+    local = [np.asarray(v.numpy()) for v in variables]
+    flat = np.concatenate([x.ravel().astype(np.float64) for x in local])  # one collective
+    value = strategy.experimental_distribute_values_from_function(
+        lambda _context: tf.constant(flat))
+    mean = strategy.reduce(tf.distribute.ReduceOp.MEAN, value, axis=None).numpy()
+    offset = 0
+    for variable, array in zip(variables, local, strict=True):
+        variable.assign(mean[offset:offset + array.size].reshape(array.shape).astype(array.dtype))
+        offset += array.size
+
+
+def weights_digest(model: Any) -> str:
+    """A SHA-256 of a model's weights, to show that the workers of a cluster agree."""
+    digest = hashlib.sha256()
+    for weights in model.get_weights():
+        digest.update(np.ascontiguousarray(weights).tobytes())
+    return digest.hexdigest()
+
+
 def precision_policy(chosen: Plan) -> Any:
     """Sets Keras' global dtype policy for building the model; returns the previous one."""
     import keras  # noqa: PLC0415  (lazy: TensorFlow loads only to train)

@@ -16,7 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from neuroblastoma_cnn.images.decoding import Decoded, ImageRejected, TilingConfig, is_hidden
+from neuroblastoma_cnn.images.decoding import (
+    PIXEL_LIMIT_PARAMETER,
+    Decoded,
+    ImageRejected,
+    TilingConfig,
+    is_hidden,
+)
 from neuroblastoma_cnn.images.preprocessing import Preprocessing
 from neuroblastoma_cnn.images.slides import is_slide
 from neuroblastoma_cnn.images.stain import normalise_tiles
@@ -72,11 +78,28 @@ def list_image_files(root: str | os.PathLike[str]) -> list[tuple[str, Path]]:
     return sorted(found)
 
 
-def decode_for_prediction(path: Path, name: str, preprocessing: Preprocessing) -> Decoded:
+#: The prediction setting that can lower the model's own pixel limit (a service's operator).
+PREDICT_PIXEL_LIMIT = "predict.max_image_pixels"
+
+
+def bounded_checks(preprocessing: Preprocessing, max_image_pixels: int | None
+                   ) -> tuple[Preprocessing, str]:
+    """The model's record with the pixel limit prediction applies: the lower of the record's
+    (``ingestion.max_image_pixels`` at training) and ``predict.max_image_pixels``; with the
+    parameter a refusal names."""
+    checks = preprocessing.image_checks
+    if max_image_pixels is None or max_image_pixels >= checks.max_image_pixels:
+        return preprocessing, f"the model's {PIXEL_LIMIT_PARAMETER} (or {PREDICT_PIXEL_LIMIT})"
+    lowered = checks.model_copy(update={"max_image_pixels": max_image_pixels})
+    return preprocessing.model_copy(update={"image_checks": lowered}), PREDICT_PIXEL_LIMIT
+
+
+def decode_for_prediction(path: Path, name: str, preprocessing: Preprocessing,
+                          limit_name: str = PIXEL_LIMIT_PARAMETER) -> Decoded:
     """Reads an image as ingestion did for the model's training images (the record's decoding
     scale); raises :class:`ImageRejected` for a file it would have rejected (extension,
-    content, size)."""
-    return preprocessing.image_checks.read_for(path, name, preprocessing.tiling)
+    content, size: a declared size over the pixel limit before any pixel is decoded)."""
+    return preprocessing.image_checks.read_for(path, name, preprocessing.tiling, limit_name)
 
 
 def select_tiles(
@@ -92,10 +115,11 @@ def select_tiles(
 
 
 def prepare_image(
-    path: Path, name: str, preprocessing: Preprocessing, fallback_tiles: int
+    path: Path, name: str, preprocessing: Preprocessing, fallback_tiles: int,
+    limit_name: str = PIXEL_LIMIT_PARAMETER,
 ) -> PreparedImage:
     """Decodes and tiles one file exactly as training did; raises :class:`ImageRejected`."""
-    decoded = decode_for_prediction(path, name, preprocessing)
+    decoded = decode_for_prediction(path, name, preprocessing, limit_name)
     tiles, positions, fractions, background = select_tiles(
         decoded, preprocessing.tiling, fallback_tiles
     )
@@ -105,12 +129,13 @@ def prepare_image(
 
 
 def _prepare_or_reject(
-    name: str, path: Path, preprocessing: Preprocessing, fallback_tiles: int
+    name: str, path: Path, preprocessing: Preprocessing, fallback_tiles: int,
+    limit_name: str = PIXEL_LIMIT_PARAMETER,
 ) -> PreparedImage | SlideTiles | Rejection:
     try:
         if is_slide(path):  # tissue found here; its tiles are read later, chunk by chunk
             return plan_slide(path, name, preprocessing, fallback_tiles)
-        return prepare_image(path, name, preprocessing, fallback_tiles)
+        return prepare_image(path, name, preprocessing, fallback_tiles, limit_name)
     except ImageRejected as exc:
         return Rejection(name, exc.reason)
     except Exception as exc:  # one bad file never stops the others
@@ -123,6 +148,7 @@ def _prepared_in_order(
 ) -> Iterator[PreparedImage | SlideTiles | Rejection]:
     """Prepares files on worker threads (decoding releases the GIL), yielding in input order
     with a bounded look-ahead so memory does not grow with the number of files."""
-    job = partial(_prepare_or_reject, preprocessing=preprocessing,
-                  fallback_tiles=settings.background_fallback_tiles)
+    bounded, limit_name = bounded_checks(preprocessing, settings.max_image_pixels)
+    job = partial(_prepare_or_reject, preprocessing=bounded,
+                  fallback_tiles=settings.background_fallback_tiles, limit_name=limit_name)
     return ordered_map(lambda item: job(*item), files, settings.workers, processes=False)

@@ -33,6 +33,7 @@ import pandas as pd
 from neuroblastoma_cnn.analysis.conformal import REFER_COLUMN, SET_COLUMN
 from neuroblastoma_cnn.analysis.predictions import probability_column
 from neuroblastoma_cnn.analysis.tta import TTA_PREFIX
+from neuroblastoma_cnn.images.decoding import image_format
 from neuroblastoma_cnn.images.preprocessing import Preprocessing, preprocessing_of
 from neuroblastoma_cnn.models import families
 from neuroblastoma_cnn.models.families import Capability
@@ -79,13 +80,7 @@ def _checked_name(name: str, data: bytes) -> str:
     the name has none (a service's rows often carry no file name)."""
     if Path(name).suffix:
         return name
-    from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
-
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return name + _FORMATS.get(str(image.format), "")
-    except (UnidentifiedImageError, OSError):
-        return name
+    return name + _FORMATS.get(image_format(data) or "", "")
 
 
 def _present(value: Any) -> bool:
@@ -191,16 +186,45 @@ def _output_row(name: str, error: str, found: dict[str, Any] | None, classes: li
     return row
 
 
+#: Settings a model logged before they existed is served with: no lower pixel limit than its
+#: record's, no request size limit (what it did then).
+_SETTINGS_ADDED_LATER = {"max_image_pixels": None, "max_request_bytes": None}
+
+
+def request_bytes(frame: pd.DataFrame) -> int:
+    """The size of a request's images as sent (base64 text, or bytes)."""
+    if "image" not in frame.columns:
+        return 0
+    return sum(len(v) for v in frame["image"] if isinstance(v, (str, bytes, bytearray)))
+
+
+def check_request_size(frame: pd.DataFrame, limit: int | None) -> None:
+    """Raises ``ValueError`` naming ``predict.max_request_bytes`` for a request over it."""
+    size = request_bytes(frame)
+    if limit is not None and size > limit:
+        raise ValueError(
+            f"Request refused: its {len(frame)} image(s) total {size} bytes, more than "
+            f"predict.max_request_bytes = {limit}; send fewer images per request.")
+
+
 class RawImageModel(PythonModel):
     """The pyfunc model: a ``.keras`` file with its record, and the prediction settings."""
 
     def load_context(self, context: Any) -> None:
         self.model = _load_model_file(context.artifacts[MODEL_ARTIFACT])
         raw = json.loads(Path(context.artifacts[PARAMS_ARTIFACT]).read_text())
-        self.params = PredictParams.parse(raw, "predict")
+        self.params = PredictParams.parse({**_SETTINGS_ADDED_LATER, **raw}, "predict")
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: Any = None
                 ) -> pd.DataFrame:
+        """A request over the size limit is refused whole (status 400 with the reason, from
+        MLflow's own error type); any other bad row answers with its reason."""
+        try:
+            check_request_size(model_input, self.params.max_request_bytes)
+        except ValueError as exc:
+            from mlflow.exceptions import MlflowException  # noqa: PLC0415
+
+            raise MlflowException.invalid_parameter_value(str(exc)) from None
         return classify_encoded(model_input, self.model, self.params)
 
 

@@ -154,7 +154,7 @@ def test_every_bad_input_has_its_reason(ingested: tuple) -> None:
         "Good/text.jpg": "not a readable image: content is not a TIFF, PNG, JPEG or BMP",
         "Good/gif_inside.png": "not a readable image",
         "Good/bomb.png": "decompression bomb: 300x300 = 90000 pixels is more than "
-                         "max_image_pixels = 50000",
+                         "ingestion.max_image_pixels = 50000 (refused before decoding",
         "Good/small.png": "too small for one tile: image is 40x40, tile_size is 64",
         "Good/.DS_Store": "hidden or system file",
         "Good/Thumbs.db": "hidden or system file",

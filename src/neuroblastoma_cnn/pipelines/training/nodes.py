@@ -146,12 +146,18 @@ def train_model(
     history = _train_stages(model, data, model_params.transfer,
                             Setup(None if chosen.strategy == "one_device" else strategy,
                                   chosen.jit_compile, run))
+    if chosen.strategy == "multi_worker":
+        distribution.average_local_statistics(model, strategy)
     model = distribution.as_float32(model)
     model.preprocessing = Preprocessing.from_store(tiles).model_copy(
         update={"architecture": model_params.architecture,
                 "stain_reference": data.stain_reference})
     if run is not None:
         distribution.clear_run(run)
+    if chosen.workers > 1:  # the same digest on every worker: they agree on the weights
+        logger.info("Worker %s of %d finished training: weights sha256 %s",
+                    distribution.worker_index(), chosen.workers,
+                    distribution.weights_digest(model))
     if not distribution.is_chief():
         logger.info("Worker %s of the cluster: the chief saves the model (same weights)",
                     distribution.worker_index())
