@@ -115,15 +115,16 @@ def current_plan(distribution: str, precision: str, jit_compile: bool | str) -> 
     import tensorflow as tf  # noqa: PLC0415  (lazy: TensorFlow loads only to train)
 
     gpus = len(tf.config.list_physical_devices("GPU"))
+    bf16 = not gpus and cpu_bf16()  # /proc/cpuinfo read once
     chosen = plan(distribution, precision, jit_compile, gpus=gpus,
-                  tf_config=os.environ.get("TF_CONFIG"), bf16_cpu=not gpus and cpu_bf16())
-    slow = slow_precision(chosen.precision, gpus=gpus, bf16_cpu=cpu_bf16())
+                  tf_config=os.environ.get("TF_CONFIG"), bf16_cpu=bf16)
+    slow = slow_precision(chosen.precision, gpus=gpus, bf16_cpu=bf16)
     if slow:
         logger.warning(slow)
     if precision == "auto":
-        logger.info("precision: auto -> %s (%s)", chosen.precision,
-                    f"{gpus} GPU(s)" if gpus else "this CPU multiplies bfloat16 natively"
-                    if chosen.precision == "mixed_bfloat16" else "no native bfloat16 on this CPU")
+        reason = (f"{gpus} GPU(s)" if gpus else "this CPU multiplies bfloat16 natively" if bf16
+                  else "no native bfloat16 on this CPU")
+        logger.info("precision: auto -> %s (%s)", chosen.precision, reason)
     return chosen
 
 
