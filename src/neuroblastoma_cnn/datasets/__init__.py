@@ -1,6 +1,6 @@
 """Custom Kedro datasets of this project."""
 
-from .classical_model import ClassicalModelDataset
+from .champion_model import ChampionModelDataset
 from .image_folder import ImageFolderDataset
 from .keras_model import KerasModelDataset, load_keras_model, save_keras_model
 from .mlflow_artifact import MlflowArtifactDataset
@@ -10,7 +10,7 @@ from .tile_store import TileStore, TileStoreDataset, TileStream, write_tile_stor
 from .trained_models import ModelSelectionError, TrainedModels, TrainedModelsDataset
 
 __all__ = [
-    "ClassicalModelDataset",
+    "ChampionModelDataset",
     "GeoJsonFolderDataset",
     "ImageFolderDataset",
     "KerasModelDataset",

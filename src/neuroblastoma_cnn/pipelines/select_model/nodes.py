@@ -27,7 +27,7 @@ from neuroblastoma_cnn.analysis.conformal import (
 )
 from neuroblastoma_cnn.analysis.predictions import probability_column
 from neuroblastoma_cnn.core.errors import DataError, ModelError, ParameterError
-from neuroblastoma_cnn.images.preprocessing import Preprocessing
+from neuroblastoma_cnn.images.preprocessing import Preprocessing, preprocessing_of
 from neuroblastoma_cnn.models import families
 from neuroblastoma_cnn.models.classical import CORE_GROUPS
 from neuroblastoma_cnn.models.families import Capability
@@ -44,6 +44,7 @@ from neuroblastoma_cnn.params import (
     SelectModelParams,
 )
 from neuroblastoma_cnn.serving.pyfunc import log_raw_image_model
+from neuroblastoma_cnn.serving.tiles import predict_files
 from neuroblastoma_cnn.tracking import registry
 from neuroblastoma_cnn.trials import statistics as st
 
@@ -83,6 +84,11 @@ def check_candidates(params: SelectModelParams) -> list[str]:
                            ", ".join(SELF_TRAINED_CNNS), name)
             continue
         kept.append(family.name)
+    if not any(families.family(n).able(Capability.SERVE) for n in kept):
+        raise ParameterError(
+            f"select_model.candidates: none of {kept} can be served, so no champion could be "
+            "registered", hint="add one of " + ", ".join(
+                families.names(Capability.CROSS_VALIDATE, Capability.SERVE)))
     if "hybrid" in kept:
         missing = [b for b in params.hybrid.bases if b not in kept or b == "hybrid"]
         if missing:
@@ -236,6 +242,7 @@ def rank_candidates(predictions: dict[str, pd.DataFrame], params: SelectModelPar
             "vs_best_ci_high": paired["diff_ci_high"], "wins": paired["wins"],
             "losses": paired["losses"], "p_value": paired["p_value"],
             "cost": families.family(name).cost, "outer_images": int(outer["image_path"].nunique()),
+            "servable": families.family(name).able(Capability.SERVE),
         })
     table = pd.DataFrame(rows)
     table["chosen"] = table["model"] == choose_winner(table, params.tie_rule)
@@ -244,8 +251,17 @@ def rank_candidates(predictions: dict[str, pd.DataFrame], params: SelectModelPar
 
 def choose_winner(table: pd.DataFrame, tie_rule: str) -> str:
     """``best``: the highest pooled macro-F1; ``cheaper``: the cheapest candidate whose interval
-    overlaps the best one's (a difference the folds cannot resolve buys nothing)."""
+    overlaps the best one's (a difference the folds cannot resolve buys nothing). Only a
+    candidate that can be served wins: a better one that cannot (the hybrid) is named in a
+    WARNING, since the champion is what a user calls."""
     ranked = table.sort_values(["pooled_f1", "cost"], ascending=[False, True])
+    if "servable" in ranked:
+        top = ranked.iloc[0]
+        ranked = ranked[ranked["servable"].astype(bool)]
+        if str(top["model"]) != str(ranked.iloc[0]["model"]):
+            logger.warning("select_model: %s ranks first (pooled macro-F1 %.3f) but cannot be "
+                           "served (%s); the champion is chosen among the others",
+                           top["model"], top["pooled_f1"], families.family(top["model"]).cannot)
     best = ranked.iloc[0]
     if tie_rule == "best":
         return str(best["model"])
@@ -265,7 +281,8 @@ def selection_markdown(table: pd.DataFrame, params: SelectModelParams) -> str:
              "| Model | Pooled out-of-fold macro-F1 [95% CI] | Folds mean | vs best per fold: "
              "Δ [95% CI], won/lost | Cost | Chosen |", "|---|---|---|---|---|---|"]
     for r in table.to_dict("records"):
-        lines.append(f"| {r['model']} | {f(r['pooled_f1'])} [{f(r['pooled_ci_low'])}-"
+        served = "" if r.get("servable", True) else " (cannot be served)"
+        lines.append(f"| {r['model']}{served} | {f(r['pooled_f1'])} [{f(r['pooled_ci_low'])}-"
                      f"{f(r['pooled_ci_high'])}] | {f(r['folds_mean'])} | "
                      f"{f(r['vs_best_mean_diff'])} [{f(r['vs_best_ci_low'])}, "
                      f"{f(r['vs_best_ci_high'])}], {r['wins']}/{r['losses']} | {r['cost']} | "
@@ -353,40 +370,65 @@ def _refit_space(winner: str, params: SelectModelParams, floor: FloorParams) -> 
 
 def refit_champion(model_selection: pd.DataFrame, prediction_sets: dict[str, Any],
                    cv_folds: pd.DataFrame, raw_images: Path, tiles: Any,
-                   params: SelectModelParams, cross_validation: CrossValidationParams
+                   params: SelectModelParams, cross_validation: CrossValidationParams,
+                   predict: PredictParams, **cv_ensembles: Any
                    ) -> tuple[Any, dict[str, Any], str]:
-    """The winner refitted on every training (cross-validated) patient, its prediction sets
-    attached, scored once on the outer patients nobody chose on; returns (model, outer scores,
-    model card). A winner that is not a classical model cannot be saved here yet: one clear
-    error, nothing saved or registered."""
+    """The winner for every training (cross-validated) patient, its prediction sets attached,
+    scored once on the outer patients nobody chose on; returns (model, outer scores, model
+    card). A classical winner is refitted on all of them (its search included); a CNN winner
+    is its cross-validation's fold ensemble (``<model>.cv_ensemble``: K models that together
+    saw every training patient, each validated on the patients it did not train on), since a
+    further CNN trained on everything would have no held-out patients to stop or calibrate on.
+    """
     winner = str(model_selection.loc[model_selection["chosen"], "model"].iloc[0])
-    if families.family(winner).kind != "classical":
-        raise ModelError(
-            f"select_model: the winner is '{winner}', which this pipeline cannot save as a "
-            "served champion yet (only classical winners are refitted and served)",
-            hint="serve its cross-validation's fold ensemble (`<model>.cv_ensemble`) or set "
-                 "select_model.candidates to classical families")
+    family = families.family(winner)
     is_cv = (cv_folds["role"] == CV).to_numpy()
-    train = cv_folds[is_cv]
-    model = _refit_space(winner, params, cross_validation.floor).fit_images(
-        [Path(raw_images) / p for p in train["image_path"]], train["label"], train["group"])
-    record = Preprocessing.from_store(tiles).model_copy(update={
-        "architecture": winner, "classes": tuple(model.classes_), "stain_reference": None,
-        "temperature": None}).with_conformal(prediction_sets["calibration"])
-    champion = ClassicalImageModel(model, record)
-    outer = cv_folds[~is_cv]
-    scores: dict[str, Any] = {"model": winner, "chosen": model.chosen_.describe(),
-                              "inner_cv_f1": model.cv_score_, "train_images": len(train)}
+    train, outer = cv_folds[is_cv], cv_folds[~is_cv]
+    if family.kind == "cnn":
+        if winner not in cv_ensembles:
+            raise ModelError(f"select_model: the winner '{winner}' has no fold ensemble in this "
+                             "run", hint=f"run the whole pipeline (`kedro run --pipeline="
+                                         f"select_model`), which cross-validates {winner}")
+        champion = cv_ensembles[winner]
+        champion.preprocessing = preprocessing_of(champion).with_conformal(
+            prediction_sets["calibration"])
+        scores: dict[str, Any] = {"model": winner, "train_images": len(train),
+                                  "chosen": f"the fold ensemble of {winner}",
+                                  "inner_cv_f1": float("nan")}
+    else:
+        model = _refit_space(winner, params, cross_validation.floor).fit_images(
+            [Path(raw_images) / p for p in train["image_path"]], train["label"], train["group"])
+        record = Preprocessing.from_store(tiles).model_copy(update={
+            "architecture": winner, "classes": tuple(model.classes_), "stain_reference": None,
+            "temperature": None}).with_conformal(prediction_sets["calibration"])
+        champion = ClassicalImageModel(model, record)
+        scores = {"model": winner, "chosen": model.chosen_.describe(),
+                  "inner_cv_f1": model.cv_score_, "train_images": len(train)}
     if len(outer):
-        prob = model.predict_proba(describe_bank([Path(raw_images) / p
-                                                  for p in outer["image_path"]],
-                                                 [model.chosen_.scale]))
-        frame = _rows(outer, prob, model.classes_, winner, -1, OUTER)
-        scores.update({f"outer_{k}": v for k, v in _pooled(frame, model.classes_, params).items()})
-        scores["outer_images"] = len(outer)
+        frame = _champion_rows(champion, outer, Path(raw_images), winner, predict)
+        classes = [str(c) for c in preprocessing_of(champion).classes]
+        scores.update({f"outer_{k}": v for k, v in _pooled(frame, classes, params).items()})
+        scores["outer_images"] = len(frame)
         logger.info("Champion %s on %d outer images: macro-F1 %.3f [%.3f-%.3f]", winner,
-                    len(outer), scores["outer_f1"], scores["outer_low"], scores["outer_high"])
+                    len(frame), scores["outer_f1"], scores["outer_low"], scores["outer_high"])
     return champion, scores, champion_card(model_selection, scores, prediction_sets, params)
+
+
+def _champion_rows(champion: Any, outer: pd.DataFrame, raw_images: Path, winner: str,
+                   predict: PredictParams) -> pd.DataFrame:
+    """The champion's probabilities of the outer images, through the code that serves it (tiles,
+    tissue checks, Grad-CAM off); images it rejects are errors here, not silently dropped."""
+    settings = predict.model_copy(update={"gradcam": False, "tta": False, "workers": 1})
+    files = [(str(p), raw_images / p) for p in outer["image_path"]]
+    answers, _ = predict_files(files, champion, settings)
+    classes = [str(c) for c in preprocessing_of(champion).classes]
+    cols = [probability_column(c) for c in classes]
+    failed = answers[answers[cols].isna().any(axis=1)]
+    if len(failed):
+        raise DataError(f"select_model: the champion could not classify {len(failed)} outer "
+                        f"image(s), e.g. {failed['file'].iloc[0]}")
+    prob = answers.set_index("file").loc[[f for f, _ in files], cols].to_numpy(float)
+    return _rows(outer, prob, classes, winner, -1, OUTER)
 
 
 def champion_card(model_selection: pd.DataFrame, scores: dict[str, Any],

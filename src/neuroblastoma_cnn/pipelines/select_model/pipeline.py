@@ -36,8 +36,13 @@ def create_pipeline(cnn_models: Sequence[str] = (), **kwargs) -> Pipeline:
                  inputs=["model_selection", "selection_predictions", "params:select_model"],
                  outputs=["prediction_sets", "risk_coverage"], name="prediction_set_report"),
             Node(refit_champion,
-                 inputs=["model_selection", "prediction_sets", "cv_folds", "raw_images", "tiles",
-                         "params:select_model", "params:cross_validation"],
+                 inputs={"model_selection": "model_selection",
+                         "prediction_sets": "prediction_sets", "cv_folds": "cv_folds",
+                         "raw_images": "raw_images", "tiles": "tiles",
+                         "params": "params:select_model",
+                         "cross_validation": "params:cross_validation",
+                         "predict": "params:predict",
+                         **{model: f"{model}_cv_ensemble" for model in cnn_models}},
                  outputs=["champion_model", "champion_scores", "champion_model_card"],
                  name="refit_champion"),
             # Reads the champion back from the catalog: only a completely saved file is logged.
@@ -48,7 +53,8 @@ def create_pipeline(cnn_models: Sequence[str] = (), **kwargs) -> Pipeline:
         ],
         tags=TAGS,
     )
-    # The CNNs' predictions under their namespaced names, the cross_validate pipelines'
-    # outputs (Kedro's warning about dots in dataset names: runtime/quiet.py).
-    return Pipeline(nodes, inputs={f"{model}_cv_predictions": f"{model}.cv_predictions"
-                                   for model in cnn_models})
+    # The CNNs' predictions and fold ensembles under their namespaced names, the
+    # cross_validate pipelines' outputs (Kedro's warning about dots in dataset names:
+    # runtime/quiet.py).
+    return Pipeline(nodes, inputs={f"{model}_{name}": f"{model}.{name}" for model in cnn_models
+                                   for name in ("cv_predictions", "cv_ensemble")})

@@ -1,0 +1,107 @@
+"""A CNN that wins the selection becomes the champion as its fold ensemble: prediction sets
+attached, scored once on the outer patients through the serving code, saved as one versioned
+``.keras``, registered with the alias ``champion`` and answered with sets, as a classical
+winner is. Built from the session's tiny trained ResNet34 (no training here)."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from _params import params
+from _tiny_project import latest
+from kedro.io.core import Version
+
+from neuroblastoma_cnn.analysis.conformal import ClassConditionalConformal
+from neuroblastoma_cnn.analysis.predictions import probability_column
+from neuroblastoma_cnn.datasets import ChampionModelDataset, TrainedModels, load_keras_model
+from neuroblastoma_cnn.models.ensemble import build_ensemble
+from neuroblastoma_cnn.pipelines.select_model.nodes import (
+    choose_winner,
+    refit_champion,
+    register_champion,
+)
+from neuroblastoma_cnn.serving.tiles import predict_files
+
+pytestmark = pytest.mark.slow
+
+
+def _table(winner: str) -> pd.DataFrame:
+    """A selection table (as rank_candidates writes it) in which ``winner`` was chosen."""
+    rows = []
+    for model, f1, cost in ((winner, 0.7, 4), ("floor", 0.5, 1)):
+        rows.append({"model": model, "pooled_f1": f1, "pooled_ci_low": f1 - 0.05,
+                     "pooled_ci_high": f1 + 0.05, "pooled_accuracy": f1, "folds_mean": f1,
+                     "vs_best_mean_diff": 0.7 - f1, "vs_best_ci_low": 0.0,
+                     "vs_best_ci_high": 0.0, "wins": 0, "losses": 0, "p_value": 1.0,
+                     "cost": cost, "outer_images": 8, "servable": True,
+                     "chosen": model == winner})
+    return pd.DataFrame(rows)
+
+
+def test_a_cnn_winner_is_served_as_its_fold_ensemble_with_prediction_sets(trained, tmp_path,
+                                                                           monkeypatch):
+    project = trained.path
+    raw = project / "data" / "01_raw" / "images"
+    model_file = latest(project / "data" / "06_models" / "resnet34" / "model.keras")
+    ensemble = build_ensemble([load_keras_model(model_file) for _ in range(2)],
+                              weights=[0.3, 0.7])  # two fold models (here the same weights)
+    classes = [str(c) for c in ensemble.preprocessing.classes]
+    images = sorted(p.relative_to(raw) for p in raw.rglob("*.png"))
+    folds = pd.DataFrame({"image_path": [p.as_posix() for p in images],
+                          "label": [p.parts[0] for p in images],
+                          "group": [p.parts[1] for p in images]})
+    outer = folds.groupby("label").head(2).index
+    folds["role"] = np.where(folds.index.isin(outer), "outer", "cv")
+    folds["fold"] = np.where(folds["role"] == "cv", folds.index % 2, -1)
+    rng = np.random.default_rng(0)
+    cv = folds[folds["role"] == "cv"]
+    prob = rng.dirichlet(np.ones(len(classes)), len(cv))
+    calibration = ClassConditionalConformal(0.8, min_images=4).fit(
+        prob, cv["label"], classes, cv["group"]).to_record()
+    sets = {"calibration": calibration, "coverage_target": 0.8,
+            "calibration_images": len(cv)}
+
+    champion, scores, card = refit_champion(
+        _table("resnet34"), sets, folds, raw, None, params("select_model"),
+        params("cross_validation"), params("predict", workers=1), resnet34=ensemble)
+
+    assert champion is ensemble and champion.preprocessing.conformal["coverage"] == 0.8
+    assert scores["model"] == "resnet34" and scores["outer_images"] == len(outer)
+    assert 0.0 <= scores["outer_f1"] <= 1.0 and "fold ensemble of resnet34" in card
+    # Scored through the serving code: the same probabilities predict_files gives.
+    answers, _ = predict_files([(p, raw / p) for p in folds.loc[outer, "image_path"]],
+                               champion, params("predict", workers=1))
+    assert scores["outer_accuracy"] == pytest.approx(
+        (answers["predicted"].to_numpy() == folds.loc[outer, "label"].to_numpy()).mean())
+
+    dataset = ChampionModelDataset(str(tmp_path / "champion" / "model"), Version(None, None))
+    dataset.save(champion)
+    saved = list((tmp_path / "champion" / "model").rglob("*"))
+    assert [p.name for p in saved if p.is_file()] == ["model.keras"]  # no partial file left
+    loaded = ChampionModelDataset(str(tmp_path / "champion" / "model"),
+                                  Version(None, None)).load()
+    assert loaded.model_source.endswith("model.keras")
+    assert loaded.preprocessing.conformal == champion.preprocessing.conformal
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment("cnn_champion")
+    with mlflow.start_run():
+        uri = register_champion(loaded, scores, card, params("predict", workers=1),
+                                experiment="cnn_champion")
+    assert uri == "models:/cnn_champion-select_model@champion"
+    served = TrainedModels().load(uri)
+    answers, _ = predict_files([(p, raw / p) for p in folds.loc[outer, "image_path"]],
+                               served, params("predict", workers=1))
+    assert {"prediction_set", "refer"} <= set(answers.columns)
+    assert answers[probability_column(classes[0])].notna().all()
+
+
+def test_a_better_candidate_that_cannot_be_served_is_not_the_champion(caplog):
+    table = _table("resnet34").assign(chosen=False)
+    hybrid = table.iloc[[0]].assign(model="hybrid", pooled_f1=0.9, servable=False, cost=7)
+    table = pd.concat([hybrid, table], ignore_index=True)
+    assert choose_winner(table, "best") == "resnet34"
+    assert "hybrid ranks first (pooled macro-F1 0.900) but cannot be served" in caplog.text
