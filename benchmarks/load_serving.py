@@ -192,6 +192,16 @@ def load(port: int, good: list[tuple[str, str]], bad: list[tuple[str, str]], cli
             "max_s": round(float(lat.max()), 3), **failures, "examples": examples}
 
 
+def _trend(per_minute: list[float]) -> dict:
+    """Memory at each minute and its least-squares slope after minute 1 (MB per minute): a
+    leak grows without bound, an allocator that has settled stays flat."""
+    later = np.array(per_minute[1:])
+    slope = (float(np.polyfit(np.arange(len(later)), later, 1)[0]) if len(later) >= 3
+             else float("nan"))
+    return {"minute_mb": [round(m) for m in per_minute],
+            "mb_per_minute_after_minute_1": round(slope, 2)}
+
+
 def measure(uri: str, store: str, workdir: Path, workers: int, good: list, bad: list,
             args: argparse.Namespace) -> dict:
     with server(uri, store, workdir, workers) as (process, port):
@@ -218,6 +228,7 @@ def measure(uri: str, store: str, workdir: Path, workers: int, good: list, bad: 
             "idle_mb": round(idle), "after_warmup_mb": round(sampler.at(start)),
             "minute_1_mb": round(sampler.at(start + 60)),
             "end_mb": round(sampler.at(end)), "peak_mb": round(sampler.peak_since(start)),
+            **_trend([sampler.at(start + 60 * k) for k in range(1, int(args.minutes) + 1)]),
             "bomb_above_idle_mb": round(bomb_peak), "bomb_answer": bomb_reason[:160]}
 
 

@@ -1,7 +1,8 @@
 """`kedro run --pipeline=cross_validate` end to end on real tissue (tiny sizes): 3 patient folds
 and an outer test part, the classical floor on the same folds, one MLflow parent run with a
 child run per fold, the versioned report and the fold ensemble used by the predict pipeline
-(resuming without training a fold twice: test_cross_validation_folds.py)."""
+(resuming without training a fold twice: test_cross_validation_folds.py); a selection whose
+winner is the CNN registers its fold ensemble as the champion without training a fold again."""
 
 from __future__ import annotations
 
@@ -107,3 +108,22 @@ def test_the_fold_ensemble_predicts_like_a_single_model(project: Path):
     assert len(table) == 2 and table["predicted"].notna().all()
     assert len(list(latest(project / "data/08_reporting/gradcam").glob("*.png"))) == 2
 
+
+
+def test_a_selection_whose_winner_is_the_cnn_serves_its_fold_ensemble(project: Path):
+    # Only the CNN is a candidate, so it wins; its folds, finished above, are not trained again.
+    folds = sorted((project / f"data/06_models/{MODEL}").rglob("*.keras"))
+    _run(project, "select_model", {"select_model": {"candidates": [MODEL]}})
+    assert sorted(p for p in (project / f"data/06_models/{MODEL}").rglob("*.keras")
+                  if "cv_ensemble" not in p.as_posix()) == \
+        [p for p in folds if "cv_ensemble" not in p.as_posix()]
+    champion = latest(project / "data/06_models/champion/model").with_name("model.keras")
+    model = load_keras_model(champion)
+    assert is_ensemble(model) and model.preprocessing.conformal["coverage"] == 0.9
+    scores = pd.read_json(latest(project / "data/08_reporting/champion_scores.json"),
+                          typ="series")
+    assert scores["model"] == MODEL and scores["outer_images"] == 4
+    uri = latest(project / "data/08_reporting/champion_uri.txt").read_text()
+    version = mlflow.MlflowClient().get_model_version_by_alias(
+        uri.removeprefix("models:/").split("@")[0], "champion")
+    assert version.tags["family"] == MODEL
