@@ -94,7 +94,10 @@ def test_the_capabilities_say_what_each_family_can_and_cannot_do() -> None:
         floor.require(Capability.GRADCAM)
     assert not families.family("feature_heads").able(Capability.GRADCAM)
     assert families.names(Capability.SERVE) == ["resnet34", "resnet50", "floor", "selected_floor",
-                                                "cv_ensemble"]
+                                                "hybrid", "cv_ensemble"]
+    # Every selection candidate can be served (the champion is what a user calls).
+    assert set(families.names(Capability.CROSS_VALIDATE)) <= set(families.names(
+        Capability.SERVE))
     assert all(f.cannot for f in families.FAMILIES if f.can != frozenset(Capability))
 
 

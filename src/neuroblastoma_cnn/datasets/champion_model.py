@@ -17,6 +17,8 @@ from typing import Any
 
 from kedro.io.core import DatasetError
 
+from neuroblastoma_cnn.models.families import WHOLE_IMAGE_KINDS
+
 from .local_versioned import LocalVersionedDataset
 
 SUFFIXES = (".keras", ".joblib")
@@ -60,7 +62,7 @@ class ChampionModelDataset(LocalVersionedDataset):
         if not self.is_local:
             raise DatasetError(f"{self._filepath}: champion models are saved locally only")
         base = Path(self._save_path())
-        if getattr(data, "kind", None) == "classical":
+        if getattr(data, "kind", None) in WHOLE_IMAGE_KINDS:  # classical or hybrid
             from neuroblastoma_cnn.models.selected_floor import save_classical  # noqa: PLC0415
 
             save_classical(data, base.with_name(base.name + ".joblib"))

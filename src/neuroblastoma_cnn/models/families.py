@@ -92,9 +92,11 @@ FAMILIES: tuple[Family, ...] = (
     Family("hybrid", "hybrid",
            "a meta-learner (logistic regression or gradient boosting) over out-of-fold "
            "probabilities of other families", "stacking", "StackedHybrid",
-           frozenset({Capability.CROSS_VALIDATE}), cost=7,
-           cannot="it is scored nested on stored out-of-fold probabilities; a saved hybrid "
-                  "that predicts raw images (its base models inside) is not built yet"),
+           frozenset({Capability.CROSS_VALIDATE, Capability.PREDICT, Capability.SERVE}),
+           cost=7,
+           cannot="it is fitted by `select_model` on its bases' out-of-fold probabilities (no "
+                  "pipeline of its own); Grad-CAM would show only its CNN base: predict with "
+                  "that fold ensemble for it"),
     Family("feature_heads", "feature_head", "scikit-learn heads on a trained CNN's features",
            "feature_heads", "HeadClassifier", frozenset({Capability.PREDICT}), cost=3,
            cannot="heads are fitted by `<model>_features` on a trained CNN (not trained or "
@@ -107,6 +109,9 @@ FAMILIES: tuple[Family, ...] = (
            keras=True),
 )
 _BY_NAME = {f.name: f for f in FAMILIES}
+#: The ``kind`` of saved models that classify a whole image file at once (``predict_file``:
+#: one answer a file, no tiles, no slides), served by ``serving.classical``.
+WHOLE_IMAGE_KINDS = frozenset({"classical", "hybrid"})
 
 
 def names(*capabilities: Capability, kind: str | None = None) -> list[str]:

@@ -1,5 +1,6 @@
-"""Classical models through the one prediction entry point: whole image files to the same
-per-file table a CNN's answer has (``prediction_columns``, plus the prediction sets).
+"""Whole-image models (classical models, the stacked hybrid: ``families.WHOLE_IMAGE_KINDS``)
+through the one prediction entry point: image files to the same per-file table a CNN's answer
+has (``prediction_columns``, plus the prediction sets).
 
 Why: the model a selection chooses may be a colour/texture model; a user's ``predict``, the
 command line and the served pyfunc must take it like any other. It applies the record's image
@@ -21,13 +22,12 @@ from neuroblastoma_cnn.analysis.conformal import add_prediction_sets
 from neuroblastoma_cnn.analysis.predictions import prediction_columns, probability_column
 from neuroblastoma_cnn.images.decoding import ImageRejected
 from neuroblastoma_cnn.images.slides import is_slide
-from neuroblastoma_cnn.models.selected_floor import ClassicalImageModel
 from neuroblastoma_cnn.params import PredictParams
 
 logger = logging.getLogger(__name__)
 
 
-def _row(name: str, path: Path, model: ClassicalImageModel, classes: list[str],
+def _row(name: str, path: Path, model: Any, classes: list[str],
          settings: PredictParams) -> dict[str, Any]:
     rejected = {"file": name, "predicted": "", "n_tiles": 0, "low_confidence": False,
                 "mostly_background": False, "rejected": True, "width": None, "height": None,
@@ -35,7 +35,7 @@ def _row(name: str, path: Path, model: ClassicalImageModel, classes: list[str],
     try:
         if is_slide(path):
             raise ImageRejected(path, "whole-slide images need a tiled (CNN) model; this "
-                                "classical model reads whole images")
+                                f"{model.kind} model reads whole images")
         decoded = model.preprocessing.image_checks.read_for(path, name,
                                                             model.preprocessing.tiling)
         prob = model.predict_file(path)
@@ -52,7 +52,7 @@ def _row(name: str, path: Path, model: ClassicalImageModel, classes: list[str],
             "width": decoded.width, "height": decoded.height, "model": model.model_source}
 
 
-def predict_classical_files(files: Sequence[tuple[str, Path]], model: ClassicalImageModel,
+def predict_classical_files(files: Sequence[tuple[str, Path]], model: Any,
                             params: PredictParams, progress: Callable[[int], Any] | None = None
                             ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(predictions, tile_predictions)`` as ``tiles.predict_files`` returns them (no tiles)."""

@@ -30,6 +30,7 @@ from neuroblastoma_cnn.analysis.tta import TTA_PREFIX
 from neuroblastoma_cnn.images.decoding import ImageRejected
 from neuroblastoma_cnn.images.online_augmentation import N_DIHEDRAL, dihedral_numpy
 from neuroblastoma_cnn.images.preprocessing import preprocessing_of
+from neuroblastoma_cnn.models.families import WHOLE_IMAGE_KINDS
 from neuroblastoma_cnn.params import PredictParams
 
 from .images import PreparedImage, Rejection, _prepared_in_order
@@ -119,7 +120,7 @@ def predict_files(
     size; with a slide among the files, tiles also get ``level, tile_px, mpp`` and predictions
     ``share_<class>``.
     """
-    if getattr(model, "kind", None) == "classical":  # whole images, no tiles
+    if getattr(model, "kind", None) in WHOLE_IMAGE_KINDS:  # whole images, no tiles
         from .classical import predict_classical_files  # noqa: PLC0415  (no cycle at import)
 
         return predict_classical_files(files, model, params, progress)

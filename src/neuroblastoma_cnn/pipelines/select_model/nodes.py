@@ -43,6 +43,7 @@ from neuroblastoma_cnn.params import (
     PredictParams,
     SelectModelParams,
 )
+from neuroblastoma_cnn.serving.hybrid import HybridImageModel
 from neuroblastoma_cnn.serving.pyfunc import log_raw_image_model
 from neuroblastoma_cnn.serving.tiles import predict_files
 from neuroblastoma_cnn.tracking import registry
@@ -369,41 +370,47 @@ def _refit_space(winner: str, params: SelectModelParams, floor: FloorParams) -> 
 
 
 def refit_champion(model_selection: pd.DataFrame, prediction_sets: dict[str, Any],
-                   cv_folds: pd.DataFrame, raw_images: Path, tiles: Any,
-                   params: SelectModelParams, cross_validation: CrossValidationParams,
-                   predict: PredictParams, **cv_ensembles: Any
-                   ) -> tuple[Any, dict[str, Any], str]:
+                   selection_predictions: pd.DataFrame, cv_folds: pd.DataFrame,
+                   raw_images: Path, tiles: Any, params: SelectModelParams,
+                   cross_validation: CrossValidationParams, predict: PredictParams,
+                   **cv_ensembles: Any) -> tuple[Any, dict[str, Any], str]:
     """The winner for every training (cross-validated) patient, its prediction sets attached,
     scored once on the outer patients nobody chose on; returns (model, outer scores, model
     card). A classical winner is refitted on all of them (its search included); a CNN winner
     is its cross-validation's fold ensemble (``<model>.cv_ensemble``: K models that together
     saw every training patient, each validated on the patients it did not train on), since a
-    further CNN trained on everything would have no held-out patients to stop or calibrate on.
-    """
+    further CNN trained on everything would have no held-out patients to stop or calibrate on;
+    the hybrid is its meta-learner fitted on every out-of-fold row of its bases, over those
+    bases served as above (``serving.hybrid``)."""
     winner = str(model_selection.loc[model_selection["chosen"], "model"].iloc[0])
-    family = families.family(winner)
     is_cv = (cv_folds["role"] == CV).to_numpy()
     train, outer = cv_folds[is_cv], cv_folds[~is_cv]
-    if family.kind == "cnn":
-        if winner not in cv_ensembles:
-            raise ModelError(f"select_model: the winner '{winner}' has no fold ensemble in this "
-                             "run", hint=f"run the whole pipeline (`kedro run --pipeline="
-                                         f"select_model`), which cross-validates {winner}")
-        champion = cv_ensembles[winner]
-        champion.preprocessing = preprocessing_of(champion).with_conformal(
-            prediction_sets["calibration"])
-        scores: dict[str, Any] = {"model": winner, "train_images": len(train),
-                                  "chosen": f"the fold ensemble of {winner}",
-                                  "inner_cv_f1": float("nan")}
-    else:
-        model = _refit_space(winner, params, cross_validation.floor).fit_images(
-            [Path(raw_images) / p for p in train["image_path"]], train["label"], train["group"])
+
+    def served(name: str) -> tuple[Any, dict[str, Any]]:
+        return _served_model(name, train, Path(raw_images), tiles, params,
+                             cross_validation, cv_ensembles)
+
+    if families.family(winner).kind == "hybrid":
+        hp = params.hybrid
+        frames = {b: selection_predictions[selection_predictions["model"] == b]
+                  for b in hp.bases}
+        classes = _classes(frames[hp.bases[0]])
+        held, base_prob = _aligned(frames, hp.bases, HELD_OUT, classes)
+        meta = StackedHybrid(hp.bases, hp.meta, hp.inner_folds, seed=params.seed).fit(
+            base_prob, held["label"], held["group"])
+        bases = {b: served(b)[0] for b in hp.bases}
         record = Preprocessing.from_store(tiles).model_copy(update={
-            "architecture": winner, "classes": tuple(model.classes_), "stain_reference": None,
-            "temperature": None}).with_conformal(prediction_sets["calibration"])
-        champion = ClassicalImageModel(model, record)
-        scores = {"model": winner, "chosen": model.chosen_.describe(),
-                  "inner_cv_f1": model.cv_score_, "train_images": len(train)}
+            "architecture": winner, "classes": tuple(meta.classes_), "stain_reference": None,
+            "temperature": None})
+        champion = HybridImageModel(meta, bases, record, predict)
+        scores: dict[str, Any] = {"model": winner, "train_images": len(train),
+                                  "chosen": f"{meta.chosen_[0]} {meta.chosen_[1]} over "
+                                            f"{', '.join(hp.bases)}",
+                                  "inner_cv_f1": meta.cv_score_}
+    else:
+        champion, scores = served(winner)
+    champion.preprocessing = preprocessing_of(champion).with_conformal(
+        prediction_sets["calibration"])
     if len(outer):
         frame = _champion_rows(champion, outer, Path(raw_images), winner, predict)
         classes = [str(c) for c in preprocessing_of(champion).classes]
@@ -412,6 +419,29 @@ def refit_champion(model_selection: pd.DataFrame, prediction_sets: dict[str, Any
         logger.info("Champion %s on %d outer images: macro-F1 %.3f [%.3f-%.3f]", winner,
                     len(frame), scores["outer_f1"], scores["outer_low"], scores["outer_high"])
     return champion, scores, champion_card(model_selection, scores, prediction_sets, params)
+
+
+def _served_model(name: str, train: pd.DataFrame, raw_images: Path, tiles: Any,
+                  params: SelectModelParams, cross_validation: CrossValidationParams,
+                  cv_ensembles: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """One family's model for every training patient, and what to say of it: a CNN's fold
+    ensemble, or a classical model refitted (its search included)."""
+    if families.family(name).kind == "cnn":
+        if name not in cv_ensembles:
+            raise ModelError(f"select_model: '{name}' has no fold ensemble in this run",
+                             hint=f"run the whole pipeline (`kedro run --pipeline="
+                                  f"select_model`), which cross-validates {name}")
+        return cv_ensembles[name], {"model": name, "train_images": len(train),
+                                    "chosen": f"the fold ensemble of {name}",
+                                    "inner_cv_f1": float("nan")}
+    model = _refit_space(name, params, cross_validation.floor).fit_images(
+        [raw_images / p for p in train["image_path"]], train["label"], train["group"])
+    record = Preprocessing.from_store(tiles).model_copy(update={
+        "architecture": name, "classes": tuple(model.classes_), "stain_reference": None,
+        "temperature": None})
+    return ClassicalImageModel(model, record), {
+        "model": name, "chosen": model.chosen_.describe(), "inner_cv_f1": model.cv_score_,
+        "train_images": len(train)}
 
 
 def _champion_rows(champion: Any, outer: pd.DataFrame, raw_images: Path, winner: str,

@@ -1,15 +1,19 @@
-"""A CNN that wins the selection becomes the champion as its fold ensemble: prediction sets
-attached, scored once on the outer patients through the serving code, saved as one versioned
-``.keras``, registered with the alias ``champion`` and answered with sets, as a classical
-winner is. Built from the session's tiny trained ResNet34 (no training here)."""
+"""A CNN that wins the selection becomes the champion as its fold ensemble, a winning hybrid its
+meta-learner over its served bases: prediction sets attached, scored once on the outer
+patients through the serving code, saved as one versioned file, registered with the alias
+``champion`` and answered with sets, as a classical winner is. Built from the session's tiny
+trained ResNet34 (no training here)."""
 
 from __future__ import annotations
+
+import base64
+from types import SimpleNamespace
 
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from _params import params
+from _params import params, store_metadata
 from _tiny_project import latest
 from kedro.io.core import Version
 
@@ -40,8 +44,10 @@ def _table(winner: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def test_a_cnn_winner_is_served_as_its_fold_ensemble_with_prediction_sets(trained, tmp_path,
-                                                                           monkeypatch):
+@pytest.fixture
+def selection(trained):
+    """The trained project's images as 2 folds + 2 outer images a class, a two-member fold
+    ensemble of its ResNet34, and a conformal calibration over random probabilities."""
     project = trained.path
     raw = project / "data" / "01_raw" / "images"
     model_file = latest(project / "data" / "06_models" / "resnet34" / "model.keras")
@@ -62,9 +68,27 @@ def test_a_cnn_winner_is_served_as_its_fold_ensemble_with_prediction_sets(traine
         prob, cv["label"], classes, cv["group"]).to_record()
     sets = {"calibration": calibration, "coverage_target": 0.8,
             "calibration_images": len(cv)}
+    return raw, ensemble, classes, folds, outer, sets
 
+
+def _oof(folds: pd.DataFrame, classes: list[str], model: str, skill: float,
+         seed: int) -> pd.DataFrame:
+    """Held-out rows of a model putting ``skill`` extra logit on the true class."""
+    cv = folds[folds["role"] == "cv"].reset_index(drop=True)
+    logits = np.random.default_rng(seed).normal(0, 1, (len(cv), len(classes)))
+    logits[np.arange(len(cv)), [classes.index(c) for c in cv["label"]]] += skill
+    prob = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    frame = cv[["image_path", "label", "group", "fold"]].assign(model=model, set="held_out")
+    for i, c in enumerate(classes):
+        frame[probability_column(c)] = prob[:, i]
+    return frame
+
+
+def test_a_cnn_winner_is_served_as_its_fold_ensemble_with_prediction_sets(selection, tmp_path,
+                                                                           monkeypatch):
+    raw, ensemble, classes, folds, outer, sets = selection
     champion, scores, card = refit_champion(
-        _table("resnet34"), sets, folds, raw, None, params("select_model"),
+        _table("resnet34"), sets, pd.DataFrame(), folds, raw, None, params("select_model"),
         params("cross_validation"), params("predict", workers=1), resnet34=ensemble)
 
     assert champion is ensemble and champion.preprocessing.conformal["coverage"] == 0.8
@@ -97,6 +121,50 @@ def test_a_cnn_winner_is_served_as_its_fold_ensemble_with_prediction_sets(traine
                                served, params("predict", workers=1))
     assert {"prediction_set", "refer"} <= set(answers.columns)
     assert answers[probability_column(classes[0])].notna().all()
+
+
+def test_a_hybrid_winner_is_served_over_its_bases_with_prediction_sets(selection, tmp_path,
+                                                                       monkeypatch):
+    raw, ensemble, classes, folds, outer, sets = selection
+    settings = params("select_model", hybrid={"bases": ["resnet34", "selected_floor"],
+                                              "inner_folds": 2,
+                                              "meta": {"logistic": {"C": [1.0]}}},
+                      floor={"scales": [8], "feature_sets": [["rgb", "gradient"]],
+                             "heads": {"logistic": {"C": [1.0]}}, "inner_folds": 2,
+                             "calibration": "temperature"})
+    oof = pd.concat([_oof(folds, classes, "resnet34", 1.0, 1),
+                     _oof(folds, classes, "selected_floor", 2.0, 2)], ignore_index=True)
+    tiles = SimpleNamespace(producer_metadata=store_metadata(classes, 32), path="tiles")
+    champion, scores, card = refit_champion(
+        _table("hybrid"), sets, oof, folds, raw, tiles, settings, params("cross_validation"),
+        params("predict", workers=1), resnet34=ensemble)
+
+    assert champion.kind == "hybrid" and champion.preprocessing.conformal["coverage"] == 0.8
+    assert set(champion.bases) == {"resnet34", "selected_floor"}
+    assert champion.bases["resnet34"] is ensemble
+    assert scores["outer_images"] == len(outer) and "logistic" in scores["chosen"]
+    dataset = ChampionModelDataset(str(tmp_path / "champion" / "model"), Version(None, None))
+    dataset.save(champion)
+    loaded = ChampionModelDataset(str(tmp_path / "champion" / "model"),
+                                  Version(None, None)).load()
+    assert loaded.model_source.endswith("model.joblib")
+    files = [(p, raw / p) for p in folds.loc[outer, "image_path"]]
+    before, _ = predict_files(files, champion, params("predict", workers=1))
+    after, _ = predict_files(files, loaded, params("predict", workers=1))
+    cols = [probability_column(c) for c in classes]
+    np.testing.assert_allclose(after[cols].to_numpy(float), before[cols].to_numpy(float),
+                               rtol=1e-5)  # the Keras base came back inside the .joblib
+    assert {"prediction_set", "refer"} <= set(after.columns) and (after["n_tiles"] == 0).all()
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment("hybrid_champion")
+    with mlflow.start_run():
+        uri = register_champion(loaded, scores, card, params("predict", workers=1),
+                                experiment="hybrid_champion")
+    served = mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({
+        "file": [files[0][0]], "image": [base64.b64encode(files[0][1].read_bytes()).decode()]}))
+    assert served["error"].iloc[0] == "" and served["prediction_set"].iloc[0]
 
 
 def test_a_better_candidate_that_cannot_be_served_is_not_the_champion(caplog):
