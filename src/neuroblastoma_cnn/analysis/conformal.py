@@ -203,3 +203,25 @@ def risk_coverage(prob: np.ndarray, labels: Sequence[Any], classes: Sequence[str
     kept = np.arange(1, len(y) + 1)
     accuracy = np.cumsum(right[order]) / kept
     return pd.DataFrame({"referred_share": 1.0 - kept / len(y), "accepted_accuracy": accuracy})
+
+
+def plot_risk_coverage(curve: pd.DataFrame, title: str,
+                       operating_point: Mapping[str, Any] | None = None) -> Any:
+    """Accuracy of the accepted images against the share referred (the curve from
+    :func:`risk_coverage`), with the prediction sets' own point (``set_report``'s
+    ``referred_share`` and ``accepted_accuracy``) marked: where a clinic's threshold sits."""
+    from matplotlib.figure import Figure  # noqa: PLC0415  (lazy: matplotlib)
+
+    fig = Figure(figsize=(5.0, 4.2), layout="constrained")
+    ax = fig.subplots()
+    if len(curve):
+        ax.plot(curve["referred_share"], curve["accepted_accuracy"], color="tab:blue",
+                label="refer the least confident first")
+    if operating_point and np.isfinite(operating_point.get("accepted_accuracy", np.nan)):
+        ax.plot([operating_point["referred_share"]], [operating_point["accepted_accuracy"]],
+                "o", color="tab:red", label="prediction sets (refer = not one class)")
+    ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="share of images referred",
+           ylabel="accuracy of the accepted images", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    return fig

@@ -78,9 +78,14 @@ def test_a_clearly_better_family_wins_and_gets_calibrated_sets() -> None:
     # The hybrid's held-out rows: every cross-validated image once (nested out of fold).
     hybrid = predictions[(predictions["model"] == "hybrid") & (predictions["set"] == "held_out")]
     assert hybrid["image_path"].is_unique and len(hybrid) == 30 * 3
-    report, curve = prediction_set_report(table, predictions, settings)
+    report, curve, figure, logged = prediction_set_report(table, predictions, settings)
     assert report["model"] == "resnet34" and report["calibration"]["coverage"] == 0.9
     assert 0.0 <= report["outer"]["coverage"] <= 1.0 and len(curve) == 18
+    assert logged["coverage"]["value"] == report["outer"]["coverage"]
+    assert {f"coverage.{c}" for c in CLASSES} <= set(logged)  # conformal.coverage.A ...
+    curve_line, point = figure.axes[0].lines  # the curve, and the sets' own operating point
+    assert len(curve_line.get_xdata()) == len(curve)
+    assert list(point.get_xdata()) == [report["outer"]["referred_share"]]
 
 
 def test_the_tie_rule_prefers_the_cheaper_model_when_intervals_overlap() -> None:

@@ -29,6 +29,7 @@ def test_a_better_family_wins_and_is_registered_as_champion(kedro_project: Path,
     assert table.set_index("model").loc["selected_floor", "pooled_f1"] > \
         table.set_index("model").loc["floor", "pooled_f1"]
     assert latest(data / "08_reporting" / "model_selection.md").read_text().count("**yes**") == 1
+    assert latest(data / "08_reporting" / "risk_coverage.png").stat().st_size > 0
     card = latest(data / "08_reporting" / "champion_model_card.md").read_text()
     assert "selected_floor" in card and "| floor |" in card
     uri = latest(data / "08_reporting" / "champion_uri.txt").read_text()

@@ -22,6 +22,7 @@ import pandas as pd
 from neuroblastoma_cnn.analysis import metrics as m
 from neuroblastoma_cnn.analysis.conformal import (
     ClassConditionalConformal,
+    plot_risk_coverage,
     risk_coverage,
     set_report,
 )
@@ -318,12 +319,13 @@ def select_model(cv_folds: pd.DataFrame, cv_floor_predictions: pd.DataFrame,
 
 
 def prediction_set_report(model_selection: pd.DataFrame, selection_predictions: pd.DataFrame,
-                          params: SelectModelParams) -> tuple[dict[str, Any], pd.DataFrame]:
+                          params: SelectModelParams
+                          ) -> tuple[dict[str, Any], pd.DataFrame, Any, dict[str, Any]]:
     """Calibrates the winner's prediction sets on its out-of-fold predictions and reports them
     on the outer patients (which neither chose nor calibrated): coverage overall and per
     class, mean set size, share referred, accuracy of the accepted images; and the
     risk-coverage curve on the outer patients. Returns (report with the calibration record,
-    curve)."""
+    curve, its figure, the outer figures as MLflow metrics ``conformal.*``)."""
     winner = str(model_selection.loc[model_selection["chosen"], "model"].iloc[0])
     rows = selection_predictions[selection_predictions["model"] == winner]
     classes = _classes(rows)
@@ -351,7 +353,14 @@ def prediction_set_report(model_selection: pd.DataFrame, selection_predictions: 
         curve = pd.DataFrame(columns=["referred_share", "accepted_accuracy"])
         logger.warning("No outer patients (cross_validation.outer_test: false): prediction "
                        "sets calibrated but not checked")
-    return report, curve
+    checked = report.get("outer", {})
+    figure = plot_risk_coverage(curve, f"{winner}: {len(outer)} outer images", checked)
+    values = {k: checked[k] for k in ("coverage", "mean_set_size", "referred_share",
+                                      "accepted_accuracy") if k in checked}
+    values.update({f"coverage.{c}": v for c, v in checked.get("coverage_per_class", {}).items()})
+    metrics = {k: {"value": float(v), "step": 0} for k, v in values.items()
+               if np.isfinite(float(v))}
+    return report, curve, figure, metrics
 
 
 # --------------------------------------------------------------------------- the champion
@@ -483,7 +492,9 @@ def champion_card(model_selection: pd.DataFrame, scores: dict[str, Any],
                   f"calibrated on {prediction_sets['calibration_images']} out-of-fold images; "
                   f"on the outer patients: coverage {f(outer['coverage'])} ({per_class}), mean "
                   f"set size {f(outer['mean_set_size'])}, referred {f(outer['referred_share'])}"
-                  f", accuracy of the accepted {f(outer['accepted_accuracy'])}.", ""]
+                  f", accuracy of the accepted {f(outer['accepted_accuracy'])}. The "
+                  "accuracy of the accepted images against the share referred: "
+                  "`risk_coverage.png` (and `.csv`) beside this card in MLflow.", ""]
     lines += ["## Selection", "", selection_markdown(model_selection, params)
               .split("\n", 2)[2]]
     return "\n".join(lines)
