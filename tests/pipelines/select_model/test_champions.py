@@ -84,6 +84,16 @@ def _oof(folds: pd.DataFrame, classes: list[str], model: str, skill: float,
     return frame
 
 
+def _registered(champion, scores, card, experiment, tmp_path, monkeypatch) -> str:
+    """The champion registered in a throw-away MLflow store; its ``models:/...@champion``."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run():
+        return register_champion(champion, scores, card, params("predict", workers=1),
+                                 experiment=experiment)
+
+
 def test_a_cnn_winner_is_served_as_its_fold_ensemble_with_prediction_sets(selection, tmp_path,
                                                                            monkeypatch):
     raw, ensemble, classes, folds, outer, sets = selection
@@ -109,12 +119,7 @@ def test_a_cnn_winner_is_served_as_its_fold_ensemble_with_prediction_sets(select
     assert loaded.model_source.endswith("model.keras")
     assert loaded.preprocessing.conformal == champion.preprocessing.conformal
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    mlflow.set_experiment("cnn_champion")
-    with mlflow.start_run():
-        uri = register_champion(loaded, scores, card, params("predict", workers=1),
-                                experiment="cnn_champion")
+    uri = _registered(loaded, scores, card, "cnn_champion", tmp_path, monkeypatch)
     assert uri == "models:/cnn_champion-select_model@champion"
     served = TrainedModels().load(uri)
     answers, _ = predict_files([(p, raw / p) for p in folds.loc[outer, "image_path"]],
@@ -156,12 +161,7 @@ def test_a_hybrid_winner_is_served_over_its_bases_with_prediction_sets(selection
                                rtol=1e-5)  # the Keras base came back inside the .joblib
     assert {"prediction_set", "refer"} <= set(after.columns) and (after["n_tiles"] == 0).all()
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    mlflow.set_experiment("hybrid_champion")
-    with mlflow.start_run():
-        uri = register_champion(loaded, scores, card, params("predict", workers=1),
-                                experiment="hybrid_champion")
+    uri = _registered(loaded, scores, card, "hybrid_champion", tmp_path, monkeypatch)
     served = mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({
         "file": [files[0][0]], "image": [base64.b64encode(files[0][1].read_bytes()).decode()]}))
     assert served["error"].iloc[0] == "" and served["prediction_set"].iloc[0]
