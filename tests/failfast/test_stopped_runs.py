@@ -1,6 +1,7 @@
 """Runs that end truthfully: a ``kedro run`` stopped by SIGTERM or SIGINT while it trains ends
 its MLflow run KILLED with the node it reached, and promotes nothing; one killed by SIGKILL
-stays RUNNING until the next run on this host finds its process gone and marks it KILLED.
+stays RUNNING until the next run on this host finds its process gone and marks it KILLED. A
+cross-validation stopped while a fold trains ends the fold's child run KILLED as well.
 
 Each test runs the model half (``--pipeline=resnet34``) in its own copy of the session's trained
 project, with many epochs so that the signal lands inside training, in its own process group
@@ -109,3 +110,38 @@ def test_a_killed_run_is_marked_killed_by_the_next_run(trained_copy, tmp_path):
     assert found.info.status == "KILLED", result.stdout[-3000:] + result.stderr[-3000:]
     reason = found.data.tags[interrupted.KILLED_TAG]
     assert reason.startswith(f"process {process.pid} on ") and "ended without closing" in reason
+
+
+def test_a_stopped_cross_validation_ends_its_fold_runs_killed_too(trained_copy, tmp_path):
+    """SIGTERM while a fold trains: the parent run and the fold's child run both end KILLED."""
+    log = tmp_path / "cv.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [KEDRO, "run", "--env=tiny", "--pipeline=cross_validate",
+             "--params", "resnet34.training.epochs=200"],
+            cwd=trained_copy, env=run_env(), stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    with _group(process):
+        deadline, child = time.monotonic() + 240, None
+        while child is None and time.monotonic() < deadline:
+            assert process.poll() is None, log.read_text()[-3000:]
+            client = _client(trained_copy)
+            experiments = [e.experiment_id for e in client.search_experiments()]
+            parents = client.search_runs(experiments,
+                                         f"tags.`{interrupted.PID_TAG}` = '{process.pid}'")
+            children = client.search_runs(experiments, "attributes.status = 'RUNNING'") \
+                if parents and "epoch 2" in log.read_text().lower() else []
+            child = next((r for r in children if r.data.tags.get("mlflow.parentRunId")
+                          == parents[0].info.run_id), None)
+            time.sleep(1)
+        assert child is not None, log.read_text()[-3000:]
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) != 0
+    client = _client(trained_copy)
+    parent = client.get_run(child.data.tags["mlflow.parentRunId"])
+    ended = client.get_run(child.info.run_id)
+    assert parent.info.status == "KILLED", log.read_text()[-3000:]
+    assert parent.data.tags[interrupted.KILLED_TAG] == "stopped by SIGTERM"
+    assert ended.info.status == "KILLED", log.read_text()[-3000:]
+    assert ended.data.tags[interrupted.KILLED_TAG] == "its parent run: stopped by SIGTERM"
+    assert "Traceback" not in log.read_text()  # Optuna's trace of the stopped fold is dropped

@@ -74,6 +74,10 @@ KNOWN_LOG_RECORDS: tuple[tuple[str, str, str], ...] = (
      "Keras builds one predict function per model object; a run predicts with several (head, "
      "fine-tuned network, the logged model MLflow reloads to validate), which TF's retracing "
      "counter reports although nothing is retraced in a loop"),
+    ("optuna.study._optimize",
+     r"Trial \d+ failed with parameters: .* because of the following error: RunStopped\(",
+     "a study or cross-validation stopped by SIGINT/SIGTERM: Optuna would print the trial's "
+     "traceback; the run's own one line says where it stopped and that it is marked KILLED"),
 )
 
 

@@ -48,6 +48,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from neuroblastoma_cnn.core.errors import ProjectError
+from neuroblastoma_cnn.runtime.stopping import RunStopped
+from neuroblastoma_cnn.tracking import interrupted
 
 from . import child_runs
 from .plan import StudyPlan
@@ -225,6 +227,12 @@ class Objective:
             outcome = self.trial_fn(spec, TrialContext(trial, self.plan.mode == "search", run))
         except optuna.TrialPruned:
             run.set_tags({"study.state": "pruned"})
+            run.finish("KILLED")
+            raise
+        except (RunStopped, KeyboardInterrupt) as exc:  # a signal stopped the whole run
+            reason = f"stopped by {getattr(exc, 'signal_name', 'SIGINT')}"
+            run.set_tags({"study.state": "stopped",
+                          interrupted.KILLED_TAG: f"its parent run: {reason}"})
             run.finish("KILLED")
             raise
         except BaseException:
