@@ -86,3 +86,13 @@ def test_too_few_calibration_images_or_groups_is_one_line() -> None:
     with pytest.raises(DataError, match=r"1 patient group\(s\) for 2 classes") as info:
         ClassConditionalConformal(0.9).fit(prob, ["A", "B"] * 15, CLASSES, ["p1"] * 30)
     assert "\n" not in str(info.value)
+
+
+def test_the_messages_name_the_parameter_group_of_the_caller() -> None:
+    conformal = ClassConditionalConformal(0.9, 20, where="evaluation.conformal")
+    assert conformal.shortfall(19, range(19), 2) == (
+        "19 images, fewer than evaluation.conformal.min_images = 20")
+    assert conformal.shortfall(20, ["p"] * 20, 2).startswith("1 patient group(s) for 2 classes")
+    assert conformal.shortfall(20, ["p", "q"] * 10, 2) is None
+    with pytest.raises(ParameterError, match=r"evaluation\.conformal\.coverage = 1"):
+        ClassConditionalConformal(1, where="evaluation.conformal")

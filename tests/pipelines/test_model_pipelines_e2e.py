@@ -49,6 +49,14 @@ def _check_calibration_card_registry(project: Path, model_name: str, model, metr
     assert card.startswith(f"# Model card: {model_name}")
     assert f"kedro run --pipeline={pipeline} --env=tiny" in card
     assert "Research use only, not for diagnosis" in card and "ECE before" in card
+    # Prediction sets: attached when the validation images suffice (tiny's few do not: the
+    # warning path), and the card and the metrics say which.
+    sets = metrics["prediction_sets"]
+    assert sets["attached"] is (model.preprocessing.conformal is not None)
+    assert "## When the model is unsure" in card
+    assert ("Prediction sets at coverage" if sets["attached"] else
+            "No prediction sets attached") in card
+    assert f"{model_name}.test_prediction_sets.attached" in run.data.metrics
     # The classical floor on the same split, beside the model (scored, or why not).
     floor = json.loads(latest(project / f"data/08_reporting/{model_name}/"
                                "floor_metrics.json").read_text())

@@ -63,9 +63,23 @@ class ClassConditionalConformal:
     ``(n, n_classes)`` membership matrix for new probabilities.
     """
 
-    def __init__(self, coverage: float, min_images: int = 20):
-        self.coverage = check_coverage(coverage)
+    def __init__(self, coverage: float, min_images: int = 20,
+                 where: str = "select_model.conformal"):
+        self.where = where  # the parameter group the messages name
+        self.coverage = check_coverage(coverage, f"{where}.coverage")
         self.min_images = int(min_images)
+
+    def shortfall(self, n_images: int, groups: Sequence[Any], n_classes: int) -> str | None:
+        """Why ``n_images`` images of ``groups`` (one per image) are too few to calibrate on,
+        or None: fewer than ``min_images``, or fewer patient groups than classes."""
+        if n_images < self.min_images:
+            return (f"{n_images} images, fewer than {self.where}.min_images = "
+                    f"{self.min_images}")
+        n_groups = len({str(g) for g in groups})
+        if n_groups < n_classes:
+            return (f"{n_groups} patient group(s) for {n_classes} classes: sets calibrated on "
+                    "fewer patients than classes promise nothing")
+        return None
 
     def fit(self, prob: np.ndarray, labels: Sequence[Any], classes: Sequence[str],
             groups: Sequence[Any]) -> ClassConditionalConformal:
@@ -74,19 +88,14 @@ class ClassConditionalConformal:
         prob = np.asarray(prob, dtype=np.float64)
         self.classes_ = [str(c) for c in classes]
         y = np.asarray([str(v) for v in labels])
-        n_groups = len({str(g) for g in groups})
         if prob.ndim != 2 or prob.shape != (len(y), len(self.classes_)) or len(groups) != len(y):
             raise DataError(f"Conformal calibration: probabilities {prob.shape}, {len(y)} labels, "
                             f"{len(groups)} groups and {len(self.classes_)} classes do not "
                             "describe the same images.")
-        if len(y) < self.min_images:
-            raise DataError(f"Conformal calibration: {len(y)} images, fewer than "
-                            f"select_model.conformal.min_images = {self.min_images}: calibrate "
-                            "on the out-of-fold predictions of more patients.")
-        if n_groups < len(self.classes_):
-            raise DataError(f"Conformal calibration: {n_groups} patient group(s) for "
-                            f"{len(self.classes_)} classes: sets calibrated on fewer patients "
-                            "than classes promise nothing; calibrate on more patient groups.")
+        reason = self.shortfall(len(y), groups, len(self.classes_))
+        if reason:
+            raise DataError(f"Conformal calibration: {reason}; calibrate on the predictions "
+                            "of more patients.")
         unknown = sorted(set(y) - set(self.classes_))
         if unknown:
             raise DataError(f"Conformal calibration: labels {unknown} are not among the "

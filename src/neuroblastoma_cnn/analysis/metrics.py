@@ -164,7 +164,8 @@ def flatten_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, floa
     """Flat ``{name: float}`` for ``mlflow.log_metrics``: nested keys joined by ``.``.
 
     ``per_class`` entries become ``<prefix>f1.<class>`` etc.; None values (undefined metrics)
-    are left out; characters MLflow rejects in names are replaced by ``_``.
+    are left out, and so is text (a reason beside the numbers); characters MLflow rejects in
+    names are replaced by ``_``.
     """
     flat: dict[str, float] = {}
 
@@ -179,7 +180,7 @@ def flatten_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, floa
                         flat[safe(f"{prefix}{metric}.{name}")] = float(number)
         elif isinstance(value, dict):
             flat.update(flatten_metrics(value, prefix=f"{prefix}{key}."))
-        elif value is not None:
+        elif value is not None and not isinstance(value, str):
             flat[safe(f"{prefix}{key}")] = float(value)
     return flat
 

@@ -158,6 +158,37 @@ def _calibration_section(metrics: Mapping[str, Any]) -> list[str]:
             *_table(["split", "ECE before", "ECE after"], rows), ""]
 
 
+def unsure_section(coverage_target: float, calibration_images: int, calibrated_on: str,
+                   report: Mapping[str, Any], checked_on: str) -> list[str]:
+    """"When the model is unsure": how the prediction sets were calibrated and what they did on
+    held-out patients (``report``: ``analysis.conformal.set_report``'s numbers)."""
+    per_class = ", ".join(f"{c} {_fmt(v)}" for c, v in report["coverage_per_class"].items())
+    return ["## When the model is unsure", "",
+            f"Prediction sets at coverage {coverage_target:g}, calibrated on "
+            f"{calibration_images} {calibrated_on}; on {checked_on}: coverage "
+            f"{_fmt(report['coverage'])} ({per_class}), mean set size "
+            f"{_fmt(report['mean_set_size'])}, referred {_fmt(report['referred_share'])}, "
+            f"accuracy of the accepted {_fmt(report['accepted_accuracy'])}.", ""]
+
+
+def _prediction_sets_section(metrics: Mapping[str, Any], evaluation: EvaluationParams
+                             ) -> list[str]:
+    """The run's prediction sets (calibrated on the validation images), or why it has none."""
+    sets = metrics.get("prediction_sets")
+    if not sets:
+        return []
+    if not sets.get("attached"):
+        return ["## When the model is unsure", "",
+                f"No prediction sets attached: {sets.get('reason')}. Answers carry no "
+                "`prediction_set` / `refer` (see `evaluation.conformal`).", ""]
+    return [*unsure_section(sets["coverage_target"], sets["calibration_images"],
+                            "validation images (few patients: the coverage is less certain "
+                            "than a selection champion's)", sets,
+                            f"the {sets.get('n_images')} {evaluation.split} images")[:-1],
+            "Every answer of this model (predict, the command line, the served model) carries "
+            "`prediction_set` and `refer`.", ""]
+
+
 def _floor_section(floor: Mapping[str, Any] | None, metrics: Mapping[str, Any]) -> list[str]:
     """The classical floor on the same split, and the model's margin over it."""
     if not floor:
@@ -193,6 +224,7 @@ def build_model_card(
              *_metrics_section(test_metrics, evaluation),
              *_floor_section(floor, test_metrics),
              *_calibration_section(test_metrics),
+             *_prediction_sets_section(test_metrics, evaluation),
              "## Known limitations", "", *(f"- {item}" for item in LIMITATIONS), "",
              "## Reproduce", "", "```", str(run_context.get("command") or "unknown"), "```", "",
              f"Git commit: `{run_context.get('git_commit') or 'unknown'}`.", ""]

@@ -16,6 +16,14 @@ from neuroblastoma_cnn.params.base import Params
 # ----------------------------------------------------------------------------- outputs
 
 
+class ConformalParams(Params):
+    """``select_model.conformal`` and ``evaluation.conformal``: class-conditional prediction
+    sets (``analysis.conformal``)."""
+
+    coverage: Annotated[float, Field(gt=0.0, lt=1.0)]
+    min_images: Annotated[int, Field(ge=2)]
+
+
 class EvaluationParams(Params):
     """``evaluation``: which split is measured and how the interval is resampled."""
 
@@ -30,6 +38,9 @@ class EvaluationParams(Params):
     #: Store the temperature fitted on the validation images in the model's record, so every
     #: later prediction of the model is scaled by it (false: fitted and reported only).
     temperature_scaling: bool
+    #: Prediction sets calibrated on the validation images and stored with the model (too few
+    #: validation images: none attached, one warning).
+    conformal: ConformalParams
 
 
 class PredictParams(Params):
@@ -106,13 +117,6 @@ class SelectedFloorParams(Params):
                      Field(min_length=1)]
     inner_folds: Annotated[int, Field(ge=2)]
     calibration: Literal["temperature", "sigmoid", "isotonic"]
-
-
-class ConformalParams(Params):
-    """``select_model.conformal``: class-conditional prediction sets (``analysis.conformal``)."""
-
-    coverage: Annotated[float, Field(gt=0.0, lt=1.0)]
-    min_images: Annotated[int, Field(ge=2)]
 
 
 class HybridParams(Params):

@@ -91,5 +91,6 @@ def test_scaling_without_validation_images_is_one_line(setup):
         nodes.calibrate_model(model, store, split,
                               params("evaluation", temperature_scaling=True))
     model, calibration, _ = nodes.calibrate_model(model, store, split, params("evaluation"))
-    assert calibration == {"temperature": None, "applied": False}
-    assert model.preprocessing.temperature is None
+    assert calibration["temperature"] is None and calibration["applied"] is False
+    assert calibration["prediction_sets"]["attached"] is False
+    assert model.preprocessing.temperature is None and model.preprocessing.conformal is None

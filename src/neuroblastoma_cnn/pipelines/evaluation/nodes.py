@@ -13,6 +13,10 @@ Calibration: :func:`calibrate_model` fits a temperature on the *validation* imag
 test ones) and, with ``temperature_scaling``, stores it in the model's record before the model
 is saved, so every later prediction of the model is scaled; the test metrics report the ECE
 before and after either way (``calibration`` block), with a reliability diagram per split.
+It also calibrates prediction sets (``analysis.conformal``) on the validation images, as the
+saved model will output them, and stores them in the record, so every answer of the model
+carries ``prediction_set`` / ``refer``; the test metrics say what the sets did on the test
+images (``prediction_sets`` block). Too few validation images: no sets, one warning.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from neuroblastoma_cnn.analysis.calibration import (
     image_nll,
     plot_reliability,
 )
+from neuroblastoma_cnn.analysis.conformal import ClassConditionalConformal, set_report
 from neuroblastoma_cnn.analysis.model_card import (
     build_model_card,
     count_parts,
@@ -65,8 +70,9 @@ logger = logging.getLogger(__name__)
 #: The nodes (the misclassified gallery lives in ``gallery``), and what tests reach through here.
 __all__ = [
     "TTA_PREFIX", "aggregate_image_predictions", "calibrate_model", "calibration_metrics",
-    "compute_test_metrics", "misclassified_gallery", "plot_evaluation", "plot_test_reliability",
-    "predict_split_tiles", "tta_columns", "worst_misclassified", "write_model_card",
+    "compute_test_metrics", "fit_prediction_sets", "misclassified_gallery", "plot_evaluation",
+    "plot_test_reliability", "predict_split_tiles", "prediction_set_metrics", "tta_columns",
+    "worst_misclassified", "write_model_card",
 ]
 
 def tta_columns(frame: pd.DataFrame) -> list[str]:
@@ -165,6 +171,9 @@ def compute_test_metrics(
     metrics["tile"] = {k: tile_metrics[k] for k in ("accuracy", "balanced_accuracy", "f1_macro")}
     if calibration is not None:
         metrics["calibration"] = calibration_metrics(tile_predictions, calibration)
+        if calibration.get("prediction_sets"):
+            metrics["prediction_sets"] = prediction_set_metrics(
+                image_predictions, calibration["prediction_sets"])
     tta = tta_columns(image_predictions)
     if tta:
         metrics["tta"] = _tta_metrics(image_predictions, tile_predictions, classes, params)
@@ -225,21 +234,28 @@ def calibrate_model(
 ) -> tuple[Any, dict[str, Any], Figure]:
     """Fits the temperature on the validation images' probabilities (before the model is saved).
 
-    Returns the model (its record carrying T when ``temperature_scaling``, else none), the
-    calibration summary (T, validation ECE and NLL before/after) and the validation reliability
-    diagram. The model's own record is replaced, not the network: it is the same object.
+    Returns the model (its record carrying T when ``temperature_scaling``, else none, and the
+    prediction sets when the validation images suffice), the calibration summary (T, validation
+    ECE and NLL before/after, ``prediction_sets``) and the validation reliability diagram. The
+    model's own record is replaced, not the network: it is the same object.
     """
-    model.preprocessing = preprocessing_of(model).with_temperature(None)  # fit on raw outputs
+    # fit on raw outputs; a record's earlier sets never outlive a new calibration
+    model.preprocessing = preprocessing_of(model).with_temperature(None).with_conformal(None)
     if not split_tile_ids(split_table, "validation"):
         if params.temperature_scaling:
             raise DataError("evaluation.temperature_scaling is true but the split table has no "
                             "validation images to fit the temperature on.",
                             hint="set splitting.validation_fraction above 0")
-        logger.warning("No validation images: no temperature fitted, calibration not reported")
-        return model, {"temperature": None, "applied": False}, _message_figure(
-            "No validation images: no temperature fitted.")
+        logger.warning("No validation images: no temperature fitted, calibration not reported "
+                       "and no prediction sets attached (set splitting.validation_fraction "
+                       "above 0)")
+        sets = {"coverage_target": params.conformal.coverage, "calibration_images": 0,
+                "attached": False, "reason": "no validation images"}
+        return model, {"temperature": None, "applied": False, "prediction_sets": sets}, \
+            _message_figure("No validation images: no temperature fitted.")
     validation = params.model_copy(update={"split": "validation", "tta": False})
-    y, index, prob = _image_arrays(predict_split_tiles(model, tiles, split_table, validation))
+    raw_tiles = predict_split_tiles(model, tiles, split_table, validation)
+    y, index, prob = _image_arrays(raw_tiles)
     temperature = fit_temperature(prob, y, index)
     before = image_means(prob, index, len(y))
     after = image_means(apply_temperature(prob, temperature), index, len(y))
@@ -253,6 +269,9 @@ def calibrate_model(
     }
     if params.temperature_scaling:
         model.preprocessing = model.preprocessing.with_temperature(temperature)
+    record, calibration["prediction_sets"] = fit_prediction_sets(
+        _as_served(raw_tiles, model.preprocessing.temperature), params)
+    model.preprocessing = model.preprocessing.with_conformal(record)
     logger.info("Temperature %.3f fitted on %d validation images (%s): ECE %.3f -> %.3f",
                 temperature, len(y), "stored with the model" if params.temperature_scaling
                 else "reported only, evaluation.temperature_scaling: false",
@@ -260,6 +279,83 @@ def calibrate_model(
     figure = plot_reliability(y, {"before": before, f"after (T = {temperature:.2f})": after},
                               "Validation reliability")
     return model, calibration, figure
+
+
+def _as_served(tile_predictions: pd.DataFrame, temperature: float | None) -> pd.DataFrame:
+    """Raw tile predictions as the saved model will output them (its temperature, if any)."""
+    cols = probability_columns(tile_predictions)
+    out = tile_predictions.copy()
+    out[cols] = apply_temperature(tile_predictions[cols], temperature)
+    return out
+
+
+def fit_prediction_sets(tile_predictions: pd.DataFrame, params: EvaluationParams
+                        ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """Prediction sets calibrated on the images of ``tile_predictions`` (the validation tiles,
+    probabilities as served; an image is the mean of its tiles, as the served model's is).
+
+    Returns (the conformal record for the model, or None, and the summary). Too few images or
+    patient groups to promise a coverage: no record and one warning, the run goes on.
+    """
+    images = aggregate_image_probabilities(tile_predictions)
+    classes = class_names_of(images)
+    settings = params.conformal
+    conformal = ClassConditionalConformal(settings.coverage, settings.min_images,
+                                          where="evaluation.conformal")
+    summary: dict[str, Any] = {"coverage_target": settings.coverage,
+                               "calibration_images": len(images)}
+    reason = conformal.shortfall(len(images), images["group"], len(classes))
+    if reason:
+        logger.warning("No prediction sets attached to the model: the validation split has %s "
+                       "(lower evaluation.conformal.min_images or give validation more "
+                       "patients: splitting.validation_fraction)", reason)
+        return None, {**summary, "attached": False, "reason": f"the validation split has {reason}"}
+    conformal.fit(images[probability_columns(images)].to_numpy(np.float64), images["label"],
+                  classes, images["group"])
+    logger.info("Prediction sets (coverage %.2f) calibrated on %d validation images of %d "
+                "patient groups, stored with the model", settings.coverage, len(images),
+                images["group"].nunique())
+    record = conformal.to_record()
+    return record, {**summary, "attached": True, "record": record}
+
+
+def prediction_set_metrics(image_predictions: pd.DataFrame, summary: dict[str, Any]
+                           ) -> dict[str, Any]:
+    """The ``prediction_sets`` block of the test metrics: the target, the calibration size and,
+    when sets are attached, what they did on these images (``analysis.conformal.set_report``:
+    coverage overall and per class, mean set size, share referred, accuracy of the accepted).
+    Undefined numbers (no image of a class, none accepted) are None."""
+    out = {k: summary.get(k) for k in ("coverage_target", "calibration_images", "attached")}
+    out["attached"] = bool(out["attached"])
+    if not out["attached"]:
+        out["reason"] = summary.get("reason")
+        return out
+    conformal = ClassConditionalConformal.from_record(summary["record"])
+    classes = class_names_of(image_predictions)
+    sets = conformal.predict_sets(image_predictions[probability_columns(image_predictions)]
+                                  .to_numpy(np.float64))
+    report = set_report(sets, image_predictions["label"], classes,
+                        image_predictions["predicted"])
+    out.update(_finite_or_none(report))
+    logger.info("Prediction sets on %d test images: coverage %s (target %.2f), mean set size "
+                "%s, %s referred, accuracy of the accepted %s", report["n_images"],
+                _number(report["coverage"]), conformal.coverage,
+                _number(report["mean_set_size"]), _number(report["referred_share"]),
+                _number(report["accepted_accuracy"]))
+    return out
+
+
+def _finite_or_none(value: Any) -> Any:
+    """NaN (an undefined number) as None, so JSON and MLflow leave it out."""
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def _number(value: float) -> str:
+    return f"{value:.3f}" if np.isfinite(value) else "n/a"
 
 
 def _before_after(tile_predictions: pd.DataFrame, calibration: dict[str, Any]
@@ -277,7 +373,8 @@ def _before_after(tile_predictions: pd.DataFrame, calibration: dict[str, Any]
 def calibration_metrics(tile_predictions: pd.DataFrame, calibration: dict[str, Any]
                      ) -> dict[str, Any]:
     """The calibration block of the test metrics: T, validation and test ECE before/after."""
-    out = {k: v for k, v in calibration.items() if k != "n_validation_images"}
+    out = {k: v for k, v in calibration.items()
+           if k not in ("n_validation_images", "prediction_sets")}
     out["applied"] = bool(calibration.get("applied"))
     if calibration.get("temperature") is None:
         return out

@@ -26,6 +26,7 @@ from neuroblastoma_cnn.analysis.conformal import (
     risk_coverage,
     set_report,
 )
+from neuroblastoma_cnn.analysis.model_card import unsure_section
 from neuroblastoma_cnn.analysis.predictions import probability_column
 from neuroblastoma_cnn.core.errors import DataError, ModelError, ParameterError
 from neuroblastoma_cnn.images.preprocessing import Preprocessing, preprocessing_of
@@ -486,14 +487,10 @@ def champion_card(model_selection: pd.DataFrame, scores: dict[str, Any],
                   f"{f(scores['outer_high'])}], accuracy {f(scores['outer_accuracy'])}.", ""]
     outer = prediction_sets.get("outer")
     if outer:
-        per_class = ", ".join(f"{c} {f(v)}" for c, v in outer["coverage_per_class"].items())
-        lines += ["## When the model is unsure", "",
-                  f"Prediction sets at coverage {prediction_sets['coverage_target']:g}, "
-                  f"calibrated on {prediction_sets['calibration_images']} out-of-fold images; "
-                  f"on the outer patients: coverage {f(outer['coverage'])} ({per_class}), mean "
-                  f"set size {f(outer['mean_set_size'])}, referred {f(outer['referred_share'])}"
-                  f", accuracy of the accepted {f(outer['accepted_accuracy'])}. The "
-                  "accuracy of the accepted images against the share referred: "
+        lines += [*unsure_section(prediction_sets["coverage_target"],
+                                  prediction_sets["calibration_images"], "out-of-fold images",
+                                  outer, "the outer patients")[:-1],
+                  "The accuracy of the accepted images against the share referred: "
                   "`risk_coverage.png` (and `.csv`) beside this card in MLflow.", ""]
     lines += ["## Selection", "", selection_markdown(model_selection, params)
               .split("\n", 2)[2]]
