@@ -302,12 +302,17 @@ def run_folder(root: str | Path, model_name: str, run_key: str,
     return folder if index is None else folder / f"worker-{index}"
 
 
-def backup_callback(folder: Path, delete_checkpoint: bool = True) -> Any:
-    """Saves the training state at every epoch end; a restarted run resumes from it."""
+def backup_callback(folder: Path, delete_checkpoint: bool = True,
+                    keep_previous: bool = False) -> Any:
+    """Saves the training state at every epoch end; a restarted run resumes from it. With
+    ``keep_previous`` (clusters) the previous epoch's checkpoint stays beside it
+    (``*.bkp``), so that a worker an epoch ahead of the others can step back
+    (:func:`agree_on_resume`)."""
     import keras  # noqa: PLC0415  (lazy: TensorFlow loads only to train)
 
     folder.mkdir(parents=True, exist_ok=True)
     return keras.callbacks.BackupAndRestore(str(folder), save_freq="epoch",
+                                            double_checkpoint=keep_previous,
                                             delete_checkpoint=delete_checkpoint)
 
 
@@ -338,6 +343,85 @@ def resumed_epoch(folder: Path | None) -> int:
     if not metadata.is_file():
         return 0
     return int(json.loads(metadata.read_text())["epoch"])
+
+
+def stage_progress(stage_folder: Path, epochs: int) -> int:
+    """How far a stage's backup is: the epochs it has backed up, or ``epochs + 1`` once the
+    stage has finished (its result saved, its epoch backups gone)."""
+    if (stage_folder / "done.json").is_file():
+        return epochs + 1
+    return resumed_epoch(stage_folder / "epochs")
+
+
+def cluster_resume(progress: list[int], epochs: int) -> int:
+    """The progress every worker resumes a stage from, given each worker's
+    (:func:`stage_progress`): the same on all workers, since each decides from the same list.
+
+    Workers in step resume there. A worker one epoch ahead steps back to the others' epoch (its
+    previous checkpoint is kept). Anything else (a worker that finished the stage, or the whole
+    run, beside one that had not) cannot be brought to one epoch: the stage starts again (0)."""
+    low, high = min(progress), max(progress)
+    if low == high:
+        return low
+    if high - low == 1 and high <= epochs:
+        return low
+    return 0
+
+
+def step_back(epochs_folder: Path) -> None:
+    """Makes a stage's epoch backup one epoch older: Keras' previous checkpoint (``*.bkp``)
+    becomes the current one; the epoch state of that epoch is still there (the epoch-state
+    callback keeps two epochs)."""
+    done = resumed_epoch(epochs_folder)
+    if done <= 1:
+        clear_backup(epochs_folder)
+        return
+    for name in ("latest.weights.h5", "training_metadata.json"):
+        previous = epochs_folder / f"{name}.bkp"
+        if not previous.is_file():
+            raise RuntimeError(f"{epochs_folder} holds no previous checkpoint ({previous.name}) "
+                               f"to step back to epoch {done - 1}")
+        os.replace(previous, epochs_folder / name)
+    if resumed_epoch(epochs_folder) != done - 1:
+        raise RuntimeError(f"{epochs_folder}: the previous checkpoint is not epoch {done - 1}")
+
+
+def multi_worker(strategy: Any) -> bool:
+    """Whether ``strategy`` is a ``MultiWorkerMirroredStrategy`` (its workers back up apart)."""
+    import tensorflow as tf  # noqa: PLC0415  (lazy: TensorFlow loads only to train)
+
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
+def agree_on_resume(stage_folder: Path, epochs: int, strategy: Any) -> None:
+    """Brings every worker of a ``MultiWorkerMirroredStrategy`` cluster to the same point of a
+    stage before it resumes (nothing for other strategies).
+
+    Why: each worker backs up into its own folder (:func:`run_folder`) after the epoch's last
+    collective, so a kill can fall between two workers' writes and leave one worker an epoch
+    ahead. Workers resuming at different epochs would run different numbers of steps: their
+    collectives would mix epochs or hang, and the models would differ. One collective here
+    gathers every worker's progress; :func:`cluster_resume` picks the point all can reach."""
+    import tensorflow as tf  # noqa: PLC0415  (lazy: TensorFlow loads only to train)
+
+    if not multi_worker(strategy):
+        return
+    local = stage_progress(stage_folder, epochs)
+    value = strategy.experimental_distribute_values_from_function(
+        lambda _context: tf.constant([local], tf.int64))
+    progress = [int(x) for x in strategy.gather(value, axis=0).numpy()]
+    agreed = cluster_resume(progress, epochs)
+    if agreed == local:
+        return
+    if agreed == 0:
+        logger.warning("Workers' backups of %s disagree (%s epochs done, %d = finished): "
+                       "the stage starts again on every worker", stage_folder.name,
+                       progress, epochs + 1)
+        clear_backup(stage_folder)
+        return
+    logger.warning("Worker %s backed up epoch %d, another worker only epoch %d: stepping "
+                   "back to it", worker_index(), local, agreed)
+    step_back(stage_folder / "epochs")
 
 
 # ------------------------------------------------------------------ what Keras does not save

@@ -128,3 +128,32 @@ def test_an_emulated_precision_is_kept_with_a_warning_line():
         line = d.slow_precision(precision, gpus=0, bf16_cpu=bf16)
         assert line.startswith(f"training.precision = {precision}: ") and "emulated" in line
         assert "precision: auto" in line
+
+
+@pytest.mark.parametrize(("progress", "agreed"), [
+    ([2, 2], 2),  # in step
+    ([3, 2], 2),  # one worker killed before its last epoch's backup: the other steps back
+    ([1, 0], 0),
+    ([5, 5], 5),  # every worker finished the stage (4 epochs: 5)
+    ([5, 4], 0),  # one finished, its epochs gone: nobody can step back, the stage restarts
+    ([3, 1], 0),
+])
+def test_the_workers_of_a_cluster_resume_a_stage_at_one_point(progress, agreed):
+    assert d.cluster_resume(progress, epochs=4) == agreed
+
+
+def test_a_worker_ahead_steps_back_to_its_previous_checkpoint(tmp_path):
+    folder = tmp_path / "epochs"
+    folder.mkdir()
+    for name, epoch in (("training_metadata.json", 3), ("training_metadata.json.bkp", 2)):
+        (folder / name).write_text(json.dumps({"epoch": epoch, "batch": 0}))
+    (folder / "latest.weights.h5").write_text("epoch 3")
+    (folder / "latest.weights.h5.bkp").write_text("epoch 2")
+    d.step_back(folder)
+    assert d.resumed_epoch(folder) == 2
+    assert (folder / "latest.weights.h5").read_text() == "epoch 2"
+    with pytest.raises(RuntimeError, match="no previous checkpoint"):
+        d.step_back(folder)  # only one previous epoch is kept
+    (folder / "training_metadata.json").write_text(json.dumps({"epoch": 1, "batch": 0}))
+    d.step_back(folder)  # back to no epoch at all
+    assert not folder.exists() and d.resumed_epoch(folder) == 0

@@ -235,25 +235,44 @@ def _free_ports(count: int) -> list[int]:
             s.close()
 
 
-@pytest.mark.integration
-@pytest.mark.slow
-@pytest.mark.timeout(240)
-def test_two_workers_train_one_model_that_the_chief_saves(stores, tmp_path):
+def _cluster(stores: Path, folder: Path, name: str, root: Path,
+             slow: float = 0.0) -> tuple[list[subprocess.Popen], list[Path]]:
+    """Both workers of a new loopback cluster, writing ``<name><index>.npz/.csv/.keras/.log``
+    into ``folder``. float32: the kept epoch's validation loss is compared with the saved
+    (float32) model's to 1e-5, which a bfloat16 validation pass would not reach."""
     cluster = {"worker": [f"127.0.0.1:{port}" for port in _free_ports(2)]}
     children, logs = [], []
+    for index in range(2):
+        config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+        logs.append(folder / f"{name}{index}.log")
+        children.append(_child(stores, folder / f"{name}{index}.npz", root,
+                               {"precision": "float32"}, slow=slow,
+                               env={"TF_CONFIG": config}, log=logs[-1]))
+    return children, logs
+
+
+def _finish(children: list[subprocess.Popen], logs: list[Path]) -> None:
     try:
-        for index in range(2):
-            config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
-            logs.append(tmp_path / f"worker{index}.log")
-            # float32: the kept epoch's validation loss is compared with the saved (float32)
-            # model's to 1e-5, which a bfloat16 validation pass would not reach.
-            children.append(_child(stores, tmp_path / f"worker{index}.npz", tmp_path / "root",
-                                   {"precision": "float32"}, env={"TF_CONFIG": config},
-                                   log=logs[-1]))
         for child, log in zip(children, logs, strict=True):
             assert child.wait(timeout=200) == 0, log.read_text()[-3000:]
     finally:
         _stop(children)
+
+
+@pytest.fixture(scope="module")
+def two_workers(stores, tmp_path_factory) -> Path:
+    """An uninterrupted two-worker run: ``worker<index>.*`` in the returned folder."""
+    folder = tmp_path_factory.mktemp("two_workers")
+    _finish(*_cluster(stores, folder, "worker", folder / "root"))
+    return folder
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_two_workers_train_one_model_that_the_chief_saves(stores, two_workers):
+    tmp_path = two_workers
+    logs = [tmp_path / f"worker{index}.log" for index in range(2)]
     assert "multi_worker, 2 replica(s)" in logs[0].read_text()
     assert sorted(p.name for p in tmp_path.glob("*.keras")) == ["worker0.keras"]  # the chief
     for a, b in zip(_weights(tmp_path / "worker0.npz"), _weights(tmp_path / "worker1.npz"),
@@ -272,3 +291,65 @@ def test_two_workers_train_one_model_that_the_chief_saves(stores, tmp_path):
     loss = -np.log(np.clip(prob[np.arange(len(y)), y], 1e-7, 1.0)).mean()
     assert np.isclose(history["val_loss"], loss, atol=1e-5).any()
     assert not (tmp_path / "root" / ".backup").exists()
+
+
+def _epoch(metadata: Path) -> int:
+    """The epoch a worker's ``BackupAndRestore`` metadata names; 0 while absent or half
+    written."""
+    try:
+        return int(json.loads(metadata.read_text())["epoch"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("behind", [0, 1], ids=["in_step", "worker1_an_epoch_behind"])
+def test_two_killed_workers_restart_after_their_last_epoch(stores, two_workers, tmp_path,
+                                                           behind):
+    """SIGKILL of both workers mid-run (after each backed up an epoch), then both started
+    again: they resume after that epoch and end as the uninterrupted two-worker run, one model
+    in step, saved by the chief alone. ``worker1_an_epoch_behind``: worker 1's backup is one
+    epoch older, as when the kill falls between the two workers' backups of an epoch; worker 0
+    steps back to it."""
+    root = tmp_path / "root"
+    children, logs = _cluster(stores, tmp_path, "killed", root, slow=0.4)
+    metadata: list[Path] = []
+    try:
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline and all(c.poll() is None for c in children):
+            found = [sorted(root.glob(f".backup/resnet34/*/worker-{index}/train/epochs/"
+                                      "training_metadata.json")) for index in range(2)]
+            if all(found) and min(_epoch(f[0]) for f in found) >= 1 + behind:
+                metadata = [f[0] for f in found]
+                break
+            time.sleep(0.05)
+        assert metadata, [log.read_text()[-2000:] for log in logs]
+        for child in children:
+            child.send_signal(signal.SIGKILL)
+        for child in children:
+            child.wait(timeout=30)
+    finally:
+        _stop(children)
+    assert not list(tmp_path.glob("killed*.npz"))  # killed mid-run
+    if behind:  # worker 1 as if killed before writing its last epoch's checkpoint
+        for name in ("latest.weights.h5", "training_metadata.json"):
+            os.replace(metadata[1].with_name(f"{name}.bkp"), metadata[1].with_name(name))
+    done = [_epoch(path) for path in metadata]
+    assert all(1 <= epoch < 4 for epoch in done) and max(done) - min(done) == behind, done
+
+    _finish(*_cluster(stores, tmp_path, "worker", root))
+    texts = [(tmp_path / f"worker{index}.log").read_text() for index in range(2)]
+    for text in texts:
+        assert f"Resuming after epoch {min(done)} from" in text
+    assert ("stepping back" in texts[0]) == bool(behind)
+    assert sorted(p.name for p in tmp_path.glob("*.keras")) == ["worker0.keras"]  # the chief
+    reference = _weights(two_workers / "worker0.npz")
+    for index in range(2):
+        for a, b in zip(_weights(tmp_path / f"worker{index}.npz"), reference, strict=True):
+            np.testing.assert_array_equal(a, b)  # in step, and as if never killed
+        history = pd.read_csv(tmp_path / f"worker{index}.csv")
+        assert list(history["epoch"]) == [1, 2, 3, 4]  # the epochs went on from the backup
+        pd.testing.assert_frame_equal(history, pd.read_csv(two_workers / "worker0.csv"))
+    assert not (root / ".backup").exists()

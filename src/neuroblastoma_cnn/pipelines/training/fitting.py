@@ -73,6 +73,7 @@ def fit_stage(
     ``jit_compile``) and fits. With ``backup`` (a folder), every epoch is backed up
     there and a restarted stage resumes after its last finished epoch, with its history and
     best-epoch bookkeeping; a finished stage leaves only its result, which a restart reuses.
+    On a cluster the workers first agree on that epoch (``distribution.agree_on_resume``).
     With ``baseline`` (the previous stage's best), the stage's weights are
     kept only if an epoch beats it; otherwise the weights it started from are restored and
     ``baseline`` is returned. ``extra_callbacks`` see each epoch's logs after the validation
@@ -83,6 +84,8 @@ def fit_stage(
     average of the weights (:class:`~.callbacks.AveragedWeights`); it trains the raw ones.
     """
     _check_monitor(monitor, val_images)
+    if backup is not None and strategy is not None:
+        distribution.agree_on_resume(backup, epochs, strategy)
     finished = distribution.load_stage_result(backup)
     if finished is not None:
         return _finished_stage(model, history, finished, stage)
@@ -100,7 +103,8 @@ def fit_stage(
         val_inputs, val_labels, num_classes=num_classes, stage=stage, epochs=epochs,
         history=history, val_images=val_images, monitor=monitor, monitor_window=monitor_window,
         patience=patience, plateau=plateau, optimizer=optimizer,
-        extra_callbacks=extra_callbacks, epochs_folder=epochs_folder, first_row=first_row)
+        extra_callbacks=extra_callbacks, epochs_folder=epochs_folder, first_row=first_row,
+        cluster=strategy is not None and distribution.multi_worker(strategy))
     x, y = train if isinstance(train, tuple) else (train, None)
     with _scope(strategy):
         model.fit(x, y, epochs=epochs, steps_per_epoch=steps_per_epoch,
@@ -147,6 +151,7 @@ def _stage_callbacks(
     history: list[dict[str, Any]], val_images: np.ndarray | None, monitor: str,
     monitor_window: int, patience: int | None, plateau: Any, optimizer: Any,
     extra_callbacks: Sequence[Any], epochs_folder: Path | None, first_row: int,
+    cluster: bool = False,
 ) -> tuple[list[Any], Any]:
     """A stage's callbacks, in the order they must see each epoch (validation metrics first,
     then the best epoch, the plateau, the caller's, the backup), and the ``EarlyStopping`` that
@@ -172,7 +177,7 @@ def _stage_callbacks(
         callbacks = [averaged, *callbacks, averaged.swap_back]
     if epochs_folder is not None:
         callbacks.extend(_backup_callbacks(epochs_folder, history, first_row, report, best,
-                                           reduce))
+                                           reduce, cluster))
     return callbacks, best
 
 
@@ -214,10 +219,11 @@ def _finished_stage(model: Any, history: list[dict[str, Any]],
 
 
 def _backup_callbacks(folder: Path, history: list[dict[str, Any]], first_row: int, report: Any,
-                      best: Any, reduce: Any) -> list[Any]:
+                      best: Any, reduce: Any, cluster: bool = False) -> list[Any]:
     """The epoch state Keras' ``BackupAndRestore`` leaves out (this stage's history rows from
     ``first_row``, the best epoch's value and weights, the plateau counters), then
-    ``BackupAndRestore``."""
+    ``BackupAndRestore`` (on a cluster keeping the previous epoch's checkpoint too, see
+    ``distribution.agree_on_resume``)."""
 
     def get_state() -> dict[str, Any]:
         return {"history": history[first_row:], "monitored": report.monitored,
@@ -238,7 +244,8 @@ def _backup_callbacks(folder: Path, history: list[dict[str, Any]], first_row: in
     return [distribution.epoch_state_callback(
                 folder, get_state, set_state, lambda: (best.best_epoch, best.best_weights),
                 set_best_weights),
-            distribution.backup_callback(folder, delete_checkpoint=False)]
+            distribution.backup_callback(folder, delete_checkpoint=False,
+                                         keep_previous=cluster)]
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
