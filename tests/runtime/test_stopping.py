@@ -47,3 +47,22 @@ def test_unwatched_runs_keep_the_default_handlers():
     with stopping.critical("anything"):
         pass
     assert not stopping.watching() and stopping.stage() == "start-up"
+
+
+def test_a_stop_hidden_by_a_library_error_is_still_found():
+    """Keras' traceback filter raises TypeError while handling a stop raised inside fit: the
+    stop is found behind it (by the stop hook, which marks the run KILLED, and by the one-line
+    error display)."""
+    from neuroblastoma_cnn.hooks.error_display import user_error  # noqa: PLC0415
+
+    stop = stopping.RunStopped("SIGINT", "node 'a.train'")
+    try:
+        try:
+            raise stop
+        except stopping.RunStopped:
+            raise TypeError("'NoneType' object cannot be interpreted as an integer")  # noqa: B904
+    except TypeError as hidden:
+        assert stopping.stop_of(hidden) is stop
+        assert user_error(hidden) is stop
+    assert stopping.stop_of(ValueError("a bug")) is None
+    assert user_error(ValueError("a bug")) is None

@@ -37,6 +37,9 @@ ALLOWED: tuple[tuple[str, str], ...] = (
      "validation). TF ignores the attribute; hiding the line would mean filtering fd 2"),
     (r"WARNING  resnet\d+ did not learn: ",
      "true of the tiny runs (2 epochs on 56 small images): the run says so, as it must"),
+    (r"WARNING  No prediction sets attached to the model: the validation split has \d+ images",
+     "true of the tiny runs (4 validation images, fewer than evaluation.conformal.min_images): "
+     "the run says why its answers carry no prediction sets, as it must"),
 )
 #: At most this many allowed native lines per process that imports TensorFlow (2 per library).
 MAX_NATIVE_LINES = 4

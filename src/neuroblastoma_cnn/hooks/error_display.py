@@ -24,6 +24,7 @@ from typing import Any
 from kedro.validation.exceptions import ParameterValidationError
 
 from neuroblastoma_cnn.core.errors import ProjectError
+from neuroblastoma_cnn.runtime import stopping
 
 # Kedro loggers that report a failing node before the exception is re-raised.
 KEDRO_FAILURE_LOGGERS = (
@@ -39,14 +40,15 @@ PREFIX = "Error"
 def user_error(error: BaseException | None) -> BaseException | None:
     """The user-fixable error behind ``error``, if any: a ProjectError, or Kedro's parameter
     validation error, found on ``error`` or the exceptions it was raised from (Kedro wraps a
-    dataset's error in a DatasetError ``from`` it)."""
-    seen: set[int] = set()
+    dataset's error in a DatasetError ``from`` it); or the stop signal's ``RunStopped`` that
+    another library's error hid (``runtime.stopping.stop_of``)."""
+    original, seen = error, set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         if is_project_error(error) or _is_parameter_validation_error(error):
             return error
         error = error.__cause__
-    return None
+    return stopping.stop_of(original)  # a stop signal another library's error hid
 
 
 def is_project_error(error: BaseException) -> bool:

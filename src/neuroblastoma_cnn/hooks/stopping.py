@@ -50,11 +50,12 @@ class RunStopHook:
     @hook_impl(trylast=True)  # after kedro-mlflow has ended the run FAILED
     def on_pipeline_error(self, error: Exception) -> None:
         stopping.uninstall()
-        if not isinstance(error, stopping.RunStopped) or self._run_id is None:
+        stop = stopping.stop_of(error)
+        if stop is None or self._run_id is None:
             return
         ended = interrupted.mark_killed(mlflow.MlflowClient(), self._run_id,
-                                        f"stopped by {error.signal_name}", error.stage)
+                                        f"stopped by {stop.signal_name}", stop.stage)
         logger.warning("Run stopped by %s during %s: MLflow run%s %s marked KILLED",
-                       error.signal_name, error.stage, "s" if len(ended) > 1 else "",
+                       stop.signal_name, stop.stage, "s" if len(ended) > 1 else "",
                        ", ".join(ended))
 

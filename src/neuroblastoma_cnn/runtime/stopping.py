@@ -99,6 +99,20 @@ def set_stage(stage: str) -> None:
         _watch.stage = stage
 
 
+def stop_of(error: BaseException | None) -> RunStopped | None:
+    """The stop behind ``error``: itself, or a :class:`RunStopped` it was raised while handling
+    (``__context__``) or from (``__cause__``). Why: the signal's exception is raised wherever
+    the main thread is, and a library may fail while handling it (Keras' traceback filter
+    raises TypeError on a frame without a line number), which would hide the stop."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, RunStopped):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def stopped_by() -> str | None:
     """The signal that stopped the run, if one did."""
     return _watch.stopped if _watch is not None else None
