@@ -22,7 +22,9 @@ from neuroblastoma_cnn.analysis.predictions import probability_column
 from neuroblastoma_cnn.datasets import ChampionModelDataset, TrainedModels, load_keras_model
 from neuroblastoma_cnn.models.ensemble import build_ensemble
 from neuroblastoma_cnn.pipelines.select_model.nodes import (
+    champion_card,
     choose_winner,
+    prediction_set_report,
     refit_champion,
     register_champion,
 )
@@ -84,6 +86,13 @@ def _oof(folds: pd.DataFrame, classes: list[str], model: str, skill: float,
     return frame
 
 
+def _card(winner: str, scores, sets, answered) -> str:
+    """The champion's card, its sets checked on its own outer answers."""
+    report, *_ = prediction_set_report({**sets, "model": winner}, answered)
+    assert report["outer"]["n_images"] == len(answered)
+    return champion_card(_table(winner), scores, report, params("select_model"))
+
+
 def _registered(champion, scores, card, experiment, tmp_path, monkeypatch) -> str:
     """The champion registered in a throw-away MLflow store; its ``models:/...@champion``."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -97,16 +106,21 @@ def _registered(champion, scores, card, experiment, tmp_path, monkeypatch) -> st
 def test_a_cnn_winner_is_served_as_its_fold_ensemble_with_prediction_sets(selection, tmp_path,
                                                                            monkeypatch):
     raw, ensemble, classes, folds, outer, sets = selection
-    champion, scores, card = refit_champion(
+    champion, scores, answered = refit_champion(
         _table("resnet34"), sets, pd.DataFrame(), folds, raw, None, params("select_model"),
         params("cross_validation"), params("predict", workers=1), resnet34=ensemble)
+    card = _card("resnet34", scores, sets, answered)
 
     assert champion is ensemble and champion.preprocessing.conformal["coverage"] == 0.8
     assert scores["model"] == "resnet34" and scores["outer_images"] == len(outer)
     assert 0.0 <= scores["outer_f1"] <= 1.0 and "fold ensemble of resnet34" in card
+    assert "## When the model is unsure" in card
     # Scored through the serving code: the same probabilities predict_files gives.
     answers, _ = predict_files([(p, raw / p) for p in folds.loc[outer, "image_path"]],
                                champion, params("predict", workers=1))
+    cols = [probability_column(c) for c in classes]
+    np.testing.assert_allclose(answered[cols].to_numpy(float), answers[cols].to_numpy(float),
+                               rtol=1e-5)
     assert scores["outer_accuracy"] == pytest.approx(
         (answers["predicted"].to_numpy() == folds.loc[outer, "label"].to_numpy()).mean())
 
@@ -140,9 +154,10 @@ def test_a_hybrid_winner_is_served_over_its_bases_with_prediction_sets(selection
     oof = pd.concat([_oof(folds, classes, "resnet34", 1.0, 1),
                      _oof(folds, classes, "selected_floor", 2.0, 2)], ignore_index=True)
     tiles = SimpleNamespace(producer_metadata=store_metadata(classes, 32), path="tiles")
-    champion, scores, card = refit_champion(
+    champion, scores, answered = refit_champion(
         _table("hybrid"), sets, oof, folds, raw, tiles, settings, params("cross_validation"),
         params("predict", workers=1), resnet34=ensemble)
+    card = _card("hybrid", scores, sets, answered)
 
     assert champion.kind == "hybrid" and champion.preprocessing.conformal["coverage"] == 0.8
     assert set(champion.bases) == {"resnet34", "selected_floor"}

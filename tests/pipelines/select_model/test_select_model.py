@@ -14,6 +14,7 @@ from _params import params
 
 from neuroblastoma_cnn.core.errors import ParameterError
 from neuroblastoma_cnn.pipelines.select_model.nodes import (
+    calibrate_prediction_sets,
     check_candidates,
     choose_winner,
     prediction_set_report,
@@ -78,8 +79,14 @@ def test_a_clearly_better_family_wins_and_gets_calibrated_sets() -> None:
     # The hybrid's held-out rows: every cross-validated image once (nested out of fold).
     hybrid = predictions[(predictions["model"] == "hybrid") & (predictions["set"] == "held_out")]
     assert hybrid["image_path"].is_unique and len(hybrid) == 30 * 3
-    report, curve, figure, logged = prediction_set_report(table, predictions, settings)
-    assert report["model"] == "resnet34" and report["calibration"]["coverage"] == 0.9
+    calibration = calibrate_prediction_sets(table, predictions, settings)
+    assert calibration["model"] == "resnet34" and calibration["calibration"]["coverage"] == 0.9
+    # Checked on the champion's own outer answers (here: the fold models' mean).
+    winner = predictions[(predictions["model"] == "resnet34") & (predictions["set"] == "outer")]
+    outer = winner.groupby(["image_path", "label", "group"])[
+        [f"prob_{c}" for c in CLASSES]].mean().reset_index()
+    report, curve, figure, logged = prediction_set_report(calibration, outer)
+    assert report["calibration"] == calibration["calibration"]
     assert 0.0 <= report["outer"]["coverage"] <= 1.0 and len(curve) == 18
     assert logged["coverage"]["value"] == report["outer"]["coverage"]
     assert {f"coverage.{c}" for c in CLASSES} <= set(logged)  # conformal.coverage.A ...

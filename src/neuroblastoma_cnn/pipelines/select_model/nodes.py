@@ -319,43 +319,54 @@ def select_model(cv_folds: pd.DataFrame, cv_floor_predictions: pd.DataFrame,
 # ------------------------------------------------------------------ the winner's doubt
 
 
-def prediction_set_report(model_selection: pd.DataFrame, selection_predictions: pd.DataFrame,
-                          params: SelectModelParams
-                          ) -> tuple[dict[str, Any], pd.DataFrame, Any, dict[str, Any]]:
-    """Calibrates the winner's prediction sets on its out-of-fold predictions and reports them
-    on the outer patients (which neither chose nor calibrated): coverage overall and per
-    class, mean set size, share referred, accuracy of the accepted images; and the
-    risk-coverage curve on the outer patients. Returns (report with the calibration record,
-    curve, its figure, the outer figures as MLflow metrics ``conformal.*``)."""
+def calibrate_prediction_sets(model_selection: pd.DataFrame,
+                              selection_predictions: pd.DataFrame,
+                              params: SelectModelParams) -> dict[str, Any]:
+    """The winner's prediction sets, calibrated on its out-of-fold predictions (each image
+    scored by a model that never saw its patient): the record the champion carries."""
     winner = str(model_selection.loc[model_selection["chosen"], "model"].iloc[0])
     rows = selection_predictions[selection_predictions["model"] == winner]
     classes = _classes(rows)
-    cols = [probability_column(c) for c in classes]
     held = rows[rows["set"] == HELD_OUT]
     conformal = ClassConditionalConformal(params.conformal.coverage,
                                           params.conformal.min_images)
-    conformal.fit(held[cols].to_numpy(float), held["label"], classes, held["group"])
-    outer = rows[rows["set"] == OUTER].groupby(KEYS, sort=True)[cols].mean().reset_index()
-    report: dict[str, Any] = {"model": winner, "coverage_target": params.conformal.coverage,
-                              "calibration_images": len(held),
-                              "calibration": conformal.to_record()}
-    if len(outer):
-        prob = outer[cols].to_numpy(float)
+    conformal.fit(held[[probability_column(c) for c in classes]].to_numpy(float),
+                  held["label"], classes, held["group"])
+    return {"model": winner, "coverage_target": params.conformal.coverage,
+            "calibration_images": len(held), "calibration": conformal.to_record()}
+
+
+def prediction_set_report(calibration: dict[str, Any], champion_outer: pd.DataFrame
+                          ) -> tuple[dict[str, Any], pd.DataFrame, Any, dict[str, Any]]:
+    """What the served champion's sets do on the outer patients (which neither chose nor
+    calibrated): coverage overall and per class, mean set size, share referred, accuracy of
+    the accepted images, and the risk-coverage curve; from the champion's own probabilities
+    of those images (``refit_champion``), so the figures describe the model a user calls.
+    Returns (the calibration with its ``outer`` report, the curve, its figure, the figures as
+    MLflow metrics ``conformal.*``)."""
+    winner = calibration["model"]
+    conformal = ClassConditionalConformal.from_record(calibration["calibration"])
+    classes = list(conformal.classes_)
+    report = dict(calibration)
+    if len(champion_outer):
+        prob = champion_outer[[probability_column(c) for c in classes]].to_numpy(float)
         sets = conformal.predict_sets(prob)
-        report["outer"] = set_report(sets, outer["label"], classes,
+        report["outer"] = set_report(sets, champion_outer["label"], classes,
                                      np.asarray(classes)[prob.argmax(axis=1)])
-        curve = risk_coverage(prob, outer["label"], classes)
-        logger.info("Prediction sets of %s on %d outer images: coverage %.3f (target %.2f), "
-                    "mean set size %.2f, %.0f%% referred, accuracy of the accepted %.3f",
-                    winner, len(outer), report["outer"]["coverage"], conformal.coverage,
-                    report["outer"]["mean_set_size"], 100 * report["outer"]["referred_share"],
+        curve = risk_coverage(prob, champion_outer["label"], classes)
+        logger.info("Prediction sets of the champion (%s) on %d outer images: coverage %.3f "
+                    "(target %.2f), mean set size %.2f, %.0f%% referred, accuracy of the "
+                    "accepted %.3f", winner, len(champion_outer), report["outer"]["coverage"],
+                    conformal.coverage, report["outer"]["mean_set_size"],
+                    100 * report["outer"]["referred_share"],
                     report["outer"]["accepted_accuracy"])
     else:
         curve = pd.DataFrame(columns=["referred_share", "accepted_accuracy"])
         logger.warning("No outer patients (cross_validation.outer_test: false): prediction "
                        "sets calibrated but not checked")
     checked = report.get("outer", {})
-    figure = plot_risk_coverage(curve, f"{winner}: {len(outer)} outer images", checked)
+    figure = plot_risk_coverage(curve, f"{winner}: {len(champion_outer)} outer images",
+                                checked)
     values = {k: checked[k] for k in ("coverage", "mean_set_size", "referred_share",
                                       "accepted_accuracy") if k in checked}
     values.update({f"coverage.{c}": v for c, v in checked.get("coverage_per_class", {}).items()})
@@ -379,19 +390,20 @@ def _refit_space(winner: str, params: SelectModelParams, floor: FloorParams) -> 
                          floor.inner_folds, floor.calibration, seed=params.seed)
 
 
-def refit_champion(model_selection: pd.DataFrame, prediction_sets: dict[str, Any],
+def refit_champion(model_selection: pd.DataFrame, calibration: dict[str, Any],
                    selection_predictions: pd.DataFrame, cv_folds: pd.DataFrame,
                    raw_images: Path, tiles: Any, params: SelectModelParams,
                    cross_validation: CrossValidationParams, predict: PredictParams,
-                   **cv_ensembles: Any) -> tuple[Any, dict[str, Any], str]:
+                   **cv_ensembles: Any) -> tuple[Any, dict[str, Any], pd.DataFrame]:
     """The winner for every training (cross-validated) patient, its prediction sets attached,
-    scored once on the outer patients nobody chose on; returns (model, outer scores, model
-    card). A classical winner is refitted on all of them (its search included); a CNN winner
-    is its cross-validation's fold ensemble (``<model>.cv_ensemble``: K models that together
-    saw every training patient, each validated on the patients it did not train on), since a
-    further CNN trained on everything would have no held-out patients to stop or calibrate on;
-    the hybrid is its meta-learner fitted on every out-of-fold row of its bases, over those
-    bases served as above (``serving.hybrid``)."""
+    scored once on the outer patients nobody chose on; returns (model, outer scores, its
+    probabilities of the outer images). A classical winner is refitted on all of them (its
+    search included); a CNN winner is its cross-validation's fold ensemble
+    (``<model>.cv_ensemble``: K models that together saw every training patient, each
+    validated on patients it did not train on), since a further CNN trained on everything
+    would have no held-out patients to stop or calibrate on; the hybrid is its meta-learner
+    fitted on every out-of-fold row of its bases, over those bases served as above
+    (``serving.hybrid``)."""
     winner = str(model_selection.loc[model_selection["chosen"], "model"].iloc[0])
     is_cv = (cv_folds["role"] == CV).to_numpy()
     train, outer = cv_folds[is_cv], cv_folds[~is_cv]
@@ -420,15 +432,17 @@ def refit_champion(model_selection: pd.DataFrame, prediction_sets: dict[str, Any
     else:
         champion, scores = served(winner)
     champion.preprocessing = preprocessing_of(champion).with_conformal(
-        prediction_sets["calibration"])
+        calibration["calibration"])
+    classes = [str(c) for c in preprocessing_of(champion).classes]
+    frame = pd.DataFrame(columns=["model", "fold", "set", *KEYS,
+                                  *(probability_column(c) for c in classes), "predicted"])
     if len(outer):
         frame = _champion_rows(champion, outer, Path(raw_images), winner, predict)
-        classes = [str(c) for c in preprocessing_of(champion).classes]
         scores.update({f"outer_{k}": v for k, v in _pooled(frame, classes, params).items()})
         scores["outer_images"] = len(frame)
         logger.info("Champion %s on %d outer images: macro-F1 %.3f [%.3f-%.3f]", winner,
                     len(frame), scores["outer_f1"], scores["outer_low"], scores["outer_high"])
-    return champion, scores, champion_card(model_selection, scores, prediction_sets, params)
+    return champion, scores, frame
 
 
 def _served_model(name: str, train: pd.DataFrame, raw_images: Path, tiles: Any,
@@ -473,7 +487,8 @@ def _champion_rows(champion: Any, outer: pd.DataFrame, raw_images: Path, winner:
 
 def champion_card(model_selection: pd.DataFrame, scores: dict[str, Any],
                   prediction_sets: dict[str, Any], params: SelectModelParams) -> str:
-    """The champion's model card: what won, how it was chosen, its outer score and its doubt."""
+    """The champion's model card: what won, how it was chosen, its outer score and what its
+    prediction sets did there."""
     def f(v: Any) -> str:
         return f"{v:.3f}" if isinstance(v, (int, float)) and np.isfinite(v) else "-"
 
