@@ -69,3 +69,30 @@ def test_a_bad_hybrid_is_one_line(bases, meta, message) -> None:
     with pytest.raises(ParameterError, match=message) as info:
         StackedHybrid(bases, meta, 3)
     assert "\n" not in str(info.value)
+
+
+def test_the_blend_is_a_weighted_mean_that_can_fall_back_to_one_base() -> None:
+    base, labels, groups = _bases(120, 2)
+    only_cnn = StackedHybrid(["cnn", "floor"], {"blend": {"weight": [1.0]}}, 2).fit(
+        base, labels, groups)
+    np.testing.assert_allclose(only_cnn.predict_proba(base), base["cnn"], atol=1e-3)
+    mean = StackedHybrid(["cnn", "floor"], {"blend": {"weight": [0.5]}}, 2).fit(
+        base, labels, groups)
+    expected = (base["cnn"] + base["floor"]) / 2
+    np.testing.assert_allclose(mean.predict_proba(base), expected / expected.sum(1, keepdims=True),
+                               atol=1e-3)
+    # Chosen on inner folds among the learners: a blend is one candidate like the others.
+    chosen = StackedHybrid(["cnn", "floor"], {**META, "blend": {"weight": [0.0, 0.5, 1.0]}},
+                           3).fit(base, labels, groups)
+    assert chosen.chosen_[0] in {"logistic", "boosting", "blend"}
+
+
+def test_blend_weights_outside_zero_one_are_one_line() -> None:
+    from _params import params  # noqa: PLC0415
+
+    with pytest.raises(ParameterError, match=r"meta\.blend\.weight = \[1\.5\]: must be between"):
+        params("select_model", hybrid={"bases": ["resnet34", "selected_floor"], "inner_folds": 2,
+                                        "meta": {"blend": {"weight": [0.5, 1.5]}}})
+    with pytest.raises(ParameterError, match=r"meta\.logistic\.C = \[0\.0\]: must be above 0"):
+        params("select_model", hybrid={"bases": ["resnet34", "selected_floor"], "inner_folds": 2,
+                                        "meta": {"logistic": {"C": [0.0]}}})

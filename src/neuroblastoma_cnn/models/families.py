@@ -90,8 +90,8 @@ FAMILIES: tuple[Family, ...] = (
            cannot="it is trained by `select_model` (no pipeline of its own) and has no "
                   "convolutions for Grad-CAM"),
     Family("hybrid", "hybrid",
-           "a meta-learner (logistic regression or gradient boosting) over out-of-fold "
-           "probabilities of other families", "stacking", "StackedHybrid",
+           "a meta-learner (logistic regression, gradient boosting or a weighted mean) over "
+           "out-of-fold probabilities of other families", "stacking", "StackedHybrid",
            frozenset({Capability.CROSS_VALIDATE, Capability.PREDICT, Capability.SERVE}),
            cost=7,
            cannot="it is fitted by `select_model` on its bases' out-of-fold probabilities (no "

@@ -3,9 +3,10 @@ models (the CNN, the floor...).
 
 Why: on a few hundred images a CNN and a colour/texture model err on different images; the
 mean of their probabilities dilutes the better one (README "Cross-validated"), a learner that
-weighs them per class need not. The meta-learner (logistic regression or gradient boosting,
-and its setting) is chosen on grouped inner folds, and it is fitted only on probabilities of
-images whose groups the base models did not train on (out of fold). :func:`nested_oof` scores
+weighs them per class need not (and a weighted mean, ``blend``, whose one weight cannot
+overfit much). The meta-learner (logistic regression, gradient boosting or the blend, and its
+setting) is chosen on grouped inner folds, and it is fitted only on probabilities of images
+whose groups the base models did not train on (out of fold). :func:`nested_oof` scores
 it honestly: for each outer fold, a hybrid fitted on the other folds' out-of-fold rows predicts
 the fold's rows, so no score is ever computed on a row that fitted it.
 """
@@ -18,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from sklearn.base import clone
+from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.metrics import f1_score
 
 from neuroblastoma_cnn.core.errors import DataError, ParameterError
@@ -28,7 +29,8 @@ from .selected_floor import make_head
 
 logger = logging.getLogger(__name__)
 
-META_LEARNERS = {"logistic": ("C",), "boosting": ("learning_rate", "max_iter")}
+META_LEARNERS = {"logistic": ("C",), "boosting": ("learning_rate", "max_iter"),
+                 "blend": ("weight",)}
 _EPS = 1e-4
 
 
@@ -42,8 +44,43 @@ def meta_features(base_prob: Mapping[str, np.ndarray], bases: Sequence[str]) -> 
                       for b in bases])
 
 
-def _learner(name: str, settings: Mapping[str, float], seed: int) -> Any:
+def _learner(name: str, settings: Mapping[str, float], seed: int, n_bases: int) -> Any:
+    if name == "blend":
+        return ProbabilityBlend(weight=settings["weight"], n_bases=n_bases)
     return make_head(name, settings, n_features=0, seed=seed, max_leaf_nodes=7)
+
+
+class ProbabilityBlend(ClassifierMixin, BaseEstimator):
+    """A weighted mean of the bases' probabilities: ``weight`` for the first base, the rest
+    shared equally by the others; nothing else is fitted.
+
+    Why: a learned meta-learner over a few hundred out-of-fold rows can fit the bases' quirks
+    on the training folds that do not hold on the next (on grouped BACH a logistic or boosted
+    stack scored below both of its bases); one weight chosen on inner folds cannot overfit
+    much, and weights 0 and 1 fall back to a single base."""
+
+    def __init__(self, weight: float = 0.5, n_bases: int = 2):
+        self.weight = weight
+        self.n_bases = n_bases
+
+    def fit(self, x: np.ndarray, y: np.ndarray) -> ProbabilityBlend:
+        self.classes_ = np.unique(y)
+        if np.shape(x)[1] != self.n_bases * len(self.classes_):
+            raise DataError(f"Stacked hybrid (blend): {np.shape(x)[1]} probability columns for "
+                            f"{self.n_bases} bases, but {len(self.classes_)} classes among the "
+                            "rows it is fitted on: every class must be in each training part.")
+        return self
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float64)
+        prob = np.exp(x).reshape(len(x), self.n_bases, -1)
+        rest = (1.0 - self.weight) / max(self.n_bases - 1, 1)
+        shares = np.array([self.weight] + [rest] * (self.n_bases - 1))
+        blended = np.einsum("nbc,b->nc", prob, shares)[:, self.classes_]
+        return blended / blended.sum(axis=1, keepdims=True)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self.classes_[self.predict_proba(x).argmax(axis=1)]
 
 
 class StackedHybrid:
@@ -93,14 +130,14 @@ class StackedHybrid:
             scores = [self._score(name, settings, x, codes, folds) for name, settings in options]
             best = int(np.argmax(scores))
             self.chosen_, self.cv_score_ = options[best], scores[best]
-        self.model_ = _learner(*self.chosen_, self.seed).fit(x, codes)
+        self.model_ = _learner(*self.chosen_, self.seed, len(self.bases)).fit(x, codes)
         logger.info("Stacked hybrid over %s: %s %s, inner CV macro-F1 %.3f", self.bases,
                     self.chosen_[0], self.chosen_[1], self.cv_score_)
         return self
 
     def _score(self, name: str, settings: dict[str, float], x: np.ndarray, codes: np.ndarray,
                folds: Any) -> float:
-        base = _learner(name, settings, self.seed)
+        base = _learner(name, settings, self.seed, len(self.bases))
         return float(np.mean([
             f1_score(codes[test], clone(base).fit(x[train], codes[train]).predict(x[test]),
                      average="macro") for train, test in folds]))

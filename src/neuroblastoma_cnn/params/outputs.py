@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from neuroblastoma_cnn.core.types import Fraction, NonNegativeInt, PositiveFloat, PositiveInt
 from neuroblastoma_cnn.params.base import Params
@@ -123,10 +123,21 @@ class HybridParams(Params):
     """``select_model.hybrid``: the stacked hybrid's bases and meta-learners."""
 
     bases: Annotated[list[str], Field(min_length=2)]
-    meta: Annotated[dict[Literal["logistic", "boosting"],
-                         dict[str, Annotated[list[PositiveFloat], Field(min_length=1)]]],
+    meta: Annotated[dict[Literal["logistic", "boosting", "blend"],
+                         dict[str, Annotated[list[Fraction | PositiveFloat],
+                                             Field(min_length=1)]]],
                     Field(min_length=1)]
     inner_folds: Annotated[int, Field(ge=2)]
+
+    @model_validator(mode="after")
+    def _settings_in_range(self) -> HybridParams:
+        for learner, settings in self.meta.items():
+            for key, values in settings.items():
+                bad = [v for v in values if (v > 1 if learner == "blend" else v <= 0)]
+                if bad:
+                    rule = "between 0 and 1" if learner == "blend" else "above 0"
+                    raise ValueError(f"meta.{learner}.{key} = {bad}: must be {rule}")
+        return self
 
 
 class SelectModelParams(Params):
