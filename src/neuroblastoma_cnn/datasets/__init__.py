@@ -1,6 +1,6 @@
 """Custom Kedro datasets of this project."""
 
-from .champion_model import ChampionModelDataset
+from .champion_model import ChampionModelDataset, load_model_file
 from .image_folder import ImageFolderDataset
 from .keras_model import KerasModelDataset, load_keras_model, save_keras_model
 from .mlflow_artifact import MlflowArtifactDataset
@@ -24,6 +24,7 @@ __all__ = [
     "TrainedModels",
     "TrainedModelsDataset",
     "load_keras_model",
+    "load_model_file",
     "save_keras_model",
     "write_tile_store",
 ]

@@ -24,6 +24,18 @@ from .local_versioned import LocalVersionedDataset
 SUFFIXES = (".keras", ".joblib")
 
 
+def load_model_file(path: str | Path) -> Any:
+    """A saved model of any family, by its suffix: a classical or hybrid model (``.joblib``)
+    or a ``.keras`` file with its record (what the champion and the raw-image pyfunc hold)."""
+    if str(path).endswith(".joblib"):
+        from neuroblastoma_cnn.models.selected_floor import load_classical  # noqa: PLC0415
+
+        return load_classical(path)
+    from .keras_model import load_keras_model  # noqa: PLC0415  (lazy: TensorFlow)
+
+    return load_keras_model(path)
+
+
 class ChampionModelDataset(LocalVersionedDataset):
     """``filepath`` without a suffix; local paths only (joblib and Keras write local files).
     The loaded model's ``model_source`` is the file it came from (what the pyfunc logs)."""
@@ -47,14 +59,7 @@ class ChampionModelDataset(LocalVersionedDataset):
         found = [f for f in self._files(self._load_path()) if f.is_file()]
         if not found:
             raise DatasetError(f"No champion model at '{self._load_path()}' (.keras or .joblib)")
-        if found[0].suffix == ".keras":
-            from .keras_model import load_keras_model  # noqa: PLC0415  (lazy: TensorFlow)
-
-            model = load_keras_model(found[0])
-        else:
-            from neuroblastoma_cnn.models.selected_floor import load_classical  # noqa: PLC0415
-
-            model = load_classical(found[0])
+        model = load_model_file(found[0])
         model.model_source = str(found[0])
         return model
 

@@ -208,10 +208,13 @@ def check_request_size(frame: pd.DataFrame, limit: int | None) -> None:
 
 
 class RawImageModel(PythonModel):
-    """The pyfunc model: a ``.keras`` file with its record, and the prediction settings."""
+    """The pyfunc model: a saved model (``.keras`` with its record, or a classical or hybrid
+    ``.joblib``), and the prediction settings."""
 
     def load_context(self, context: Any) -> None:
-        self.model = _load_model_file(context.artifacts[MODEL_ARTIFACT])
+        from neuroblastoma_cnn.datasets import load_model_file  # noqa: PLC0415
+
+        self.model = load_model_file(context.artifacts[MODEL_ARTIFACT])
         raw = json.loads(Path(context.artifacts[PARAMS_ARTIFACT]).read_text())
         self.params = PredictParams.parse({**_SETTINGS_ADDED_LATER, **raw}, "predict")
 
@@ -226,15 +229,6 @@ class RawImageModel(PythonModel):
 
             raise MlflowException.invalid_parameter_value(str(exc)) from None
         return classify_encoded(model_input, self.model, self.params)
-
-
-def _load_model_file(path: str | Path) -> Any:
-    """A ``.keras`` file with its record, or a classical model (``.joblib``)."""
-    if str(path).endswith(CLASSICAL_SUFFIX):
-        return load_classical(path)
-    from neuroblastoma_cnn.datasets.keras_model import load_keras_model  # noqa: PLC0415
-
-    return load_keras_model(path)
 
 
 def _record_of(path: Path) -> dict[str, Any]:
