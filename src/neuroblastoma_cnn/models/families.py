@@ -70,30 +70,28 @@ class Family:
 
 
 _CNN = frozenset(Capability)
+#: A family fitted by `select_model` or inside evaluation (no pipeline of its own): scored on
+#: folds, predicts and is served, no Grad-CAM of its own.
+_FITTED = frozenset({Capability.CROSS_VALIDATE, Capability.PREDICT, Capability.SERVE})
 FAMILIES: tuple[Family, ...] = (
     Family("resnet34", "cnn", "ResNet34 trained from scratch", "resnet34", "build_resnet34",
            _CNN, keras=True, cost=4),
     Family("resnet50", "cnn", "ResNet50, ImageNet backbone fine-tuned", "resnet50",
            "build_resnet50", _CNN, keras=True, cost=5),
     Family("floor", "classical", "colour and texture statistics + RBF SVM", "classical",
-           "ColourTextureSVM",
-           frozenset({Capability.CROSS_VALIDATE, Capability.PREDICT, Capability.SERVE}),
-           cost=1,
+           "ColourTextureSVM", _FITTED, cost=1,
            cannot="it is trained inside evaluation and cross-validation, and saved only when "
                   "`select_model` chooses it; it has no convolutions for Grad-CAM"),
     Family("selected_floor", "classical",
            "colour/texture statistics; scale, feature groups and head (SVM, logistic "
            "regression, gradient boosting) chosen on grouped inner folds", "selected_floor",
-           "SelectedFloor",
-           frozenset({Capability.CROSS_VALIDATE, Capability.PREDICT, Capability.SERVE}),
-           cost=2,
+           "SelectedFloor", _FITTED, cost=2,
            cannot="it is trained by `select_model` (no pipeline of its own) and has no "
                   "convolutions for Grad-CAM"),
     Family("hybrid", "hybrid",
            "a meta-learner (logistic regression, gradient boosting or a weighted mean) over "
            "out-of-fold probabilities of other families", "stacking", "StackedHybrid",
-           frozenset({Capability.CROSS_VALIDATE, Capability.PREDICT, Capability.SERVE}),
-           cost=7,
+           _FITTED, cost=7,
            cannot="it is fitted by `select_model` on its bases' out-of-fold probabilities (no "
                   "pipeline of its own); Grad-CAM would show only its CNN base: predict with "
                   "that fold ensemble for it"),
